@@ -1,0 +1,109 @@
+"""Resumable student checkpoints: weights (safetensors), optimizer, schedule, RNG and stream position.
+
+A checkpoint is a folder written under a temporary name and swapped in whole, so the last complete one
+survives a crash at any moment. It records the training key (every setting that changes the computation,
+the loss's temperature and weight included, and the data fingerprints); a checkpoint whose key differs
+from the current run's is never resumed silently.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline import distributed
+from pipeline.errors import KdqaError
+from pipeline.shards import read_json, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Checkpoint:
+    step: int
+    epoch: int
+    batch_in_epoch: int  # batches of `epoch` already trained on
+    key: dict
+
+
+def _rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def save_checkpoint(folder: Path, ckpt: Checkpoint, model, optimizer, scheduler, rank: int) -> None:
+    """Rank 0 writes weights and optimizer; every rank writes its own RNG state."""
+    staging = folder.with_name(f"{folder.name}.partial")
+    if rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    distributed.barrier()
+    torch.save(_rng_state(), staging / f"rng-rank{rank}.pt")
+    if rank == 0:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, staging / "model.safetensors")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, staging / "optimizer.pt")
+    distributed.barrier()
+    if rank == 0:
+        write_json_atomic(staging / "state.json", {"step": ckpt.step, "epoch": ckpt.epoch,
+                                                    "batch_in_epoch": ckpt.batch_in_epoch, "key": ckpt.key})
+        previous = folder.with_name(f"{folder.name}.old")
+        shutil.rmtree(previous, ignore_errors=True)
+        if folder.exists():
+            folder.rename(previous)
+        staging.rename(folder)
+        shutil.rmtree(previous, ignore_errors=True)
+        log.info("checkpoint at step %d -> %s", ckpt.step, folder)
+    distributed.barrier()
+
+
+def _latest_complete(folder: Path) -> Path | None:
+    # A crash between the two renames above leaves the last good checkpoint under `.old`.
+    for candidate in (folder, folder.with_name(f"{folder.name}.old")):
+        if (candidate / "state.json").exists():
+            return candidate
+    return None
+
+
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            out += _differences(a[k], b[k], f"{prefix}{k}.")
+        elif a.get(k) != b.get(k):
+            out.append(f"{prefix}{k}: {a.get(k)!r} -> {b.get(k)!r}")
+    return out
+
+
+def load_checkpoint(folder: Path, key: dict, resume: str, model, optimizer, scheduler, rank: int) -> Checkpoint | None:
+    """Restore a matching checkpoint into model/optimizer/scheduler/RNG; None means start from scratch."""
+    found = _latest_complete(folder) if resume != "never" else None
+    if found is None:
+        if resume == "require":
+            raise KdqaError(f"{folder}: no checkpoint to resume from")
+        return None
+    state = read_json(found / "state.json")
+    if state["key"] != key:
+        changes = "; ".join(_differences(state["key"], key)) or "unknown"
+        if resume == "require":
+            raise KdqaError(f"{found}: checkpoint was made with other settings ({changes}); rerun without --resume")
+        log.warning("%s: not resuming, settings changed (%s); starting from scratch", found, changes)
+        return None
+    rng_path = found / f"rng-rank{rank}.pt"
+    if not rng_path.exists():
+        raise KdqaError(f"{rng_path}: missing (checkpoint made with another number of processes?)")
+    model.load_state_dict(load_file(found / "model.safetensors", device=str(next(model.parameters()).device)))
+    opt = torch.load(found / "optimizer.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(opt["optimizer"])
+    scheduler.load_state_dict(opt["scheduler"])
+    rng = torch.load(rng_path, map_location="cpu", weights_only=True)
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return Checkpoint(state["step"], state["epoch"], state["batch_in_epoch"], key)

@@ -1,0 +1,157 @@
+"""The `kdqa` command line: one sub-command per pipeline stage, plus `predict` and `inspect`.
+
+Exit codes: 0 success, 1 a problem with the input or environment (one line on stderr naming the file and
+record), 2 a usage error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+from pathlib import Path
+
+import click
+
+from pipeline import __version__
+from pipeline.errors import KdqaError
+
+log = logging.getLogger("kdqa")
+
+
+def _load(ctx) -> "Params":  # noqa: F821
+    from pipeline.params import load_params
+
+    return load_params(ctx.obj["params"])
+
+
+class KdqaGroup(click.Group):
+    """Turns every KdqaError (also one re-raised from a DataLoader worker) into one line and exit 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KdqaError as exc:
+            click.echo(f"kdqa: error: {_one_line(str(exc))}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("kdqa: interrupted (completed work is kept; rerun to resume)", err=True)
+            sys.exit(130)
+
+
+def _one_line(message: str) -> str:
+    # torch's DataLoader wraps worker exceptions as "Caught KdqaError in ... Original Traceback ...".
+    if "Original Traceback" in message:
+        m = re.search(r"KdqaError: (.*)$", message.strip(), re.S)
+        if m:
+            message = m.group(1)
+    return " ".join(message.split())
+
+
+@click.group(cls=KdqaGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--params", "params_path", default="params.yaml", show_default=True, type=click.Path(),
+              help="Parameters file (sections data, prepare, teacher, student, evaluate).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors; no progress bars.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging, including transformers' own.")
+@click.version_option(__version__, prog_name="kdqa")
+@click.pass_context
+def cli(ctx, params_path, quiet, verbose):
+    """Offline knowledge distillation for extractive QA (SQuAD 2.0).
+
+    Stages, in order (or run them all with `dvc repro`): prepare -> teacher -> student -> evaluate.
+    """
+    from pipeline.progress import configure_output
+
+    configure_output(quiet=quiet, verbose=verbose)
+    ctx.obj = {"params": params_path}
+
+
+@cli.command()
+@click.pass_context
+def prepare(ctx):
+    """Tokenize train/dev data into feature shards under data/features/."""
+    from pipeline.prepare import run_prepare
+
+    run_prepare(_load(ctx))
+
+
+@cli.command()
+@click.pass_context
+def teacher(ctx):
+    """Run the teacher once; write logits shards to data/teacher/ and its scores to metrics/teacher.json.
+
+    Resumes after a crash. Under `torchrun --nproc-per-node N -m pipeline teacher` each process takes
+    every N-th shard.
+    """
+    from pipeline.teacher import run_teacher
+
+    run_teacher(_load(ctx))
+
+
+@cli.command()
+@click.option("--resume/--no-resume", default=None,
+              help="--resume: continue from the checkpoint (error if none); --no-resume: start over. "
+                   "Default: continue a checkpoint made with the same settings, if any.")
+@click.pass_context
+def student(ctx, resume):
+    """Train the student on streamed teacher logits; save it to models/student/ (never loads the teacher)."""
+    from pipeline.student import run_student
+
+    run_student(_load(ctx), resume={None: "auto", True: "require", False: "never"}[resume])
+
+
+@cli.command()
+@click.option("--model", "model_dir", default="models/student", show_default=True, help="Model to evaluate.")
+@click.pass_context
+def evaluate(ctx, model_dir):
+    """Score a model on the dev features: metrics/eval.json, results/predictions.json, results/na_probs.json."""
+    from pipeline.evaluate import run_evaluate
+
+    run_evaluate(_load(ctx), Path(model_dir))
+
+
+@cli.command()
+@click.option("--model", required=True, help="Model directory or hub name (any extractive QA model).")
+@click.option("--question", required=True)
+@click.option("--context", required=True, help="The passage; long ones are read in overlapping windows.")
+@click.option("--null-threshold", default=0.0, show_default=True, type=float,
+              help="Answer \"no answer\" when null score - best span score exceeds this.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of text.")
+def predict(model, question, context, null_threshold, as_json):
+    """Answer one question about one passage."""
+    from pipeline.qa import QuestionAnswerer
+
+    answer = QuestionAnswerer(model, null_threshold=null_threshold)(question, context)
+    if as_json:
+        click.echo(json.dumps({"answer": answer.text, "score": answer.score,
+                               "no_answer_probability": answer.no_answer_probability, "best_span": answer.span_text}))
+    elif answer.has_answer:
+        click.echo(f"{answer.text}\t(score {answer.score:.2f}, no-answer probability {answer.no_answer_probability:.2f})")
+    else:
+        click.echo(f"no answer\t(no-answer probability {answer.no_answer_probability:.2f}; best span: {answer.span_text!r})")
+
+
+@cli.command("inspect")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--features", "features_dir", type=click.Path(path_type=Path), default=None,
+              help="Features folder matching FOLDER (default: data/features/<split>).")
+@click.option("--json", "as_json", is_flag=True)
+def inspect_cmd(folder, features_dir, as_json):
+    """Shards, rows, bytes, fingerprint; for logits also teacher accuracy and entropy."""
+    from pipeline.inspect_shards import inspect_folder
+
+    info = inspect_folder(folder, features_dir)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+    else:
+        for k, v in info.items():
+            click.echo(f"{k:28s} {v}")
+
+
+def main():
+    cli(prog_name="kdqa")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Stage 4, evaluate: the student's answers on the dev set, scored with the official SQuAD 2.0 semantics.
+
+Writes `metrics/eval.json` (official keys plus `HasAns_f1_forced`, the span quality when the best non-null
+span is always given), `results/predictions.json` ({id: text}, "" for no answer) and
+`results/na_probs.json` ({id: no-answer probability}); the official `evaluate-v2.0.py` run on the dev JSON
+with those two files reproduces every official figure in `eval.json`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import KdqaError
+from pipeline.postprocess import WindowLogits, predict_example
+from pipeline.shards import list_column_to_numpy, list_shards, read_table, write_json_atomic
+from pipeline.squad_metrics import forced_span_metrics, squad_v2_metrics
+
+log = logging.getLogger(__name__)
+
+DEV_EXAMPLES = Path("data/features/dev_examples.parquet")
+WINDOW_COLUMNS = ["feature_id", "example_id", "context_start", "context_end", "offset_start", "offset_end"]
+
+
+def predict_split(features_dir: Path, logits_for_shard: Callable, params, examples_path: Path = DEV_EXAMPLES):
+    """Answer every dev example: {id: text}, {id: na_prob}, {id: forced span}, {id: gold answers}."""
+    windows: dict[str, list[WindowLogits]] = defaultdict(list)
+    shards = list_shards(features_dir)
+    if not shards:
+        raise KdqaError(f"{features_dir}: no feature shards (run `kdqa prepare`)")
+    for shard in shards:
+        table = read_table(shard, columns=WINDOW_COLUMNS)
+        ids, start, end = logits_for_shard(shard)
+        if ids != table.column("feature_id").to_pylist():
+            raise KdqaError(f"{shard}: logits rows do not match the features' ids")
+        offset_start = list_column_to_numpy(table.column("offset_start"), np.int64)
+        offset_end = list_column_to_numpy(table.column("offset_end"), np.int64)
+        cs, ce = table.column("context_start").to_numpy(), table.column("context_end").to_numpy()
+        for i, example_id in enumerate(table.column("example_id").to_pylist()):
+            windows[example_id].append(WindowLogits(start[i], end[i], int(cs[i]), int(ce[i]), offset_start[i], offset_end[i]))
+
+    examples = read_table(examples_path, columns=["id", "context", "answers"]).to_pylist()
+    preds, na_probs, forced, golds = {}, {}, {}, {}
+    e = params.evaluate
+    for ex in examples:
+        if ex["id"] not in windows:
+            raise KdqaError(f"{features_dir}: no features for dev example {ex['id']!r}")
+        p = predict_example(windows[ex["id"]], ex["context"], e.n_best, e.max_answer_len, e.null_threshold)
+        preds[ex["id"]], na_probs[ex["id"]], forced[ex["id"]] = p.text, p.na_prob, p.span_text
+        golds[ex["id"]] = ex["answers"]
+    return preds, na_probs, forced, golds
+
+
+def score(preds, na_probs, forced, golds) -> dict:
+    metrics = squad_v2_metrics(golds, preds, na_probs)
+    metrics.update(forced_span_metrics(golds, forced))
+    return metrics
+
+
+def score_logit_shards(features_dir: Path, logits_dir: Path, params) -> dict:
+    """Scores of precomputed logits (the teacher's), read from their shards."""
+    def from_disk(shard: Path):
+        t = read_table(logits_dir / shard.name)
+        return (t.column("feature_id").to_pylist(), list_column_to_numpy(t.column("start_logits"), np.float32),
+                list_column_to_numpy(t.column("end_logits"), np.float32))
+
+    return score(*predict_split(features_dir, from_disk, params))
+
+
+def evaluate_model(model, pad_token_id: int, features_dir: Path, params, device):
+    """Run a model over the dev features and score it: (metrics, predictions, na_probs)."""
+    from pipeline.inference import shard_logits
+
+    was_training = model.training
+    model.eval()
+    preds, na_probs, forced, golds = predict_split(
+        features_dir,
+        lambda shard: shard_logits(model, shard, pad_token_id, device, params.evaluate.batch_size, 1 << 30),
+        params,
+    )
+    model.train(was_training)
+    return score(preds, na_probs, forced, golds), preds, na_probs
+
+
+def run_evaluate(params, model_dir: Path = Path("models/student")) -> dict:
+    from pipeline import distributed
+    from pipeline.models import load_qa_model
+
+    device = distributed.device()
+    model = load_qa_model(str(model_dir)).to(device)
+    from pipeline.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(model_dir))
+    metrics, preds, na_probs = evaluate_model(model, tokenizer.pad_token_id, Path("data/features/dev"), params, device)
+    write_json_atomic(Path("results/predictions.json"), preds)
+    write_json_atomic(Path("results/na_probs.json"), na_probs)
+    write_json_atomic(Path("metrics/eval.json"), metrics)
+    log.info("student on dev: EM %.2f F1 %.2f (HasAns F1 %.2f, NoAns F1 %.2f, forced span F1 %.2f)",
+             metrics["exact"], metrics["f1"], metrics.get("HasAns_f1", float("nan")),
+             metrics.get("NoAns_f1", float("nan")), metrics.get("HasAns_f1_forced", float("nan")))
+    return metrics

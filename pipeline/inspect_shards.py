@@ -1,0 +1,68 @@
+"""`kdqa inspect`: what is in a folder of logits (or features) shards, and how confident the teacher is."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import KdqaError
+from pipeline.shards import list_column_to_numpy, list_shards, read_json, read_table, shard_rows
+
+
+def _entropy(logits: np.ndarray) -> float:
+    z = logits - logits.max()
+    p = np.exp(z) / np.exp(z).sum()
+    return float(-(p * np.log(np.maximum(p, 1e-12))).sum())
+
+
+def inspect_folder(folder: Path, features_dir: Path | None = None) -> dict:
+    shards = list_shards(folder)
+    if not shards:
+        raise KdqaError(f"{folder}: no part-NNNNN.parquet shards")
+    manifest = read_json(folder / "manifest.json") if (folder / "manifest.json").exists() else {}
+    info = {
+        "folder": str(folder),
+        "shards": len(shards),
+        "rows": sum(shard_rows(p) for p in shards),
+        "bytes": sum(p.stat().st_size for p in shards),
+        "fingerprint": manifest.get("fingerprint"),
+    }
+    info["bytes_per_row"] = round(info["bytes"] / max(info["rows"], 1), 1)
+    is_logits = "start_logits" in read_table(shards[0]).column_names
+    if not is_logits:
+        return info
+    features_dir = features_dir or Path("data/features") / folder.name
+    if not list_shards(features_dir):
+        return info
+    # Teacher accuracy against the training labels, and entropy over positions that can hold an answer.
+    hits_start = hits_both = n = 0
+    entropies = {"start": [], "end": []}
+    for shard in shards:
+        t = read_table(shard)
+        f = read_table(features_dir / shard.name, columns=["feature_id", "context_start", "context_end",
+                                                            "start_position", "end_position"])
+        if t.column("feature_id") != f.column("feature_id"):
+            raise KdqaError(f"{shard}: feature ids do not match {features_dir / shard.name}")
+        starts = list_column_to_numpy(t.column("start_logits"), np.float32)
+        ends = list_column_to_numpy(t.column("end_logits"), np.float32)
+        cs, ce = f.column("context_start").to_numpy(), f.column("context_end").to_numpy()
+        sp, ep = f.column("start_position").to_numpy(), f.column("end_position").to_numpy()
+        for i in range(len(starts)):
+            allowed = np.r_[0, np.arange(cs[i], ce[i] + 1)]
+            s_pred = allowed[np.argmax(starts[i][allowed])]
+            e_pred = allowed[np.argmax(ends[i][allowed])]
+            hits_start += s_pred == sp[i]
+            hits_both += (s_pred == sp[i]) and (e_pred == ep[i])
+            entropies["start"].append(_entropy(starts[i][allowed]))
+            entropies["end"].append(_entropy(ends[i][allowed]))
+            n += 1
+    info.update(
+        teacher_start_accuracy=round(100 * hits_start / n, 2),
+        teacher_span_accuracy=round(100 * hits_both / n, 2),
+        start_entropy_mean=round(float(np.mean(entropies["start"])), 3),
+        end_entropy_mean=round(float(np.mean(entropies["end"])), 3),
+        teacher_features_per_second=manifest.get("features_per_second"),
+        device=manifest.get("device"),
+    )
+    return info

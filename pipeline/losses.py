@@ -1,0 +1,64 @@
+"""The distillation loss for span extraction, over the positions that can hold an answer.
+
+    loss = w * T^2 * KL(softmax(teacher/T) || softmax(student/T)) + (1 - w) * CE(student, hard label)
+
+computed for start and end logits and averaged. Both distributions are taken only over `answer_mask`
+positions (CLS and context tokens): question tokens and padding can never be an answer, and letting the
+teacher's mass there leak into the KL would teach the student nothing useful. T^2 keeps the gradient
+scale of the soft term independent of T (Hinton et al., 2015).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+MASKED = -1e4  # fits in bf16/fp16; exp(MASKED / T) underflows to 0 for any T we use
+
+
+@dataclass
+class LossParts:
+    total: torch.Tensor
+    kd: torch.Tensor
+    ce: torch.Tensor
+
+
+def masked_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mean over the batch of KL(p_teacher || p_student) at temperature T, masked positions excluded."""
+    s = student.float().masked_fill(~mask, MASKED) / temperature
+    t = teacher.float().masked_fill(~mask, MASKED) / temperature
+    log_p_s = F.log_softmax(s, dim=-1)
+    log_p_t = F.log_softmax(t, dim=-1)
+    p_t = log_p_t.exp()
+    # 0 * log 0 = 0 at masked positions (p_t is exactly 0 there after the masked fill).
+    per_position = torch.where(mask, p_t * (log_p_t - log_p_s), torch.zeros_like(p_t))
+    return per_position.sum(-1).mean()
+
+
+def masked_ce(student: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(student.float().masked_fill(~mask, MASKED), labels)
+
+
+def distillation_loss(
+    student_start: torch.Tensor,
+    student_end: torch.Tensor,
+    start_positions: torch.Tensor,
+    end_positions: torch.Tensor,
+    answer_mask: torch.Tensor,
+    teacher_start: torch.Tensor | None,
+    teacher_end: torch.Tensor | None,
+    temperature: float,
+    weight: float,
+) -> LossParts:
+    """The student's loss; with weight 0 (or no teacher logits) it is plain supervised fine-tuning."""
+    ce = (masked_ce(student_start, start_positions, answer_mask) + masked_ce(student_end, end_positions, answer_mask)) / 2
+    if weight == 0 or teacher_start is None:
+        return LossParts(total=ce, kd=torch.zeros_like(ce), ce=ce)
+    kd = (
+        masked_kl(student_start, teacher_start, answer_mask, temperature)
+        + masked_kl(student_end, teacher_end, answer_mask, temperature)
+    ) / 2
+    total = weight * temperature**2 * kd + (1 - weight) * ce
+    return LossParts(total=total, kd=kd, ce=ce)

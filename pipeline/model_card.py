@@ -1,0 +1,66 @@
+"""The model card (`README.md` in the model folder): what was distilled from what, how, and how well."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+from pipeline import __version__
+
+USAGE = """```python
+from pipeline import QuestionAnswerer
+
+qa = QuestionAnswerer("{path}")
+qa("Who wrote it?", "It was written by Ada Lovelace in 1843.")
+```"""
+
+
+def _score_rows(metrics: dict) -> str:
+    rows = [("Exact match", "exact"), ("F1", "f1"), ("HasAns EM", "HasAns_exact"), ("HasAns F1", "HasAns_f1"),
+            ("NoAns EM", "NoAns_exact"), ("NoAns F1", "NoAns_f1"), ("best F1 (tuned null threshold)", "best_f1"),
+            ("span F1 on answerable, forced answer", "HasAns_f1_forced")]
+    lines = ["| metric | value |", "| --- | --- |"]
+    lines += [f"| {label} | {metrics[key]:.2f} |" for label, key in rows if key in metrics]
+    lines.append(f"| questions | {metrics.get('total', '?')} |")
+    return "\n".join(lines)
+
+
+def write_model_card(folder: Path, params, steps: int, dev_metrics: dict | None) -> None:
+    s = params.student
+    hyper = {k: v for k, v in asdict(s).items() if k not in ("trust_remote_code",)}
+    method = ("supervised fine-tuning on hard labels (distillation_weight 0)" if s.distillation_weight == 0 else
+              f"offline knowledge distillation from `{params.teacher.model}` (precomputed logits), "
+              f"loss = {s.distillation_weight}·T²·KL + {1 - s.distillation_weight:g}·CE, T = {s.temperature}")
+    scores = _score_rows(dev_metrics) if dev_metrics else "No dev evaluation was run."
+    text = f"""---
+library_name: transformers
+pipeline_tag: question-answering
+tags: [extractive-qa, squad_v2, knowledge-distillation, kdqa]
+---
+
+# Extractive QA student trained with kdqa {__version__}
+
+- **Base model:** `{s.model}`{f" (layers {list(s.init_layers)})" if s.init_layers else ""}
+- **Method:** {method}
+- **Teacher:** `{params.teacher.model}`
+- **Training data:** `{params.data.train}`; evaluated on `{params.data.dev}`
+- **Features:** max_seq_len {params.prepare.max_seq_len}, doc_stride {params.prepare.doc_stride}, max_query_len {params.prepare.max_query_len}
+- **Optimizer steps:** {steps}
+
+## Dev scores (official SQuAD 2.0 semantics)
+
+{scores}
+
+## Hyperparameters
+
+```
+{chr(10).join(f"{k}: {v}" for k, v in hyper.items())}
+```
+
+## Use
+
+Loads with `AutoModelForQuestionAnswering` / `AutoTokenizer`. Answers with kdqa:
+
+{USAGE.format(path="models/student")}
+"""
+    (folder / "README.md").write_text(text, encoding="utf-8")

@@ -1,0 +1,114 @@
+"""Loading QA models and tokenizers from a hub name or a local directory, with errors a user can act on.
+
+Weights load through safetensors (`use_safetensors=True`) and remote code stays off unless params turn it
+on, so loading a model never executes a pickle or code from the hub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from pipeline.errors import KdqaError
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).exists()
+
+
+def _check_local_dir(name: str, what: str) -> None:
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise KdqaError(f"{name}: {what} directory does not exist")
+    if not path.is_dir():
+        raise KdqaError(f"{name}: {what} must be a directory with config.json and weights")
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    if _looks_local(name):
+        _check_local_dir(name, "tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # transformers raises OSError, ValueError, HF hub errors...
+        raise KdqaError(f"{name}: could not load tokenizer ({_first_line(exc)})") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise KdqaError(f"{name}: kdqa needs a fast (Rust) tokenizer for offset mappings")
+    return tokenizer
+
+
+def load_qa_model(name: str, trust_remote_code: bool = False, **config_overrides):
+    """An extractive QA model (encoder + start/end head); a bare encoder gets a freshly initialised head."""
+    from transformers import AutoModelForQuestionAnswering
+
+    if _looks_local(name):
+        _check_local_dir(name, "model")
+        path = Path(name).expanduser()
+        if not (path / "config.json").exists():
+            raise KdqaError(f"{name}: model directory has no config.json")
+        if not list(path.glob("*.safetensors")):
+            raise KdqaError(f"{name}: model directory has no safetensors weights (*.safetensors)")
+    try:
+        return AutoModelForQuestionAnswering.from_pretrained(
+            name,
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
+            attn_implementation="sdpa",
+            **config_overrides,
+        )
+    except Exception as exc:
+        raise KdqaError(f"{name}: could not load model ({_first_line(exc)})") from None
+
+
+def vocab_fingerprint(tokenizer) -> str:
+    """Identity of a tokenizer's vocabulary: student and teacher must agree on it token for token."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    h = hashlib.sha256()
+    for token, index in vocab:
+        h.update(f"{index}\t{token}\n".encode())
+    h.update(f"lower={getattr(tokenizer, 'do_lower_case', None)}".encode())
+    return h.hexdigest()[:16]
+
+
+def weights_fingerprint(model) -> str:
+    """Hash of a model's parameters (names, shapes and values): the identity of the teacher."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(dtype=_byte_dtype()).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _byte_dtype():
+    import torch
+
+    return torch.uint8
+
+
+def keep_layers(model, layers: list[int]):
+    """Shrink a BERT-family model to a subset of its encoder layers, in the given order (DistilBERT-style)."""
+    import torch
+
+    base = getattr(model, model.base_model_prefix, None)
+    encoder = getattr(base, "encoder", None)
+    if encoder is None or not hasattr(encoder, "layer"):
+        raise KdqaError(f"{model.config.name_or_path}: student.init_layers needs a BERT-style encoder.layer list")
+    n = len(encoder.layer)
+    bad = [i for i in layers if not (0 <= i < n)]
+    if bad or not layers:
+        raise KdqaError(f"student.init_layers {layers}: layer indices must lie in 0..{n - 1}")
+    encoder.layer = torch.nn.ModuleList([encoder.layer[i] for i in layers])
+    model.config.num_hidden_layers = len(layers)
+    # Keep per-layer bookkeeping (attention layer index for caches) consistent with the new positions.
+    for new_index, layer in enumerate(encoder.layer):
+        attention = getattr(getattr(layer, "attention", None), "self", None)
+        if attention is not None and hasattr(attention, "layer_idx"):
+            attention.layer_idx = new_index
+    return model
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__

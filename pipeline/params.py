@@ -1,0 +1,130 @@
+"""Every knob of the pipeline, one dataclass per `params.yaml` section.
+
+Each stage reads only its own section (plus the few keys `dvc.yaml` lists for it), so DVC reruns exactly
+the stages whose inputs changed. Defaults are the reference configuration of
+deepset/bert-medium-squad2-distilled (batch 6, 2 epochs, max_seq_len 384, lr 3e-5, T=5, weight 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from pipeline.errors import KdqaError
+
+
+@dataclass
+class DataParams:
+    # A datasets-hub name (split `train` / `validation`) or a path to a SQuAD-format JSON file.
+    train: str = "squad_v2"
+    dev: str = "squad_v2"
+
+
+@dataclass
+class PrepareParams:
+    max_seq_len: int = 384
+    doc_stride: int = 128
+    max_query_len: int = 64
+    shard_size: int = 20000  # features per Parquet shard
+    row_group_size: int = 4000
+    strict: bool = False  # turn per-answer repairs/skips into errors
+
+
+@dataclass
+class TeacherParams:
+    model: str = "deepset/bert-large-uncased-whole-word-masking-squad2"
+    batch_size: int = 64  # upper bound on features per batch
+    max_tokens_per_batch: int = 16384  # length-aware batches are capped by padded tokens too
+    nproc: int = 1  # processes under torchrun; not a dependency of the stage (output is identical)
+    trust_remote_code: bool = False
+
+
+@dataclass
+class StudentParams:
+    model: str = "prajjwal1/bert-medium"
+    init_layers: list[int] | None = None  # build the student from these layers of `model` (DistilBERT-style)
+    batch_size: int = 6  # per process
+    epochs: int = 2
+    learning_rate: float = 3e-5
+    weight_decay: float = 0.01
+    warmup: float = 0.2  # proportion of steps with linear warmup, then linear decay
+    max_grad_norm: float = 1.0
+    temperature: float = 5.0
+    distillation_weight: float = 1.0  # w in w*T^2*KL + (1-w)*CE; 0 is plain supervised fine-tuning
+    dropout: float = 0.1  # hidden (and embeddings) dropout of the student
+    seed: int = 42
+    max_steps: int | None = None  # optional cap on optimizer steps, for quick runs
+    checkpoint_every: int = 500  # steps between resumable checkpoints (0 disables)
+    log_every: int = 50
+    eval_every: int = 0  # steps between dev F1 evaluations logged as a curve (0 disables)
+    num_workers: int = 1  # DataLoader workers decoding shards off the training thread
+    trust_remote_code: bool = False
+
+
+@dataclass
+class EvaluateParams:
+    n_best: int = 20
+    max_answer_len: int = 30
+    null_threshold: float = 0.0
+    batch_size: int = 64
+
+
+@dataclass
+class Params:
+    data: DataParams = field(default_factory=DataParams)
+    prepare: PrepareParams = field(default_factory=PrepareParams)
+    teacher: TeacherParams = field(default_factory=TeacherParams)
+    student: StudentParams = field(default_factory=StudentParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+
+
+def _build_section(cls, values: dict, path: Path, section: str):
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise KdqaError(f"{path}: unknown key(s) in section '{section}': {', '.join(unknown)}")
+    obj = cls(**values)
+    # Light type checks: YAML gives ints for "3" and floats for "3e-5" only with a dot, so coerce numbers.
+    for name, f in known.items():
+        value = getattr(obj, name)
+        default = getattr(cls(), name)
+        if value is None or default is None:
+            continue
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise KdqaError(f"{path}: {section}.{name} must be true or false, got {value!r}")
+        elif isinstance(default, (int, float)):
+            try:
+                setattr(obj, name, type(default)(value))
+            except (TypeError, ValueError):
+                raise KdqaError(f"{path}: {section}.{name} must be a number, got {value!r}") from None
+    return obj
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read params.yaml; a missing file means all defaults, an unknown key is an error."""
+    path = Path(path)
+    if not path.exists():
+        if str(path) != "params.yaml":
+            raise KdqaError(f"{path}: params file not found")
+        return Params()
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise KdqaError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise KdqaError(f"{path}: expected a mapping of sections at the top level")
+    sections = {f.name: f for f in dataclasses.fields(Params)}
+    built = {}
+    for name, values in raw.items():
+        if name not in sections:
+            continue  # other tools (dvclive, bench) may keep their own sections here
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise KdqaError(f"{path}: section '{name}' must be a mapping")
+        built[name] = _build_section(sections[name].default_factory, values, path, name)
+    return Params(**built)

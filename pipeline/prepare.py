@@ -1,0 +1,111 @@
+"""Stage 1, prepare: SQuAD examples -> tokenized feature shards.
+
+Writes, for each split, `data/features/{split}/part-NNNNN.parquet` (`prepare.shard_size` features each)
+plus `manifest.json` (counts, tokenizer, fingerprint), `data/features/dev_examples.parquet` (what
+post-processing and scoring need: context and gold answers) and `data/features/report.json` (what was
+repaired or skipped in the data).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+
+from pipeline import __version__
+from pipeline.features import tokenize_examples
+from pipeline.models import load_tokenizer, vocab_fingerprint
+from pipeline.params import Params
+from pipeline.progress import progress
+from pipeline.shards import (
+    features_fingerprint,
+    features_table,
+    shard_name,
+    write_json_atomic,
+    write_table_atomic,
+)
+from pipeline.squad_data import Example, load_examples
+
+log = logging.getLogger(__name__)
+
+FEATURES_DIR = Path("data/features")
+DEV_EXAMPLES = FEATURES_DIR / "dev_examples.parquet"
+TOKENIZE_CHUNK = 1000  # examples tokenized per call (bounded memory, fast batch tokenization)
+
+
+def write_feature_shards(examples: list[Example], tokenizer, params: Params, out_dir: Path, manifest: dict) -> dict:
+    """Tokenize examples into shards of `shard_size` features, streaming: one shard in memory at a time.
+
+    The split is built in a staging folder, manifest last, and swapped in whole, so a crash at any point
+    leaves the previous output untouched and never a folder that looks complete but is not.
+    """
+    p = params.prepare
+    staging = out_dir.with_name(f".{out_dir.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+
+    shards, buffer, n_features = [], [], 0
+
+    def flush():
+        path = staging / shard_name(len(shards))
+        write_table_atomic(features_table(buffer), path, row_group_size=p.row_group_size)
+        shards.append({"name": path.name, "rows": len(buffer)})
+        buffer.clear()
+
+    with progress(total=len(examples), desc=f"tokenize {out_dir.name}", unit="ex") as bar:
+        for i in range(0, len(examples), TOKENIZE_CHUNK):
+            chunk = examples[i : i + TOKENIZE_CHUNK]
+            for feature in tokenize_examples(tokenizer, chunk, p.max_seq_len, p.doc_stride, p.max_query_len):
+                buffer.append(feature)
+                n_features += 1
+                if len(buffer) == p.shard_size:
+                    flush()
+            bar.update(len(chunk))
+    if buffer:
+        flush()
+    manifest = {**manifest, "examples": len(examples), "features": n_features,
+                "fingerprint": features_fingerprint(staging), "shards": shards}
+    write_json_atomic(staging / "manifest.json", manifest)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    staging.rename(out_dir)
+    return manifest
+
+
+def write_dev_examples(examples: list[Example], path: Path) -> None:
+    table = pa.table(
+        {
+            "id": [ex.id for ex in examples],
+            "title": [ex.title for ex in examples],
+            "question": [ex.question for ex in examples],
+            "context": [ex.context for ex in examples],
+            "answers": pa.array([ex.answer_texts for ex in examples], type=pa.list_(pa.string())),
+            "is_impossible": [ex.is_impossible for ex in examples],
+        }
+    )
+    write_table_atomic(table, path, row_group_size=10000)
+
+
+def run_prepare(params: Params) -> None:
+    tokenizer = load_tokenizer(params.teacher.model, params.teacher.trust_remote_code)
+    reports = {}
+    for split, source in (("train", params.data.train), ("dev", params.data.dev)):
+        examples, report = load_examples(source, split, strict=params.prepare.strict)
+        log.info(report.summary())
+        reports[split] = report.to_dict()
+        out_dir = FEATURES_DIR / split
+        base = {
+            "kdqa_version": __version__,
+            "split": split,
+            "source": source,
+            "tokenizer": params.teacher.model,
+            "vocab_fingerprint": vocab_fingerprint(tokenizer),
+            "prepare": vars(params.prepare),
+        }
+        summary = write_feature_shards(examples, tokenizer, params, out_dir, base)
+        if split == "dev":
+            write_dev_examples(examples, DEV_EXAMPLES)
+        log.info("%s: %d examples -> %d features in %d shards", split, summary["examples"],
+                 summary["features"], len(summary["shards"]))
+    write_json_atomic(FEATURES_DIR / "report.json", reports)

@@ -1,0 +1,69 @@
+"""`QuestionAnswerer`: answers questions with any extractive QA model directory or hub name.
+
+transformers 5 removed the extractive `question-answering` pipeline; this is kdqa's replacement, built on
+the same windowing (`features.py`) and post-processing (`postprocess.py`) that the evaluation uses, so an
+answer here is exactly what `kdqa evaluate` would score.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.features import tokenize_examples
+from pipeline.inference import model_logits
+from pipeline.models import load_qa_model, load_tokenizer
+from pipeline.postprocess import WindowLogits, predict_example
+from pipeline.squad_data import Example
+
+
+@dataclass
+class Answer:
+    text: str  # "" when the model says the context holds no answer
+    score: float  # best span score (start + end logit)
+    no_answer_probability: float
+    span_text: str  # the best span even when the model abstains
+
+    @property
+    def has_answer(self) -> bool:
+        return self.text != ""
+
+
+class QuestionAnswerer:
+    def __init__(self, model: str, device: str | None = None, max_seq_len: int = 384, doc_stride: int = 128,
+                 max_query_len: int = 64, n_best: int = 20, max_answer_len: int = 30, null_threshold: float = 0.0,
+                 batch_size: int = 32, trust_remote_code: bool = False):
+        self.tokenizer = load_tokenizer(model, trust_remote_code)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = load_qa_model(model, trust_remote_code).to(self.device).eval()
+        self.max_seq_len, self.doc_stride, self.max_query_len = max_seq_len, doc_stride, max_query_len
+        self.n_best, self.max_answer_len, self.null_threshold = n_best, max_answer_len, null_threshold
+        self.batch_size = batch_size
+
+    def __call__(self, question: str, context: str) -> Answer:
+        return self.answer_many([(question, context)])[0]
+
+    def answer_many(self, pairs: list[tuple[str, str]]) -> list[Answer]:
+        """Answer (question, context) pairs in batches; long contexts are read in overlapping windows."""
+        examples = [Example(str(i), "", c, q, [], [], True) for i, (q, c) in enumerate(pairs)]
+        features = list(tokenize_examples(self.tokenizer, examples, self.max_seq_len, self.doc_stride,
+                                          self.max_query_len))
+        start, end = model_logits(
+            self.model,
+            [f["input_ids"].astype(np.int64) for f in features],
+            [f["token_type_ids"].astype(np.int64) for f in features],
+            np.array([f["context_start"] for f in features]),
+            np.array([f["context_end"] for f in features]),
+            self.tokenizer.pad_token_id, self.device, self.batch_size, 1 << 30,
+        )
+        windows: dict[str, list[WindowLogits]] = {ex.id: [] for ex in examples}
+        for f, s, e in zip(features, start, end):
+            windows[f["example_id"]].append(WindowLogits(s, e, f["context_start"], f["context_end"],
+                                                         f["offset_start"], f["offset_end"]))
+        answers = []
+        for ex in examples:
+            p = predict_example(windows[ex.id], ex.context, self.n_best, self.max_answer_len, self.null_threshold)
+            answers.append(Answer(p.text, p.span_score, p.na_prob, p.span_text))
+        return answers

@@ -1,0 +1,174 @@
+"""Parquet shards on disk: schemas, atomic writes, checksums, manifests and fingerprints.
+
+Every file is written to a temporary name beside its final one and renamed into place only when complete,
+so a crash leaves either the old file or the new one, never half of one that looks finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import KdqaError
+
+FEATURES_SCHEMA = pa.schema(
+    [
+        ("feature_id", pa.string()),
+        ("example_id", pa.string()),
+        ("window", pa.int32()),
+        ("input_ids", pa.list_(pa.int32())),
+        ("token_type_ids", pa.list_(pa.int8())),
+        ("context_start", pa.int32()),
+        ("context_end", pa.int32()),
+        ("start_position", pa.int32()),
+        ("end_position", pa.int32()),
+        ("offset_start", pa.list_(pa.int32())),
+        ("offset_end", pa.list_(pa.int32())),
+    ]
+)
+
+# Teacher logits over each feature's real tokens only (no padding), as float16.
+LOGITS_SCHEMA = pa.schema(
+    [
+        ("feature_id", pa.string()),
+        ("start_logits", pa.list_(pa.float16())),
+        ("end_logits", pa.list_(pa.float16())),
+    ]
+)
+
+SHARD_PATTERN = re.compile(r"^part-\d{5}\.parquet$")
+
+
+def shard_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def list_shards(folder: Path) -> list[Path]:
+    """The shards of a folder in order; nothing else in it counts."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if SHARD_PATTERN.match(p.name))
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint_of(parts: dict) -> str:
+    """A short stable hash of a JSON-able description."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise KdqaError(f"{path}: not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise KdqaError(f"{path}: unreadable JSON ({exc})") from None
+
+
+def write_table_atomic(table: pa.Table, path: Path, row_group_size: int, float_columns=()) -> None:
+    """zstd-compressed Parquet; float columns without dictionaries and with byte-stream split."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    dictionary_columns = [n for n in table.column_names if n not in float_columns]
+    pq.write_table(
+        table,
+        tmp,
+        compression="zstd",
+        row_group_size=row_group_size,
+        use_dictionary=dictionary_columns,
+        use_byte_stream_split=list(float_columns) or False,
+    )
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def list_array(arrays: list[np.ndarray], value_type: pa.DataType) -> pa.ListArray:
+    """One Arrow list column from per-row numpy arrays, without a Python loop over values."""
+    lengths = np.fromiter((len(a) for a in arrays), dtype=np.int32, count=len(arrays))
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    values = np.concatenate(arrays) if arrays else np.zeros(0)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(value_type.to_pandas_dtype())))
+
+
+def features_table(rows: list[dict]) -> pa.Table:
+    columns = {}
+    for field in FEATURES_SCHEMA:
+        values = [r[field.name] for r in rows]
+        if pa.types.is_list(field.type):
+            columns[field.name] = list_array(values, field.type.value_type)
+        else:
+            columns[field.name] = pa.array(values, type=field.type)
+    return pa.table(columns, schema=FEATURES_SCHEMA)
+
+
+def logits_table(feature_ids: list[str], start: list[np.ndarray], end: list[np.ndarray]) -> pa.Table:
+    return pa.table(
+        {
+            "feature_id": pa.array(feature_ids, type=pa.string()),
+            "start_logits": list_array(start, pa.float16()),
+            "end_logits": list_array(end, pa.float16()),
+        },
+        schema=LOGITS_SCHEMA,
+    )
+
+
+def read_table(path: Path, columns=None) -> pa.Table:
+    """Read a shard, turning any Arrow/Parquet failure into an error that names the file."""
+    try:
+        return pq.read_table(path, columns=columns)
+    except FileNotFoundError:
+        raise KdqaError(f"{path}: shard not found") from None
+    except (pa.ArrowException, OSError) as exc:
+        raise KdqaError(f"{path}: corrupted or truncated Parquet shard ({str(exc).splitlines()[0]})") from None
+
+
+def shard_rows(path: Path) -> int:
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except (pa.ArrowException, OSError) as exc:
+        raise KdqaError(f"{path}: corrupted or truncated Parquet shard ({str(exc).splitlines()[0]})") from None
+
+
+def features_fingerprint(folder: Path) -> str:
+    """Fingerprint of a split's features, computed from the shard bytes themselves (not a manifest)."""
+    shards = list_shards(folder)
+    if not shards:
+        raise KdqaError(f"{folder}: no feature shards (run `kdqa prepare`)")
+    return fingerprint_of({p.name: sha256_file(p) for p in shards})
+
+
+def list_column_to_numpy(column: pa.ChunkedArray | pa.ListArray, dtype) -> list[np.ndarray]:
+    """Per-row numpy views of a list column (zero-copy slices of one flat buffer)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    flat = column.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+    offsets = column.offsets.to_numpy()
+    offsets = offsets - offsets[0]
+    return [flat[offsets[i] : offsets[i + 1]] for i in range(len(column))]

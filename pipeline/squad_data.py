@@ -1,0 +1,215 @@
+"""Load SQuAD 2.0 examples from a local JSON file or the datasets hub, and validate them.
+
+Policy: structural problems (unreadable file, missing `data`/`paragraphs`/`qas`/`context`/`question`/`id`,
+duplicate ids, empty text) stop the stage with one line naming the file and record. Per-answer problems
+(an `answer_start` a few characters off, an answer that is not in its context) are repaired or skipped and
+counted in a `DataReport`; with `strict=True` they are errors too.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from pipeline.errors import KdqaError
+
+# How far from the stated `answer_start` we look for the answer text before giving up on it.
+REPAIR_WINDOW_CHARS = 64
+MAX_REPORTED_DETAILS = 50
+
+
+@dataclass
+class Example:
+    id: str
+    title: str
+    context: str
+    question: str
+    answer_texts: list[str]  # gold answers (for scoring); empty for unanswerable questions
+    answer_starts: list[int]  # character offsets of answer_texts in context (for labels)
+    is_impossible: bool
+
+
+@dataclass
+class DataReport:
+    source: str
+    questions: int = 0
+    answerable: int = 0
+    unanswerable: int = 0
+    answers_repaired: int = 0
+    answers_skipped: int = 0
+    questions_dropped: int = 0  # answerable questions left with no locatable answer
+    details: list[str] = field(default_factory=list)
+
+    def note(self, message: str) -> None:
+        if len(self.details) < MAX_REPORTED_DETAILS:
+            self.details.append(message)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        return (
+            f"{self.source}: {self.questions} questions ({self.answerable} answerable, "
+            f"{self.unanswerable} unanswerable); {self.answers_repaired} answer offsets repaired, "
+            f"{self.answers_skipped} answers skipped, {self.questions_dropped} questions dropped"
+        )
+
+
+def is_local_file(source: str) -> bool:
+    return source.endswith(".json") or Path(source).exists()
+
+
+def load_examples(source: str, split: str, strict: bool = False) -> tuple[list[Example], DataReport]:
+    """Examples of one split: `source` is a SQuAD-format JSON path or a datasets-hub name."""
+    if is_local_file(source):
+        records = _read_squad_json(Path(source))
+    else:
+        records = _read_hub(source, split)
+    return _validate(records, source, strict)
+
+
+def _read_squad_json(path: Path) -> list[tuple[str, dict, dict]]:
+    """Flatten the official nested layout into (record location, paragraph, qa) triples."""
+    if not path.is_file():
+        raise KdqaError(f"{path}: file not found")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise KdqaError(f"{path}: not UTF-8 (invalid byte at offset {exc.start})") from None
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise KdqaError(f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
+        raise KdqaError(f"{path}: expected a top-level object with a 'data' list (SQuAD format)")
+    records = []
+    for a, article in enumerate(doc["data"]):
+        where = f"{path}: data[{a}]"
+        if not isinstance(article, dict) or not isinstance(article.get("paragraphs"), list):
+            raise KdqaError(f"{where}: missing 'paragraphs' list")
+        title = article.get("title", "")
+        for p, paragraph in enumerate(article["paragraphs"]):
+            pwhere = f"{where}.paragraphs[{p}]"
+            if not isinstance(paragraph, dict):
+                raise KdqaError(f"{pwhere}: expected an object")
+            if not isinstance(paragraph.get("context"), str):
+                raise KdqaError(f"{pwhere}: missing 'context' string")
+            if not isinstance(paragraph.get("qas"), list):
+                raise KdqaError(f"{pwhere}: missing 'qas' list")
+            for q, qa in enumerate(paragraph["qas"]):
+                qwhere = f"{pwhere}.qas[{q}]"
+                if not isinstance(qa, dict):
+                    raise KdqaError(f"{qwhere}: expected an object")
+                records.append((qwhere, {"title": title, "context": paragraph["context"]}, qa))
+    return records
+
+
+def _read_hub(name: str, split: str) -> list[tuple[str, dict, dict]]:
+    """The hub's flattened layout (id, title, context, question, answers{text, answer_start})."""
+    import datasets
+
+    hub_split = {"train": "train", "dev": "validation"}.get(split, split)
+    try:
+        ds = datasets.load_dataset(name, split=hub_split)
+    except Exception as exc:  # the hub client raises many types; all mean "could not get it"
+        raise KdqaError(
+            f"{name}: could not load split '{hub_split}' from the datasets hub "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            "give a local SQuAD JSON path in params.yaml data.* to work offline"
+        ) from None
+    records = []
+    for i, row in enumerate(ds):
+        answers = row.get("answers") or {"text": [], "answer_start": []}
+        qa = {
+            "id": row.get("id"),
+            "question": row.get("question"),
+            "is_impossible": len(answers["text"]) == 0,
+            "answers": [{"text": t, "answer_start": s} for t, s in zip(answers["text"], answers["answer_start"])],
+        }
+        records.append((f"{name}[{hub_split}][{i}]", {"title": row.get("title", ""), "context": row.get("context")}, qa))
+    return records
+
+
+def _locate_answer(context: str, text: str, start: int) -> int | None:
+    """The offset of `text` in `context`: `start` if right, else the nearest occurrence within the window."""
+    if context[start : start + len(text)] == text:
+        return start
+    lo = max(0, start - REPAIR_WINDOW_CHARS)
+    hi = min(len(context), start + len(text) + REPAIR_WINDOW_CHARS)
+    best = None
+    pos = context.find(text, lo)
+    while pos != -1 and pos + len(text) <= hi:
+        if best is None or abs(pos - start) < abs(best - start):
+            best = pos
+        pos = context.find(text, pos + 1)
+    return best
+
+
+def _validate(records, source: str, strict: bool) -> tuple[list[Example], DataReport]:
+    report = DataReport(source=source)
+    examples: list[Example] = []
+    seen: dict[str, str] = {}
+    for where, paragraph, qa in records:
+        qid = qa.get("id")
+        if not isinstance(qid, str) or not qid:
+            raise KdqaError(f"{where}: missing 'id'")
+        where = f"{where} (id {qid})"
+        if qid in seen:
+            raise KdqaError(f"{where}: duplicate id, first seen at {seen[qid]}")
+        seen[qid] = where
+        context, question = paragraph["context"], qa.get("question")
+        if not isinstance(context, str) or not context.strip():
+            raise KdqaError(f"{where}: empty 'context'")
+        if not isinstance(question, str):
+            raise KdqaError(f"{where}: missing 'question'")
+        if not question.strip():
+            raise KdqaError(f"{where}: empty 'question'")
+        answers = qa.get("answers", [])
+        if not isinstance(answers, list):
+            raise KdqaError(f"{where}: 'answers' must be a list")
+        is_impossible = bool(qa.get("is_impossible", False)) or not answers
+
+        texts, starts = [], []
+        if not is_impossible:
+            for k, ans in enumerate(answers):
+                problem = None
+                text = ans.get("text") if isinstance(ans, dict) else None
+                start = ans.get("answer_start") if isinstance(ans, dict) else None
+                if not isinstance(text, str) or not text.strip():
+                    problem = "has no text"
+                elif not isinstance(start, int) or isinstance(start, bool) or start < 0:
+                    problem = f"has an invalid answer_start {start!r}"
+                elif start + len(text) > len(context) and text not in context:
+                    problem = f"lies outside the context (answer_start {start}, context length {len(context)})"
+                else:
+                    found = _locate_answer(context, text, start)
+                    if found is None:
+                        problem = f"text {text!r} not found near answer_start {start}"
+                    elif found != start:
+                        if strict:
+                            raise KdqaError(f"{where}: answers[{k}] answer_start {start} does not match its text "
+                                            f"(found at {found})")
+                        report.answers_repaired += 1
+                        report.note(f"{where}: answers[{k}] answer_start {start} -> {found}")
+                        start = found
+                if problem:
+                    if strict:
+                        raise KdqaError(f"{where}: answers[{k}] {problem}")
+                    report.answers_skipped += 1
+                    report.note(f"{where}: answers[{k}] skipped: {problem}")
+                    continue
+                texts.append(text)
+                starts.append(start)
+            if not texts:
+                report.questions_dropped += 1
+                report.note(f"{where}: dropped, no usable answer")
+                continue
+        report.questions += 1
+        report.answerable += not is_impossible
+        report.unanswerable += is_impossible
+        examples.append(Example(qid, str(paragraph.get("title") or ""), context, question, texts, starts, is_impossible))
+    if not examples:
+        raise KdqaError(f"{source}: no usable questions")
+    return examples, report

@@ -1,0 +1,179 @@
+"""Streaming (features shard, teacher logits shard) pairs into padded training batches.
+
+The student never holds the dataset in memory: each DataLoader worker reads whole shard pairs, checks that
+their feature ids agree row for row, shuffles the rows of the shard (seeded by seed, epoch and shard) and
+yields batches padded to their longest feature. Shard order is reshuffled every epoch with the same seed
+on every rank; under DDP each rank takes a disjoint slice of that order.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from pipeline.errors import KdqaError
+from pipeline.shards import list_column_to_numpy, list_shards, read_table, shard_rows
+
+TRAIN_COLUMNS = ["feature_id", "input_ids", "token_type_ids", "context_start", "context_end",
+                 "start_position", "end_position"]
+
+
+@dataclass(frozen=True)
+class ShardPair:
+    features: Path
+    logits: Path | None  # None when training on hard labels only
+    rows: int
+
+
+def find_shard_pairs(features_dir: Path, logits_dir: Path | None) -> list[ShardPair]:
+    """Pair each features shard with the logits shard of the same name; counts must agree."""
+    features = list_shards(features_dir)
+    if not features:
+        raise KdqaError(f"{features_dir}: no feature shards (run `kdqa prepare`)")
+    pairs = []
+    for path in features:
+        rows = shard_rows(path)
+        logits = None
+        if logits_dir is not None:
+            logits = logits_dir / path.name
+            if not logits.exists():
+                raise KdqaError(f"{logits}: missing logits shard for {path} (run `kdqa teacher`)")
+            logit_rows = shard_rows(logits)
+            if logit_rows != rows:
+                raise KdqaError(f"{logits}: {logit_rows} rows but {path} has {rows} (run `kdqa teacher`)")
+        pairs.append(ShardPair(path, logits, rows))
+    if logits_dir is not None:
+        extra = {p.name for p in list_shards(logits_dir)} - {p.name for p in features}
+        if extra:
+            raise KdqaError(f"{logits_dir}: logits shards without features: {', '.join(sorted(extra))}")
+    return pairs
+
+
+def check_feature_ids(pair: ShardPair, feature_ids, logit_ids) -> None:
+    """Rows must be the same features in the same order; anything else would train on wrong targets."""
+    if len(feature_ids) != len(logit_ids):
+        raise KdqaError(f"{pair.logits}: {len(logit_ids)} rows but {pair.features} has {len(feature_ids)}")
+    if not feature_ids.equals(logit_ids):
+        a, b = feature_ids.to_pylist(), logit_ids.to_pylist()
+        row = next(i for i in range(len(a)) if a[i] != b[i])
+        raise KdqaError(f"{pair.logits}: row {row} holds feature {b[row]!r} but {pair.features} has {a[row]!r}")
+
+
+def answer_mask(lengths, context_start, context_end, width: int) -> torch.Tensor:
+    """True at CLS and at the context tokens of each row: the only places an answer can start or end."""
+    positions = torch.arange(width)
+    cs = torch.as_tensor(context_start).unsqueeze(1)
+    ce = torch.as_tensor(context_end).unsqueeze(1)
+    mask = (positions >= cs) & (positions <= ce)
+    mask[:, 0] = True
+    return mask
+
+
+def pad_batch(input_ids: list[np.ndarray], token_type_ids: list[np.ndarray], context_start, context_end,
+              pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Model inputs for a list of features, padded to the longest one (not to max_seq_len)."""
+    lengths = [len(x) for x in input_ids]
+    width = max(lengths)
+    ids = np.full((len(input_ids), width), pad_token_id, dtype=np.int64)
+    types = np.zeros((len(input_ids), width), dtype=np.int64)
+    attention = np.zeros((len(input_ids), width), dtype=np.int64)
+    for i, (x, t) in enumerate(zip(input_ids, token_type_ids)):
+        ids[i, : len(x)] = x
+        types[i, : len(t)] = t
+        attention[i, : len(x)] = 1
+    return {
+        "input_ids": torch.from_numpy(ids),
+        "token_type_ids": torch.from_numpy(types),
+        "attention_mask": torch.from_numpy(attention),
+        "answer_mask": answer_mask(lengths, np.asarray(context_start), np.asarray(context_end), width),
+    }
+
+
+def pad_logits(rows: list[np.ndarray], width: int) -> torch.Tensor:
+    out = np.zeros((len(rows), width), dtype=np.float32)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return torch.from_numpy(out)
+
+
+class ShardStream(IterableDataset):
+    """One epoch of training batches for one rank; set `epoch` before each pass."""
+
+    def __init__(self, pairs: list[ShardPair], batch_size: int, seed: int, pad_token_id: int,
+                 rank: int = 0, world_size: int = 1):
+        self.pairs = pairs
+        self.batch_size = batch_size
+        self.seed = seed
+        self.pad_token_id = pad_token_id
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+
+    # --- the plan of an epoch: which shards each rank reads, and how many steps every rank takes ---
+    def shard_order(self, epoch: int) -> list[int]:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.pairs)).tolist()
+
+    def rank_shards(self, epoch: int, rank: int) -> list[int]:
+        return self.shard_order(epoch)[rank :: self.world_size]
+
+    def batches_per_rank(self, epoch: int, rank: int) -> int:
+        return sum(math.ceil(self.pairs[i].rows / self.batch_size) for i in self.rank_shards(epoch, rank))
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        """Every rank stops after the same number of steps (the smallest), so DDP never waits on a rank."""
+        return min(self.batches_per_rank(epoch, r) for r in range(self.world_size))
+
+    # --- reading ---
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        mine = self.rank_shards(self.epoch, self.rank)[worker::workers]
+        for shard_index in mine:
+            yield from self.shard_batches(shard_index)
+
+    def shard_batches(self, shard_index: int):
+        pair = self.pairs[shard_index]
+        features = read_table(pair.features, columns=TRAIN_COLUMNS)
+        logits = read_table(pair.logits) if pair.logits is not None else None
+        if logits is not None:
+            check_feature_ids(pair, features.column("feature_id"), logits.column("feature_id"))
+        input_ids = list_column_to_numpy(features.column("input_ids"), np.int64)
+        token_types = list_column_to_numpy(features.column("token_type_ids"), np.int64)
+        context_start = features.column("context_start").to_numpy()
+        context_end = features.column("context_end").to_numpy()
+        start_positions = features.column("start_position").to_numpy().astype(np.int64)
+        end_positions = features.column("end_position").to_numpy().astype(np.int64)
+        if logits is not None:
+            t_start = list_column_to_numpy(logits.column("start_logits"), np.float32)
+            t_end = list_column_to_numpy(logits.column("end_logits"), np.float32)
+            for row, (ids, ts) in enumerate(zip(input_ids, t_start)):
+                if len(ids) != len(ts):
+                    raise KdqaError(f"{pair.logits}: row {row} has {len(ts)} logits for {len(ids)} tokens")
+
+        order = np.random.default_rng([self.seed, self.epoch, shard_index]).permutation(pair.rows)
+        for lo in range(0, pair.rows, self.batch_size):
+            rows = order[lo : lo + self.batch_size]
+            batch = pad_batch([input_ids[i] for i in rows], [token_types[i] for i in rows],
+                              context_start[rows], context_end[rows], self.pad_token_id)
+            batch["start_positions"] = torch.from_numpy(start_positions[rows])
+            batch["end_positions"] = torch.from_numpy(end_positions[rows])
+            if logits is not None:
+                width = batch["input_ids"].shape[1]
+                batch["teacher_start"] = pad_logits([t_start[i] for i in rows], width)
+                batch["teacher_end"] = pad_logits([t_end[i] for i in rows], width)
+            yield batch
+
+
+def verify_alignment(pairs: list[ShardPair]) -> None:
+    """Check every pair's feature ids row for row before training starts (id columns only: cheap)."""
+    for pair in pairs:
+        if pair.logits is None:
+            continue
+        f = read_table(pair.features, columns=["feature_id"]).column("feature_id")
+        t = read_table(pair.logits, columns=["feature_id"]).column("feature_id")
+        check_feature_ids(pair, f, t)

@@ -1,0 +1,181 @@
+"""Stage 2, teacher: run the teacher once over every features shard and write its logits as Parquet.
+
+For each `data/features/{split}/part-NNNNN.parquet` it writes `data/teacher/{split}/part-NNNNN.parquet`
+with the same rows in the same order: `feature_id`, `start_logits`, `end_logits` (float16, real tokens
+only). `manifest.json` beside them records the fingerprint of what the logits depend on (features,
+teacher weights, vocabulary) and each shard's rows and checksum.
+
+Crash safety: shards are computed into a work folder outside the DVC output (`.kdqa/teacher-work/`), each
+renamed into place when complete and followed by a small `.done.json` record (rows, sha256). A rerun
+verifies the records and computes only what is missing; when every shard is done the split is moved into
+`data/teacher/{split}/` and the manifest written. Under torchrun, rank r takes shards r, r+N, r+2N, ...
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from pipeline import __version__, distributed
+from pipeline.errors import KdqaError
+from pipeline.models import load_qa_model, load_tokenizer, vocab_fingerprint, weights_fingerprint
+from pipeline.params import Params
+from pipeline.inference import shard_logits
+from pipeline.progress import progress
+from pipeline.shards import (
+    features_fingerprint,
+    fingerprint_of,
+    list_shards,
+    logits_table,
+    read_json,
+    sha256_file,
+    write_json_atomic,
+    write_table_atomic,
+)
+
+log = logging.getLogger(__name__)
+
+FEATURES_DIR = Path("data/features")
+TEACHER_DIR = Path("data/teacher")
+WORK_DIR = Path(".kdqa/teacher-work")
+LOGITS_ROW_GROUP = 4000
+
+
+def done_record_path(path: Path) -> Path:
+    return path.with_name(path.name + ".done.json")
+
+
+def completed_shard(work: Path, name: str, key: dict) -> dict | None:
+    """The record of a shard finished by an earlier (maybe crashed) run, if it is whole and for this key."""
+    shard, record_path = work / name, done_record_path(work / name)
+    if not (shard.exists() and record_path.exists()):
+        return None
+    try:
+        record = read_json(record_path)
+    except KdqaError:
+        return None
+    if record.get("key") != key or record.get("sha256") != sha256_file(shard):
+        return None
+    return record
+
+
+def run_split(model, tokenizer, split: str, params: Params, key_parts: dict, device: torch.device) -> dict | None:
+    """Compute this rank's missing shards of a split; rank 0 then publishes the split. Returns the manifest."""
+    rank, world = distributed.rank(), distributed.world_size()
+    features_dir, out_dir, work = FEATURES_DIR / split, TEACHER_DIR / split, WORK_DIR / split
+    shards = list_shards(features_dir)
+    if not shards:
+        raise KdqaError(f"{features_dir}: no feature shards (run `kdqa prepare`)")
+    fingerprint_parts = {**key_parts, "features": features_fingerprint(features_dir)}
+    # The fingerprint the student checks (what the logits mean) vs. the resume key (also how they were computed).
+    key = {**fingerprint_parts, "compute": f"{device.type}-{'bf16' if device.type == 'cuda' else 'fp32'}"}
+
+    published = out_dir / "manifest.json"
+    if published.exists() and read_json(published).get("fingerprint_parts") == fingerprint_parts:
+        log.info("%s: logits already up to date for these features and this teacher", out_dir)
+        return read_json(published)
+
+    work.mkdir(parents=True, exist_ok=True)
+    mine = [p for i, p in enumerate(shards) if i % world == rank]
+    todo = [p for p in mine if completed_shard(work, p.name, key) is None]
+    if len(todo) < len(mine):
+        log.info("%s: resuming, %d of %d shards already done", split, len(mine) - len(todo), len(mine))
+
+    n_rows, started = 0, time.perf_counter()
+    with ThreadPoolExecutor(max_workers=1) as writer, progress(total=len(todo), desc=f"teacher {split}", unit="shard") as bar:
+        pending = None
+        for path in todo:
+            ids, start, end = shard_logits(model, path, tokenizer.pad_token_id, device,
+                                           params.teacher.batch_size, params.teacher.max_tokens_per_batch)
+            if pending is not None:
+                pending.result()  # at most one shard waiting to be written: bounded memory
+            # Writing shard k (compression, fsync) overlaps the teacher's compute on shard k+1.
+            pending = writer.submit(write_logits_shard, work / path.name, ids, start, end, key)
+            n_rows += len(ids)
+            bar.update(1)
+            bar.set_postfix(features_per_s=f"{n_rows / (time.perf_counter() - started):.1f}")
+        if pending is not None:
+            pending.result()
+    elapsed = time.perf_counter() - started
+    throughput = n_rows / elapsed if n_rows else None
+
+    distributed.barrier()
+    manifest = None
+    if rank == 0:
+        manifest = publish_split(split, shards, work, out_dir, key, fingerprint_parts, throughput, device)
+    distributed.barrier()
+    return manifest if rank == 0 else read_json(published)
+
+
+def write_logits_shard(path: Path, ids, start, end, key: dict) -> None:
+    write_table_atomic(logits_table(ids, start, end), path, LOGITS_ROW_GROUP,
+                       float_columns=("start_logits", "end_logits"))
+    write_json_atomic(done_record_path(path), {"rows": len(ids), "sha256": sha256_file(path), "key": key})
+
+
+def publish_split(split, shards, work: Path, out_dir: Path, key, fingerprint_parts, throughput, device) -> dict:
+    """Check that every shard is done, then move the split into the DVC output with its manifest."""
+    records = {}
+    for path in shards:
+        record = completed_shard(work, path.name, key)
+        if record is None:
+            raise KdqaError(f"{work / path.name}: logits shard missing or incomplete after all ranks finished")
+        records[path.name] = record
+    staging = out_dir.with_name(f".{out_dir.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for path in shards:
+        shutil.copy2(work / path.name, staging / path.name)  # copy, not move: the work stays until published
+    manifest = {
+        "kdqa_version": __version__,
+        "split": split,
+        "fingerprint": fingerprint_of(fingerprint_parts),
+        "fingerprint_parts": fingerprint_parts,
+        "compute": key["compute"],
+        "device": device_name(device),
+        "features_per_second": round(throughput, 2) if throughput else None,
+        "rows": sum(r["rows"] for r in records.values()),
+        "bytes": sum((staging / n).stat().st_size for n in records),
+        "shards": [{"name": n, "rows": r["rows"], "sha256": r["sha256"]} for n, r in records.items()],
+    }
+    write_json_atomic(staging / "manifest.json", manifest)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    staging.rename(out_dir)
+    shutil.rmtree(work, ignore_errors=True)
+    log.info("%s: %d rows in %d shards, %.0f bytes/feature", out_dir, manifest["rows"], len(shards),
+             manifest["bytes"] / max(manifest["rows"], 1))
+    return manifest
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def run_teacher(params: Params) -> None:
+    distributed.init()
+    device = distributed.device()
+    tokenizer = load_tokenizer(params.teacher.model, params.teacher.trust_remote_code)
+    features_manifest = read_json(FEATURES_DIR / "train" / "manifest.json")
+    if features_manifest.get("vocab_fingerprint") != vocab_fingerprint(tokenizer):
+        raise KdqaError(f"{params.teacher.model}: tokenizer differs from the one data/features was prepared with "
+                        f"({features_manifest.get('tokenizer')}); run `kdqa prepare` again")
+    model = load_qa_model(params.teacher.model, params.teacher.trust_remote_code)
+    model.to(device).eval()
+    key_parts = {"teacher": weights_fingerprint(model), "vocab": vocab_fingerprint(tokenizer)}
+    with torch.inference_mode():
+        for split in ("train", "dev"):
+            run_split(model, tokenizer, split, params, key_parts, device)
+    if distributed.rank() == 0:
+        from pipeline.evaluate import score_logit_shards
+
+        metrics = score_logit_shards(FEATURES_DIR / "dev", TEACHER_DIR / "dev", params)
+        write_json_atomic(Path("metrics/teacher.json"), metrics)
+        log.info("teacher on dev: EM %.2f F1 %.2f", metrics["exact"], metrics["f1"])
+    distributed.destroy()

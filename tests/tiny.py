@@ -1,0 +1,98 @@
+"""Tiny offline stand-ins for the real world: a made-up vocabulary, random-weight BERTs, synthetic SQuAD.
+
+Nothing here touches a hub: models are built from a config and saved with safetensors, the tokenizer from
+a vocabulary file we write, and the data from a seeded generator in the official SQuAD JSON layout.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+WORDS = ("the a an of in on and was is river city king queen north south built founded named after "
+         "year war battle bridge tower castle old new great small red blue green paris london rome "
+         "alice bob carol dave eve frank what who when where which how why did does name").split()
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def write_vocab(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789.,?!'-") + [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+    vocab = SPECIAL + sorted(set(WORDS)) + chars
+    path = folder / "vocab.txt"
+    path.write_text("\n".join(vocab) + "\n")
+    return path
+
+
+def make_tokenizer(folder: Path):
+    from transformers import BertTokenizerFast
+
+    vocab = write_vocab(folder)
+    tok = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
+    tok.save_pretrained(folder)
+    return tok
+
+
+def make_model(folder: Path, layers: int = 2, hidden: int = 32, heads: int = 2, seed: int = 0) -> Path:
+    """A random-weight BertForQuestionAnswering plus its tokenizer, saved like a hub model directory."""
+    import torch
+    from transformers import BertConfig, BertForQuestionAnswering
+
+    tok = make_tokenizer(folder)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(tok.get_vocab()), hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=heads, intermediate_size=hidden * 2, max_position_embeddings=128)
+    BertForQuestionAnswering(config).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def make_squad(path: Path, articles: int = 3, paragraphs: int = 2, questions: int = 4, seed: int = 0,
+               context_words: tuple[int, int] = (20, 60)) -> Path:
+    """Synthetic SQuAD 2.0 JSON: about a third of the questions unanswerable; answers are real spans."""
+    rng = random.Random(seed)
+    data = []
+    for a in range(articles):
+        paras = []
+        for p in range(paragraphs):
+            words = [rng.choice(WORDS[:40]) for _ in range(rng.randint(*context_words))]
+            context = " ".join(words) + "."
+            qas = []
+            for q in range(questions):
+                qid = f"a{a}p{p}q{q}"
+                question = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 7))) + "?"
+                if q % 3 == 2:
+                    qas.append({"id": qid, "question": question, "answers": [], "is_impossible": True})
+                    continue
+                i = rng.randrange(len(words) - 3)
+                n = rng.randint(1, 3)
+                text = " ".join(words[i : i + n])
+                start = len(" ".join(words[:i])) + (1 if i else 0)
+                assert context[start : start + len(text)] == text
+                qas.append({"id": qid, "question": question, "is_impossible": False,
+                            "answers": [{"text": text, "answer_start": start}]})
+            paras.append({"context": context, "qas": qas})
+        data.append({"title": f"article {a}", "paragraphs": paras})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"version": "v2.0", "data": data}))
+    return path
+
+
+def write_params(path: Path, teacher: Path, student: Path, train: Path, dev: Path, **overrides) -> Path:
+    """A params.yaml for a tiny, quick run; overrides as section__key=value."""
+    import yaml
+
+    params = {
+        "data": {"train": str(train), "dev": str(dev)},
+        "prepare": {"max_seq_len": 48, "doc_stride": 16, "max_query_len": 12, "shard_size": 16, "row_group_size": 8},
+        "teacher": {"model": str(teacher), "batch_size": 8, "max_tokens_per_batch": 256},
+        "student": {"model": str(student), "batch_size": 4, "epochs": 2, "learning_rate": 1e-3, "warmup": 0.1,
+                    "temperature": 2.0, "distillation_weight": 0.5, "seed": 1, "checkpoint_every": 0,
+                    "log_every": 1, "num_workers": 0},
+        "evaluate": {"n_best": 5, "max_answer_len": 10, "batch_size": 16},
+    }
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        params[section][name] = value
+    path.write_text(yaml.safe_dump(params))
+    return path
