@@ -88,14 +88,19 @@ def evaluate_model(model, pad_token_id: int, features_dir: Path, params, device)
 
 def run_evaluate(params, model_dir: Path = Path("models/student")) -> dict:
     from pipeline import distributed
-    from pipeline.models import load_qa_model
+    from pipeline.models import load_qa_model, load_tokenizer
 
+    features_dir, teacher_dir = Path("data/features/dev"), Path("data/teacher/dev")
+    if (teacher_dir / "manifest.json").exists():
+        # The teacher's scores from its stored dev logits, post-processed exactly like the student's.
+        teacher_metrics = score_logit_shards(features_dir, teacher_dir, params)
+        write_json_atomic(Path("metrics/teacher.json"), teacher_metrics)
+        log.info("teacher on dev: EM %.2f F1 %.2f (forced span F1 %.2f)", teacher_metrics["exact"],
+                 teacher_metrics["f1"], teacher_metrics.get("HasAns_f1_forced", float("nan")))
     device = distributed.device()
     model = load_qa_model(str(model_dir)).to(device)
-    from pipeline.models import load_tokenizer
-
     tokenizer = load_tokenizer(str(model_dir))
-    metrics, preds, na_probs = evaluate_model(model, tokenizer.pad_token_id, Path("data/features/dev"), params, device)
+    metrics, preds, na_probs = evaluate_model(model, tokenizer.pad_token_id, features_dir, params, device)
     write_json_atomic(Path("results/predictions.json"), preds)
     write_json_atomic(Path("results/na_probs.json"), na_probs)
     write_json_atomic(Path("metrics/eval.json"), metrics)

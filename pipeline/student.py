@@ -36,6 +36,10 @@ MODEL_DIR = Path("models/student")
 CHECKPOINT_DIR = Path("checkpoints/student")
 LOG_DIR = Path("logs/student")
 
+# Dev scores inside the student stage (curve, model card) use fixed default post-processing, so the stage
+# never depends on `evaluate.*`; `kdqa evaluate` gives the official figures with the user's settings.
+CARD_EVALUATION = Params()
+
 # Knobs that change how a run is observed, not what it computes: a checkpoint stays valid across them.
 OBSERVATION_KEYS = {"checkpoint_every", "log_every", "eval_every", "num_workers"}
 
@@ -185,7 +189,7 @@ def run_student(params: Params, resume: str = "auto") -> None:
         if (FEATURES_DIR / "dev").is_dir():  # the card reports the same dev scores `kdqa evaluate` computes
             from pipeline.evaluate import evaluate_model
 
-            dev_metrics, _, _ = evaluate_model(model, tokenizer.pad_token_id, FEATURES_DIR / "dev", params, device)
+            dev_metrics, _, _ = evaluate_model(model, tokenizer.pad_token_id, FEATURES_DIR / "dev", CARD_EVALUATION, device)
         save_student(model, tokenizer, params, step, elapsed, dev_metrics)
         shutil.rmtree(CHECKPOINT_DIR, ignore_errors=True)  # finished: nothing left to resume
     distributed.barrier()
@@ -197,7 +201,7 @@ def evaluate_during_training(model, tokenizer, params, device, step, train_log) 
     if distributed.is_main():
         from pipeline.evaluate import evaluate_model
 
-        metrics, _, _ = evaluate_model(model, tokenizer.pad_token_id, FEATURES_DIR / "dev", params, device)
+        metrics, _, _ = evaluate_model(model, tokenizer.pad_token_id, FEATURES_DIR / "dev", CARD_EVALUATION, device)
         train_log.log_eval(step, f1=metrics["f1"], exact=metrics["exact"], f1_forced=metrics.get("HasAns_f1_forced"))
     distributed.barrier()
 

@@ -5,6 +5,9 @@ with the same rows in the same order: `feature_id`, `start_logits`, `end_logits`
 only). `manifest.json` beside them records the fingerprint of what the logits depend on (features,
 teacher weights, vocabulary) and each shard's rows and checksum.
 
+The teacher's own dev scores (`metrics/teacher.json`) are computed from the dev logits by `kdqa evaluate`,
+with the same post-processing settings as the student's, so `evaluate.*` params never rerun the teacher.
+
 Crash safety: shards are computed into a work folder outside the DVC output (`.kdqa/teacher-work/`), each
 renamed into place when complete and followed by a small `.done.json` record (rows, sha256). A rerun
 verifies the records and computes only what is missing; when every shard is done the split is moved into
@@ -172,10 +175,4 @@ def run_teacher(params: Params) -> None:
     with torch.inference_mode():
         for split in ("train", "dev"):
             run_split(model, tokenizer, split, params, key_parts, device)
-    if distributed.rank() == 0:
-        from pipeline.evaluate import score_logit_shards
-
-        metrics = score_logit_shards(FEATURES_DIR / "dev", TEACHER_DIR / "dev", params)
-        write_json_atomic(Path("metrics/teacher.json"), metrics)
-        log.info("teacher on dev: EM %.2f F1 %.2f", metrics["exact"], metrics["f1"])
     distributed.destroy()

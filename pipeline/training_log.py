@@ -11,6 +11,12 @@ import csv
 from pathlib import Path
 
 
+COLUMNS = {
+    "train.tsv": ["step", "epoch", "loss", "kd_loss", "ce_loss", "lr"],
+    "eval.tsv": ["step", "f1", "exact", "f1_forced"],
+}
+
+
 class TrainingLog:
     def __init__(self, folder: Path, resume_step: int | None, enabled: bool = True):
         self.folder = folder
@@ -18,14 +24,13 @@ class TrainingLog:
         if not enabled:
             return
         folder.mkdir(parents=True, exist_ok=True)
-        for name in ("train.tsv", "eval.tsv"):
+        # Both files always exist (header at least): DVC declares them as plots of the student stage.
+        for name, fields in COLUMNS.items():
             path = folder / name
-            if resume_step is None:
-                path.unlink(missing_ok=True)
-            elif path.exists():
-                rows = list(csv.DictReader(path.open(), delimiter="\t"))
-                kept = [r for r in rows if int(r["step"]) <= resume_step]
-                self._rewrite(path, rows[0].keys() if rows else [], kept)
+            kept = []
+            if resume_step is not None and path.exists():
+                kept = [r for r in csv.DictReader(path.open(), delimiter="\t") if int(r["step"]) <= resume_step]
+            self._rewrite(path, fields, kept)
 
     @staticmethod
     def _rewrite(path: Path, fields, rows) -> None:
@@ -37,16 +42,12 @@ class TrainingLog:
     def _append(self, name: str, row: dict) -> None:
         if not self.enabled:
             return
-        path = self.folder / name
-        new = not path.exists() or path.stat().st_size == 0
-        with path.open("a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(row), delimiter="\t")
-            if new:
-                writer.writeheader()
+        with (self.folder / name).open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS[name], delimiter="\t")
             writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
 
     def log_step(self, step: int, epoch: int, **values) -> None:
         self._append("train.tsv", {"step": step, "epoch": epoch, **values})
 
     def log_eval(self, step: int, **values) -> None:
-        self._append("eval.tsv", {"step": step, **{k: v for k, v in values.items() if v is not None}})
+        self._append("eval.tsv", {"step": step, **values})
