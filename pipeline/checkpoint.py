@@ -29,6 +29,12 @@ class Checkpoint:
     epoch: int
     batch_in_epoch: int  # batches of `epoch` already trained on
     key: dict
+    source: Path | None = None  # the folder it was loaded from
+
+
+# Copies of the training curves kept in each checkpoint: `dvc repro` deletes the stage's plots before
+# rerunning it after a crash, and a resumed run should still show its curve from step 1.
+CURVES_DIR = "curves"
 
 
 def _rng_state() -> dict:
@@ -38,8 +44,9 @@ def _rng_state() -> dict:
     return state
 
 
-def save_checkpoint(folder: Path, ckpt: Checkpoint, model, optimizer, scheduler, rank: int) -> None:
-    """Rank 0 writes weights and optimizer; every rank writes its own RNG state."""
+def save_checkpoint(folder: Path, ckpt: Checkpoint, model, optimizer, scheduler, rank: int,
+                    curves: tuple[Path, ...] = ()) -> None:
+    """Rank 0 writes weights, optimizer and copies of `curves`; every rank writes its own RNG state."""
     staging = folder.with_name(f"{folder.name}.partial")
     if rank == 0:
         shutil.rmtree(staging, ignore_errors=True)
@@ -49,18 +56,40 @@ def save_checkpoint(folder: Path, ckpt: Checkpoint, model, optimizer, scheduler,
     if rank == 0:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, staging / "model.safetensors")
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, staging / "optimizer.pt")
+        for curve in curves:
+            if curve.is_file():
+                (staging / CURVES_DIR).mkdir(exist_ok=True)
+                shutil.copy2(curve, staging / CURVES_DIR / curve.name)
     distributed.barrier()
     if rank == 0:
         write_json_atomic(staging / "state.json", {"step": ckpt.step, "epoch": ckpt.epoch,
                                                     "batch_in_epoch": ckpt.batch_in_epoch, "key": ckpt.key})
         previous = folder.with_name(f"{folder.name}.old")
-        shutil.rmtree(previous, ignore_errors=True)
+        # At every moment one complete checkpoint exists under `folder` or `.old` (never only `.partial`):
+        # `.old` is dropped only once `folder` is complete.
         if folder.exists():
+            shutil.rmtree(previous, ignore_errors=True)
             folder.rename(previous)
         staging.rename(folder)
         shutil.rmtree(previous, ignore_errors=True)
         log.info("checkpoint at step %d -> %s", ckpt.step, folder)
     distributed.barrier()
+
+
+def restore_curves(ckpt: Checkpoint, folder: Path) -> None:
+    """Put the checkpoint's copies of the training curves back into `folder` (rows up to its step)."""
+    saved = ckpt.source / CURVES_DIR if ckpt.source else None
+    if saved is None or not saved.is_dir():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    for curve in saved.iterdir():
+        shutil.copy2(curve, folder / curve.name)
+
+
+def remove_checkpoints(folder: Path) -> None:
+    """Training finished: drop the checkpoint and any `.old` / `.partial` left by a crash."""
+    for path in (folder, folder.with_name(f"{folder.name}.old"), folder.with_name(f"{folder.name}.partial")):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _latest_complete(folder: Path) -> Path | None:
@@ -89,6 +118,9 @@ def load_checkpoint(folder: Path, key: dict, resume: str, model, optimizer, sche
             raise KdqaError(f"{folder}: no checkpoint to resume from")
         return None
     state = read_json(found / "state.json")
+    if not isinstance(state, dict) or not {"step", "epoch", "batch_in_epoch", "key"} <= set(state):
+        raise KdqaError(f"{found / 'state.json'}: not a kdqa checkpoint state; delete {found} or run "
+                        "`kdqa student --no-resume`")
     if state["key"] != key:
         changes = "; ".join(_differences(state["key"], key)) or "unknown"
         if resume == "require":
@@ -98,12 +130,19 @@ def load_checkpoint(folder: Path, key: dict, resume: str, model, optimizer, sche
     rng_path = found / f"rng-rank{rank}.pt"
     if not rng_path.exists():
         raise KdqaError(f"{rng_path}: missing (checkpoint made with another number of processes?)")
-    model.load_state_dict(load_file(found / "model.safetensors", device=str(next(model.parameters()).device)))
-    opt = torch.load(found / "optimizer.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(opt["optimizer"])
-    scheduler.load_state_dict(opt["scheduler"])
-    rng = torch.load(rng_path, map_location="cpu", weights_only=True)
+    try:
+        weights = load_file(found / "model.safetensors", device=str(next(model.parameters()).device))
+        model.load_state_dict(weights)
+        # weights_only=True: tensors and plain containers only, never an arbitrary pickle.
+        opt = torch.load(found / "optimizer.pt", map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(opt["optimizer"])
+        scheduler.load_state_dict(opt["scheduler"])
+        rng = torch.load(rng_path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # safetensors, torch's unpickler and load_state_dict raise many types
+        detail = (str(exc).strip().splitlines() or [""])[0]
+        raise KdqaError(f"{found}: checkpoint unreadable ({type(exc).__name__}: {detail}); "
+                        "delete it or run `kdqa student --no-resume` to start over") from None
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
-    return Checkpoint(state["step"], state["epoch"], state["batch_in_epoch"], key)
+    return Checkpoint(state["step"], state["epoch"], state["batch_in_epoch"], key, source=found)

@@ -68,12 +68,22 @@ def cli(ctx, params_path, quiet, verbose):
 
 
 @cli.command()
+@click.option("--strict", is_flag=True,
+              help="Treat repairable data problems (answer offsets, unlocatable answers) as errors, "
+                   "like prepare.strict: true.")
 @click.pass_context
-def prepare(ctx):
-    """Tokenize train/dev data into feature shards under data/features/."""
+def prepare(ctx, strict):
+    """Tokenize train/dev data into feature shards under data/features/.
+
+    Structural problems in the data stop with one line naming the file and record; per-answer problems
+    are repaired or skipped and counted in data/features/report.json.
+    """
     from pipeline.prepare import run_prepare
 
-    run_prepare(_load(ctx))
+    params = _load(ctx)
+    if strict:  # only ever turns a run into an error, never changes its output: safe outside DVC's params
+        params.prepare.strict = True
+    run_prepare(params)
 
 
 @cli.command()
@@ -82,11 +92,17 @@ def teacher(ctx):
     """Run the teacher once; write logits shards to data/teacher/ and its scores to metrics/teacher.json.
 
     Resumes after a crash. Under `torchrun --nproc-per-node N -m pipeline teacher` each process takes
-    every N-th shard.
+    every N-th shard. With `teacher.nproc` > 1 (and not already under torchrun) it starts itself again
+    under torch.distributed.run with that many processes, so the DVC stage command stays `kdqa teacher`.
     """
+    from pipeline import distributed
     from pipeline.teacher import run_teacher
 
-    run_teacher(_load(ctx))
+    params = _load(ctx)
+    top = ctx.parent.params  # the group's own options, passed on to the relaunched workers
+    distributed.relaunch(params.teacher.nproc, ["--params", top["params_path"], *(["-q"] if top["quiet"] else []),
+                                                *(["-v"] if top["verbose"] else []), "teacher"])
+    run_teacher(params)
 
 
 @cli.command()

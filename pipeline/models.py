@@ -32,7 +32,7 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except Exception as exc:  # transformers raises OSError, ValueError, HF hub errors...
-        raise KdqaError(f"{name}: could not load tokenizer ({_first_line(exc)})") from None
+        raise KdqaError(f"{name}: could not load tokenizer ({_first_line(exc)}){_hub_hint(name)}") from None
     if not getattr(tokenizer, "is_fast", False):
         raise KdqaError(f"{name}: kdqa needs a fast (Rust) tokenizer for offset mappings")
     return tokenizer
@@ -58,7 +58,15 @@ def load_qa_model(name: str, trust_remote_code: bool = False, **config_overrides
             **config_overrides,
         )
     except Exception as exc:
-        raise KdqaError(f"{name}: could not load model ({_first_line(exc)})") from None
+        raise KdqaError(f"{name}: could not load model ({_first_line(exc)}){_hub_hint(name)}") from None
+
+
+def check_sequence_length(model, max_seq_len: int, name: str) -> None:
+    """Features longer than the model's position table would crash mid-run (or read garbage): refuse now."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and max_seq_len > limit:
+        raise KdqaError(f"{name}: reads at most {limit} tokens, but data/features was prepared with "
+                        f"prepare.max_seq_len {max_seq_len}; lower it and run `kdqa prepare` again")
 
 
 def vocab_fingerprint(tokenizer) -> str:
@@ -107,6 +115,11 @@ def keep_layers(model, layers: list[int]):
         if attention is not None and hasattr(attention, "layer_idx"):
             attention.layer_idx = new_index
     return model
+
+
+def _hub_hint(name: str) -> str:
+    # A name that is not a local path was looked up on the hub: say so, since a mistyped directory lands here.
+    return "" if _looks_local(name) else f"; there is no local directory {name!r} either"
 
 
 def _first_line(exc: Exception) -> str:

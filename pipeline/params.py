@@ -81,6 +81,42 @@ class Params:
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
 
 
+# Allowed range of each numeric knob, inclusive (None: unbounded); below or above it a stage cannot run or
+# would silently do something else. A third element True makes the lower bound exclusive.
+_RANGES = {
+    "prepare.max_seq_len": (8, None), "prepare.doc_stride": (1, None), "prepare.max_query_len": (1, None),
+    "prepare.shard_size": (1, None), "prepare.row_group_size": (1, None),
+    "teacher.batch_size": (1, None), "teacher.max_tokens_per_batch": (1, None), "teacher.nproc": (1, None),
+    "student.batch_size": (1, None), "student.epochs": (1, None), "student.learning_rate": (0, None, True),
+    "student.weight_decay": (0, None), "student.warmup": (0, 1), "student.max_grad_norm": (0, None, True),
+    "student.temperature": (0, None, True), "student.distillation_weight": (0, 1), "student.dropout": (0, 1),
+    "student.max_steps": (1, None), "student.checkpoint_every": (0, None), "student.log_every": (0, None),
+    "student.eval_every": (0, None), "student.num_workers": (0, None), "student.seed": (0, None),
+    "evaluate.n_best": (1, None), "evaluate.max_answer_len": (1, None), "evaluate.batch_size": (1, None),
+}
+
+
+def _check_value(path: Path, key: str, value, default) -> None:
+    if value is None and default is not None:
+        raise KdqaError(f"{path}: {key} must be set (its default is {default!r}), got null")
+    if isinstance(default, str) and not isinstance(value, str):
+        raise KdqaError(f"{path}: {key} must be a string, got {value!r}")
+    if key == "student.init_layers" and value is not None:
+        if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+            raise KdqaError(f"{path}: {key} must be a list of layer indices (or null), got {value!r}")
+    if key in _RANGES and value is not None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise KdqaError(f"{path}: {key} must be a number, got {value!r}")
+        if (isinstance(default, int) or default is None) and value != int(value):  # max_steps: default None
+            raise KdqaError(f"{path}: {key} must be a whole number, got {value!r}")
+        lo, hi, *exclusive = _RANGES[key]
+        too_low = value <= lo if exclusive and exclusive[0] else value < lo
+        if too_low or (hi is not None and value > hi):
+            bound = f"greater than {lo}" if exclusive and exclusive[0] else f"at least {lo}"
+            raise KdqaError(f"{path}: {key} must be {bound}{f' and at most {hi}' if hi is not None else ''}, "
+                            f"got {value!r}")
+
+
 def _build_section(cls, values: dict, path: Path, section: str):
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(known))
@@ -97,10 +133,16 @@ def _build_section(cls, values: dict, path: Path, section: str):
             if not isinstance(value, bool):
                 raise KdqaError(f"{path}: {section}.{name} must be true or false, got {value!r}")
         elif isinstance(default, (int, float)):
+            if isinstance(value, bool):
+                raise KdqaError(f"{path}: {section}.{name} must be a number, got {value!r}")
             try:
                 setattr(obj, name, type(default)(value))
             except (TypeError, ValueError):
                 raise KdqaError(f"{path}: {section}.{name} must be a number, got {value!r}") from None
+            if isinstance(default, int) and getattr(obj, name) != float(value):
+                raise KdqaError(f"{path}: {section}.{name} must be a whole number, got {value!r}")
+    for name in known:
+        _check_value(path, f"{section}.{name}", getattr(obj, name), getattr(cls(), name))
     return obj
 
 

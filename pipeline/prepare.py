@@ -15,6 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from pipeline import __version__
+from pipeline.errors import KdqaError
 from pipeline.features import tokenize_examples
 from pipeline.models import load_tokenizer, vocab_fingerprint
 from pipeline.params import Params
@@ -22,6 +23,7 @@ from pipeline.progress import progress
 from pipeline.shards import (
     features_fingerprint,
     features_table,
+    sha256_file,
     shard_name,
     write_json_atomic,
     write_table_atomic,
@@ -51,7 +53,7 @@ def write_feature_shards(examples: list[Example], tokenizer, params: Params, out
     def flush():
         path = staging / shard_name(len(shards))
         write_table_atomic(features_table(buffer), path, row_group_size=p.row_group_size)
-        shards.append({"name": path.name, "rows": len(buffer)})
+        shards.append({"name": path.name, "rows": len(buffer), "sha256": sha256_file(path)})
         buffer.clear()
 
     with progress(total=len(examples), desc=f"tokenize {out_dir.name}", unit="ex") as bar:
@@ -87,12 +89,31 @@ def write_dev_examples(examples: list[Example], path: Path) -> None:
     write_table_atomic(table, path, row_group_size=10000)
 
 
+def check_window(params: Params, tokenizer) -> None:
+    """Windows must leave room for context beyond the overlap, even next to the longest allowed question."""
+    p = params.prepare
+    specials = tokenizer.num_special_tokens_to_add(pair=True)
+    room = p.max_seq_len - p.max_query_len - specials
+    if room <= p.doc_stride:
+        raise KdqaError(
+            f"params: prepare.doc_stride ({p.doc_stride}) must be less than the context room of a window, "
+            f"max_seq_len - max_query_len - {specials} special tokens = {room}; lower doc_stride or "
+            "max_query_len, or raise max_seq_len"
+        )
+
+
 def run_prepare(params: Params) -> None:
     tokenizer = load_tokenizer(params.teacher.model, params.teacher.trust_remote_code)
+    check_window(params, tokenizer)
+    # Read and validate both splits before writing anything: bad input in dev must not leave train rewritten.
+    loaded = {split: load_examples(source, split, strict=params.prepare.strict)
+              for split, source in (("train", params.data.train), ("dev", params.data.dev))}
     reports = {}
     for split, source in (("train", params.data.train), ("dev", params.data.dev)):
-        examples, report = load_examples(source, split, strict=params.prepare.strict)
-        log.info(report.summary())
+        examples, report = loaded[split]
+        fixed = report.answers_repaired + report.answers_skipped + report.questions_dropped
+        log.log(logging.WARNING if fixed else logging.INFO, "%s%s", report.summary(),
+                f" (details in {FEATURES_DIR / 'report.json'})" if fixed else "")
         reports[split] = report.to_dict()
         out_dir = FEATURES_DIR / split
         base = {
@@ -101,7 +122,8 @@ def run_prepare(params: Params) -> None:
             "source": source,
             "tokenizer": params.teacher.model,
             "vocab_fingerprint": vocab_fingerprint(tokenizer),
-            "prepare": vars(params.prepare),
+            # What shaped the features; not `strict`, which can only stop a run, never change its output.
+            "prepare": {k: v for k, v in vars(params.prepare).items() if k != "strict"},
         }
         summary = write_feature_shards(examples, tokenizer, params, out_dir, base)
         if split == "dev":

@@ -23,6 +23,7 @@ def configure_output(quiet: bool = False, verbose: bool = False) -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()  # e.g. the load report for a freshly initialised QA head
 
 
 def progress(enabled: bool = True, **kwargs) -> tqdm:

@@ -75,7 +75,7 @@ def _read_squad_json(path: Path) -> list[tuple[str, dict, dict]]:
         raise KdqaError(f"{path}: file not found")
     raw = path.read_bytes()
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a byte-order mark some editors add is harmless
     except UnicodeDecodeError as exc:
         raise KdqaError(f"{path}: not UTF-8 (invalid byte at offset {exc.start})") from None
     try:
@@ -87,23 +87,31 @@ def _read_squad_json(path: Path) -> list[tuple[str, dict, dict]]:
     records = []
     for a, article in enumerate(doc["data"]):
         where = f"{path}: data[{a}]"
-        if not isinstance(article, dict) or not isinstance(article.get("paragraphs"), list):
-            raise KdqaError(f"{where}: missing 'paragraphs' list")
+        if not isinstance(article, dict):
+            raise KdqaError(f"{where}: expected an object")
+        if not isinstance(article.get("paragraphs"), list):
+            raise KdqaError(f"{where}: {_missing_or_wrong(article, 'paragraphs', 'a list')}")
         title = article.get("title", "")
         for p, paragraph in enumerate(article["paragraphs"]):
             pwhere = f"{where}.paragraphs[{p}]"
             if not isinstance(paragraph, dict):
                 raise KdqaError(f"{pwhere}: expected an object")
             if not isinstance(paragraph.get("context"), str):
-                raise KdqaError(f"{pwhere}: missing 'context' string")
+                raise KdqaError(f"{pwhere}: {_missing_or_wrong(paragraph, 'context', 'a string')}")
             if not isinstance(paragraph.get("qas"), list):
-                raise KdqaError(f"{pwhere}: missing 'qas' list")
+                raise KdqaError(f"{pwhere}: {_missing_or_wrong(paragraph, 'qas', 'a list')}")
             for q, qa in enumerate(paragraph["qas"]):
                 qwhere = f"{pwhere}.qas[{q}]"
                 if not isinstance(qa, dict):
                     raise KdqaError(f"{qwhere}: expected an object")
                 records.append((qwhere, {"title": title, "context": paragraph["context"]}, qa))
     return records
+
+
+def _missing_or_wrong(record: dict, name: str, expected: str) -> str:
+    if record.get(name) is None:
+        return f"missing '{name}'"
+    return f"'{name}' must be {expected}, got {type(record[name]).__name__} {record[name]!r:.40}"
 
 
 def _read_hub(name: str, split: str) -> list[tuple[str, dict, dict]]:
@@ -153,8 +161,10 @@ def _validate(records, source: str, strict: bool) -> tuple[list[Example], DataRe
     seen: dict[str, str] = {}
     for where, paragraph, qa in records:
         qid = qa.get("id")
-        if not isinstance(qid, str) or not qid:
-            raise KdqaError(f"{where}: missing 'id'")
+        if not isinstance(qid, str):
+            raise KdqaError(f"{where}: {_missing_or_wrong(qa, 'id', 'a string')}")
+        if not qid.strip():
+            raise KdqaError(f"{where}: empty 'id'")
         where = f"{where} (id {qid})"
         if qid in seen:
             raise KdqaError(f"{where}: duplicate id, first seen at {seen[qid]}")
@@ -163,13 +173,23 @@ def _validate(records, source: str, strict: bool) -> tuple[list[Example], DataRe
         if not isinstance(context, str) or not context.strip():
             raise KdqaError(f"{where}: empty 'context'")
         if not isinstance(question, str):
-            raise KdqaError(f"{where}: missing 'question'")
+            raise KdqaError(f"{where}: {_missing_or_wrong(qa, 'question', 'a string')}")
         if not question.strip():
             raise KdqaError(f"{where}: empty 'question'")
         answers = qa.get("answers", [])
         if not isinstance(answers, list):
             raise KdqaError(f"{where}: 'answers' must be a list")
-        is_impossible = bool(qa.get("is_impossible", False)) or not answers
+        flag = qa.get("is_impossible")
+        if flag is not None and not isinstance(flag, bool):
+            raise KdqaError(f"{where}: 'is_impossible' must be true or false, got {flag!r:.40}")
+        if flag is False and not answers:
+            # Marked answerable but nothing to learn from: a per-answer problem, not "unanswerable".
+            if strict:
+                raise KdqaError(f"{where}: marked answerable (is_impossible false) but has no answers")
+            report.questions_dropped += 1
+            report.note(f"{where}: dropped, marked answerable but has no answers")
+            continue
+        is_impossible = bool(flag) or not answers
 
         texts, starts = [], []
         if not is_impossible:

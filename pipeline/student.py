@@ -18,13 +18,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipeline import __version__, distributed
-from pipeline.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from pipeline.checkpoint import Checkpoint, load_checkpoint, remove_checkpoints, restore_curves, save_checkpoint
 from pipeline.errors import KdqaError
 from pipeline.losses import distillation_loss
-from pipeline.models import keep_layers, load_qa_model, load_tokenizer, vocab_fingerprint
+from pipeline.models import check_sequence_length, keep_layers, load_qa_model, load_tokenizer, vocab_fingerprint
 from pipeline.params import Params, StudentParams
 from pipeline.progress import progress
-from pipeline.shards import features_fingerprint, read_json, write_json_atomic
+from pipeline.shards import features_fingerprint, read_json, verify_shards, write_json_atomic
 from pipeline.stream import ShardStream, find_shard_pairs, verify_alignment
 from pipeline.training_log import TrainingLog
 
@@ -41,6 +41,8 @@ LOG_DIR = Path("logs/student")
 CARD_EVALUATION = Params()
 
 # Knobs that change how a run is observed, not what it computes: a checkpoint stays valid across them.
+# (num_workers is not one: with 2+ workers the DataLoader interleaves their shards, so the batch order
+# differs; 0 and 1 give the same order. `training_key` keeps the part of it that matters.)
 OBSERVATION_KEYS = {"checkpoint_every", "log_every", "eval_every", "num_workers"}
 
 
@@ -57,6 +59,7 @@ def check_teacher_logits(features_dir: Path, logits_dir: Path) -> str:
             f"{logits_dir}: teacher logits were computed for features {found}, but {features_dir} holds "
             f"features {expected}; regenerate them with `kdqa teacher` (or `dvc repro teacher`)"
         )
+    verify_shards(logits_dir, "kdqa teacher")  # every logits shard whole: checksums from the manifest
     return manifest["fingerprint"]
 
 
@@ -80,6 +83,7 @@ def build_student(s: StudentParams):
 def training_key(params: Params, data_fingerprint: dict) -> dict:
     """What a checkpoint must agree on to be resumed: every setting that changes the computation."""
     settings = {k: v for k, v in asdict(params.student).items() if k not in OBSERVATION_KEYS}
+    settings["loader_streams"] = max(1, params.student.num_workers)  # batch order: 0 and 1 worker agree
     return {"student": settings, "data": data_fingerprint, "world_size": distributed.world_size()}
 
 
@@ -94,6 +98,7 @@ def run_student(params: Params, resume: str = "auto") -> None:
     features_dir = FEATURES_DIR / "train"
     distil = s.distillation_weight > 0
     logits_dir = TEACHER_DIR / "train" if distil else None
+    verify_shards(features_dir, "kdqa prepare")  # a truncated or corrupted shard: one error naming it
     data_fingerprint = {"features": features_fingerprint(features_dir)}
     if distil:
         data_fingerprint["logits"] = check_teacher_logits(features_dir, logits_dir)
@@ -104,18 +109,26 @@ def run_student(params: Params, resume: str = "auto") -> None:
     features_manifest = read_json(features_dir / "manifest.json")
     if vocab_fingerprint(tokenizer) != features_manifest.get("vocab_fingerprint"):
         raise KdqaError(
-            f"{s.model}: its tokenizer differs from the teacher's ({features_manifest.get('tokenizer')}); "
-            "student and teacher must share one vocabulary, token for token"
+            f"{s.model}: its tokenizer differs from the teacher's ({features_manifest.get('tokenizer')}): "
+            "student and teacher must share a tokenizer (the same vocabulary, token for token)"
         )
 
     # --- model, optimizer, schedule ---
     torch.manual_seed(s.seed)
     model = build_student(s).to(device)
+    check_sequence_length(model, features_manifest.get("prepare", {}).get("max_seq_len", 0), s.model)
     stream = ShardStream(pairs, s.batch_size, s.seed, tokenizer.pad_token_id, rank, world)
     steps_per_epoch = [stream.steps_in_epoch(e) for e in range(s.epochs)]
     total_steps = sum(steps_per_epoch) if not s.max_steps else min(sum(steps_per_epoch), s.max_steps)
     if total_steps == 0:
         raise KdqaError(f"{features_dir}: no training batches (too few features for {world} processes?)")
+    if world > 1 and is_main:
+        planned = sum(stream.batches_per_rank(e, r) for e in range(s.epochs) for r in range(world))
+        if planned > world * sum(steps_per_epoch):
+            log.warning("%d of %d batches (%.0f%%) go unused so that all %d ranks take the same number of steps "
+                        "(whole shards per rank); a shard count that is a multiple of %d wastes less",
+                        planned - world * sum(steps_per_epoch), planned,
+                        100 * (1 - world * sum(steps_per_epoch) / planned), world, world)
     no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight")
     groups = [
         {"params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)], "weight_decay": s.weight_decay},
@@ -133,6 +146,8 @@ def run_student(params: Params, resume: str = "auto") -> None:
     if state:
         log.info("resuming from %s at step %d (epoch %d, batch %d); loss: w=%s T=%s",
                  CHECKPOINT_DIR, step, start_epoch, skip_batches, s.distillation_weight, s.temperature)
+    if state and is_main:
+        restore_curves(state, LOG_DIR)  # `dvc repro` deleted the curves before rerunning the stage
     train_log = TrainingLog(LOG_DIR, resume_step=step if state else None, enabled=is_main)
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
@@ -170,8 +185,9 @@ def run_student(params: Params, resume: str = "auto") -> None:
             seen_features += len(batch["input_ids"])
             bar.update(1)
 
-            if step % s.log_every == 0 or step == total_steps:
-                parts = torch.stack([loss.total, loss.kd, loss.ce]).detach().float().cpu().tolist()  # one sync
+            if (s.log_every and step % s.log_every == 0) or step == total_steps:  # log_every 0: last step only
+                # The global batch's loss (mean over ranks; every rank reaches this line at the same step).
+                parts = distributed.mean(torch.stack([loss.total, loss.kd, loss.ce]).detach().float()).cpu().tolist()
                 train_log.log_step(step, epoch, loss=parts[0], kd_loss=parts[1], ce_loss=parts[2],
                                    lr=scheduler.get_last_lr()[0])
                 bar.set_postfix(loss=f"{parts[0]:.3f}", kd=f"{parts[1]:.3f}", ce=f"{parts[2]:.3f}")
@@ -179,7 +195,7 @@ def run_student(params: Params, resume: str = "auto") -> None:
                 evaluate_during_training(model, tokenizer, params, device, step, train_log)
             if s.checkpoint_every and step % s.checkpoint_every == 0 and step < total_steps:
                 save_checkpoint(CHECKPOINT_DIR, Checkpoint(step, epoch, batch_index + 1, key), model, optimizer,
-                                scheduler, rank)
+                                scheduler, rank, curves=(LOG_DIR / "train.tsv", LOG_DIR / "eval.tsv"))
     bar.close()
     elapsed = time.perf_counter() - started
     log.info("trained %d steps in %.1fs (%.1f features/s per process)", step, elapsed, seen_features / max(elapsed, 1e-9))
@@ -191,7 +207,7 @@ def run_student(params: Params, resume: str = "auto") -> None:
 
             dev_metrics, _, _ = evaluate_model(model, tokenizer.pad_token_id, FEATURES_DIR / "dev", CARD_EVALUATION, device)
         save_student(model, tokenizer, params, step, elapsed, dev_metrics)
-        shutil.rmtree(CHECKPOINT_DIR, ignore_errors=True)  # finished: nothing left to resume
+        remove_checkpoints(CHECKPOINT_DIR)  # finished: nothing left to resume
     distributed.barrier()
     distributed.destroy()
 

@@ -26,7 +26,13 @@ import torch
 
 from pipeline import __version__, distributed
 from pipeline.errors import KdqaError
-from pipeline.models import load_qa_model, load_tokenizer, vocab_fingerprint, weights_fingerprint
+from pipeline.models import (
+    check_sequence_length,
+    load_qa_model,
+    load_tokenizer,
+    vocab_fingerprint,
+    weights_fingerprint,
+)
 from pipeline.params import Params
 from pipeline.inference import shard_logits
 from pipeline.progress import progress
@@ -37,6 +43,8 @@ from pipeline.shards import (
     logits_table,
     read_json,
     sha256_file,
+    shard_rows,
+    verify_shards,
     write_json_atomic,
     write_table_atomic,
 )
@@ -53,18 +61,53 @@ def done_record_path(path: Path) -> Path:
     return path.with_name(path.name + ".done.json")
 
 
-def completed_shard(work: Path, name: str, key: dict) -> dict | None:
-    """The record of a shard finished by an earlier (maybe crashed) run, if it is whole and for this key."""
+def completed_shard(work: Path, name: str, key: dict, rows: int | None = None) -> dict | None:
+    """The record of a shard finished by an earlier (maybe crashed) run, if it is whole and for this key.
+
+    Whole means: the record is readable, was made with the same key (features, teacher, vocabulary,
+    compute), the shard's bytes have the recorded sha256 and, when `rows` is given, it has that many rows.
+    Anything else is recomputed (a record is written only after its shard, so a crash between the two
+    just recomputes that shard).
+    """
     shard, record_path = work / name, done_record_path(work / name)
     if not (shard.exists() and record_path.exists()):
         return None
     try:
         record = read_json(record_path)
     except KdqaError:
+        log.warning("%s: unreadable done record; recomputing the shard", record_path)
         return None
-    if record.get("key") != key or record.get("sha256") != sha256_file(shard):
+    if not isinstance(record, dict) or record.get("key") != key:
+        return None  # made for other features or another teacher: not ours to reuse
+    if record.get("sha256") != sha256_file(shard) or (rows is not None and record.get("rows") != rows):
+        log.warning("%s: does not match its done record (corrupted?); recomputing it", shard)
         return None
     return record
+
+
+def published_is_current(out_dir: Path, fingerprint_parts: dict, shards: list[Path]) -> bool:
+    """True when `out_dir` holds logits for exactly these features and teacher, every shard intact."""
+    published = out_dir / "manifest.json"
+    if not published.exists():
+        return False
+    try:
+        manifest = read_json(published)
+        if manifest.get("fingerprint_parts") != fingerprint_parts:
+            return False
+        if [e.get("name") for e in manifest.get("shards", [])] != [p.name for p in shards]:
+            raise KdqaError(f"{published}: lists other shards than the features")
+        verify_shards(out_dir, "kdqa teacher")
+    except KdqaError as exc:
+        log.warning("%s; computing the logits again", exc)
+        return False
+    return True
+
+
+def remove_stale_temporaries(work: Path, names: list[str]) -> None:
+    """Half-written files a killed run left behind (`.part-NNNNN.parquet.tmp-PID`), for our shards only."""
+    for name in names:
+        for stale in work.glob(f".{name}*.tmp-*"):
+            stale.unlink(missing_ok=True)
 
 
 def run_split(model, tokenizer, split: str, params: Params, key_parts: dict, device: torch.device) -> dict | None:
@@ -74,18 +117,21 @@ def run_split(model, tokenizer, split: str, params: Params, key_parts: dict, dev
     shards = list_shards(features_dir)
     if not shards:
         raise KdqaError(f"{features_dir}: no feature shards (run `kdqa prepare`)")
+    features_manifest = verify_shards(features_dir, "kdqa prepare")  # intact features, or a named error
     fingerprint_parts = {**key_parts, "features": features_fingerprint(features_dir)}
     # The fingerprint the student checks (what the logits mean) vs. the resume key (also how they were computed).
     key = {**fingerprint_parts, "compute": f"{device.type}-{'bf16' if device.type == 'cuda' else 'fp32'}"}
 
     published = out_dir / "manifest.json"
-    if published.exists() and read_json(published).get("fingerprint_parts") == fingerprint_parts:
+    if published_is_current(out_dir, fingerprint_parts, shards):
         log.info("%s: logits already up to date for these features and this teacher", out_dir)
         return read_json(published)
 
     work.mkdir(parents=True, exist_ok=True)
+    expected_rows = {e["name"]: e["rows"] for e in features_manifest["shards"]}
     mine = [p for i, p in enumerate(shards) if i % world == rank]
-    todo = [p for p in mine if completed_shard(work, p.name, key) is None]
+    remove_stale_temporaries(work, [p.name for p in mine])
+    todo = [p for p in mine if completed_shard(work, p.name, key, expected_rows.get(p.name)) is None]
     if len(todo) < len(mine):
         log.info("%s: resuming, %d of %d shards already done", split, len(mine) - len(todo), len(mine))
 
@@ -125,7 +171,7 @@ def publish_split(split, shards, work: Path, out_dir: Path, key, fingerprint_par
     """Check that every shard is done, then move the split into the DVC output with its manifest."""
     records = {}
     for path in shards:
-        record = completed_shard(work, path.name, key)
+        record = completed_shard(work, path.name, key, shard_rows(path))
         if record is None:
             raise KdqaError(f"{work / path.name}: logits shard missing or incomplete after all ranks finished")
         records[path.name] = record
@@ -170,6 +216,7 @@ def run_teacher(params: Params) -> None:
         raise KdqaError(f"{params.teacher.model}: tokenizer differs from the one data/features was prepared with "
                         f"({features_manifest.get('tokenizer')}); run `kdqa prepare` again")
     model = load_qa_model(params.teacher.model, params.teacher.trust_remote_code)
+    check_sequence_length(model, features_manifest.get("prepare", {}).get("max_seq_len", 0), params.teacher.model)
     model.to(device).eval()
     key_parts = {"teacher": weights_fingerprint(model), "vocab": vocab_fingerprint(tokenizer)}
     with torch.inference_mode():

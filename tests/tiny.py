@@ -19,7 +19,9 @@ SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 def write_vocab(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     chars = list("abcdefghijklmnopqrstuvwxyz0123456789.,?!'-") + [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
-    vocab = SPECIAL + sorted(set(WORDS)) + chars
+    # dict.fromkeys: one line per token ("a" is both a word and a character); a duplicate would leave an id
+    # past the end of the embedding table.
+    vocab = list(dict.fromkeys(SPECIAL + sorted(set(WORDS)) + chars))
     path = folder / "vocab.txt"
     path.write_text("\n".join(vocab) + "\n")
     return path
@@ -28,8 +30,16 @@ def write_vocab(folder: Path) -> Path:
 def make_tokenizer(folder: Path):
     from transformers import BertTokenizerFast
 
+    import inspect
+
     vocab = write_vocab(folder)
-    tok = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
+    if "vocab" in inspect.signature(BertTokenizerFast.__init__).parameters:
+        # transformers 5 takes the vocabulary itself (a `vocab_file=` keyword is silently ignored there,
+        # leaving only the 5 special tokens: every word would become [UNK]).
+        tokens = vocab.read_text().splitlines()
+        tok = BertTokenizerFast(vocab={t: i for i, t in enumerate(tokens)}, do_lower_case=True)
+    else:
+        tok = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
     tok.save_pretrained(folder)
     return tok
 
@@ -85,7 +95,8 @@ def write_params(path: Path, teacher: Path, student: Path, train: Path, dev: Pat
     params = {
         "data": {"train": str(train), "dev": str(dev)},
         "prepare": {"max_seq_len": 48, "doc_stride": 16, "max_query_len": 12, "shard_size": 16, "row_group_size": 8},
-        "teacher": {"model": str(teacher), "batch_size": 8, "max_tokens_per_batch": 256},
+        # trust_remote_code: dvc.yaml lists teacher.trust_remote_code, and DVC fails on a listed key that is missing.
+        "teacher": {"model": str(teacher), "batch_size": 8, "max_tokens_per_batch": 256, "trust_remote_code": False},
         "student": {"model": str(student), "batch_size": 4, "epochs": 2, "learning_rate": 1e-3, "warmup": 0.1,
                     "temperature": 2.0, "distillation_weight": 0.5, "seed": 1, "checkpoint_every": 0,
                     "log_every": 1, "num_workers": 0},

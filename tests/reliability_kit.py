@@ -1,0 +1,149 @@
+"""Helpers shared by test_reliability.py and test_bad_input.py (issue 4): a tiny world built once per session.
+
+The world: a random-weight teacher (2 layers) and student (1 layer) sharing a made-up vocabulary, a
+student whose tokenizer has one extra token, synthetic SQuAD JSON, and a workspace after `kdqa prepare` and
+`kdqa teacher` with many small shards (4 features each), so crashes can land between shards. Tests copy the
+workspace (`clone`) and run stages in-process (`kdqa`) or, where a real process must die, in a subprocess.
+
+Every run uses one torch thread (in-process and in subprocesses alike): results are then bit-for-bit
+comparable between processes, and tiny models run far faster than with threads fighting over 2 cores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+for _k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "DVC_NO_ANALYTICS"):
+    os.environ.setdefault(_k, "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TESTS_DIR = Path(__file__).resolve().parent
+if str(TESTS_DIR) not in sys.path:
+    sys.path.insert(0, str(TESTS_DIR))
+
+import tiny  # noqa: E402
+
+# Small shards: 32 train features -> 8 shards, so a crash can fall between shards, inside one, or in publishing.
+BASE_PARAMS = {"prepare__shard_size": 4, "prepare__row_group_size": 2}
+
+
+@dataclass(frozen=True)
+class World:
+    root: Path
+    teacher: Path
+    student: Path
+    student_other_vocab: Path
+    train: Path
+    dev: Path
+    workspace: Path  # after prepare + teacher; read-only, clone it
+
+
+_WORLD: World | None = None
+
+
+def get_world(tmp_path_factory) -> World:
+    """Build the world once per session (both test files share it)."""
+    global _WORLD
+    if _WORLD is None:
+        root = tmp_path_factory.mktemp("kdqa-world")
+        teacher = tiny.make_model(root / "teacher", layers=2, seed=0)
+        student = tiny.make_model(root / "student", layers=1, seed=1)
+        other = tiny.make_model(root / "student-other-vocab", layers=1, seed=1)
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(other)
+        tok.add_tokens(["zebra"])  # one token more than the teacher's vocabulary
+        tok.save_pretrained(other)
+        world = World(root, teacher, student, other,
+                      tiny.make_squad(root / "train.json", seed=0),
+                      tiny.make_squad(root / "dev.json", articles=1, seed=1),
+                      root / "workspace")
+        world.workspace.mkdir()
+        write_params(world, world.workspace)
+        with single_thread():
+            for stage in ("prepare", "teacher"):
+                result = kdqa(world.workspace, "-q", stage)
+                assert result.exit_code == 0, result.output
+        _WORLD = world
+    return _WORLD
+
+
+def write_params(world: World, ws: Path, **overrides) -> Path:
+    return tiny.write_params(ws / "params.yaml", world.teacher, world.student, world.train, world.dev,
+                             **{**BASE_PARAMS, **overrides})
+
+
+def clone(world: World, dst: Path) -> Path:
+    """A private copy of the prepared workspace (params.yaml + data/)."""
+    shutil.copytree(world.workspace, dst)
+    return dst
+
+
+@contextlib.contextmanager
+def single_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def kdqa(ws: Path, *args: str):
+    """`kdqa ARGS` in-process in workspace `ws`; click's Result (exit_code, stdout, stderr, exception).
+
+    The CLI points logging at the stderr click captures; the root logger is put back afterwards so later
+    tests do not log into a closed stream.
+    """
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        with contextlib.chdir(ws), single_thread():
+            return CliRunner().invoke(cli, list(args), prog_name="kdqa")
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+def assert_one_line_error(result, *fragments: str) -> str:
+    """Exit 1 through the CLI's own error path (no traceback), one `kdqa: error:` line holding `fragments`."""
+    assert result.exit_code == 1, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
+    assert isinstance(result.exception, SystemExit), f"escaped exception: {result.exception!r}"
+    errors = [line for line in result.stderr.splitlines() if line.startswith("kdqa: error:")]
+    assert len(errors) == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], f"{fragment!r} not in {errors[0]!r}"
+    return errors[0]
+
+
+def subprocess_env() -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DVC_NO_ANALYTICS="1",
+               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", PYTHONPATH=str(TESTS_DIR))
+    return env
+
+
+def run_python(code: str, ws: Path, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=ws, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def tensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))

@@ -1,0 +1,57 @@
+"""The performance benchmark runs end to end (quick mode, tiny models) and writes every row it promises.
+
+No timing assertions: the figures themselves are for `python -m bench.performance` on real machines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO_ROOT
+
+
+def test_performance_benchmark_quick_mode(tiny_assets, tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "bench.performance", "--quick", "--out", str(out),
+               "--data", str(tiny_assets.train), "--teacher-model", str(tiny_assets.teacher), "--student-layers", "0",
+               "--max-seq-len", "48", "--doc-stride", "16", "--max-query-len", "12", "--threads", "1"]
+    proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    results = json.loads((out / "results.json").read_text())
+    markdown = (out / "results.md").read_text()
+    assert markdown in proc.stdout  # printed as well as written
+
+    # 1. teacher: ours (stage, compute only) vs the plain padded loop, on the same features
+    teacher = results["teacher"]
+    assert teacher["features"] > 0 and teacher["features"] == results["settings"]["main_set_features"]
+    for key in ("stage_s", "compute_s", "plain_s"):
+        assert teacher[key] > 0
+    assert teacher["max_abs_logit_diff_vs_plain"] < 0.05  # both loops computed the same logits
+    # 2-3. student: offline / online / hard, each with epoch time and peak memory
+    summary = results["summary"]
+    for mode in ("offline", "online", "hard"):
+        runs = results["student_runs"][mode]
+        assert runs and all(r["steps"] > 0 and r["epoch_s"] > 0 and r["peak_rss_mb"] > 0 for r in runs)
+        assert {r["features"] for r in runs} == {teacher["features"]}  # every mode trains on all features
+    for key in ("offline_vs_online_epoch", "streaming_overhead_step", "teacher_speedup", "shard_vs_fp16_dense"):
+        assert isinstance(summary[key], float)
+    # 4. shards
+    shards = results["shards"]
+    assert shards["rows"] == teacher["features"] and shards["bytes_per_feature"] > 0
+    assert shards["dense_float16_bytes_per_feature"] == 2 * 48 * 2
+    # 5. the student stage at 1x and 10x the data
+    stage = results["stage"]
+    assert stage["10x"]["features"] == 10 * stage["1x"]["features"]
+    assert stage["1x"]["peak_rss_mb"] > 0 and stage["10x"]["peak_rss_mb"] > 0
+    # 6. the sweep
+    sweep = summary["sweep"]
+    assert sweep["offline_total_s"] > sweep["teacher_run_s"] > 0 and sweep["online_total_s"] > 0
+
+    for row in ("teacher throughput", "student epoch", "student step", "peak RSS", "shard size", "10x vs 1x", "sweep"):
+        assert row in markdown
+    assert not (out / "work").exists()  # scratch removed unless --keep-work
