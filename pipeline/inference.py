@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from pipeline.shards import list_column_to_numpy, read_table
-from pipeline.stream import pad_batch
+from pipeline.batching import pad_batch
 
 INFERENCE_COLUMNS = ["feature_id", "input_ids", "token_type_ids", "context_start", "context_end"]
 

@@ -28,8 +28,8 @@ class PrepareParams:
     max_seq_len: int = 384
     doc_stride: int = 128
     max_query_len: int = 64
-    shard_size: int = 20000  # features per Parquet shard
-    row_group_size: int = 4000
+    shard_size: int = 4000  # features per Parquet shard
+    row_group_size: int = 2000
     strict: bool = False  # turn per-answer repairs/skips into errors
 
 

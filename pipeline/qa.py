@@ -38,7 +38,10 @@ class QuestionAnswerer:
         self.tokenizer = load_tokenizer(model, trust_remote_code)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = load_qa_model(model, trust_remote_code).to(self.device).eval()
-        self.max_seq_len, self.doc_stride, self.max_query_len = max_seq_len, doc_stride, max_query_len
+        # Never ask for more positions than the model has (small models often have fewer than 384).
+        max_seq_len = min(max_seq_len, getattr(self.model.config, "max_position_embeddings", max_seq_len))
+        self.max_seq_len, self.doc_stride = max_seq_len, min(doc_stride, max_seq_len // 2)
+        self.max_query_len = min(max_query_len, max_seq_len // 2)
         self.n_best, self.max_answer_len, self.null_threshold = n_best, max_answer_len, null_threshold
         self.batch_size = batch_size
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from pipeline.batching import pad_batch, pad_logits
 from pipeline.errors import KdqaError
 from pipeline.shards import list_column_to_numpy, list_shards, read_table, shard_rows
 
@@ -62,43 +63,6 @@ def check_feature_ids(pair: ShardPair, feature_ids, logit_ids) -> None:
         a, b = feature_ids.to_pylist(), logit_ids.to_pylist()
         row = next(i for i in range(len(a)) if a[i] != b[i])
         raise KdqaError(f"{pair.logits}: row {row} holds feature {b[row]!r} but {pair.features} has {a[row]!r}")
-
-
-def answer_mask(lengths, context_start, context_end, width: int) -> torch.Tensor:
-    """True at CLS and at the context tokens of each row: the only places an answer can start or end."""
-    positions = torch.arange(width)
-    cs = torch.as_tensor(context_start).unsqueeze(1)
-    ce = torch.as_tensor(context_end).unsqueeze(1)
-    mask = (positions >= cs) & (positions <= ce)
-    mask[:, 0] = True
-    return mask
-
-
-def pad_batch(input_ids: list[np.ndarray], token_type_ids: list[np.ndarray], context_start, context_end,
-              pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Model inputs for a list of features, padded to the longest one (not to max_seq_len)."""
-    lengths = [len(x) for x in input_ids]
-    width = max(lengths)
-    ids = np.full((len(input_ids), width), pad_token_id, dtype=np.int64)
-    types = np.zeros((len(input_ids), width), dtype=np.int64)
-    attention = np.zeros((len(input_ids), width), dtype=np.int64)
-    for i, (x, t) in enumerate(zip(input_ids, token_type_ids)):
-        ids[i, : len(x)] = x
-        types[i, : len(t)] = t
-        attention[i, : len(x)] = 1
-    return {
-        "input_ids": torch.from_numpy(ids),
-        "token_type_ids": torch.from_numpy(types),
-        "attention_mask": torch.from_numpy(attention),
-        "answer_mask": answer_mask(lengths, np.asarray(context_start), np.asarray(context_end), width),
-    }
-
-
-def pad_logits(rows: list[np.ndarray], width: int) -> torch.Tensor:
-    out = np.zeros((len(rows), width), dtype=np.float32)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = r
-    return torch.from_numpy(out)
 
 
 class ShardStream(IterableDataset):

@@ -225,7 +225,8 @@ PER_ANSWER = [
     # (name, mutation, expected report counts, strict error fragment)
     ("answer_start 3 too far", _shift_start(3), {"answers_repaired": 1}, "answer_start"),
     ("answer_start 2 too early", _shift_start(-2), {"answers_repaired": 1}, "answer_start"),
-    ("answer outside the context", _outside, {"answers_skipped": 1, "questions_dropped": 1}, "lies outside the context"),
+    ("answer outside the context", _outside, {"answers_skipped": 1, "questions_dropped": 1},
+     "lies outside the context"),
     ("answer text not in context", _answer("text", "castle castle castle"),
      {"answers_skipped": 1, "questions_dropped": 1}, "not found near answer_start"),
     ("negative answer_start", _answer("answer_start", -4), {"answers_skipped": 1, "questions_dropped": 1},

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.losses import distillation_loss
-from pipeline.stream import answer_mask
+from pipeline.batching import answer_mask
 
 
 def allowed_positions(context_start: int, context_end: int) -> list[int]:
@@ -59,7 +59,7 @@ def make_batch(seed: int = 0, width: int = 14):
 
 def kdqa_loss(spans, ss, se, ts, te, starts, ends, temperature, weight, requires_grad=False):
     width = ss.shape[1]
-    mask = answer_mask(None, [a for a, _ in spans], [b for _, b in spans], width)
+    mask = answer_mask([a for a, _ in spans], [b for _, b in spans], width)
     s_start = torch.tensor(ss, dtype=torch.float32, requires_grad=requires_grad)
     s_end = torch.tensor(se, dtype=torch.float32, requires_grad=requires_grad)
     parts = distillation_loss(s_start, s_end, torch.as_tensor(starts), torch.as_tensor(ends), mask,
@@ -69,7 +69,7 @@ def kdqa_loss(spans, ss, se, ts, te, starts, ends, temperature, weight, requires
 
 
 def test_answer_mask_is_cls_plus_context():
-    mask = answer_mask(None, [4, 2], [6, 3], 8)
+    mask = answer_mask([4, 2], [6, 3], 8)
     assert mask.tolist() == [
         [True, False, False, False, True, True, True, False],
         [True, False, True, True, False, False, False, False],
@@ -119,7 +119,7 @@ def test_weight_zero_is_pure_cross_entropy():
     _, _, ce = reference_loss(ss, se, ts, te, starts, ends, spans, 5.0, 0.0)
     assert parts.total.item() == pytest.approx(ce, rel=1e-5)
     # without teacher logits at all (the supervised-only student)
-    mask = answer_mask(None, [a for a, _ in spans], [b for _, b in spans], ss.shape[1])
+    mask = answer_mask([a for a, _ in spans], [b for _, b in spans], ss.shape[1])
     alone = distillation_loss(torch.tensor(ss, dtype=torch.float32), torch.tensor(se, dtype=torch.float32),
                               torch.as_tensor(starts), torch.as_tensor(ends), mask, None, None, 5.0, 0.0)
     assert alone.total.item() == pytest.approx(ce, rel=1e-5)
@@ -143,7 +143,7 @@ def test_loss_in_bfloat16_inputs_is_close_to_float32():
     """Under CUDA autocast the student's logits come in bf16; the loss is computed in float32."""
     spans, ss, se, ts, te, starts, ends = make_batch(seed=5)
     width = ss.shape[1]
-    mask = answer_mask(None, [a for a, _ in spans], [b for _, b in spans], width)
+    mask = answer_mask([a for a, _ in spans], [b for _, b in spans], width)
     bf = distillation_loss(torch.tensor(ss).to(torch.bfloat16), torch.tensor(se).to(torch.bfloat16),
                            torch.as_tensor(starts), torch.as_tensor(ends), mask,
                            torch.tensor(ts).to(torch.float16), torch.tensor(te).to(torch.float16), 2.0, 0.5)

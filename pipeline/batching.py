@@ -1,0 +1,46 @@
+"""Padding features into model batches: to the longest feature of the batch, never to max_seq_len.
+
+Shared by the teacher's inference and the student's stream, so both see identical inputs for a feature.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def answer_mask(context_start, context_end, width: int) -> torch.Tensor:
+    """True at CLS and at the context tokens of each row: the only places an answer can start or end."""
+    positions = torch.arange(width)
+    cs = torch.as_tensor(context_start).unsqueeze(1)
+    ce = torch.as_tensor(context_end).unsqueeze(1)
+    mask = (positions >= cs) & (positions <= ce)
+    mask[:, 0] = True
+    return mask
+
+
+def pad_batch(input_ids: list[np.ndarray], token_type_ids: list[np.ndarray], context_start, context_end,
+              pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Model inputs for a list of features, padded to the longest one (not to max_seq_len)."""
+    lengths = [len(x) for x in input_ids]
+    width = max(lengths)
+    ids = np.full((len(input_ids), width), pad_token_id, dtype=np.int64)
+    types = np.zeros((len(input_ids), width), dtype=np.int64)
+    attention = np.zeros((len(input_ids), width), dtype=np.int64)
+    for i, (x, t) in enumerate(zip(input_ids, token_type_ids)):
+        ids[i, : len(x)] = x
+        types[i, : len(t)] = t
+        attention[i, : len(x)] = 1
+    return {
+        "input_ids": torch.from_numpy(ids),
+        "token_type_ids": torch.from_numpy(types),
+        "attention_mask": torch.from_numpy(attention),
+        "answer_mask": answer_mask(np.asarray(context_start), np.asarray(context_end), width),
+    }
+
+
+def pad_logits(rows: list[np.ndarray], width: int) -> torch.Tensor:
+    out = np.zeros((len(rows), width), dtype=np.float32)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return torch.from_numpy(out)
