@@ -82,7 +82,7 @@ def write_dev_examples(examples: list[Example], path: Path) -> None:
             "title": [ex.title for ex in examples],
             "question": [ex.question for ex in examples],
             "context": [ex.context for ex in examples],
-            "answers": pa.array([ex.answer_texts for ex in examples], type=pa.list_(pa.string())),
+            "answers": pa.array([ex.gold_texts for ex in examples], type=pa.list_(pa.string())),
             "is_impossible": [ex.is_impossible for ex in examples],
         }
     )

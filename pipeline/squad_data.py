@@ -28,6 +28,8 @@ class Example:
     answer_texts: list[str]  # gold answers (for scoring); empty for unanswerable questions
     answer_starts: list[int]  # character offsets of answer_texts in context (for labels)
     is_impossible: bool
+    # The record's answer texts as given, unvalidated: what the official evaluation script scores against.
+    gold_texts: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -66,7 +68,9 @@ def load_examples(source: str, split: str, strict: bool = False) -> tuple[list[E
         records = _read_squad_json(Path(source))
     else:
         records = _read_hub(source, split)
-    return _validate(records, source, strict)
+    # Dev questions are scored, not trained on: keep them even when no answer can be located, so the
+    # question set (and the gold answers) are exactly what the official evaluation script sees.
+    return _validate(records, source, strict, keep_unlocatable=(split == "dev"))
 
 
 def _read_squad_json(path: Path) -> list[tuple[str, dict, dict]]:
@@ -155,7 +159,7 @@ def _locate_answer(context: str, text: str, start: int) -> int | None:
     return best
 
 
-def _validate(records, source: str, strict: bool) -> tuple[list[Example], DataReport]:
+def _validate(records, source: str, strict: bool, keep_unlocatable: bool = False) -> tuple[list[Example], DataReport]:
     report = DataReport(source=source)
     examples: list[Example] = []
     seen: dict[str, str] = {}
@@ -182,7 +186,8 @@ def _validate(records, source: str, strict: bool) -> tuple[list[Example], DataRe
         flag = qa.get("is_impossible")
         if flag is not None and not isinstance(flag, bool):
             raise KdqaError(f"{where}: 'is_impossible' must be true or false, got {flag!r:.40}")
-        if flag is False and not answers:
+        gold_texts = [a["text"] for a in answers if isinstance(a, dict) and isinstance(a.get("text"), str)]
+        if flag is False and not answers and not keep_unlocatable:
             # Marked answerable but nothing to learn from: a per-answer problem, not "unanswerable".
             if strict:
                 raise KdqaError(f"{where}: marked answerable (is_impossible false) but has no answers")
@@ -222,14 +227,15 @@ def _validate(records, source: str, strict: bool) -> tuple[list[Example], DataRe
                     continue
                 texts.append(text)
                 starts.append(start)
-            if not texts:
+            if not texts and not keep_unlocatable:
                 report.questions_dropped += 1
                 report.note(f"{where}: dropped, no usable answer")
                 continue
         report.questions += 1
         report.answerable += not is_impossible
         report.unanswerable += is_impossible
-        examples.append(Example(qid, str(paragraph.get("title") or ""), context, question, texts, starts, is_impossible))
+        examples.append(Example(qid, str(paragraph.get("title") or ""), context, question, texts, starts,
+                                is_impossible, gold_texts))
     if not examples:
         raise KdqaError(f"{source}: no usable questions")
     return examples, report

@@ -136,7 +136,10 @@ def run_split(model, tokenizer, split: str, params: Params, key_parts: dict, dev
         log.info("%s: resuming, %d of %d shards already done", split, len(mine) - len(todo), len(mine))
 
     n_rows, started = 0, time.perf_counter()
-    with ThreadPoolExecutor(max_workers=1) as writer, progress(total=len(todo), desc=f"teacher {split}", unit="shard") as bar:
+    todo_rows = sum(expected_rows.get(p.name, 0) for p in todo)
+    bar = progress(total=todo_rows, desc=f"teacher {split}" + (f" (rank 0 of {world})" if world > 1 else ""),
+                   unit="feat", enabled=rank == 0)
+    with ThreadPoolExecutor(max_workers=1) as writer, bar:
         pending = None
         for path in todo:
             ids, start, end = shard_logits(model, path, tokenizer.pad_token_id, device,
@@ -146,8 +149,7 @@ def run_split(model, tokenizer, split: str, params: Params, key_parts: dict, dev
             # Writing shard k (compression, fsync) overlaps the teacher's compute on shard k+1.
             pending = writer.submit(write_logits_shard, work / path.name, ids, start, end, key)
             n_rows += len(ids)
-            bar.update(1)
-            bar.set_postfix(features_per_s=f"{n_rows / (time.perf_counter() - started):.1f}")
+            bar.update(len(ids))  # tqdm shows features/s
         if pending is not None:
             pending.result()
     elapsed = time.perf_counter() - started

@@ -242,3 +242,21 @@ def test_shards_are_the_only_parquet_files_and_follow_shard_size(prepared_run, s
     assert manifest["features"] == sum(rows)
     assert [(s["name"], s["rows"]) for s in manifest["shards"]] == list(zip(parquet, rows))
     assert (prepared_run / "data/features/dev_examples.parquet").is_file()
+
+
+def test_dev_keeps_questions_whose_answer_cannot_be_located(tmp_path):
+    # The official script scores every dev question against its answers as given; a dev question whose
+    # answer text is not in the context must still be scored (train drops it: no label can be made).
+    context = "alice built the tower in paris."
+    doc = {"data": [{"title": "t", "paragraphs": [{"context": context, "qas": [
+        {"id": "ok", "question": "who built it?", "answers": [{"text": "alice", "answer_start": 0}]},
+        {"id": "lost", "question": "where?", "answers": [{"text": "rome", "answer_start": 3}]},
+    ]}]}]}
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(doc))
+    train, train_report = load_examples(str(path), "train")
+    dev, dev_report = load_examples(str(path), "dev")
+    assert [e.id for e in train] == ["ok"] and train_report.questions_dropped == 1
+    assert [e.id for e in dev] == ["ok", "lost"]
+    lost = dev[1]
+    assert lost.gold_texts == ["rome"] and lost.answer_texts == [] and not lost.is_impossible
