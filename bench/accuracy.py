@@ -44,6 +44,14 @@ FULL = {
         {"name": "distilled w=0.5, T=2", "distillation_weight": 0.5, "temperature": 2.0},
     ],
 }
+# What fits in about an hour on a 2-core CPU (about 500 tokens/s of MiniLM-L6 training there): one epoch.
+SMALL = {
+    **FULL,
+    "prepare": {**FULL["prepare"], "max_seq_len": 192, "doc_stride": 64, "max_query_len": 32},
+    "teacher_training": {**FULL["teacher_training"], "epochs": 1},
+    "student_training": {**FULL["student_training"], "epochs": 1},
+    "students": [FULL["students"][0], FULL["students"][2], FULL["students"][4]],
+}
 QUICK = {
     **FULL,
     "prepare": {**FULL["prepare"], "max_seq_len": 128, "doc_stride": 48, "max_query_len": 32},
@@ -128,13 +136,14 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "accuracy")
     ap.add_argument("--quick", action="store_true", help="a few questions, 1 epoch, 20 steps: a smoke run")
+    ap.add_argument("--small", action="store_true", help="1 epoch, max_seq_len 192, 3 students: ~1 h on 2 CPU cores")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per stage (default: torch's)")
     args = ap.parse_args()
     if not args.data.exists():
         sys.exit(f"{args.data}: SQuAD JSON not found (pass --data)")
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    cfg = QUICK if args.quick else FULL
+    cfg = QUICK if args.quick else SMALL if args.small else FULL
     shutil.rmtree(args.out, ignore_errors=True)
     train, dev = split_by_article(args.data, args.out / "split", cfg.get("questions_per_article"))
     encoder = str(minilm_dir())

@@ -49,7 +49,16 @@ def _one_line(message: str) -> str:
     return " ".join(message.split())
 
 
-@click.group(cls=KdqaGroup, context_settings={"help_option_names": ["-h", "--help"]})
+EXIT_CODES = """\b
+Exit codes:
+  0    success
+  1    bad input or environment: one line on stderr, "kdqa: error: ...", naming the file and record
+  2    usage error (unknown option, missing argument)
+  130  interrupted (Ctrl-C); finished shards and checkpoints are kept, rerun to resume
+"""
+
+
+@click.group(cls=KdqaGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES)
 @click.option("--params", "params_path", default="params.yaml", show_default=True, type=click.Path(),
               help="Parameters file (sections data, prepare, teacher, student, evaluate).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors; no progress bars.")
@@ -60,6 +69,8 @@ def cli(ctx, params_path, quiet, verbose):
     """Offline knowledge distillation for extractive QA (SQuAD 2.0).
 
     Stages, in order (or run them all with `dvc repro`): prepare -> teacher -> student -> evaluate.
+    Every stage reads params.yaml (or --params FILE) and writes paths relative to the working directory.
+    `kdqa COMMAND --help` says what each command reads and writes.
     """
     from pipeline.progress import configure_output
 
@@ -67,13 +78,18 @@ def cli(ctx, params_path, quiet, verbose):
     ctx.obj = {"params": params_path}
 
 
-@cli.command()
+@cli.command(short_help="Tokenize SQuAD data into feature shards (data/features/).")
 @click.option("--strict", is_flag=True,
               help="Treat repairable data problems (answer offsets, unlocatable answers) as errors, "
                    "like prepare.strict: true.")
 @click.pass_context
 def prepare(ctx, strict):
     """Tokenize train/dev data into feature shards under data/features/.
+
+    \b
+    Reads:  data.train, data.dev (hub name or SQuAD JSON), prepare.*, teacher.model's tokenizer
+    Writes: data/features/{train,dev}/part-NNNNN.parquet + manifest.json,
+            data/features/dev_examples.parquet, data/features/report.json
 
     Structural problems in the data stop with one line naming the file and record; per-answer problems
     are repaired or skipped and counted in data/features/report.json.
@@ -86,10 +102,16 @@ def prepare(ctx, strict):
     run_prepare(params)
 
 
-@cli.command()
+@cli.command(short_help="Run the teacher once; logits shards to data/teacher/.")
 @click.pass_context
 def teacher(ctx):
-    """Run the teacher once; write logits shards to data/teacher/ and its scores to metrics/teacher.json.
+    """Run the teacher once over the features; write its logits shards to data/teacher/.
+
+    \b
+    Reads:  data/features/{train,dev}, teacher.* (model, batch sizes, nproc)
+    Writes: data/teacher/{train,dev}/part-NNNNN.parquet (float16 start/end logits, same rows as the
+            features shard of the same name) + manifest.json (fingerprint); work in .kdqa/teacher-work/
+    (The teacher's dev scores, metrics/teacher.json, come from `kdqa evaluate`.)
 
     Resumes after a crash. Under `torchrun --nproc-per-node N -m pipeline teacher` each process takes
     every N-th shard. With `teacher.nproc` > 1 (and not already under torchrun) it starts itself again
@@ -105,29 +127,45 @@ def teacher(ctx):
     run_teacher(params)
 
 
-@cli.command()
+@cli.command(short_help="Train the student on the stored logits; save models/student/.")
 @click.option("--resume/--no-resume", default=None,
               help="--resume: continue from the checkpoint (error if none); --no-resume: start over. "
                    "Default: continue a checkpoint made with the same settings, if any.")
 @click.pass_context
 def student(ctx, resume):
-    """Train the student on streamed teacher logits; save it to models/student/ (never loads the teacher)."""
+    """Train the student on streamed teacher logits; save it to models/student/ (never loads the teacher).
+
+    \b
+    Reads:  data/features/train (and dev, for the model card's scores), data/teacher/train, student.*
+    Writes: models/student/ (safetensors weights, tokenizer, README.md model card, kdqa_training.json),
+            logs/student/train.tsv and eval.tsv (curves for `dvc plots`),
+            checkpoints/student/ while training (removed when done)
+
+    Under `torchrun --nproc-per-node N -m pipeline student` it trains with DDP (student.batch_size per process).
+    """
     from pipeline.student import run_student
 
     run_student(_load(ctx), resume={None: "auto", True: "require", False: "never"}[resume])
 
 
-@cli.command()
+@cli.command(short_help="Score student and teacher on dev; write metrics/ and results/.")
 @click.option("--model", "model_dir", default="models/student", show_default=True, help="Model to evaluate.")
 @click.pass_context
 def evaluate(ctx, model_dir):
-    """Score a model on the dev features: metrics/eval.json, results/predictions.json, results/na_probs.json."""
+    """Score a model (and the teacher's stored logits) on the dev set with official SQuAD 2.0 metrics.
+
+    \b
+    Reads:  --model (default models/student), data/features/dev, data/features/dev_examples.parquet,
+            data/teacher/dev (if present), evaluate.*
+    Writes: metrics/eval.json, metrics/teacher.json (teacher, same post-processing),
+            results/predictions.json, results/na_probs.json
+    """
     from pipeline.evaluate import run_evaluate
 
     run_evaluate(_load(ctx), Path(model_dir))
 
 
-@cli.command()
+@cli.command(short_help="Answer one question about one passage with any QA model.")
 @click.option("--model", required=True, help="Model directory or hub name (any extractive QA model).")
 @click.option("--question", required=True)
 @click.option("--context", required=True, help="The passage; long ones are read in overlapping windows.")
@@ -135,7 +173,10 @@ def evaluate(ctx, model_dir):
               help="Answer \"no answer\" when null score - best span score exceeds this.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of text.")
 def predict(model, question, context, null_threshold, as_json):
-    """Answer one question about one passage."""
+    """Answer one question about one passage; prints the answer and its score, or "no answer".
+
+    Reads only --model (a directory or hub name); params.yaml is not used.
+    """
     from pipeline.qa import QuestionAnswerer
 
     answer = QuestionAnswerer(model, null_threshold=null_threshold)(question, context)
@@ -148,13 +189,17 @@ def predict(model, question, context, null_threshold, as_json):
         click.echo(f"no answer\t(no-answer probability {answer.no_answer_probability:.2f}; best span: {answer.span_text!r})")
 
 
-@cli.command("inspect")
+@cli.command("inspect", short_help="Describe a folder of feature or logits shards.")
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--features", "features_dir", type=click.Path(path_type=Path), default=None,
               help="Features folder matching FOLDER (default: data/features/<split>).")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of text.")
 def inspect_cmd(folder, features_dir, as_json):
-    """Shards, rows, bytes, fingerprint; for logits also teacher accuracy and entropy."""
+    """Describe a folder of shards: shards, rows, bytes, fingerprint.
+
+    For teacher logits (e.g. data/teacher/train) also the teacher's accuracy against the training labels
+    and the mean entropy of its start/end distributions (over CLS and context positions). Writes nothing.
+    """
     from pipeline.inspect_shards import inspect_folder
 
     info = inspect_folder(folder, features_dir)

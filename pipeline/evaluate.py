@@ -75,13 +75,20 @@ def evaluate_model(model, pad_token_id: int, features_dir: Path, params, device)
     """Run a model over the dev features and score it: (metrics, predictions, na_probs)."""
     from pipeline.inference import shard_logits
 
+    from pipeline.progress import progress
+    from pipeline.shards import shard_rows
+
+    def logits(shard: Path):
+        out = shard_logits(model, shard, pad_token_id, device, params.evaluate.batch_size, 1 << 30)
+        bar.update(len(out[0]))
+        return out
+
     was_training = model.training
     model.eval()
-    preds, na_probs, forced, golds = predict_split(
-        features_dir,
-        lambda shard: shard_logits(model, shard, pad_token_id, device, params.evaluate.batch_size, 1 << 30),
-        params,
-    )
+    # leave=False: during training (student.eval_every) this bar comes and goes under the student's own.
+    with progress(total=sum(shard_rows(p) for p in list_shards(features_dir)), desc=f"evaluate {features_dir.name}",
+                  unit="feat", leave=False) as bar:
+        preds, na_probs, forced, golds = predict_split(features_dir, logits, params)
     model.train(was_training)
     return score(preds, na_probs, forced, golds), preds, na_probs
 

@@ -26,7 +26,10 @@ def _score_rows(metrics: dict) -> str:
 
 
 def write_model_card(folder: Path, params, steps: int, dev_metrics: dict | None) -> None:
+    from pipeline.params import EvaluateParams
+
     s = params.student
+    d = EvaluateParams()  # the student stage scores the card with the defaults (pipeline.student.CARD_EVALUATION)
     hyper = {k: v for k, v in asdict(s).items() if k not in ("trust_remote_code",)}
     method = ("supervised fine-tuning on hard labels (distillation_weight 0)" if s.distillation_weight == 0 else
               f"offline knowledge distillation from `{params.teacher.model}` (precomputed logits), "
@@ -46,8 +49,13 @@ tags: [extractive-qa, squad_v2, knowledge-distillation, kdqa]
 - **Training data:** `{params.data.train}`; evaluated on `{params.data.dev}`
 - **Features:** max_seq_len {params.prepare.max_seq_len}, doc_stride {params.prepare.doc_stride}, max_query_len {params.prepare.max_query_len}
 - **Optimizer steps:** {steps}
+- **Made with:** kdqa {__version__}
 
 ## Dev scores (official SQuAD 2.0 semantics)
+
+Scored on `{params.data.dev}` at the end of training with kdqa's **default post-processing**
+(n_best {d.n_best}, max_answer_len {d.max_answer_len}, null_threshold {d.null_threshold}), not this run's
+`evaluate.*` settings; `kdqa evaluate` (`metrics/eval.json`) gives the figures with those settings.
 
 {scores}
 

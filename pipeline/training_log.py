@@ -24,7 +24,7 @@ class TrainingLog:
         if not enabled:
             return
         folder.mkdir(parents=True, exist_ok=True)
-        # Both files always exist (header at least): DVC declares them as plots of the student stage.
+        # Both files always exist (header at least): dvc.yaml declares them as outputs of the student stage.
         for name, fields in COLUMNS.items():
             path = folder / name
             kept = []

@@ -1,4 +1,8 @@
-"""A real `dvc repro` in a temporary git repository; a `student.*` change must skip prepare and teacher."""
+"""A real `dvc repro` in a temporary git repository; a `student.*` change must skip prepare and teacher.
+
+One full `dvc repro` (the module fixture `dvc_repo`) is shared by every test here: a param change, DVC
+experiments (`dvc exp run -S`, a queued sweep), `dvc metrics show` and `dvc plots show/diff`.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,10 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import yaml
 
 import tiny
@@ -30,31 +36,63 @@ def mtimes(repo: Path, paths) -> dict:
     return {p: (repo / p).stat().st_mtime_ns for p in paths}
 
 
-def test_dvc_repro_then_student_change_skips_prepare_and_teacher(tmp_path, tiny_assets):
+@dataclass
+class DvcRepo:
+    """A git + DVC repository holding the pipeline, after one full `dvc repro` (shared by this module)."""
+    path: Path
+    env: dict
+    first_repro: str  # what that `dvc repro` printed
+
+    def dvc(self, *args, timeout=400) -> str:
+        return sh([sys.executable, "-m", "dvc", *args], self.path, self.env, timeout)
+
+    def git(self, *args) -> str:
+        return sh(["git", *args], self.path, self.env)
+
+
+def dvc_env() -> dict:
     venv_bin = Path(sys.executable).parent
     assert (venv_bin / "kdqa").exists(), "the kdqa console script must sit beside this interpreter"
-    env = dict(os.environ, PATH=f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}", DVC_NO_ANALYTICS="1",
-               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t",
-               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
-    dvc = [sys.executable, "-m", "dvc"]
+    return dict(os.environ, PATH=f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}", DVC_NO_ANALYTICS="1",
+                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t",
+                GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
 
-    repo = tmp_path / "repo"
+
+def make_dvc_repo(root: Path, tiny_assets, **overrides) -> Path:
+    """git init + dvc init in root/repo with this project's dvc.yaml and pipeline/, and tiny params."""
+    env = dvc_env()
+    repo = root / "repo"
     repo.mkdir()
     shutil.copy2(REPO_ROOT / "dvc.yaml", repo / "dvc.yaml")
     shutil.copytree(REPO_ROOT / "pipeline", repo / "pipeline", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     for name in (".gitignore", ".dvcignore"):
         if (REPO_ROOT / name).exists():
             shutil.copy2(REPO_ROOT / name, repo / name)
-    small = tmp_path / "data"
+    small = root / "data"
     tiny.write_params(repo / "params.yaml", tiny_assets.teacher, tiny_assets.student,
                       tiny.make_squad(small / "train.json", articles=2, paragraphs=2, questions=3, seed=5),
                       tiny.make_squad(small / "dev.json", articles=1, paragraphs=2, questions=3, seed=6),
-                      student__epochs=1, student__max_steps=3)
+                      **overrides)
     sh(["git", "init", "-q"], repo, env)
-    sh(dvc + ["init", "-q"], repo, env)
-    sh(dvc + ["config", "core.analytics", "false"], repo, env)
+    sh([sys.executable, "-m", "dvc", "init", "-q"], repo, env)
+    sh([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], repo, env)
+    return repo
 
-    first = sh(dvc + ["repro"], repo, env)
+
+@pytest.fixture(scope="module")
+def dvc_repo(tmp_path_factory, tiny_assets) -> DvcRepo:
+    """The one full `dvc repro` of this module: every test here continues from a repository in sync."""
+    # eval_every 3 = max_steps: one dev point on the eval curve, so `dvc plots` has data for both files.
+    path = make_dvc_repo(tmp_path_factory.mktemp("dvc"), tiny_assets, student__epochs=1, student__max_steps=3,
+                         student__eval_every=3)
+    repo = DvcRepo(path, dvc_env(), "")
+    repo.first_repro = repo.dvc("repro")
+    return repo
+
+
+def test_dvc_repro_then_student_change_skips_prepare_and_teacher(dvc_repo):
+    repo, first = dvc_repo.path, dvc_repo.first_repro
+    env, dvc = dvc_repo.env, [sys.executable, "-m", "dvc"]
     for stage in ("prepare", "teacher", "student", "evaluate"):
         assert f"Running stage '{stage}'" in first, first
     assert (repo / "dvc.lock").is_file()
@@ -84,3 +122,105 @@ def test_dvc_repro_then_student_change_skips_prepare_and_teacher(tmp_path, tiny_
     metrics = json.loads(sh(dvc + ["metrics", "show", "--json"], repo, env))
     shown = json.dumps(metrics)
     assert '"f1"' in shown and '"exact"' in shown and "metrics/eval.json" in shown
+
+
+def test_dvc_metrics_and_plots_show(dvc_repo, tmp_path):
+    """Student and teacher scores side by side in `dvc metrics show`; the training curves in `dvc plots show`."""
+    metrics = json.loads(dvc_repo.dvc("metrics", "show", "--json"))
+    files = next(iter(metrics.values()))["data"]  # {"workspace": {"data": {path: {"data": {...}}}}}
+    for path in ("metrics/eval.json", "metrics/teacher.json"):
+        assert {"exact", "f1", "HasAns_f1", "NoAns_f1"} <= set(files[path]["data"]), (path, files)
+
+    plots = json.loads(dvc_repo.dvc("plots", "show", "--json"))["data"]
+    # Exactly the plots dvc.yaml defines (no extra default plot per file), each drawn from the workspace files.
+    assert set(plots) == {"Loss (total, KD part, CE part)", "Learning rate", "Dev scores during training"}, list(plots)
+
+    def values(title):
+        (plot,) = plots[title]
+        assert plot["type"] == "vega" and plot["revisions"] == ["workspace"]
+        return plot["content"]["data"]["values"]
+
+    steps = yaml.safe_load((dvc_repo.path / "params.yaml").read_text())["student"]["max_steps"]
+    loss = values("Loss (total, KD part, CE part)")
+    assert {v["field"] for v in loss} == {"loss", "kd_loss", "ce_loss"}
+    assert sorted({int(v["step"]) for v in loss}) == list(range(1, steps + 1))  # log_every 1
+    assert all(float(v["lr"]) >= 0 for v in values("Learning rate"))
+    dev = values("Dev scores during training")
+    assert {v["field"] for v in dev} == {"f1", "exact", "f1_forced"} and {v["step"] for v in dev} == {str(steps)}
+
+    dvc_repo.dvc("plots", "show", "-o", str(tmp_path / "html"))  # what a user opens in a browser
+    html = (tmp_path / "html" / "index.html").read_text()
+    for text in ("Dev scores during training", "kd_loss", "f1_forced"):
+        assert text in html, text
+
+
+def experiment_rows(show: list) -> dict:
+    """`dvc exp show --json` flattened: {name: {kind, temperature, f1, exact, teacher_f1, teacher_logits}}."""
+    rows = {}
+
+    def add(kind, record):
+        data = record["data"]
+        metrics = {path: m.get("data", {}) for path, m in (data.get("metrics") or {}).items()}
+        rows[record.get("name") or record["rev"]] = {
+            "kind": kind,
+            "temperature": data["params"]["params.yaml"]["data"]["student"]["temperature"],
+            "f1": metrics.get("metrics/eval.json", {}).get("f1"),
+            "exact": metrics.get("metrics/eval.json", {}).get("exact"),
+            "teacher_f1": metrics.get("metrics/teacher.json", {}).get("f1"),
+            "teacher_logits": data["outs"]["data/teacher"]["hash"],
+        }
+
+    for baseline in show:
+        add("baseline", baseline)
+        for experiment in baseline.get("experiments") or []:
+            for rev in experiment["revs"]:
+                add("experiment", rev)
+    return rows
+
+
+def test_dvc_experiments_and_a_queued_sweep_reuse_the_teacher_logits(dvc_repo):
+    """`dvc exp run -S` and a queued sweep rerun student and evaluate only; `dvc exp show` lists params and scores.
+
+    The teacher's manifest records its measured throughput, so a rerun teacher would change the hash of
+    data/teacher: an equal hash in every experiment proves its logits were reused.
+    """
+    dvc_repo.git("add", "-A")
+    dvc_repo.git("commit", "-q", "-m", "baseline")  # experiments start from a commit
+    tracked = dvc_repo.git("ls-files", "metrics", "logs")
+    for path in ("metrics/eval.json", "metrics/teacher.json", "logs/student/train.tsv", "logs/student/eval.tsv"):
+        assert path in tracked, tracked  # git-tracked, so every experiment commit carries its own
+    upstream = mtimes(dvc_repo.path, UPSTREAM)
+
+    one = dvc_repo.dvc("exp", "run", "-S", "student.temperature=3")
+    assert "Stage 'teacher' didn't change, skipping" in one and "Running stage 'teacher'" not in one, one
+    assert "Running stage 'student'" in one and "Running stage 'evaluate'" in one, one
+
+    # A sweep: -S with comma-separated values queues one experiment per value; --run-all runs the queue.
+    queued = dvc_repo.dvc("exp", "run", "--queue", "-S", "student.temperature=1,5")
+    assert queued.count("Queued experiment") == 2, queued
+    sweep = dvc_repo.dvc("exp", "run", "--run-all", "-j", "1")
+    assert sweep.count("Stage 'teacher' didn't change, skipping") == 2, sweep
+    assert "Running stage 'teacher'" not in sweep and "Failed" not in sweep, sweep
+    assert sweep.count("Running stage 'student'") == 2, sweep
+    assert mtimes(dvc_repo.path, UPSTREAM) == upstream
+
+    rows = experiment_rows(json.loads(dvc_repo.dvc("exp", "show", "--json")))
+    experiments = {name: row for name, row in rows.items() if row["kind"] == "experiment"}
+    assert sorted(row["temperature"] for row in experiments.values()) == [1, 3, 5], rows
+    for name, row in rows.items():
+        assert None not in (row["f1"], row["exact"], row["teacher_f1"]), (name, row)  # no "!" in the table
+    assert len({row["teacher_logits"] for row in rows.values()}) == 1, rows
+    # The README's table: params and the scores of student and teacher, one row per experiment.
+    table = dvc_repo.dvc("exp", "show", "--csv", "--drop", ".*", "--keep",
+                         "Experiment|.*:(f1|exact)$|student.temperature")
+    header, *lines = table.strip().splitlines()
+    assert header.split(",") == ["Experiment", "metrics/eval.json:exact", "metrics/eval.json:f1",
+                                 "metrics/teacher.json:exact", "metrics/teacher.json:f1", "student.temperature"]
+    assert {line.split(",")[0] for line in lines} >= set(experiments)
+
+    # Curves of two experiments side by side.
+    first, second = sorted(experiments)[:2]
+    diff = json.loads(dvc_repo.dvc("plots", "diff", first, second, "--json"))["data"]
+    (loss,) = diff["Loss (total, KD part, CE part)"]
+    assert sorted(loss["revisions"]) == [first, second]
+    assert {v["rev"] for v in loss["content"]["data"]["values"]} == {first, second}
