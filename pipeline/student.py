@@ -8,8 +8,11 @@ DDP under torchrun, resumable checkpoints every `student.checkpoint_every` steps
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import shutil
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -181,6 +184,8 @@ def run_student(params: Params, resume: str = "auto") -> None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), s.max_grad_norm)
             optimizer.step()
             scheduler.step()
+            if step % RELEASE_MEMORY_EVERY == 0:
+                release_freed_memory()
             step += 1
             seen_features += len(batch["input_ids"])
             bar.update(1)
@@ -210,6 +215,18 @@ def run_student(params: Params, resume: str = "auto") -> None:
         remove_checkpoints(CHECKPOINT_DIR)  # finished: nothing left to resume
     distributed.barrier()
     distributed.destroy()
+
+
+# glibc keeps the freed activations of batches of ever-different widths in its arenas, so the resident size
+# creeps up with the number of steps (bench/: +16% at 10x the data). Handing them back every few steps keeps
+# peak memory flat (+6%) at no measurable cost.
+RELEASE_MEMORY_EVERY = 10
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform.startswith("linux") else None
+
+
+def release_freed_memory() -> None:
+    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
 
 
 def evaluate_during_training(model, tokenizer, params, device, step, train_log) -> None:
