@@ -30,7 +30,7 @@ import resource
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import chdir
 from itertools import islice
 from pathlib import Path
 
@@ -109,16 +109,6 @@ class PeakSampler:
         self._sample()
         return {"sampled_peak_rss_mb": round(self.peak_self / MB, 1),
                 "sampled_peak_tree_rss_mb": round(self.peak_tree / MB, 1) if self._proc is not None else None}
-
-
-@contextmanager
-def chdir(path: Path):
-    old = Path.cwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(old)
 
 
 def setup_torch(threads: int):

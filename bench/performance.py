@@ -37,7 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import chdir
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,16 +143,6 @@ def make_scale_model(folder: Path, tokenizer, teacher_dir: Path, hidden: int) ->
     BertForQuestionAnswering(config).save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return folder
-
-
-@contextmanager
-def chdir(path: Path):
-    old = Path.cwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(old)
 
 
 def repeat_split(src: Path, dst: Path, factor: int) -> None:

@@ -58,15 +58,7 @@ def tiny_assets(tmp_path_factory) -> TinyAssets:
     )
 
 
-@contextlib.contextmanager
-def chdir(path: Path):
-    """contextlib.chdir, which Python 3.10 lacks."""
-    previous = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(previous)
+chdir = contextlib.chdir
 
 
 def run_cli(args: list[str], cwd: Path, expect_ok: bool = True):
