@@ -97,8 +97,12 @@ def run_evaluate(params, model_dir: Path = Path("models/student")) -> dict:
     from pipeline import distributed
     from pipeline.models import load_qa_model, load_tokenizer
 
+    from pipeline.shards import verify_shards
+
     features_dir, teacher_dir = Path("data/features/dev"), Path("data/teacher/dev")
+    verify_shards(features_dir, "kdqa prepare")  # a damaged shard: one error naming it, never skewed scores
     if (teacher_dir / "manifest.json").exists():
+        verify_shards(teacher_dir, "kdqa teacher")
         # The teacher's scores from its stored dev logits, post-processed exactly like the student's.
         teacher_metrics = score_logit_shards(features_dir, teacher_dir, params)
         write_json_atomic(Path("metrics/teacher.json"), teacher_metrics)

@@ -412,3 +412,19 @@ def test_params_option_reads_another_file(tmp_path, tiny_assets):
     assert manifest["prepare"]["shard_size"] == 1000 and len(manifest["shards"]) == 1
     result = run_cli(["--params", str(tmp_path / "missing.yaml"), "prepare"], cwd, expect_ok=False)
     assert result.exit_code == 1 and "missing.yaml" in result.output and "Traceback" not in result.output
+
+
+def test_evaluate_refuses_a_damaged_teacher_dev_shard(run_copy):
+    """metrics/teacher.json is scored from stored dev logits: a damaged shard must stop, not skew the scores."""
+    params = yaml.safe_load((run_copy / "params.yaml").read_text())
+    params["student"].update(max_steps=2)
+    (run_copy / "params.yaml").write_text(yaml.safe_dump(params))
+    run_cli(["student"], run_copy)
+    shard = run_copy / "data/teacher/dev/part-00000.parquet"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte that Parquet itself might not notice
+    shard.write_bytes(bytes(data))
+    result = run_cli(["evaluate"], run_copy, expect_ok=False)
+    assert result.exit_code == 1
+    assert "part-00000.parquet" in result.output and "kdqa teacher" in result.output
+    assert not (run_copy / "metrics/teacher.json").exists() and not (run_copy / "metrics/eval.json").exists()
