@@ -138,15 +138,20 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a few questions, 1 epoch, 20 steps: a smoke run")
     ap.add_argument("--small", action="store_true", help="1 epoch, max_seq_len 192, 3 students: ~1 h on 2 CPU cores")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per stage (default: torch's)")
+    ap.add_argument("--encoder", type=Path, default=None,
+                    help="encoder directory for teacher and students (default: all-MiniLM-L6-v2 from the bench extra)")
+    ap.add_argument("--student-layers", default=None, help="comma-separated encoder layers kept by the students")
     args = ap.parse_args()
     if not args.data.exists():
         sys.exit(f"{args.data}: SQuAD JSON not found (pass --data)")
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    cfg = QUICK if args.quick else SMALL if args.small else FULL
+    cfg = dict(QUICK if args.quick else SMALL if args.small else FULL)
+    if args.student_layers:
+        cfg["student_layers"] = [int(i) for i in args.student_layers.split(",")]
     shutil.rmtree(args.out, ignore_errors=True)
     train, dev = split_by_article(args.data, args.out / "split", cfg.get("questions_per_article"))
-    encoder = str(minilm_dir())
+    encoder = str(args.encoder.resolve() if args.encoder else minilm_dir())
     results, started = {"config": cfg, "rows": []}, time.perf_counter()
 
     # 1. The teacher: the 6-layer encoder fine-tuned on hard labels by kdqa itself.
