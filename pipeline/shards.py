@@ -180,7 +180,8 @@ def list_column_to_numpy(column: pa.ChunkedArray | pa.ListArray, dtype) -> list[
 def verify_shards(folder: Path, regenerate: str) -> dict:
     """Check a split folder against its manifest: every shard listed, present, whole (rows, sha256).
 
-    Returns the manifest. Any difference is an error naming the file and the command (`regenerate`) that
+    Returns the manifest, with `bytes_fingerprint` added: the fingerprint of the shards' bytes as verified
+    (equal to `features_fingerprint(folder)`). Any difference is an error naming the file and the command (`regenerate`) that
     rebuilds it; a manifest without checksums (older kdqa) is checked for names and rows only.
     """
     manifest_path = folder / "manifest.json"
@@ -194,14 +195,18 @@ def verify_shards(folder: Path, regenerate: str) -> dict:
     extra = sorted(p.name for p in list_shards(folder) if p.name not in names)
     if extra:
         raise KdqaError(f"{folder / extra[0]}: shard not listed in {manifest_path} (run `{regenerate}`)")
+    digests = {}
     for entry in listed:
         path = folder / str(entry.get("name"))
         if not path.is_file():
             raise KdqaError(f"{path}: shard listed in {manifest_path} is missing (run `{regenerate}`)")
-        if "sha256" in entry and sha256_file(path) != entry["sha256"]:
+        digests[path.name] = sha256_file(path)
+        if "sha256" in entry and digests[path.name] != entry["sha256"]:
             raise KdqaError(f"{path}: corrupted or truncated shard (checksum differs from {manifest_path}; "
                             f"run `{regenerate}`)")
         if "rows" in entry and shard_rows(path) != entry["rows"]:
             raise KdqaError(f"{path}: {shard_rows(path)} rows but {manifest_path} says {entry['rows']} "
                             f"(run `{regenerate}`)")
+    # The same value features_fingerprint(folder) computes, from the hashes just taken (each file read once).
+    manifest["bytes_fingerprint"] = fingerprint_of(digests)
     return manifest

@@ -27,7 +27,7 @@ from pipeline.losses import distillation_loss
 from pipeline.models import check_sequence_length, keep_layers, load_qa_model, load_tokenizer, vocab_fingerprint
 from pipeline.params import Params, StudentParams
 from pipeline.progress import progress
-from pipeline.shards import features_fingerprint, read_json, verify_shards, write_json_atomic
+from pipeline.shards import read_json, verify_shards, write_json_atomic
 from pipeline.stream import ShardStream, find_shard_pairs, verify_alignment
 from pipeline.training_log import TrainingLog
 
@@ -49,13 +49,13 @@ CARD_EVALUATION = Params()
 OBSERVATION_KEYS = {"checkpoint_every", "log_every", "eval_every", "num_workers"}
 
 
-def check_teacher_logits(features_dir: Path, logits_dir: Path) -> str:
-    """The logits must have been computed from exactly these features; returns the logits fingerprint."""
+def check_teacher_logits(features_dir: Path, expected: str, logits_dir: Path) -> str:
+    """The logits must have been computed from exactly these features (fingerprint `expected`); returns the
+    logits fingerprint."""
     manifest_path = logits_dir / "manifest.json"
     if not manifest_path.exists():
         raise KdqaError(f"{manifest_path}: no teacher logits (run `kdqa teacher`)")
     manifest = read_json(manifest_path)
-    expected = features_fingerprint(features_dir)
     found = manifest.get("fingerprint_parts", {}).get("features")
     if found != expected:
         raise KdqaError(
@@ -101,15 +101,15 @@ def run_student(params: Params, resume: str = "auto") -> None:
     features_dir = FEATURES_DIR / "train"
     distil = s.distillation_weight > 0
     logits_dir = TEACHER_DIR / "train" if distil else None
-    verify_shards(features_dir, "kdqa prepare")  # a truncated or corrupted shard: one error naming it
-    data_fingerprint = {"features": features_fingerprint(features_dir)}
+    # A truncated or corrupted shard: one error naming it. The fingerprint comes from the verified bytes.
+    features_manifest = verify_shards(features_dir, "kdqa prepare")
+    data_fingerprint = {"features": features_manifest["bytes_fingerprint"]}
     if distil:
-        data_fingerprint["logits"] = check_teacher_logits(features_dir, logits_dir)
+        data_fingerprint["logits"] = check_teacher_logits(features_dir, data_fingerprint["features"], logits_dir)
     pairs = find_shard_pairs(features_dir, logits_dir)
     verify_alignment(pairs)
 
     tokenizer = load_tokenizer(s.model, s.trust_remote_code)
-    features_manifest = read_json(features_dir / "manifest.json")
     if vocab_fingerprint(tokenizer) != features_manifest.get("vocab_fingerprint"):
         raise KdqaError(
             f"{s.model}: its tokenizer differs from the teacher's ({features_manifest.get('tokenizer')}): "

@@ -37,7 +37,6 @@ from pipeline.params import Params
 from pipeline.inference import shard_logits
 from pipeline.progress import progress
 from pipeline.shards import (
-    features_fingerprint,
     fingerprint_of,
     list_shards,
     logits_table,
@@ -118,7 +117,7 @@ def run_split(model, tokenizer, split: str, params: Params, key_parts: dict, dev
     if not shards:
         raise KdqaError(f"{features_dir}: no feature shards (run `kdqa prepare`)")
     features_manifest = verify_shards(features_dir, "kdqa prepare")  # intact features, or a named error
-    fingerprint_parts = {**key_parts, "features": features_fingerprint(features_dir)}
+    fingerprint_parts = {**key_parts, "features": features_manifest["bytes_fingerprint"]}
     # The fingerprint the student checks (what the logits mean) vs. the resume key (also how they were computed).
     key = {**fingerprint_parts, "compute": f"{device.type}-{'bf16' if device.type == 'cuda' else 'fp32'}"}
 

@@ -63,8 +63,9 @@ def assert_same_logits_as_clean_run(world: World, ws: Path) -> None:
 # Teacher: SIGKILL at any moment, rerun, same bytes
 # ---------------------------------------------------------------------------------------------------------
 
-KILL_TEACHER = r'''
-import os, signal, sys
+# Both kill scripts start here: `hit()` SIGKILLs the process at the n-th counted event (argv: mode, n).
+KILL_AT_NTH_HIT = r'''
+import os, pathlib, signal, sys
 mode, n = sys.argv[1], int(sys.argv[2])
 calls = 0
 def hit():
@@ -72,6 +73,9 @@ def hit():
     calls += 1
     if calls == n:
         os.kill(os.getpid(), signal.SIGKILL)
+'''
+
+KILL_TEACHER = KILL_AT_NTH_HIT + r'''
 
 import shutil
 import pipeline.teacher as teacher
@@ -212,15 +216,7 @@ def test_teacher_recomputes_damaged_published_logits(world, tmp_path):
 STUDENT = {"student__batch_size": 3, "student__epochs": 2, "student__log_every": 1}
 TOTAL_STEPS = 32
 
-KILL_STUDENT = r'''
-import os, pathlib, signal, sys
-mode, n = sys.argv[1], int(sys.argv[2])
-calls = 0
-def hit():
-    global calls
-    calls += 1
-    if calls == n:
-        os.kill(os.getpid(), signal.SIGKILL)
+KILL_STUDENT = KILL_AT_NTH_HIT + r'''
 
 import pipeline.student as student
 if mode == "step":                # inside optimizer step n (forward done, before backward)
