@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -90,7 +91,9 @@ def split_by_article(source: Path, out: Path, questions_per_article: int | None)
 
 def run_stage(workdir: Path, *args: str) -> dict:
     """Run one kdqa stage as its own process; its wall time and its own peak RSS (os.wait4)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "DVC_NO_ANALYTICS": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "DVC_NO_ANALYTICS": "1",
+           # `-m pipeline` from the work folder finds this checkout even where kdqa is not pip-installed.
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     log_path = workdir / f"{args[0]}.log"
     started = time.perf_counter()
     with open(log_path, "a") as log:
@@ -98,6 +101,7 @@ def run_stage(workdir: Path, *args: str) -> dict:
                                 stdout=log, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - started
+    print(f"{workdir.name}: kdqa {args[0]} {seconds:.0f} s, peak RSS {usage.ru_maxrss / 1024:.0f} MiB", flush=True)
     if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(f"kdqa {' '.join(args)} failed in {workdir}; see {log_path}:\n{log_path.read_text()[-2000:]}")
     return {"seconds": round(seconds, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
@@ -131,6 +135,25 @@ def scores(workdir: Path) -> dict:
     return {k: round(m[k], 2) for k in keys if k in m} | {"total": m["total"]}
 
 
+def apply_overrides(cfg: dict, assignments: list[str]) -> dict:
+    """--set teacher_training.epochs=6: change one setting (value read as YAML) without editing the script."""
+    cfg = json.loads(json.dumps(cfg))  # deep copy: the presets stay untouched
+    for assignment in assignments:
+        key, sep, raw = assignment.partition("=")
+        if not sep:
+            sys.exit(f"--set {assignment!r}: expected KEY=VALUE, e.g. teacher_training.epochs=6")
+        *parents, leaf = key.split(".")
+        node = cfg
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                sys.exit(f"--set {assignment!r}: {part!r} is not a settings group ({', '.join(cfg)})")
+            node = node[part]
+        if leaf not in node and parents:
+            sys.exit(f"--set {assignment!r}: no setting {leaf!r} in {'.'.join(parents)} ({', '.join(node)})")
+        node[leaf] = yaml.safe_load(raw)
+    return cfg
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -141,6 +164,15 @@ def main() -> None:
     ap.add_argument("--encoder", type=Path, default=None,
                     help="encoder directory for teacher and students (default: all-MiniLM-L6-v2 from the bench extra)")
     ap.add_argument("--student-layers", default=None, help="comma-separated encoder layers kept by the students")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override one setting of the chosen preset, e.g. --set teacher_training.epochs=6 "
+                         "--set prepare.max_seq_len=192 (repeatable)")
+    ap.add_argument("--students", type=Path, default=None,
+                    help="YAML list of students to train instead of the preset's: name plus any student.* "
+                         "settings (distillation_weight, temperature, learning_rate, init_layers; model: teacher "
+                         "= cut from the fine-tuned teacher)")
+    ap.add_argument("--parallel", type=int, default=1,
+                    help="students trained at once (useful on a GPU; stage times then overlap)")
     args = ap.parse_args()
     if not args.data.exists():
         sys.exit(f"{args.data}: SQuAD JSON not found (pass --data)")
@@ -149,6 +181,9 @@ def main() -> None:
     cfg = dict(QUICK if args.quick else SMALL if args.small else FULL)
     if args.student_layers:
         cfg["student_layers"] = [int(i) for i in args.student_layers.split(",")]
+    cfg = apply_overrides(cfg, args.overrides)
+    if args.students:  # a YAML/JSON list of student specs: name plus any student.* settings
+        cfg["students"] = yaml.safe_load(args.students.read_text(encoding="utf-8"))
     shutil.rmtree(args.out, ignore_errors=True)
     train, dev = split_by_article(args.data, args.out / "split", cfg.get("questions_per_article"))
     encoder = str(args.encoder.resolve() if args.encoder else minilm_dir())
@@ -173,26 +208,43 @@ def main() -> None:
     results["teacher_logits"] = t_logits
 
     # 3. Students, all from the same 3 layers of the same encoder, same seed and schedule.
-    for spec in cfg["students"]:
+    def train_student(spec: dict) -> dict:
         sdir = args.out / ("student-" + "".join(c if c.isalnum() else "-" for c in spec["name"]).strip("-"))
-        write_params(sdir, cfg, train, dev, teacher_model,
-                     {"model": encoder, "init_layers": cfg["student_layers"], **cfg["student_training"],
-                      "distillation_weight": spec["distillation_weight"], "temperature": spec["temperature"]})
+        # A spec may set any student.* key; "model: teacher" cuts the student from the fine-tuned teacher.
+        student = {"model": encoder, "init_layers": cfg["student_layers"], **cfg["student_training"],
+                   **{k: v for k, v in spec.items() if k != "name"}}
+        if student["model"] == "teacher":
+            student["model"] = teacher_model
+        write_params(sdir, cfg, train, dev, teacher_model, student)
         link_data(ldir, sdir)
         train_stage = run_stage(sdir, "student")
         eval_stage = run_stage(sdir, "evaluate")
-        results["rows"].append({"model": f"student 3 layers, {spec['name']}", **scores(sdir),
-                                "stages": {"train": train_stage, "evaluate": eval_stage}})
+        n_layers = len(student['init_layers'])
+        return {"model": f"student {n_layers} layer{'s' if n_layers != 1 else ''}, {spec['name']}", **scores(sdir),
+                "stages": {"train": train_stage, "evaluate": eval_stage}}
+
+    with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
+        results["rows"].extend(pool.map(train_student, cfg["students"]))
+    results["students_in_parallel"] = max(1, args.parallel)
 
     dev_doc = json.loads(dev.read_text())
     n_q = sum(len(p["qas"]) for a in dev_doc["data"] for p in a["paragraphs"])
     n_no = sum(1 for a in dev_doc["data"] for p in a["paragraphs"] for q in p["qas"] if not q.get("answers"))
     results["abstain_baseline_f1"] = round(100 * n_no / n_q, 2)
     results["wall_seconds"] = round(time.perf_counter() - started, 1)
-    results["machine"] = f"{os.cpu_count()} CPU cores, torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}"
+    results["machine"] = machine_description()
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     (args.out / "results.md").write_text(markdown(results))
     print(markdown(results))
+
+
+def machine_description() -> str:
+    import torch  # only here: the stages themselves run in their own processes
+
+    text = f"{os.cpu_count()} CPU cores, torch {torch.__version__}, threads {os.environ.get('OMP_NUM_THREADS', 'default')}"
+    if torch.cuda.is_available():
+        text += f", GPU {torch.cuda.get_device_name(0)} (stages use it: bf16 autocast)"
+    return text
 
 
 def markdown(results: dict) -> str:

@@ -211,6 +211,12 @@ def run_student(params: Params, resume: str = "auto") -> None:
             from pipeline.evaluate import evaluate_model
 
             dev_metrics, _, _ = evaluate_model(model, tokenizer.pad_token_id, FEATURES_DIR / "dev", CARD_EVALUATION, device)
+            # The curve's last point: the final scores also land in the logs, not only in the model card.
+            if not (s.eval_every and step % s.eval_every == 0):
+                train_log.log_eval(step, f1=dev_metrics["f1"], exact=dev_metrics["exact"],
+                                   f1_forced=dev_metrics.get("HasAns_f1_forced"))
+            log.info("dev after %d steps: EM %.2f, F1 %.2f, forced span F1 %s", step, dev_metrics["exact"],
+                     dev_metrics["f1"], dev_metrics.get("HasAns_f1_forced"))
         save_student(model, tokenizer, params, step, elapsed, dev_metrics)
         remove_checkpoints(CHECKPOINT_DIR)  # finished: nothing left to resume
     distributed.barrier()

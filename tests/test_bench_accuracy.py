@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import yaml
+
 import tiny
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,9 +20,13 @@ def test_accuracy_benchmark_quick_mode_runs_every_stage(tmp_path):
     encoder = tiny.make_model(tmp_path / "encoder", layers=3)
     data = tiny.make_squad(tmp_path / "squad.json", articles=9, paragraphs=1, questions=3)
     out = tmp_path / "out"
+    students = tmp_path / "students.yaml"  # one cut from the fine-tuned teacher, one with its own layers
+    students.write_text('- {name: "from teacher", distillation_weight: 1.0, temperature: 2.0, model: teacher}\n'
+                        '- {name: "hard, layer 0", distillation_weight: 0.0, temperature: 1.0, init_layers: [0]}\n')
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "DVC_NO_ANALYTICS": "1"}
     subprocess.run([sys.executable, "bench/accuracy.py", "--quick", "--encoder", str(encoder), "--student-layers",
-                    "0,2", "--data", str(data), "--out", str(out)], cwd=REPO, env=env, check=True,
+                    "0,2", "--data", str(data), "--out", str(out), "--students", str(students), "--parallel", "2",
+                    "--set", "student_training.learning_rate=0.002"], cwd=REPO, env=env, check=True,
                    capture_output=True, text=True, timeout=600)
     results = json.loads((out / "results.json").read_text())
     names = [r["model"] for r in results["rows"]]
@@ -32,3 +39,23 @@ def test_accuracy_benchmark_quick_mode_runs_every_stage(tmp_path):
     # Every student streamed the one set of teacher logits (the logits stage ran once).
     assert (out / "logits" / "data" / "teacher" / "train" / "manifest.json").is_file()
     assert "| model |" in (out / "results.md").read_text()
+    # Each student's params.yaml carries its spec on top of the shared settings.
+    cut = yaml.safe_load((out / "student-from-teacher" / "params.yaml").read_text())["student"]
+    assert cut["model"] == str((out / "teacher" / "models" / "student").resolve()) and cut["init_layers"] == [0, 2]
+    own = yaml.safe_load((out / "student-hard--layer-0" / "params.yaml").read_text())["student"]
+    assert own["init_layers"] == [0] and own["model"] == str(encoder.resolve()) and own["learning_rate"] == 0.002
+    assert names[1:] == ["student 2 layers, from teacher", "student 1 layer, hard, layer 0"]
+
+
+def test_accuracy_benchmark_overrides_are_checked():
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import accuracy
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    cfg = accuracy.apply_overrides(accuracy.FULL, ["teacher_training.epochs=6", "prepare.max_seq_len=192"])
+    assert cfg["teacher_training"]["epochs"] == 6 and cfg["prepare"]["max_seq_len"] == 192
+    assert accuracy.FULL["teacher_training"]["epochs"] == 4  # the preset itself is untouched
+    for bad in ("teacher_training.epochs", "teacher_training.epoch=3", "nosuch.epochs=3"):
+        with pytest.raises(SystemExit, match="--set"):
+            accuracy.apply_overrides(accuracy.FULL, [bad])

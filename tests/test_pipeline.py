@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from contextlib import chdir
 from pathlib import Path
 
 import numpy as np
@@ -238,6 +239,25 @@ def test_training_log_has_loss_and_lr(trained_run):
     assert all(a <= b for a, b in zip(lrs[:peak], lrs[1:peak + 1]))  # warmup
     assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:]))  # then linear decay
     assert lrs[-1] <= 0.1 * max(lrs)  # decayed (towards 0 at the last step)
+
+
+def test_eval_curve_ends_with_the_final_models_dev_scores(trained_run):
+    """The student stage's last dev evaluation is logged (eval.tsv), not only written into the model card."""
+    import torch
+
+    from pipeline.evaluate import evaluate_model
+    from pipeline.models import load_qa_model
+    from pipeline.student import CARD_EVALUATION
+
+    run = trained_run["run"]
+    rows = list(csv.DictReader((run / "logs/student/eval.tsv").open(), delimiter="\t"))
+    steps = json.loads((run / "models/student/kdqa_training.json").read_text())["steps"]
+    assert rows and int(rows[-1]["step"]) == steps
+    model = load_qa_model(str(run / "models/student")).eval()
+    with chdir(run):  # stage code reads its inputs at paths relative to the project
+        metrics, _, _ = evaluate_model(model, 0, Path("data/features/dev"), CARD_EVALUATION, torch.device("cpu"))
+    assert float(rows[-1]["f1"]) == pytest.approx(metrics["f1"], abs=1e-4)
+    assert float(rows[-1]["f1_forced"]) == pytest.approx(metrics["HasAns_f1_forced"], abs=1e-4)
 
 
 def test_question_answerer_on_the_student(trained_run):
