@@ -150,7 +150,13 @@ def apply_overrides(cfg: dict, assignments: list[str]) -> dict:
             node = node[part]
         if leaf not in node and parents:
             sys.exit(f"--set {assignment!r}: no setting {leaf!r} in {'.'.join(parents)} ({', '.join(node)})")
-        node[leaf] = yaml.safe_load(raw)
+        value = yaml.safe_load(raw)
+        if isinstance(value, str):  # YAML 1.1 reads 2e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        node[leaf] = value
     return cfg
 
 

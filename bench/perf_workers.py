@@ -295,8 +295,9 @@ def student_worker(cfg: dict) -> dict:
     t0 = time.perf_counter()
     torch.manual_seed(cfg["seed"])
     pad = load_tokenizer(cfg["teacher_model"]).pad_token_id
-    student = load_qa_model(cfg["teacher_model"], hidden_dropout_prob=s.dropout)
-    keep_layers(student, list(cfg["student_layers"]))
+    student = load_qa_model(cfg.get("student_model") or cfg["teacher_model"], hidden_dropout_prob=s.dropout)
+    if not cfg.get("student_model"):  # cut from the teacher
+        keep_layers(student, list(cfg["student_layers"]))
     student.to(device).train()
     teacher = None
     if mode == "online":

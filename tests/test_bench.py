@@ -55,3 +55,36 @@ def test_performance_benchmark_quick_mode(tiny_assets, tmp_path):
     for row in ("teacher throughput", "student epoch", "student step", "peak RSS", "shard size", "10x vs 1x", "sweep"):
         assert row in markdown
     assert not (out / "work").exists()  # scratch removed unless --keep-work
+
+
+def test_reference_shapes_build_a_separate_student(tiny_assets, tmp_path, monkeypatch):
+    """--shapes reference: random teacher and student of given shapes; the student runs are the student model's."""
+    from bench import performance
+
+    tiny_shape = {"layers": 2, "hidden": 32, "heads": 2, "intermediate": 64, "name": "tiny teacher shape"}
+    monkeypatch.setitem(performance.REFERENCE_SHAPES, "teacher", tiny_shape)
+    monkeypatch.setitem(performance.REFERENCE_SHAPES, "student",
+                        {**tiny_shape, "layers": 1, "hidden": 16, "name": "tiny student shape"})
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
+    args = performance.parse_args(["--quick", "--shapes", "reference", "--out", str(tmp_path / "out"),
+                                   "--data", str(tiny_assets.train), "--teacher-model", str(tiny_assets.teacher),
+                                   "--max-seq-len", "48", "--doc-stride", "16", "--max-query-len", "12",
+                                   "--threads", "1", "--sweep-runs", "1", "--hard-runs", "1"])
+    results = performance.run(args)
+    st = results["settings"]
+    assert st["teacher_layers"] == 2 and st["student_layers"] == [0]  # all of the 1-layer student model
+    assert st["student_parameters"] < st["teacher_parameters"]
+    assert "tiny student shape (1 x 16)" in performance.markdown(results)
+    assert all(r["steps"] > 0 for mode in ("offline", "online", "hard") for r in results["student_runs"][mode])
+
+
+def test_parameter_count_matches_the_model(tiny_assets):
+    from transformers import AutoModelForQuestionAnswering
+
+    from bench.performance import parameter_count
+    from pipeline.models import keep_layers
+
+    model = AutoModelForQuestionAnswering.from_pretrained(tiny_assets.teacher)
+    assert parameter_count(tiny_assets.teacher) == sum(p.numel() for p in model.parameters())
+    keep_layers(model, [0])
+    assert parameter_count(tiny_assets.teacher, [0]) == sum(p.numel() for p in model.parameters())

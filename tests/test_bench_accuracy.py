@@ -53,8 +53,10 @@ def test_accuracy_benchmark_overrides_are_checked():
         import accuracy
     finally:
         sys.path.remove(str(REPO / "bench"))
-    cfg = accuracy.apply_overrides(accuracy.FULL, ["teacher_training.epochs=6", "prepare.max_seq_len=192"])
+    cfg = accuracy.apply_overrides(accuracy.FULL, ["teacher_training.epochs=6", "prepare.max_seq_len=192",
+                                                   "student_training.learning_rate=2e-4"])
     assert cfg["teacher_training"]["epochs"] == 6 and cfg["prepare"]["max_seq_len"] == 192
+    assert cfg["student_training"]["learning_rate"] == 2e-4  # a number, though YAML alone reads "2e-4" as text
     assert accuracy.FULL["teacher_training"]["epochs"] == 4  # the preset itself is untouched
     for bad in ("teacher_training.epochs", "teacher_training.epoch=3", "nosuch.epochs=3"):
         with pytest.raises(SystemExit, match="--set"):
