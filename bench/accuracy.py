@@ -10,18 +10,24 @@ Everything runs through the kdqa CLI itself, stage by stage, in one work folder 
 4. Students: 3 layers cut from the same encoder (`student.init_layers`), same hyperparameters and seed:
    hard labels only, and distilled at several weights and temperatures.
 Each stage's wall time and peak resident memory are measured (os.wait4 on the stage's own process).
-Writes results.json and results.md into --out.
+Writes results.json and results.md into --out after every stage.
+
+Hours of CPU work are not thrown away by a crash, a kill or a rerun: a stage that finished with the same
+params.yaml and the same upstream results is skipped (its record in `<work folder>/.bench-done/`), and an
+interrupted `kdqa student` resumes from its checkpoint. `--fresh` starts from nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -89,12 +95,39 @@ def split_by_article(source: Path, out: Path, questions_per_article: int | None)
     return train, dev
 
 
-def run_stage(workdir: Path, *args: str) -> dict:
-    """Run one kdqa stage as its own process; its wall time and its own peak RSS (os.wait4)."""
+# What each stage leaves behind: a finished-stage record is only trusted while its output is still there.
+STAGE_OUTPUT = {"prepare": "data/features/train/manifest.json", "student": "models/student/config.json",
+                "teacher": "data/teacher/train/manifest.json", "evaluate": "metrics/eval.json"}
+CHECKPOINT_EVERY = 100  # steps; an interrupted fine-tune or student resumes from its last checkpoint
+
+
+def stage_key(workdir: Path, stage: str, upstream: tuple[str, ...]) -> str:
+    """Identity of a stage's work: its params.yaml and the identities of the results it builds on."""
+    digest = hashlib.sha256(stage.encode())
+    digest.update((workdir / "params.yaml").read_bytes())
+    for key in upstream:
+        digest.update(key.encode())
+    return digest.hexdigest()[:16]
+
+
+def run_stage(workdir: Path, *args: str, upstream: tuple[str, ...] = ()) -> dict:
+    """Run one kdqa stage as its own process; its wall time and its own peak RSS (os.wait4).
+
+    Skipped when the same work finished before (same key, output still there): its earlier record is returned.
+    """
+    key = stage_key(workdir, args[0], upstream)
+    record = workdir / ".bench-done" / f"{args[0]}.json"
+    if record.exists() and (workdir / STAGE_OUTPUT[args[0]]).exists():
+        done = json.loads(record.read_text())
+        if done.get("key") == key:
+            print(f"{workdir.name}: kdqa {args[0]} already done ({done['seconds']} s then), reused", flush=True)
+            return {**done, "reused": True}
+    record.unlink(missing_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "DVC_NO_ANALYTICS": "1",
            # `-m pipeline` from the work folder finds this checkout even where kdqa is not pip-installed.
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     log_path = workdir / f"{args[0]}.log"
+    log_start = log_path.stat().st_size if log_path.exists() else 0
     started = time.perf_counter()
     with open(log_path, "a") as log:
         proc = subprocess.Popen([sys.executable, "-m", "pipeline", "-q", *args], cwd=workdir, env=env,
@@ -104,7 +137,17 @@ def run_stage(workdir: Path, *args: str) -> dict:
     print(f"{workdir.name}: kdqa {args[0]} {seconds:.0f} s, peak RSS {usage.ru_maxrss / 1024:.0f} MiB", flush=True)
     if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(f"kdqa {' '.join(args)} failed in {workdir}; see {log_path}:\n{log_path.read_text()[-2000:]}")
-    return {"seconds": round(seconds, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
+    with open(log_path, errors="replace") as log:
+        log.seek(log_start)
+        resumed = "resuming from" in log.read()
+    # A resumed stage's time and memory cover only its last part: the record says so.
+    result = {"seconds": round(seconds, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "key": key,
+              "resumed_from_checkpoint": resumed}
+    record.parent.mkdir(exist_ok=True)
+    partial = record.with_suffix(".partial")
+    partial.write_text(json.dumps(result))
+    partial.replace(record)
+    return result
 
 
 def write_params(workdir: Path, cfg: dict, train: Path, dev: Path, teacher: str, student: dict) -> None:
@@ -113,7 +156,7 @@ def write_params(workdir: Path, cfg: dict, train: Path, dev: Path, teacher: str,
         "data": {"train": str(train), "dev": str(dev)},
         "prepare": cfg["prepare"],
         "teacher": {"model": teacher, "batch_size": 64, "max_tokens_per_batch": 16384},
-        "student": {"seed": 13, "checkpoint_every": 0, "log_every": 20, "num_workers": 1,
+        "student": {"seed": 13, "checkpoint_every": CHECKPOINT_EVERY, "log_every": 20, "num_workers": 1,
                     "max_steps": cfg.get("max_steps"), **student},
         "evaluate": {"n_best": 20, "max_answer_len": 30, "null_threshold": 0.0, "batch_size": 64},
     }
@@ -177,6 +220,7 @@ def main() -> None:
                     help="YAML list of students to train instead of the preset's: name plus any student.* "
                          "settings (distillation_weight, temperature, learning_rate, init_layers; model: teacher "
                          "= cut from the fine-tuned teacher)")
+    ap.add_argument("--fresh", action="store_true", help="delete --out first instead of reusing finished stages")
     ap.add_argument("--parallel", type=int, default=1,
                     help="students trained at once (useful on a GPU; stage times then overlap)")
     args = ap.parse_args()
@@ -190,28 +234,44 @@ def main() -> None:
     cfg = apply_overrides(cfg, args.overrides)
     if args.students:  # a YAML/JSON list of student specs: name plus any student.* settings
         cfg["students"] = yaml.safe_load(args.students.read_text(encoding="utf-8"))
-    shutil.rmtree(args.out, ignore_errors=True)
+    if args.fresh:
+        shutil.rmtree(args.out, ignore_errors=True)
     train, dev = split_by_article(args.data, args.out / "split", cfg.get("questions_per_article"))
+    split_key = hashlib.sha256(train.read_bytes() + dev.read_bytes()).hexdigest()[:16]
     encoder = str(args.encoder.resolve() if args.encoder else minilm_dir())
-    results, started = {"config": cfg, "rows": []}, time.perf_counter()
+    results, started = {"config": cfg, "rows": [], "complete": False}, time.perf_counter()
+    lock = threading.Lock()
+    dev_doc = json.loads(dev.read_text())
+    n_q = sum(len(p["qas"]) for a in dev_doc["data"] for p in a["paragraphs"])
+    n_no = sum(1 for a in dev_doc["data"] for p in a["paragraphs"] for q in p["qas"] if not q.get("answers"))
+    results["abstain_baseline_f1"] = round(100 * n_no / n_q, 2)  # F1 of answering "no answer" to everything
+
+    def save() -> None:  # after every stage, so that a run cut short still leaves what it measured
+        with lock:
+            results["wall_seconds"] = round(time.perf_counter() - started, 1)
+            results["machine"] = machine_description()
+            write_text_atomic(args.out / "results.json", json.dumps(results, indent=2))
+            write_text_atomic(args.out / "results.md", markdown(results))
 
     # 1. The teacher: the 6-layer encoder fine-tuned on hard labels by kdqa itself.
     tdir = args.out / "teacher"
     write_params(tdir, cfg, train, dev, encoder,
                  {"model": encoder, "distillation_weight": 0.0, **cfg["teacher_training"]})
-    t_prep = run_stage(tdir, "prepare")
-    t_train = run_stage(tdir, "student")
-    t_eval = run_stage(tdir, "evaluate")
+    t_prep = run_stage(tdir, "prepare", upstream=(split_key,))
+    t_train = run_stage(tdir, "student", upstream=(t_prep["key"],))
+    t_eval = run_stage(tdir, "evaluate", upstream=(t_train["key"],))
     teacher_model = str((tdir / "models" / "student").resolve())
     results["rows"].append({"model": "teacher: MiniLM-L6 fine-tuned (6 layers)", **scores(tdir),
                             "stages": {"prepare": t_prep, "fine-tune": t_train, "evaluate": t_eval}})
+    save()
 
     # 2. Teacher logits, once, over the same features (prepared with the same tokenizer).
     ldir = args.out / "logits"
     write_params(ldir, cfg, train, dev, teacher_model, {"model": encoder})
     link_data(tdir, ldir)  # features only: data/teacher does not exist yet in tdir
-    t_logits = run_stage(ldir, "teacher")
+    t_logits = run_stage(ldir, "teacher", upstream=(t_train["key"],))
     results["teacher_logits"] = t_logits
+    save()
 
     # 3. Students, all from the same 3 layers of the same encoder, same seed and schedule.
     def train_student(spec: dict) -> dict:
@@ -223,25 +283,29 @@ def main() -> None:
             student["model"] = teacher_model
         write_params(sdir, cfg, train, dev, teacher_model, student)
         link_data(ldir, sdir)
-        train_stage = run_stage(sdir, "student")
-        eval_stage = run_stage(sdir, "evaluate")
+        train_stage = run_stage(sdir, "student", upstream=(t_logits["key"],))
+        eval_stage = run_stage(sdir, "evaluate", upstream=(train_stage["key"],))
         n_layers = len(student['init_layers'])
-        return {"model": f"student {n_layers} layer{'s' if n_layers != 1 else ''}, {spec['name']}", **scores(sdir),
-                "stages": {"train": train_stage, "evaluate": eval_stage}}
+        row = {"model": f"student {n_layers} layer{'s' if n_layers != 1 else ''}, {spec['name']}", **scores(sdir),
+               "stages": {"train": train_stage, "evaluate": eval_stage}}
+        with lock:
+            results["rows"].append(row)
+        save()
+        return row
 
-    with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
-        results["rows"].extend(pool.map(train_student, cfg["students"]))
     results["students_in_parallel"] = max(1, args.parallel)
-
-    dev_doc = json.loads(dev.read_text())
-    n_q = sum(len(p["qas"]) for a in dev_doc["data"] for p in a["paragraphs"])
-    n_no = sum(1 for a in dev_doc["data"] for p in a["paragraphs"] for q in p["qas"] if not q.get("answers"))
-    results["abstain_baseline_f1"] = round(100 * n_no / n_q, 2)
-    results["wall_seconds"] = round(time.perf_counter() - started, 1)
-    results["machine"] = machine_description()
-    (args.out / "results.json").write_text(json.dumps(results, indent=2))
-    (args.out / "results.md").write_text(markdown(results))
+    with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
+        student_rows = list(pool.map(train_student, cfg["students"]))
+    results["rows"] = results["rows"][:1] + student_rows  # the students in the order they were listed
+    results["complete"] = True
+    save()
     print(markdown(results))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    partial.replace(path)
 
 
 def machine_description() -> str:
@@ -260,12 +324,16 @@ def markdown(results: dict) -> str:
     ]
     for r in results["rows"]:
         train = r["stages"].get("train") or r["stages"].get("fine-tune")
+        mark = " (resumed: last part only)" if train.get("resumed_from_checkpoint") else ""
         lines.append(f"| {r['model']} | {r.get('exact')} | {r.get('f1')} | {r.get('HasAns_f1')} | {r.get('NoAns_f1')} "
-                     f"| {r.get('best_f1')} | {r.get('HasAns_f1_forced')} | {train['seconds']} | {train['peak_rss_mib']} |")
+                     f"| {r.get('best_f1')} | {r.get('HasAns_f1_forced')} | {train['seconds']}{mark} | {train['peak_rss_mib']} |")
     lines.append("")
-    lines.append(f"Always-abstain baseline F1: {results['abstain_baseline_f1']}. Teacher logits stage: "
-                 f"{results['teacher_logits']['seconds']} s, peak RSS {results['teacher_logits']['peak_rss_mib']} MiB. "
-                 f"Total wall time {results['wall_seconds']} s on {results['machine']}.")
+    logits = results.get("teacher_logits")
+    lines.append(f"Always-abstain baseline F1: {results['abstain_baseline_f1']}. "
+                 + (f"Teacher logits stage: {logits['seconds']} s, peak RSS {logits['peak_rss_mib']} MiB. " if logits else "")
+                 + f"Wall time of this invocation {results['wall_seconds']} s (stages reused from an earlier run keep "
+                 f"their own times) on {results['machine']}."
+                 + ("" if results.get("complete") else " **Partial: the run has not finished.**"))
     return "\n".join(lines) + "\n"
 
 

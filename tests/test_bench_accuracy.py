@@ -24,11 +24,17 @@ def test_accuracy_benchmark_quick_mode_runs_every_stage(tmp_path):
     students.write_text('- {name: "from teacher", distillation_weight: 1.0, temperature: 2.0, model: teacher}\n'
                         '- {name: "hard, layer 0", distillation_weight: 0.0, temperature: 1.0, init_layers: [0]}\n')
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "DVC_NO_ANALYTICS": "1"}
-    subprocess.run([sys.executable, "bench/accuracy.py", "--quick", "--encoder", str(encoder), "--student-layers",
-                    "0,2", "--data", str(data), "--out", str(out), "--students", str(students), "--parallel", "2",
-                    "--set", "student_training.learning_rate=0.002"], cwd=REPO, env=env, check=True,
-                   capture_output=True, text=True, timeout=600)
+    command = [sys.executable, "bench/accuracy.py", "--quick", "--encoder", str(encoder), "--student-layers", "0,2",
+               "--data", str(data), "--out", str(out), "--students", str(students), "--parallel", "2"]
+
+    def bench(*extra: str) -> str:
+        return subprocess.run(command + list(extra), cwd=REPO, env=env, check=True, capture_output=True, text=True,
+                              timeout=600).stdout
+
+    first = bench("--set", "student_training.learning_rate=0.002")
+    assert "already done" not in first
     results = json.loads((out / "results.json").read_text())
+    assert results["complete"]
     names = [r["model"] for r in results["rows"]]
     assert names[0].startswith("teacher") and len(names) == 1 + len(results["config"]["students"])
     for row in results["rows"]:
@@ -45,6 +51,17 @@ def test_accuracy_benchmark_quick_mode_runs_every_stage(tmp_path):
     own = yaml.safe_load((out / "student-hard--layer-0" / "params.yaml").read_text())["student"]
     assert own["init_layers"] == [0] and own["model"] == str(encoder.resolve()) and own["learning_rate"] == 0.002
     assert names[1:] == ["student 2 layers, from teacher", "student 1 layer, hard, layer 0"]
+
+    # A rerun reuses every finished stage and reports the same scores.
+    again = bench("--set", "student_training.learning_rate=0.002")
+    assert again.count("already done") == 3 + 1 + 2 * 2  # teacher: prepare, fine-tune, evaluate; logits; students
+    def scores_only(rows):
+        return [{k: v for k, v in row.items() if k != "stages"} for row in rows]
+
+    assert scores_only(json.loads((out / "results.json").read_text())["rows"]) == scores_only(results["rows"])
+    # A student setting changed: the teacher and its logits are reused, only the students run again.
+    changed = bench("--set", "student_training.learning_rate=0.003")
+    assert changed.count("already done") == 4 and "student-hard--layer-0: kdqa student" in changed
 
 
 def test_accuracy_benchmark_overrides_are_checked():
