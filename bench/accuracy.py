@@ -234,6 +234,7 @@ def main() -> None:
     cfg = apply_overrides(cfg, args.overrides)
     if args.students:  # a YAML/JSON list of student specs: name plus any student.* settings
         cfg["students"] = yaml.safe_load(args.students.read_text(encoding="utf-8"))
+    args.out = args.out.resolve()  # the stages run inside their work folders: every path they get is absolute
     if args.fresh:
         shutil.rmtree(args.out, ignore_errors=True)
     train, dev = split_by_article(args.data, args.out / "split", cfg.get("questions_per_article"))

@@ -24,12 +24,14 @@ def test_accuracy_benchmark_quick_mode_runs_every_stage(tmp_path):
     students.write_text('- {name: "from teacher", distillation_weight: 1.0, temperature: 2.0, model: teacher}\n'
                         '- {name: "hard, layer 0", distillation_weight: 0.0, temperature: 1.0, init_layers: [0]}\n')
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "DVC_NO_ANALYTICS": "1"}
-    command = [sys.executable, "bench/accuracy.py", "--quick", "--encoder", str(encoder), "--student-layers", "0,2",
-               "--data", str(data), "--out", str(out), "--students", str(students), "--parallel", "2"]
+    # --out relative to the working directory (the stages themselves run inside their own work folders)
+    command = [sys.executable, str(REPO / "bench" / "accuracy.py"), "--quick", "--encoder", str(encoder),
+               "--student-layers", "0,2", "--data", str(data), "--out", "out", "--students", str(students),
+               "--parallel", "2"]
 
     def bench(*extra: str) -> str:
-        return subprocess.run(command + list(extra), cwd=REPO, env=env, check=True, capture_output=True, text=True,
-                              timeout=600).stdout
+        return subprocess.run(command + list(extra), cwd=tmp_path, env=env, check=True, capture_output=True,
+                              text=True, timeout=600).stdout
 
     first = bench("--set", "student_training.learning_rate=0.002")
     assert "already done" not in first
