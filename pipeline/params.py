@@ -8,6 +8,7 @@ deepset/bert-medium-squad2-distilled (batch 6, 2 epochs, max_seq_len 384, lr 3e-
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,7 +164,12 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     built = {}
     for name, values in raw.items():
         if name not in sections:
-            continue  # other tools (dvclive, bench) may keep their own sections here
+            # Other tools (dvclive, your own stages) may keep their own sections here; a near-miss of one of
+            # kdqa's names is a typo that would otherwise silently leave that section at its defaults.
+            close = difflib.get_close_matches(str(name), list(sections), n=1, cutoff=0.8)
+            if close:
+                raise KdqaError(f"{path}: unknown section '{name}' (did you mean '{close[0]}'?)")
+            continue
         if values is None:
             values = {}
         if not isinstance(values, dict):

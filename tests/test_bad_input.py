@@ -443,6 +443,7 @@ def test_student_tokenizer_must_match_the_teachers(world, tmp_path):
         ("student:\n  init_layers: 3\n", ["student.init_layers must be a list of layer indices"]),
         ("teacher:\n  model: 5\n", ["teacher.model must be a string"]),
         ("data:\n  train: null\n", ["data.train must be set"]),
+        ("studnet:\n  batch_size: 4\n", ["unknown section 'studnet' (did you mean 'student'?)"]),
     ],
 )
 def test_bad_params_file(tmp_path, text, fragments):
@@ -451,6 +452,14 @@ def test_bad_params_file(tmp_path, text, fragments):
     (ws / "params.yaml").write_text(text)
     assert_one_line_error(kdqa(ws, "-q", "prepare"), "params.yaml", *fragments)
     assert_no_features(ws)
+
+
+def test_other_tools_sections_are_left_alone(tmp_path):
+    from pipeline.params import load_params
+
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  lr: 1\ndvclive:\n  x: 1\nstudent:\n  batch_size: 4\n")
+    assert load_params(path).student.batch_size == 4
 
 
 def test_window_without_room_for_context(world, squad, tmp_path):
