@@ -80,3 +80,13 @@ def test_accuracy_benchmark_overrides_are_checked():
     for bad in ("teacher_training.epochs", "teacher_training.epoch=3", "nosuch.epochs=3"):
         with pytest.raises(SystemExit, match="--set"):
             accuracy.apply_overrides(accuracy.FULL, [bad])
+
+
+def test_shipped_student_variants_are_valid_student_settings():
+    from pipeline.params import StudentParams
+
+    specs = yaml.safe_load((REPO / "bench" / "accuracy-variants.yaml").read_text())
+    known = set(StudentParams.__dataclass_fields__)
+    assert len({spec["name"] for spec in specs}) == len(specs)
+    for spec in specs:
+        assert set(spec) - {"name"} <= known, spec
