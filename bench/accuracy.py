@@ -288,6 +288,7 @@ def main() -> None:
         eval_stage = run_stage(sdir, "evaluate", upstream=(train_stage["key"],))
         n_layers = len(student['init_layers'])
         row = {"model": f"student {n_layers} layer{'s' if n_layers != 1 else ''}, {spec['name']}", **scores(sdir),
+               "distillation_weight": student["distillation_weight"], "temperature": student["temperature"],
                "stages": {"train": train_stage, "evaluate": eval_stage}}
         with lock:
             results["rows"].append(row)
@@ -299,6 +300,7 @@ def main() -> None:
         student_rows = list(pool.map(train_student, cfg["students"]))
     results["rows"] = results["rows"][:1] + student_rows  # the students in the order they were listed
     results["complete"] = True
+    results["goals"] = goals(results)
     save()
     print(markdown(results))
 
@@ -318,6 +320,33 @@ def machine_description() -> str:
     return text
 
 
+# The benchmark's goals (issue: "Show that distillation pays"): what each verdict below checks.
+GOALS = {"teacher_over_abstain_f1": 0.0, "student_f1_gain": 3.0, "student_forced_f1_gain": 10.0,
+         "student_share_of_teacher_forced": 0.85}
+
+
+def goals(results: dict) -> dict | None:
+    """The best distilled student (by F1) against the hard-label student and the teacher, goal by goal."""
+    rows = results["rows"]
+    teacher = rows[0] if rows and rows[0]["model"].startswith("teacher") else None
+    hard = [r for r in rows[1:] if r.get("distillation_weight") == 0]
+    distilled = [r for r in rows[1:] if r.get("distillation_weight", 0) > 0]
+    if not (teacher and hard and distilled):
+        return None
+    best = max(distilled, key=lambda r: (r["f1"], r["HasAns_f1_forced"]))
+    best_forced = max(distilled, key=lambda r: r["HasAns_f1_forced"])
+    baseline = hard[0]
+    measured = {
+        "teacher_over_abstain_f1": round(teacher["f1"] - results["abstain_baseline_f1"], 2),
+        "student_f1_gain": round(best["f1"] - baseline["f1"], 2),
+        "student_forced_f1_gain": round(best_forced["HasAns_f1_forced"] - baseline["HasAns_f1_forced"], 2),
+        "student_share_of_teacher_forced": round(best_forced["HasAns_f1_forced"] / max(teacher["HasAns_f1_forced"], 1e-9), 3),
+    }
+    return {"best_by_f1": best["model"], "best_by_forced_f1": best_forced["model"], "hard_labels": baseline["model"],
+            "measured": measured, "met": {k: measured[k] > GOALS[k] if k == "teacher_over_abstain_f1"
+                                          else measured[k] >= GOALS[k] for k in GOALS}}
+
+
 def markdown(results: dict) -> str:
     lines = [
         "| model | EM | F1 | HasAns F1 | NoAns F1 | best F1 | forced span F1 | train time (s) | peak RSS (MiB) |",
@@ -335,6 +364,16 @@ def markdown(results: dict) -> str:
                  + f"Wall time of this invocation {results['wall_seconds']} s (stages reused from an earlier run keep "
                  f"their own times) on {results['machine']}."
                  + ("" if results.get("complete") else " **Partial: the run has not finished.**"))
+    verdicts = goals(results)
+    if verdicts:
+        m, met = verdicts["measured"], verdicts["met"]
+        word = {True: "met", False: "**missed**"}
+        lines += ["", "| goal | measured | target | |", "| --- | --- | --- | --- |",
+                  f"| teacher F1 above always-abstain | {m['teacher_over_abstain_f1']:+.2f} | > 0 | {word[met['teacher_over_abstain_f1']]} |",
+                  f"| best distilled student F1 minus hard-label student F1 | {m['student_f1_gain']:+.2f} | >= +3 | {word[met['student_f1_gain']]} |",
+                  f"| best distilled forced span F1 minus hard-label | {m['student_forced_f1_gain']:+.2f} | >= +10 | {word[met['student_forced_f1_gain']]} |",
+                  f"| best distilled forced span F1 / teacher's | {100 * m['student_share_of_teacher_forced']:.0f}% | >= 85% | {word[met['student_share_of_teacher_forced']]} |",
+                  "", f"Best distilled by F1: {verdicts['best_by_f1']}; by forced span F1: {verdicts['best_by_forced_f1']}."]
     return "\n".join(lines) + "\n"
 
 

@@ -37,6 +37,11 @@ def test_accuracy_benchmark_quick_mode_runs_every_stage(tmp_path):
     assert "already done" not in first
     results = json.loads((out / "results.json").read_text())
     assert results["complete"]
+    # The goals are judged in the output: one hard-label student and one distilled one are enough to compare.
+    assert set(results["goals"]["met"]) == {"teacher_over_abstain_f1", "student_f1_gain", "student_forced_f1_gain",
+                                            "student_share_of_teacher_forced"}
+    assert results["goals"]["hard_labels"].endswith("hard, layer 0")
+    assert "| best distilled forced span F1 / teacher's |" in (tmp_path / "out" / "results.md").read_text()
     names = [r["model"] for r in results["rows"]]
     assert names[0].startswith("teacher") and len(names) == 1 + len(results["config"]["students"])
     for row in results["rows"]:
