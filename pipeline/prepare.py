@@ -102,7 +102,24 @@ def check_window(params: Params, tokenizer) -> None:
         )
 
 
+WATCHED_DATA_DIR = Path("data/raw")  # a dependency of the prepare stage in dvc.yaml
+
+
+def warn_if_dvc_cannot_see(source: str) -> None:
+    """A local file outside data/raw/ is read fine, but under DVC editing it would not rerun prepare."""
+    path = Path(source)
+    if not (path.is_file() and Path("dvc.yaml").is_file()):
+        return  # a hub dataset name, or not a DVC project
+    try:
+        path.resolve().relative_to(WATCHED_DATA_DIR.resolve())
+    except ValueError:
+        log.warning("%s is outside %s/: DVC will not rerun prepare when it changes (move it there, or run "
+                    "`dvc repro -f prepare` after editing it)", source, WATCHED_DATA_DIR)
+
+
 def run_prepare(params: Params) -> None:
+    for source in (params.data.train, params.data.dev):
+        warn_if_dvc_cannot_see(source)
     tokenizer = load_tokenizer(params.teacher.model, params.teacher.trust_remote_code)
     check_window(params, tokenizer)
     # Read and validate both splits before writing anything: bad input in dev must not leave train rewritten.

@@ -68,11 +68,14 @@ def make_dvc_repo(root: Path, tiny_assets, **overrides) -> Path:
     for name in (".gitignore", ".dvcignore"):
         if (REPO_ROOT / name).exists():
             shutil.copy2(REPO_ROOT / name, repo / name)
-    small = root / "data"
+    # The data where users keep local JSON: data/raw/, a dependency of the prepare stage.
+    raw = repo / "data" / "raw"
+    raw.mkdir(parents=True)
+    shutil.copy2(REPO_ROOT / "data" / "raw" / "README.md", raw / "README.md")
+    tiny.make_squad(raw / "train.json", articles=2, paragraphs=2, questions=3, seed=5)
+    tiny.make_squad(raw / "dev.json", articles=1, paragraphs=2, questions=3, seed=6)
     tiny.write_params(repo / "params.yaml", tiny_assets.teacher, tiny_assets.student,
-                      tiny.make_squad(small / "train.json", articles=2, paragraphs=2, questions=3, seed=5),
-                      tiny.make_squad(small / "dev.json", articles=1, paragraphs=2, questions=3, seed=6),
-                      **overrides)
+                      Path("data/raw/train.json"), Path("data/raw/dev.json"), **overrides)
     sh(["git", "init", "-q"], repo, env)
     sh([sys.executable, "-m", "dvc", "init", "-q"], repo, env)
     sh([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], repo, env)
@@ -122,6 +125,22 @@ def test_dvc_repro_then_student_change_skips_prepare_and_teacher(dvc_repo):
     metrics = json.loads(sh(dvc + ["metrics", "show", "--json"], repo, env))
     shown = json.dumps(metrics)
     assert '"f1"' in shown and '"exact"' in shown and "metrics/eval.json" in shown
+
+
+def test_editing_local_data_in_data_raw_reruns_prepare(dvc_repo):
+    """data/raw/ is a dependency of prepare: a changed JSON there makes prepare (and all after it) stale."""
+    repo, env, dvc = dvc_repo.path, dvc_repo.env, [sys.executable, "-m", "dvc"]
+    train = repo / "data" / "raw" / "train.json"
+    original = train.read_bytes()
+    doc = json.loads(original)
+    doc["data"][0]["paragraphs"][0]["qas"].pop()  # one question fewer
+    train.write_text(json.dumps(doc))
+    try:
+        status = json.loads(sh(dvc + ["status", "--json"], repo, env))
+        assert "prepare" in status and "data/raw" in json.dumps(status["prepare"]), status
+    finally:
+        train.write_bytes(original)
+    assert sh(dvc + ["status", "--json"], repo, env).strip() in ("{}", "")
 
 
 def test_dvc_metrics_and_plots_show(dvc_repo, tmp_path):

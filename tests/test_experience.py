@@ -172,3 +172,26 @@ def test_inspect_json_reports_every_field(prepared_run):
     assert features["rows"] == manifest["rows"] and "teacher_span_accuracy" not in features
     missing = run_cli(["inspect", "data/nowhere"], prepared_run, expect_ok=False)
     assert missing.exit_code == 1 and "data/nowhere" in missing.stderr and "Traceback" not in missing.output
+
+
+def test_local_data_outside_data_raw_is_flagged_in_a_dvc_project(tmp_path, caplog):
+    """DVC watches data/raw/ for prepare; a local JSON elsewhere gets a warning that says what to do."""
+    import logging
+    from contextlib import chdir
+
+    from pipeline.prepare import warn_if_dvc_cannot_see
+
+    (tmp_path / "data" / "raw").mkdir(parents=True)
+    (tmp_path / "data" / "raw" / "train.json").write_text("{}")
+    (tmp_path / "elsewhere.json").write_text("{}")
+    with chdir(tmp_path), caplog.at_level(logging.WARNING, logger="pipeline.prepare"):
+        warn_if_dvc_cannot_see("elsewhere.json")  # not a DVC project yet: nothing to say
+        assert not caplog.records
+        (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+        warn_if_dvc_cannot_see("data/raw/train.json")
+        warn_if_dvc_cannot_see(str(tmp_path / "data" / "raw" / "train.json"))
+        warn_if_dvc_cannot_see("squad_v2")  # a hub dataset: a param, not a file
+        assert not caplog.records
+        warn_if_dvc_cannot_see("elsewhere.json")
+    (record,) = caplog.records
+    assert "elsewhere.json is outside data/raw/" in record.getMessage() and "dvc repro -f prepare" in record.getMessage()
