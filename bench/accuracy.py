@@ -129,7 +129,8 @@ def run_stage(workdir: Path, *args: str, upstream: tuple[str, ...] = ()) -> dict
            # `-m pipeline` from the work folder finds this checkout even where kdqa is not pip-installed.
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     log_path = workdir / f"{args[0]}.log"
-    log_start = log_path.stat().st_size if log_path.exists() else 0
+    # kdqa student continues from a checkpoint left by an interrupted run (same settings) on its own.
+    resumes = args[0] == "student" and (workdir / "checkpoints" / "student" / "state.json").exists()
     started = time.perf_counter()
     with open(log_path, "a") as log:
         proc = subprocess.Popen([sys.executable, "-m", "pipeline", "-q", *args], cwd=workdir, env=env,
@@ -139,12 +140,9 @@ def run_stage(workdir: Path, *args: str, upstream: tuple[str, ...] = ()) -> dict
     print(f"{workdir.name}: kdqa {args[0]} {seconds:.0f} s, peak RSS {usage.ru_maxrss / 1024:.0f} MiB", flush=True)
     if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(f"kdqa {' '.join(args)} failed in {workdir}; see {log_path}:\n{log_path.read_text()[-2000:]}")
-    with open(log_path, errors="replace") as log:
-        log.seek(log_start)
-        resumed = "resuming from" in log.read()
     # A resumed stage's time and memory cover only its last part: the record says so.
     result = {"seconds": round(seconds, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "key": key,
-              "resumed_from_checkpoint": resumed}
+              "resumed_from_checkpoint": resumes}
     record.parent.mkdir(exist_ok=True)
     partial = record.with_suffix(".partial")
     partial.write_text(json.dumps(result))
