@@ -137,6 +137,7 @@ def reference(tmp_path_factory, assets) -> Path:
     project = tmp_path_factory.mktemp("dist-dvc")
     shutil.copy2(REPO_ROOT / "dvc.yaml", project / "dvc.yaml")
     shutil.copytree(REPO_ROOT / "pipeline", project / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO_ROOT / "data" / "raw", project / "data" / "raw")  # a dependency of prepare
     write_params(project, assets, teacher__nproc=1)
     kdqa(["-q", "prepare"], project)
     kdqa(["-q", "teacher"], project)
