@@ -34,6 +34,10 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python bench/accuracy.py` as well as `python -m bench.accuracy`
+    sys.path.insert(0, str(ROOT))
+
+from pipeline.shards import write_json_atomic  # noqa: E402  (after the path fix above)
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "squad2-sample.json"
 TRAIN_ARTICLES = 7
 
@@ -143,10 +147,7 @@ def run_stage(workdir: Path, *args: str, upstream: tuple[str, ...] = ()) -> dict
     # A resumed stage's time and memory cover only its last part: the record says so.
     result = {"seconds": round(seconds, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "key": key,
               "resumed_from_checkpoint": resumes}
-    record.parent.mkdir(exist_ok=True)
-    partial = record.with_suffix(".partial")
-    partial.write_text(json.dumps(result))
-    partial.replace(record)
+    write_json_atomic(record, result)
     return result
 
 
@@ -208,8 +209,9 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "accuracy")
     ap.add_argument("--quick", action="store_true", help="a few questions, 1 epoch, 20 steps: a smoke run")
-    ap.add_argument("--small", action="store_true", help="1 epoch, max_seq_len 192, 3 students: ~1 h on 2 CPU cores, but the teacher stays "
-                         "at the abstain baseline; the default (4 epochs, 256 tokens) is what beats it")
+    ap.add_argument("--small", action="store_true",
+                    help="1 epoch, max_seq_len 192, 3 students: ~1 h on 2 CPU cores, but the teacher stays at the "
+                         "abstain baseline; the default (4 epochs, 256 tokens) is what beats it")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per stage (default: torch's)")
     ap.add_argument("--encoder", type=Path, default=None,
                     help="encoder directory for teacher and students (default: all-MiniLM-L6-v2 from the bench extra)")
@@ -252,7 +254,7 @@ def main() -> None:
         with lock:
             results["wall_seconds"] = round(time.perf_counter() - started, 1)
             results["machine"] = machine_description()
-            write_text_atomic(args.out / "results.json", json.dumps(results, indent=2))
+            write_json_atomic(args.out / "results.json", results)
             write_text_atomic(args.out / "results.md", markdown(results))
 
     # 1. The teacher: the 6-layer encoder fine-tuned on hard labels by kdqa itself.

@@ -51,7 +51,7 @@ TARGETS = {"teacher_speedup": 2.0, "offline_vs_online": 0.6, "streaming_overhead
            "memory_growth_10x": 0.10, "shard_vs_fp16": 0.5}
 
 # Sizes: `full` takes ~10 minutes on a 2-core CPU; `quick` is a smoke test (< 1 minute). shard_size None =
-# params.yaml's default (20000 features), as in production: every main-set shard is much larger than a batch.
+# params.yaml's default (4000 features), as in production: every main-set shard is much larger than a batch.
 FULL = {"examples": 100, "shard_size": None, "batch_size": 16, "warmup_steps": 1, "sweep_runs": 4, "hard_runs": 3,
         "teacher_repeats": 2, "scale_examples": None, "scale_shard_size": 500, "scale_batch_size": 32,
         "scale_factor": 10, "scale_hidden": 32}
@@ -533,15 +533,19 @@ def summarise(r: dict, sweep_runs: int) -> dict:
 
 # ---------------------------------------------------------------- report
 
-def parameter_count(model_dir: Path, keep_layers: list[int] | None = None) -> int:
-    """Parameters of the model in model_dir, counting only the kept encoder layers (config-only, no weights)."""
-    from transformers import AutoConfig
+def parameter_count(model_dir: Path, layers: list[int] | None = None) -> int:
+    """Parameters of the QA model in model_dir (only `layers` of its encoder, if given): built on the meta
+    device from its config, so no weights are read or allocated."""
+    import torch
+    from transformers import AutoConfig, AutoModelForQuestionAnswering
 
-    c = AutoConfig.from_pretrained(model_dir)
-    h, layers = c.hidden_size, len(keep_layers) if keep_layers is not None else c.num_hidden_layers
-    per_layer = 4 * h * h + 4 * h + 2 * h * c.intermediate_size + c.intermediate_size + h + 4 * h  # attn, FFN, 2 LN
-    embeddings = (c.vocab_size + c.max_position_embeddings + c.type_vocab_size) * h + 2 * h
-    return embeddings + layers * per_layer + 2 * h + 2  # + QA head
+    from pipeline.models import keep_layers
+
+    with torch.device("meta"):
+        model = AutoModelForQuestionAnswering.from_config(AutoConfig.from_pretrained(model_dir))
+    if layers is not None:
+        keep_layers(model, list(layers))
+    return sum(p.numel() for p in model.parameters())
 
 
 def models_line(st: dict) -> str:

@@ -1,8 +1,8 @@
 """Training curves as TSV files in the layout `dvc plots` reads (one file per curve family, a `step` column).
 
 `logs/student/train.tsv`: step, epoch, loss, kd_loss, ce_loss, lr. `logs/student/eval.tsv`: step, f1,
-exact, f1_forced (every `student.eval_every` steps, and once after the last step when there is a dev set). After a resume, rows past the checkpoint's step are
-dropped so the curves never show the same step twice.
+exact, f1_forced (every `student.eval_every` steps, and once after the last step when there is a dev set).
+After a resume, rows past the checkpoint's step are dropped so the curves never show the same step twice.
 """
 
 from __future__ import annotations
