@@ -284,6 +284,7 @@ def student_worker(cfg: dict) -> dict:
     from pipeline.models import keep_layers, load_qa_model, load_tokenizer
     from pipeline.params import StudentParams
     from pipeline.stream import ShardStream, find_shard_pairs, verify_alignment
+    from pipeline.student import build_optimizer
 
     mode = cfg["mode"]
     assert mode in ("offline", "online", "hard"), mode
@@ -307,12 +308,7 @@ def student_worker(cfg: dict) -> dict:
     verify_alignment(pairs)
     stream = ShardStream(pairs, cfg["batch_size"], cfg["seed"], pad)
     steps = stream.steps_in_epoch(0)
-    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight")
-    groups = [
-        {"params": [p for n, p in student.named_parameters() if not n.endswith(no_decay)], "weight_decay": s.weight_decay},
-        {"params": [p for n, p in student.named_parameters() if n.endswith(no_decay)], "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.AdamW(groups, lr=cfg["learning_rate"])
+    optimizer = build_optimizer(student, cfg["learning_rate"], s.weight_decay, device)
     warmup_steps = cfg["warmup_steps"]
     scheduler = get_linear_schedule_with_warmup(optimizer, int(s.warmup * steps), steps + warmup_steps)
     sync(torch, device)
