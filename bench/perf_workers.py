@@ -154,7 +154,7 @@ def teacher_worker(cfg: dict) -> dict:
     torch, device = setup_torch(cfg["threads"])
     import numpy as np
 
-    from pipeline.inference import INFERENCE_COLUMNS, model_logits
+    from pipeline.inference import INFERENCE_COLUMNS, autocast_dtype, model_logits
     from pipeline.models import load_qa_model, load_tokenizer, vocab_fingerprint, weights_fingerprint
     from pipeline.params import Params
     from pipeline.shards import list_column_to_numpy, list_shards, read_table
@@ -168,7 +168,11 @@ def teacher_worker(cfg: dict) -> dict:
     load_s = time.perf_counter() - t0
     pad = tokenizer.pad_token_id
     max_seq_len, max_batch, max_tokens = cfg["max_seq_len"], cfg["teacher_batch_size"], cfg["max_tokens_per_batch"]
-    use_bf16 = device.type == "cuda"
+    # Ours runs in the teacher stage's default precision (`teacher.precision: auto`: bfloat16 on CUDA and on
+    # CPUs with native bfloat16). The plain loop runs in float32, as run_qa.py does without --bf16/--fp16; it
+    # runs a second time in our precision, so the table separates what length-aware batching gains from what
+    # the precision gains.
+    ours_dtype = autocast_dtype(device, "auto")
 
     # The features in file order (shard order, then row order), as the plain loop reads them.
     work = Path(cfg["work"])
@@ -182,11 +186,11 @@ def teacher_worker(cfg: dict) -> dict:
     lengths = np.array([len(x) for x in input_ids])
     plain_batch = max(1, max_tokens // max_seq_len)  # the same padded-token budget per batch as ours
 
-    def forward(ids, types, attention):
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+    def forward(ids, types, attention, dtype):
+        with torch.autocast(device_type=device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             return model(input_ids=ids.to(device), token_type_ids=types.to(device), attention_mask=attention.to(device))
 
-    def plain_loop(rows):
+    def plain_loop(rows, dtype=None):
         """run_qa.py-style: every feature padded to max_seq_len, fixed-size batches in file order."""
         starts, ends = [], []
         with torch.no_grad():
@@ -199,15 +203,16 @@ def teacher_worker(cfg: dict) -> dict:
                     ids[j, : lengths[i]] = input_ids[i]
                     types[j, : lengths[i]] = token_types[i]
                     attention[j, : lengths[i]] = 1
-                out = forward(torch.from_numpy(ids), torch.from_numpy(types), torch.from_numpy(attention))
+                out = forward(torch.from_numpy(ids), torch.from_numpy(types), torch.from_numpy(attention), dtype)
                 starts.append(out.start_logits.float().cpu().numpy())
                 ends.append(out.end_logits.float().cpu().numpy())
         return np.concatenate(starts), np.concatenate(ends)
 
     # Warm-up (kernel selection, allocator, thread pools): one padded batch and one short batch.
     plain_loop(list(range(min(n, plain_batch))))
+    plain_loop(list(range(min(n, plain_batch))), ours_dtype)
     model_logits(model, input_ids[:max_batch], token_types[:max_batch], context_start[:max_batch],
-                 context_end[:max_batch], pad, device, max_batch, max_tokens)
+                 context_end[:max_batch], pad, device, max_batch, max_tokens, ours_dtype)
     sync(torch, device)
 
     def timed(fn):
@@ -219,7 +224,8 @@ def teacher_worker(cfg: dict) -> dict:
 
     results = {"features": n, "mean_length": float(lengths.mean()), "max_seq_len": max_seq_len,
                "load_s": load_s, "plain_batch_size": plain_batch, "teacher_batch_size": max_batch,
-               "max_tokens_per_batch": max_tokens, "device": device_name(torch, device)}
+               "max_tokens_per_batch": max_tokens, "device": device_name(torch, device),
+               "precision": str(ours_dtype).removeprefix("torch.") if ours_dtype is not None else "float32"}
 
     params = Params()
     params.teacher.batch_size = max_batch
@@ -233,15 +239,18 @@ def teacher_worker(cfg: dict) -> dict:
     configurations = {
         # ours: the teacher stage itself (read features shard, compute, write logits shard overlapped)
         "stage": lambda rep: stage(work if rep == 0 else Path(cfg["work_copies"][rep - 1])),
-        # the plain loop, same features, same model
+        # the plain loop, same features, same model, float32
         "plain": lambda rep: plain_loop(list(range(n))),
         # ours, compute only (no Parquet I/O): pipeline.inference.model_logits on the in-memory features
         "compute": lambda rep: model_logits(model, input_ids, token_types, context_start, context_end, pad, device,
-                                            max_batch, max_tokens),
+                                            max_batch, max_tokens, ours_dtype),
     }
+    order = ["compute", "stage", "plain"]
+    if ours_dtype is not None:  # the plain loop in our precision: the length-aware batching's share alone
+        configurations["plain_same_precision"] = lambda rep: plain_loop(list(range(n)), ours_dtype)
+        order.append("plain_same_precision")
     # Each configuration `repeats` times in mirrored order (compute, stage, plain, plain, stage, compute, ...),
     # so slow drift in machine load hits all of them alike; the fastest repetition of each is reported.
-    order = ["compute", "stage", "plain"]
     sequence = [name for rep in range(cfg["repeats"]) for name in (order if rep % 2 == 0 else order[::-1])]
     times = {name: [] for name in configurations}
     values = {}
@@ -262,6 +271,11 @@ def teacher_worker(cfg: dict) -> dict:
     diff = max(float(np.max(np.abs(o_start[i].astype(np.float32) - p_start[i, : lengths[i]]))) for i in range(n))
     diff = max(diff, max(float(np.max(np.abs(o_end[i].astype(np.float32) - p_end[i, : lengths[i]]))) for i in range(n)))
     results["max_abs_logit_diff_vs_plain"] = diff
+    if "plain_same_precision" in values:
+        q_start, q_end = values["plain_same_precision"]
+        results["max_abs_logit_diff_vs_plain_same_precision"] = max(
+            max(float(np.max(np.abs(o[i].astype(np.float32) - q[i, : lengths[i]]))) for i in range(n))
+            for o, q in ((o_start, q_start), (o_end, q_end)))
     results.update(memory_report(torch, device, sampler))
     return results
 

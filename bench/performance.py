@@ -469,9 +469,9 @@ def machine(torch, threads: int) -> dict:
         pass
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
-        info["precision"] = "bf16 autocast"
+        info["precision"] = "students bf16 autocast"
     else:
-        info["precision"] = "fp32"
+        info["precision"] = "students fp32"
     return info
 
 
@@ -510,8 +510,13 @@ def summarise(r: dict, sweep_runs: int) -> dict:
         return sn[key] / s1[key] - 1 if s1.get(key) and sn.get(key) else None
 
     return {
-        "teacher_features_per_s": {"stage": n / t["stage_s"], "compute_only": n / t["compute_s"], "plain": n / t["plain_s"]},
+        "teacher_features_per_s": {"stage": n / t["stage_s"], "compute_only": n / t["compute_s"], "plain": n / t["plain_s"],
+                                   "plain_same_precision": n / t["plain_same_precision_s"]
+                                   if t.get("plain_same_precision_s") else None},
         "teacher_speedup": t["plain_s"] / t["stage_s"],
+        # Length-aware batching alone: the plain loop in the stage's own precision (None when that is float32).
+        "teacher_speedup_same_precision": t["plain_same_precision_s"] / t["stage_s"]
+        if t.get("plain_same_precision_s") else None,
         "teacher_speedup_compute_only": t["plain_s"] / t["compute_s"],
         "teacher_speedup_cpu_time": t["plain_cpu_s"] / t["stage_cpu_s"],
         "student": m,
@@ -578,6 +583,7 @@ def verdict(ok) -> str:
 def markdown(r: dict) -> str:
     s, st, sm, t, sh = r["summary"], r["settings"], r["summary"]["student"], r["teacher"], r["shards"]
     mc = r["machine"]
+    precision = t.get("precision", "float32")  # the teacher stage's autocast dtype (`teacher.precision: auto`)
     factor = st["scale_factor"]
     s1, sn = r["stage"]["1x"], r["stage"][f"{factor}x"]
     dev = mc.get("gpu") or f"{mc['cpu']}, {mc['cores']} cores"
@@ -588,7 +594,7 @@ def markdown(r: dict) -> str:
     lines = [
         f"# kdqa performance benchmark ({st['mode']} run)",
         "",
-        f"- **Machine:** {dev}; torch {mc['torch']}, {mc['torch_threads']} torch thread(s) per process, {mc['precision']}; "
+        f"- **Machine:** {dev}; torch {mc['torch']}, {mc['torch_threads']} torch thread(s) per process, {mc['precision']}, teacher stage {precision}; "
         f"1 DataLoader worker per student run; wall time of the whole benchmark {r['wall_s'] / 60:.1f} min; "
         f"load average (1 min) {r['load_average']['start'][0]} at start, {r['load_average']['end'][0]} at end.",
         f"- **Data:** {st['data_kind']} (`{Path(st['data']).name}`, {st['questions_in_data']} questions); main set "
@@ -628,13 +634,22 @@ def markdown(r: dict) -> str:
         f"{fmt(s['teacher_features_per_s']['stage'])} | {fmt(t['stage_s'])} | {fmt(t['stage_cpu_s'])} |",
         f"| ours: compute only (`model_logits`, no Parquet I/O) | {fmt(s['teacher_features_per_s']['compute_only'])} | "
         f"{fmt(t['compute_s'])} | {fmt(t['compute_cpu_s'])} |",
-        f"| plain loop: pad to {st['max_seq_len']}, file order, batches of {t['plain_batch_size']} | "
+        f"| plain loop: pad to {st['max_seq_len']}, file order, batches of {t['plain_batch_size']}, float32 | "
         f"{fmt(s['teacher_features_per_s']['plain'])} | {fmt(t['plain_s'])} | {fmt(t['plain_cpu_s'])} |",
+        *([f"| plain loop as above, in the stage's precision ({precision}) | "
+           f"{fmt(s['teacher_features_per_s']['plain_same_precision'])} | {fmt(t['plain_same_precision_s'])} | "
+           f"{fmt(t['plain_same_precision_cpu_s'])} |"] if t.get("plain_same_precision_s") else []),
         "",
         f"Fastest of {st['teacher_repeats']} repetitions each, run in mirrored order ({', '.join(t['order'])}). "
         f"Speed-up {s['teacher_speedup']:.2f}x (stage), {s['teacher_speedup_compute_only']:.2f}x (compute only), "
-        f"{s['teacher_speedup_cpu_time']:.2f}x by CPU time. Same work: largest |logit difference| ours vs. plain "
-        f"loop {t['max_abs_logit_diff_vs_plain']:.3g} (ours is float16).",
+        f"{s['teacher_speedup_cpu_time']:.2f}x by CPU time"
+        + (f"; length-aware batching alone (both in {precision}) {s['teacher_speedup_same_precision']:.2f}x, so "
+           f"{s['teacher_speedup'] / s['teacher_speedup_same_precision']:.2f}x comes from the precision"
+           if s.get("teacher_speedup_same_precision") else "")
+        + f". Same work: largest |logit difference| ours ({precision}, stored as float16) vs. the float32 plain "
+        f"loop {t['max_abs_logit_diff_vs_plain']:.3g}"
+        + (f", vs. the plain loop in {precision} {t['max_abs_logit_diff_vs_plain_same_precision']:.3g}"
+           if t.get("max_abs_logit_diff_vs_plain_same_precision") is not None else "") + ".",
         "",
         "## 2-3. Student: offline (streamed logits) vs online distillation vs hard labels",
         "",

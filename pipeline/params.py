@@ -40,6 +40,7 @@ class TeacherParams:
     batch_size: int = 64  # upper bound on features per batch
     max_tokens_per_batch: int = 16384  # length-aware batches are capped by padded tokens too
     nproc: int = 1  # processes under torchrun; not a dependency of the stage (output is identical)
+    precision: str = "auto"  # auto (bfloat16 where the hardware has it: CUDA, AVX512-BF16/AMX CPUs) | bfloat16 | float16 | float32
     trust_remote_code: bool = False
 
 
@@ -97,11 +98,16 @@ _RANGES = {
 }
 
 
+_CHOICES = {"teacher.precision": ("auto", "bfloat16", "float16", "float32")}
+
+
 def _check_value(path: Path, key: str, value, default) -> None:
     if value is None and default is not None:
         raise KdqaError(f"{path}: {key} must be set (its default is {default!r}), got null")
     if isinstance(default, str) and not isinstance(value, str):
         raise KdqaError(f"{path}: {key} must be a string, got {value!r}")
+    if key in _CHOICES and value not in _CHOICES[key]:
+        raise KdqaError(f"{path}: {key} must be one of {', '.join(_CHOICES[key])}, got {value!r}")
     if key == "student.init_layers" and value is not None:
         if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
             raise KdqaError(f"{path}: {key} must be a list of layer indices (or null), got {value!r}")

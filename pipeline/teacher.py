@@ -3,7 +3,9 @@
 For each `data/features/{split}/part-NNNNN.parquet` it writes `data/teacher/{split}/part-NNNNN.parquet`
 with the same rows in the same order: `feature_id`, `start_logits`, `end_logits` (float16, real tokens
 only). `manifest.json` beside them records the fingerprint of what the logits depend on (features,
-teacher weights, vocabulary) and each shard's rows and checksum.
+teacher weights, vocabulary, precision) and each shard's rows and checksum. The teacher runs under
+`torch.inference_mode` with autocast in `teacher.precision` (auto: bfloat16 on CUDA and on CPUs with native
+bfloat16, float32 elsewhere).
 
 The teacher's own dev scores (`metrics/teacher.json`) are computed from the dev logits by `kdqa evaluate`,
 with the same post-processing settings as the student's, so `evaluate.*` params never rerun the teacher.
@@ -34,7 +36,7 @@ from pipeline.models import (
     weights_fingerprint,
 )
 from pipeline.params import Params
-from pipeline.inference import shard_logits
+from pipeline.inference import autocast_dtype, shard_logits
 from pipeline.progress import progress
 from pipeline.shards import (
     fingerprint_of,
@@ -117,9 +119,12 @@ def run_split(model, tokenizer, split: str, params: Params, key_parts: dict, dev
     if not shards:
         raise KdqaError(f"{features_dir}: no feature shards (run `kdqa prepare`)")
     features_manifest = verify_shards(features_dir, "kdqa prepare")  # intact features, or a named error
-    fingerprint_parts = {**key_parts, "features": features_manifest["bytes_fingerprint"]}
-    # The fingerprint the student checks (what the logits mean) vs. the resume key (also how they were computed).
-    key = {**fingerprint_parts, "compute": f"{device.type}-{'bf16' if device.type == 'cuda' else 'fp32'}"}
+    dtype = autocast_dtype(device, params.teacher.precision)
+    precision = str(dtype).removeprefix("torch.") if dtype is not None else "float32"
+    # The logits' meaning (checked by the student): teacher, vocabulary, features and the precision they were
+    # computed in; the resume key adds the device type.
+    fingerprint_parts = {**key_parts, "features": features_manifest["bytes_fingerprint"], "precision": precision}
+    key = {**fingerprint_parts, "compute": f"{device.type}-{precision}"}
 
     published = out_dir / "manifest.json"
     if published_is_current(out_dir, fingerprint_parts, shards):
@@ -142,7 +147,7 @@ def run_split(model, tokenizer, split: str, params: Params, key_parts: dict, dev
         pending = None
         for path in todo:
             ids, start, end = shard_logits(model, path, tokenizer.pad_token_id, device,
-                                           params.teacher.batch_size, params.teacher.max_tokens_per_batch)
+                                           params.teacher.batch_size, params.teacher.max_tokens_per_batch, dtype)
             if pending is not None:
                 pending.result()  # at most one shard waiting to be written: bounded memory
             # Writing shard k (compression, fsync) overlaps the teacher's compute on shard k+1.

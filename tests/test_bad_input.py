@@ -442,6 +442,7 @@ def test_student_tokenizer_must_match_the_teachers(world, tmp_path):
         ("student:\n  max_steps: ten\n", ["student.max_steps must be a number"]),
         ("student:\n  init_layers: 3\n", ["student.init_layers must be a list of layer indices"]),
         ("teacher:\n  model: 5\n", ["teacher.model must be a string"]),
+        ("teacher:\n  precision: fp8\n", ["teacher.precision must be one of auto, bfloat16, float16, float32, got 'fp8'"]),
         ("data:\n  train: null\n", ["data.train must be set"]),
         ("studnet:\n  batch_size: 4\n", ["unknown section 'studnet' (did you mean 'student'?)"]),
     ],

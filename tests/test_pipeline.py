@@ -197,6 +197,44 @@ def test_teacher_logits_match_a_direct_forward_pass(prepared_run):
         np.testing.assert_allclose(t["end_logits"], out.end_logits[0].numpy(), atol=2e-2, rtol=1e-2)
 
 
+def set_param(run: Path, section: str, key: str, value) -> None:
+    params = yaml.safe_load((run / "params.yaml").read_text())
+    params[section][key] = value
+    (run / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def test_teacher_precision_is_part_of_what_the_logits_mean(run_copy):
+    """float32 and bfloat16 logits differ in their last digits: switching recomputes them, and the manifest
+    (whose fingerprint the student checks) says which precision they were computed in."""
+    def teacher_output(precision):
+        set_param(run_copy, "teacher", "precision", precision)
+        run_cli(["teacher"], run_copy)
+        manifest = json.loads((run_copy / "data/teacher/dev/manifest.json").read_text())
+        shard = sorted((run_copy / "data/teacher/dev").glob("part-*.parquet"))[0]
+        return manifest, np.concatenate(pq.read_table(shard).column("start_logits").to_pylist())
+
+    full, full_logits = teacher_output("float32")
+    half, half_logits = teacher_output("bfloat16")
+    assert full["fingerprint_parts"]["precision"] == "float32" and half["fingerprint_parts"]["precision"] == "bfloat16"
+    assert full["fingerprint"] != half["fingerprint"]
+    assert not np.array_equal(full_logits, half_logits)  # really recomputed, not reported up to date
+    np.testing.assert_allclose(half_logits, full_logits, atol=2e-2, rtol=2e-2)  # ...and still the same model
+
+
+def test_auto_precision_is_bfloat16_only_where_the_hardware_has_it(monkeypatch):
+    import torch
+
+    from pipeline import inference
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert inference.autocast_dtype(cuda) is torch.bfloat16
+    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: False)
+    assert inference.autocast_dtype(cpu) is None  # emulated bfloat16 would be slower than float32
+    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: True)
+    assert inference.autocast_dtype(cpu) is torch.bfloat16
+    assert inference.autocast_dtype(cpu, "float32") is None and inference.autocast_dtype(cuda, "float16") is torch.float16
+
+
 def test_student_succeeds_without_the_teacher_model_directory(trained_run):
     run = trained_run["run"]
     assert not (run / INPUTS / "teacher").exists()
