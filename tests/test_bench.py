@@ -16,10 +16,11 @@ from conftest import REPO_ROOT
 def test_performance_benchmark_quick_mode(tiny_assets, tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "bench.performance", "--quick", "--out", str(out),
+    # A relative --out from another directory: the stage workers change directory, so every path must hold.
+    command = [sys.executable, "-m", "bench.performance", "--quick", "--out", "out",
                "--data", str(tiny_assets.train), "--teacher-model", str(tiny_assets.teacher), "--student-layers", "0",
                "--max-seq-len", "48", "--doc-stride", "16", "--max-query-len", "12", "--threads", "1"]
-    proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     results = json.loads((out / "results.json").read_text())
