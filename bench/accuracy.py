@@ -20,6 +20,7 @@ interrupted `kdqa student` resumes from its checkpoint. `--fresh` starts from no
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -314,12 +315,17 @@ def write_text_atomic(path: Path, text: str) -> None:
     partial.replace(path)
 
 
+@functools.cache
 def machine_description() -> str:
-    import torch  # only here: the stages themselves run in their own processes
-
-    text = f"{os.cpu_count()} CPU cores, torch {torch.__version__}, threads {os.environ.get('OMP_NUM_THREADS', 'default')}"
-    if torch.cuda.is_available():
-        text += f", GPU {torch.cuda.get_device_name(0)} (stages use it: bf16 autocast)"
+    # Asked of a child process: importing torch here would raise this process's RSS, and Linux carries
+    # ru_maxrss across fork + exec, so every later stage's measured peak would start from it.
+    probe = ("import torch; print(torch.__version__); "
+             "print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')")
+    lines = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.splitlines()
+    version, gpu = (lines + ["?", ""])[:2]
+    text = f"{os.cpu_count()} CPU cores, torch {version}, threads {os.environ.get('OMP_NUM_THREADS', 'default')}"
+    if gpu:
+        text += f", GPU {gpu} (stages use it: bf16 autocast)"
     return text
 
 

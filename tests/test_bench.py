@@ -10,6 +10,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO_ROOT
 
 
@@ -89,3 +91,18 @@ def test_parameter_count_matches_the_model(tiny_assets):
     assert parameter_count(tiny_assets.teacher) == sum(p.numel() for p in model.parameters())
     keep_layers(model, [0])
     assert parameter_count(tiny_assets.teacher, [0]) == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux-specific: ru_maxrss survives exec there")
+def test_worker_peak_memory_is_its_own_not_its_parents():
+    """A benchmark worker is started by a process that may be much bigger; Linux carries ru_maxrss across
+    fork + exec, so the worker's peak must come from its own address space (VmHWM)."""
+    ballast = bytearray(400 * 1024 * 1024)
+    ballast[:: 4096] = b"\x01" * len(ballast[:: 4096])  # touch every page: 400 MB resident in this process
+    probe = "import resource; from bench.perf_workers import maxrss_mb; print(maxrss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    own, inherited = map(float, subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                                               check=True).stdout.split())
+    assert inherited > 400  # the trap this guards against...
+    assert own < 200  # ...and the worker's own peak: an interpreter and a few modules
+    del ballast
