@@ -177,7 +177,35 @@ def link_data(src: Path, dst: Path) -> None:
 def scores(workdir: Path) -> dict:
     m = json.loads((workdir / "metrics" / "eval.json").read_text())
     keys = ("exact", "f1", "HasAns_f1", "NoAns_f1", "best_f1", "HasAns_f1_forced")
-    return {k: round(m[k], 2) for k in keys if k in m} | {"total": m["total"]}
+    row = {k: round(m[k], 2) for k in keys if k in m} | {"total": m["total"]}
+    na_probs = workdir / "results" / "na_probs.json"
+    if na_probs.exists():
+        dev = json.loads(Path(yaml.safe_load((workdir / "params.yaml").read_text())["data"]["dev"]).read_text())
+        answerable = {q["id"]: bool(q.get("answers")) for a in dev["data"] for p in a["paragraphs"] for q in p["qas"]}
+        row["has_answer_auc"] = round(has_answer_auc(json.loads(na_probs.read_text()), answerable), 3)
+    return row
+
+
+def has_answer_auc(na_probs: dict[str, float], answerable: dict[str, bool]) -> float:
+    """How well a model tells answerable from unanswerable questions, free of any threshold: the chance that
+    a random answerable question gets a lower no-answer probability than a random unanswerable one (ties
+    count half; 0.5 = chance). F1 mixes this decision with span quality and the threshold; forced span F1
+    isolates the spans; this isolates the decision to abstain."""
+    pairs = sorted((na_probs[q], has) for q, has in answerable.items())
+    n_has = sum(has for _, has in pairs)
+    n_not = len(pairs) - n_has
+    if not n_has or not n_not:
+        return float("nan")
+    # Mann-Whitney U over the unanswerable questions' ranks (average rank for tied probabilities).
+    rank_sum, i = 0.0, 0
+    while i < len(pairs):
+        j = i
+        while j < len(pairs) and pairs[j][0] == pairs[i][0]:
+            j += 1
+        average_rank = (i + 1 + j) / 2
+        rank_sum += average_rank * sum(1 for _, has in pairs[i:j] if not has)
+        i = j
+    return (rank_sum - n_not * (n_not + 1) / 2) / (n_has * n_not)
 
 
 def apply_overrides(cfg: dict, assignments: list[str]) -> dict:
@@ -358,14 +386,15 @@ def goals(results: dict) -> dict | None:
 
 def markdown(results: dict) -> str:
     lines = [
-        "| model | EM | F1 | HasAns F1 | NoAns F1 | best F1 | forced span F1 | train time (s) | peak RSS (MiB) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| model | EM | F1 | HasAns F1 | NoAns F1 | best F1 | forced span F1 | has-answer AUC | train time (s) | peak RSS (MiB) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results["rows"]:
         train = r["stages"].get("train") or r["stages"].get("fine-tune")
         mark = " (resumed: last part only)" if train.get("resumed_from_checkpoint") else ""
         lines.append(f"| {r['model']} | {r.get('exact')} | {r.get('f1')} | {r.get('HasAns_f1')} | {r.get('NoAns_f1')} "
-                     f"| {r.get('best_f1')} | {r.get('HasAns_f1_forced')} | {train['seconds']}{mark} | {train['peak_rss_mib']} |")
+                     f"| {r.get('best_f1')} | {r.get('HasAns_f1_forced')} | {r.get('has_answer_auc', '–')} | {train['seconds']}{mark} "
+                     f"| {train['peak_rss_mib']} |")
     lines.append("")
     logits = results.get("teacher_logits")
     lines.append(f"Always-abstain baseline F1: {results['abstain_baseline_f1']}. "

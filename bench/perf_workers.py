@@ -330,7 +330,7 @@ def student_worker(cfg: dict) -> dict:
     pairs = find_shard_pairs(work / "data" / "features" / "train",
                              work / "data" / "teacher" / "train" if mode == "offline" else None)
     verify_alignment(pairs)
-    stream = ShardStream(pairs, cfg["batch_size"], cfg["seed"], pad)
+    stream = ShardStream(pairs, cfg["batch_size"], cfg["seed"], pad, pad_to_multiple_of=s.pad_to_multiple_of)
     steps = stream.steps_in_epoch(0)
     optimizer = build_optimizer(student, cfg["learning_rate"], s.weight_decay, device)
     warmup_steps = cfg["warmup_steps"]

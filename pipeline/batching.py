@@ -20,10 +20,15 @@ def answer_mask(context_start, context_end, width: int) -> torch.Tensor:
 
 
 def pad_batch(input_ids: list[np.ndarray], token_type_ids: list[np.ndarray], context_start, context_end,
-              pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Model inputs for a list of features, padded to the longest one (not to max_seq_len)."""
+              pad_token_id: int, multiple: int = 1, max_width: int | None = None) -> dict[str, torch.Tensor]:
+    """Model inputs for a list of features, padded to the longest one (not to max_seq_len), rounded up to a
+    `multiple` of tokens but not past `max_width` (the model's position table). Rounding keeps the number of
+    distinct batch shapes small: in a long training run every new width costs allocator arenas and
+    oneDNN/CUDA kernel caches that are not given back."""
     lengths = [len(x) for x in input_ids]
-    width = max(lengths)
+    width = -(-max(lengths) // multiple) * multiple
+    if max_width is not None:
+        width = max(max(lengths), min(width, max_width))
     ids = np.full((len(input_ids), width), pad_token_id, dtype=np.int64)
     types = np.zeros((len(input_ids), width), dtype=np.int64)
     attention = np.zeros((len(input_ids), width), dtype=np.int64)

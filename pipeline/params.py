@@ -57,6 +57,9 @@ class StudentParams:
     temperature: float = 5.0
     distillation_weight: float = 1.0  # w in w*T^2*KL + (1-w)*CE; 0 is plain supervised fine-tuning
     dropout: float = 0.1  # hidden (and embeddings) dropout of the student
+    # Batch width rounded up to a multiple of this many tokens: few distinct shapes keep the training
+    # process's memory flat (bench row 5: +10% -> +3% at 10x the data) and suit tensor cores; 1 = exact.
+    pad_to_multiple_of: int = 8
     seed: int = 42
     max_steps: int | None = None  # optional cap on optimizer steps, for quick runs
     checkpoint_every: int = 500  # steps between resumable checkpoints (0 disables)
@@ -94,6 +97,7 @@ _RANGES = {
     "student.temperature": (0, None, True), "student.distillation_weight": (0, 1), "student.dropout": (0, 1),
     "student.max_steps": (1, None), "student.checkpoint_every": (0, None), "student.log_every": (0, None),
     "student.eval_every": (0, None), "student.num_workers": (0, None), "student.seed": (0, None),
+    "student.pad_to_multiple_of": (1, None),
     "evaluate.n_best": (1, None), "evaluate.max_answer_len": (1, None), "evaluate.batch_size": (1, None),
 }
 

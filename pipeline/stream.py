@@ -69,8 +69,9 @@ class ShardStream(IterableDataset):
     """One epoch of training batches for one rank; set `epoch` before each pass."""
 
     def __init__(self, pairs: list[ShardPair], batch_size: int, seed: int, pad_token_id: int,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, pad_to_multiple_of: int = 1, max_width: int | None = None):
         self.pairs = pairs
+        self.pad_to_multiple_of, self.max_width = pad_to_multiple_of, max_width  # batch width rounding
         self.batch_size = batch_size
         self.seed = seed
         self.pad_token_id = pad_token_id
@@ -123,7 +124,8 @@ class ShardStream(IterableDataset):
         for lo in range(0, pair.rows, self.batch_size):
             rows = order[lo : lo + self.batch_size]
             batch = pad_batch([input_ids[i] for i in rows], [token_types[i] for i in rows],
-                              context_start[rows], context_end[rows], self.pad_token_id)
+                              context_start[rows], context_end[rows], self.pad_token_id,
+                              self.pad_to_multiple_of, self.max_width)
             batch["start_positions"] = torch.from_numpy(start_positions[rows])
             batch["end_positions"] = torch.from_numpy(end_positions[rows])
             if logits is not None:

@@ -132,7 +132,8 @@ def run_student(params: Params, resume: str = "auto") -> None:
     torch.manual_seed(s.seed)
     model = build_student(s).to(device)
     check_sequence_length(model, features_manifest.get("prepare", {}).get("max_seq_len", 0), s.model)
-    stream = ShardStream(pairs, s.batch_size, s.seed, tokenizer.pad_token_id, rank, world)
+    stream = ShardStream(pairs, s.batch_size, s.seed, tokenizer.pad_token_id, rank, world, s.pad_to_multiple_of,
+                         getattr(model.config, "max_position_embeddings", None))
     steps_per_epoch = [stream.steps_in_epoch(e) for e in range(s.epochs)]
     total_steps = sum(steps_per_epoch) if not s.max_steps else min(sum(steps_per_epoch), s.max_steps)
     if total_steps == 0:

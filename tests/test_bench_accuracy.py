@@ -45,7 +45,8 @@ def test_accuracy_benchmark_quick_mode_runs_every_stage(tmp_path):
     names = [r["model"] for r in results["rows"]]
     assert names[0].startswith("teacher") and len(names) == 1 + len(results["config"]["students"])
     for row in results["rows"]:
-        assert {"exact", "f1", "total", "HasAns_f1_forced"} <= set(row)
+        assert {"exact", "f1", "total", "HasAns_f1_forced", "has_answer_auc"} <= set(row)
+        assert 0 <= row["has_answer_auc"] <= 1 or row["has_answer_auc"] != row["has_answer_auc"]  # or NaN
         assert all(stage["seconds"] > 0 and stage["peak_rss_mib"] > 0 for stage in row["stages"].values())
     # 7 articles train, the rest are held out: the held-out questions are exactly the last 2 articles'.
     assert results["rows"][0]["total"] == 2 * 1 * 3
@@ -95,3 +96,23 @@ def test_shipped_student_variants_are_valid_student_settings():
     assert len({spec["name"] for spec in specs}) == len(specs)
     for spec in specs:
         assert set(spec) - {"name"} <= known, spec
+
+
+def test_has_answer_auc_equals_the_pairwise_definition():
+    """The rank formula must equal counting pairs directly: P(na_prob of an answerable < an unanswerable's),
+    ties counted half."""
+    import random
+
+    from bench.accuracy import has_answer_auc
+
+    rng = random.Random(3)
+    for _ in range(20):
+        ids = [f"q{i}" for i in range(rng.randint(2, 40))]
+        answerable = {q: rng.random() < 0.5 for q in ids}
+        answerable[ids[0]], answerable[ids[1]] = True, False  # both kinds present
+        na = {q: rng.choice([0.1, 0.2, 0.5, 0.9, rng.random()]) for q in ids}  # plenty of ties
+        has = [na[q] for q in ids if answerable[q]]
+        not_ = [na[q] for q in ids if not answerable[q]]
+        direct = sum((h < n) + 0.5 * (h == n) for h in has for n in not_) / (len(has) * len(not_))
+        assert has_answer_auc(na, answerable) == pytest.approx(direct, abs=1e-12)
+    assert has_answer_auc({"a": 0.1, "b": 0.9}, {"a": True, "b": False}) == 1.0  # a perfect ranking

@@ -428,6 +428,40 @@ def test_stream_batches_carry_each_features_own_teacher_logits(prepared_run):
             assert b["token_type_ids"][i, :n].tolist() == f["token_type_ids"]
 
 
+def test_rounded_batch_width_changes_shapes_not_the_loss(prepared_run):
+    """pad_to_multiple_of rounds each batch's width up (capped at the model's position table); the extra
+    positions are padding in every input and mask, so the model's logits at real tokens and the loss match
+    the exact-width batch."""
+    import torch
+
+    from pipeline.losses import distillation_loss
+    from pipeline.models import load_qa_model
+    from pipeline.stream import ShardStream, find_shard_pairs
+
+    pairs = find_shard_pairs(prepared_run / "data/features/train", prepared_run / "data/teacher/train")
+    exact = list(ShardStream(pairs, 5, 7, pad_token_id=0))
+    rounded = list(ShardStream(pairs, 5, 7, pad_token_id=0, pad_to_multiple_of=16))
+    capped = list(ShardStream(pairs, 5, 7, pad_token_id=0, pad_to_multiple_of=16, max_width=44))
+    model = load_qa_model(str(prepared_run / INPUTS / "student")).eval()
+    assert len(exact) == len(rounded) == len(capped)
+    for a, b, c in zip(exact, rounded, capped):
+        w = a["input_ids"].shape[1]
+        assert b["input_ids"].shape[1] == -(-w // 16) * 16
+        assert c["input_ids"].shape[1] == max(w, min(-(-w // 16) * 16, 44))
+        for key in a:  # same values at the real width (positions are per row), padding beyond it
+            torch.testing.assert_close(b[key][:, :w] if a[key].dim() == 2 else b[key], a[key])
+        assert not b["attention_mask"][:, w:].any() and not b["answer_mask"][:, w:].any()
+        losses = []
+        for batch in (a, b):
+            with torch.no_grad():
+                out = model(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
+                            attention_mask=batch["attention_mask"])
+            losses.append(distillation_loss(out.start_logits, out.end_logits, batch["start_positions"],
+                                            batch["end_positions"], batch["answer_mask"], batch["teacher_start"],
+                                            batch["teacher_end"], 2.0, 0.5).total)
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
+
+
 def test_stream_shuffles_every_epoch_reproducibly(prepared_run):
     stream = _stream(prepared_run)
     epoch0, _ = _epoch_rows(stream, 0)
