@@ -136,6 +136,7 @@ def run_stage(workdir: Path, *args: str, upstream: tuple[str, ...] = ()) -> dict
     log_path = workdir / f"{args[0]}.log"
     # kdqa student continues from a checkpoint left by an interrupted run (same settings) on its own.
     resumes = args[0] == "student" and (workdir / "checkpoints" / "student" / "state.json").exists()
+    log_start = log_path.stat().st_size if log_path.exists() else 0
     started = time.perf_counter()
     with open(log_path, "a") as log:
         proc = subprocess.Popen([sys.executable, "-m", "pipeline", "-q", *args], cwd=workdir, env=env,
@@ -145,6 +146,10 @@ def run_stage(workdir: Path, *args: str, upstream: tuple[str, ...] = ()) -> dict
     print(f"{workdir.name}: kdqa {args[0]} {seconds:.0f} s, peak RSS {usage.ru_maxrss / 1024:.0f} MiB", flush=True)
     if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(f"kdqa {' '.join(args)} failed in {workdir}; see {log_path}:\n{log_path.read_text()[-2000:]}")
+    if resumes:  # ...unless its settings changed: then it warns (shown even with -q) and starts over
+        with open(log_path, "rb") as log:
+            log.seek(log_start)
+            resumes = b"not resuming, settings changed" not in log.read()
     # A resumed stage's time and memory cover only its last part: the record says so.
     result = {"seconds": round(seconds, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "key": key,
               "resumed_from_checkpoint": resumes}
