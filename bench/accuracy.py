@@ -54,6 +54,12 @@ FULL = {
         {"name": "distilled w=1, T=2", "distillation_weight": 1.0, "temperature": 2.0},
         {"name": "distilled w=1, T=5", "distillation_weight": 1.0, "temperature": 5.0},
         {"name": "distilled w=0.5, T=2", "distillation_weight": 0.5, "temperature": 2.0},
+        # Cut from the fine-tuned teacher instead of the raw encoder (DistilBERT-style initialisation): the
+        # method change that brought span quality to ~84% of the teacher's (README, Accuracy). Its own
+        # hard-label run separates what the initialisation gives from what the distillation loss adds.
+        {"name": "hard labels, cut from the teacher", "distillation_weight": 0.0, "temperature": 1.0, "model": "teacher"},
+        {"name": "distilled w=1, T=5, cut from the teacher", "distillation_weight": 1.0, "temperature": 5.0,
+         "model": "teacher"},
     ],
 }
 # What fits in about an hour on a 2-core CPU (about 500 tokens/s of MiniLM-L6 training there): one epoch.
@@ -317,7 +323,8 @@ def main() -> None:
         # A spec may set any student.* key; "model: teacher" cuts the student from the fine-tuned teacher.
         student = {"model": encoder, "init_layers": cfg["student_layers"], **cfg["student_training"],
                    **{k: v for k, v in spec.items() if k != "name"}}
-        if student["model"] == "teacher":
+        init = "teacher" if student["model"] == "teacher" else "encoder"
+        if init == "teacher":
             student["model"] = teacher_model
         write_params(sdir, cfg, train, dev, teacher_model, student)
         link_data(ldir, sdir)
@@ -326,7 +333,7 @@ def main() -> None:
         n_layers = len(student['init_layers'])
         row = {"model": f"student {n_layers} layer{'s' if n_layers != 1 else ''}, {spec['name']}", **scores(sdir),
                "distillation_weight": student["distillation_weight"], "temperature": student["temperature"],
-               "stages": {"train": train_stage, "evaluate": eval_stage}}
+               "init": init, "stages": {"train": train_stage, "evaluate": eval_stage}}
         with lock:
             results["rows"].append(row)
         save()
@@ -377,7 +384,16 @@ def goals(results: dict) -> dict | None:
         return None
     best = max(distilled, key=lambda r: (r["f1"], r["HasAns_f1_forced"]))
     best_forced = max(distilled, key=lambda r: r["HasAns_f1_forced"])
-    baseline = hard[0]
+    # The baseline is the student that never saw the teacher: cut from the raw encoder, trained on hard labels.
+    baseline = next((r for r in hard if r.get("init", "encoder") == "encoder"), hard[0])
+    same_init = None  # students cut from the fine-tuned teacher: what the distillation loss adds on top of that
+    hard_t = [r for r in hard if r.get("init") == "teacher"]
+    distilled_t = [r for r in distilled if r.get("init") == "teacher"]
+    if hard_t and distilled_t:
+        best_t = max(distilled_t, key=lambda r: r["HasAns_f1_forced"])
+        same_init = {"distilled": best_t["model"], "hard_labels": hard_t[0]["model"],
+                     "f1_gain": round(best_t["f1"] - hard_t[0]["f1"], 2),
+                     "forced_f1_gain": round(best_t["HasAns_f1_forced"] - hard_t[0]["HasAns_f1_forced"], 2)}
     measured = {
         "teacher_over_abstain_f1": round(teacher["f1"] - results["abstain_baseline_f1"], 2),
         "student_f1_gain": round(best["f1"] - baseline["f1"], 2),
@@ -385,7 +401,7 @@ def goals(results: dict) -> dict | None:
         "student_share_of_teacher_forced": round(best_forced["HasAns_f1_forced"] / max(teacher["HasAns_f1_forced"], 1e-9), 3),
     }
     return {"best_by_f1": best["model"], "best_by_forced_f1": best_forced["model"], "hard_labels": baseline["model"],
-            "measured": measured, "met": {k: measured[k] > GOALS[k] if k == "teacher_over_abstain_f1"
+            "same_init_from_teacher": same_init, "measured": measured, "met": {k: measured[k] > GOALS[k] if k == "teacher_over_abstain_f1"
                                           else measured[k] >= GOALS[k] for k in GOALS}}
 
 
@@ -416,7 +432,12 @@ def markdown(results: dict) -> str:
                   f"| best distilled student F1 minus hard-label student F1 | {m['student_f1_gain']:+.2f} | >= +3 | {word[met['student_f1_gain']]} |",
                   f"| best distilled forced span F1 minus hard-label | {m['student_forced_f1_gain']:+.2f} | >= +10 | {word[met['student_forced_f1_gain']]} |",
                   f"| best distilled forced span F1 / teacher's | {100 * m['student_share_of_teacher_forced']:.0f}% | >= 85% | {word[met['student_share_of_teacher_forced']]} |",
-                  "", f"Best distilled by F1: {verdicts['best_by_f1']}; by forced span F1: {verdicts['best_by_forced_f1']}."]
+                  "", f"Best distilled by F1: {verdicts['best_by_f1']}; by forced span F1: {verdicts['best_by_forced_f1']}; "
+                  f"hard-label baseline: {verdicts['hard_labels']}."]
+        same = verdicts.get("same_init_from_teacher")
+        if same:
+            lines.append(f"Both cut from the fine-tuned teacher, the distillation loss alone adds {same['f1_gain']:+.2f} F1 "
+                         f"and {same['forced_f1_gain']:+.2f} forced span F1 ({same['distilled']} vs {same['hard_labels']}).")
     return "\n".join(lines) + "\n"
 
 

@@ -20,8 +20,9 @@ def test_accuracy_benchmark_quick_mode_runs_every_stage(tmp_path):
     encoder = tiny.make_model(tmp_path / "encoder", layers=3)
     data = tiny.make_squad(tmp_path / "squad.json", articles=9, paragraphs=1, questions=3)
     out = tmp_path / "out"
-    students = tmp_path / "students.yaml"  # one cut from the fine-tuned teacher, one with its own layers
-    students.write_text('- {name: "from teacher", distillation_weight: 1.0, temperature: 2.0, model: teacher}\n'
+    students = tmp_path / "students.yaml"  # two cut from the fine-tuned teacher, one with its own layers
+    students.write_text('- {name: "hard from teacher", distillation_weight: 0.0, temperature: 1.0, model: teacher}\n'
+                        '- {name: "from teacher", distillation_weight: 1.0, temperature: 2.0, model: teacher}\n'
                         '- {name: "hard, layer 0", distillation_weight: 0.0, temperature: 1.0, init_layers: [0]}\n')
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "DVC_NO_ANALYTICS": "1"}
     # --out relative to the working directory (the stages themselves run inside their own work folders)
@@ -40,7 +41,12 @@ def test_accuracy_benchmark_quick_mode_runs_every_stage(tmp_path):
     # The goals are judged in the output: one hard-label student and one distilled one are enough to compare.
     assert set(results["goals"]["met"]) == {"teacher_over_abstain_f1", "student_f1_gain", "student_forced_f1_gain",
                                             "student_share_of_teacher_forced"}
+    # The baseline never saw the teacher (listed after a hard-label student cut from the teacher, on purpose);
+    # the two cut from the teacher are compared with each other as well.
     assert results["goals"]["hard_labels"].endswith("hard, layer 0")
+    same = results["goals"]["same_init_from_teacher"]
+    assert same["hard_labels"].endswith("hard from teacher") and same["distilled"].endswith(", from teacher")
+    assert [r["init"] for r in results["rows"][1:]] == ["teacher", "teacher", "encoder"]
     assert "| best distilled forced span F1 / teacher's |" in (tmp_path / "out" / "results.md").read_text()
     names = [r["model"] for r in results["rows"]]
     assert names[0].startswith("teacher") and len(names) == 1 + len(results["config"]["students"])
@@ -58,11 +64,12 @@ def test_accuracy_benchmark_quick_mode_runs_every_stage(tmp_path):
     assert cut["model"] == str((out / "teacher" / "models" / "student").resolve()) and cut["init_layers"] == [0, 2]
     own = yaml.safe_load((out / "student-hard--layer-0" / "params.yaml").read_text())["student"]
     assert own["init_layers"] == [0] and own["model"] == str(encoder.resolve()) and own["learning_rate"] == 0.002
-    assert names[1:] == ["student 2 layers, from teacher", "student 1 layer, hard, layer 0"]
+    assert names[1:] == ["student 2 layers, hard from teacher", "student 2 layers, from teacher",
+                         "student 1 layer, hard, layer 0"]
 
     # A rerun reuses every finished stage and reports the same scores.
     again = bench("--set", "student_training.learning_rate=0.002")
-    assert again.count("already done") == 3 + 1 + 2 * 2  # teacher: prepare, fine-tune, evaluate; logits; students
+    assert again.count("already done") == 3 + 1 + 3 * 2  # teacher: prepare, fine-tune, evaluate; logits; students
     def scores_only(rows):
         return [{k: v for k, v in row.items() if k != "stages"} for row in rows]
 
