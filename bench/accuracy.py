@@ -57,7 +57,8 @@ FULL = {
         # Cut from the fine-tuned teacher instead of the raw encoder (DistilBERT-style initialisation): the
         # method change that brought span quality to ~84% of the teacher's (README, Accuracy). Its own
         # hard-label run separates what the initialisation gives from what the distillation loss adds.
-        {"name": "hard labels, cut from the teacher", "distillation_weight": 0.0, "temperature": 1.0, "model": "teacher"},
+        {"name": "hard labels, cut from the teacher", "distillation_weight": 0.0, "temperature": 1.0,
+         "model": "teacher"},
         {"name": "distilled w=1, T=5, cut from the teacher", "distillation_weight": 1.0, "temperature": 5.0,
          "model": "teacher"},
     ],

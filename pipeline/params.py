@@ -40,7 +40,9 @@ class TeacherParams:
     batch_size: int = 64  # upper bound on features per batch
     max_tokens_per_batch: int = 16384  # length-aware batches are capped by padded tokens too
     nproc: int = 1  # processes under torchrun; not a dependency of the stage (output is identical)
-    precision: str = "auto"  # auto (bfloat16 where the hardware has it: CUDA, AVX512-BF16/AMX CPUs) | bfloat16 | float16 | float32
+    # auto = bfloat16 where the hardware computes it (CUDA, AVX512-BF16/AMX CPUs), else float32; or one of
+    # bfloat16 | float16 | float32. Part of the logits' fingerprint.
+    precision: str = "auto"
     trust_remote_code: bool = False
 
 
