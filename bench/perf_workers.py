@@ -164,7 +164,7 @@ def teacher_worker(cfg: dict) -> dict:
     torch, device = setup_torch(cfg["threads"])
     import numpy as np
 
-    from pipeline.inference import INFERENCE_COLUMNS, autocast_dtype, model_logits
+    from pipeline.inference import INFERENCE_COLUMNS, autocast_dtype, model_logits, precision_name
     from pipeline.models import load_qa_model, load_tokenizer, vocab_fingerprint, weights_fingerprint
     from pipeline.params import Params
     from pipeline.shards import list_column_to_numpy, list_shards, read_table
@@ -235,7 +235,7 @@ def teacher_worker(cfg: dict) -> dict:
     results = {"features": n, "mean_length": float(lengths.mean()), "max_seq_len": max_seq_len,
                "load_s": load_s, "plain_batch_size": plain_batch, "teacher_batch_size": max_batch,
                "max_tokens_per_batch": max_tokens, "device": device_name(torch, device),
-               "precision": str(ours_dtype).removeprefix("torch.") if ours_dtype is not None else "float32"}
+               "precision": precision_name(ours_dtype)}
 
     params = Params()
     params.teacher.batch_size = max_batch

@@ -36,7 +36,7 @@ from pipeline.models import (
     weights_fingerprint,
 )
 from pipeline.params import Params
-from pipeline.inference import autocast_dtype, shard_logits
+from pipeline.inference import autocast_dtype, precision_name, shard_logits
 from pipeline.progress import progress
 from pipeline.shards import (
     fingerprint_of,
@@ -120,7 +120,7 @@ def run_split(model, tokenizer, split: str, params: Params, key_parts: dict, dev
         raise KdqaError(f"{features_dir}: no feature shards (run `kdqa prepare`)")
     features_manifest = verify_shards(features_dir, "kdqa prepare")  # intact features, or a named error
     dtype = autocast_dtype(device, params.teacher.precision)
-    precision = str(dtype).removeprefix("torch.") if dtype is not None else "float32"
+    precision = precision_name(dtype)
     # The logits' meaning (checked by the student): teacher, vocabulary, features and the precision they were
     # computed in; the resume key adds the device type.
     fingerprint_parts = {**key_parts, "features": features_manifest["bytes_fingerprint"], "precision": precision}
