@@ -195,7 +195,57 @@ def scores(workdir: Path) -> dict:
         dev = json.loads(Path(yaml.safe_load((workdir / "params.yaml").read_text())["data"]["dev"]).read_text())
         answerable = {q["id"]: bool(q.get("answers")) for a in dev["data"] for p in a["paragraphs"] for q in p["qas"]}
         row["has_answer_auc"] = round(has_answer_auc(json.loads(na_probs.read_text()), answerable), 3)
+    predictions = workdir / "results" / "predictions.json"
+    if predictions.exists():  # how often the model answers at all: F1 near the abstain baseline hides this
+        texts = json.loads(predictions.read_text()).values()
+        row["answered_pct"] = round(100 * sum(1 for t in texts if t) / max(len(texts), 1), 1)
     return row
+
+
+def per_question_f1(workdir: Path) -> dict[str, dict[str, float]]:
+    """{"f1": {id: F1 of the given answer}, "forced": {id: F1 of the forced span, answerable ids only}}, with the
+    official semantics (pipeline.squad_metrics), from the files `kdqa evaluate` wrote."""
+    from pipeline.squad_metrics import raw_scores
+
+    dev = json.loads(Path(yaml.safe_load((workdir / "params.yaml").read_text())["data"]["dev"]).read_text())
+    golds = {q["id"]: [a["text"] for a in q.get("answers", [])] for a in dev["data"] for p in a["paragraphs"]
+             for q in p["qas"]}
+    out = {"f1": raw_scores(golds, json.loads((workdir / "results" / "predictions.json").read_text()))[1]}
+    forced = workdir / "results" / "forced_predictions.json"
+    if forced.exists():  # evaluations from before kdqa kept the forced spans have only the overall scores
+        out["forced"] = raw_scores({q: g for q, g in golds.items() if g}, json.loads(forced.read_text()))[1]
+    return out
+
+
+def paragraph_of(dev_path: Path) -> dict[str, int]:
+    """Question id -> index of its context: the unit the bootstrap below resamples."""
+    dev = json.loads(dev_path.read_text())
+    paragraphs = [p for a in dev["data"] for p in a["paragraphs"]]
+    return {q["id"]: i for i, p in enumerate(paragraphs) for q in p["qas"]}
+
+
+def paired_bootstrap_ci(a: dict[str, float], b: dict[str, float], cluster: dict[str, int],
+                        resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% interval of mean(a) - mean(b) over the questions both score, in points (x100).
+
+    Paired: both models are scored on the same resampled questions, so only their difference varies. Questions
+    on one context are not independent (one misread paragraph costs several), so whole paragraphs are resampled.
+    This is the spread from *which* held-out questions were asked; training noise (seed) comes on top."""
+    import random
+
+    sums: dict[int, list[float]] = {}
+    for q in a.keys() & b.keys():
+        entry = sums.setdefault(cluster[q], [0.0, 0])
+        entry[0] += a[q] - b[q]
+        entry[1] += 1
+    units = list(sums.values())
+    rng = random.Random(seed)
+    diffs = []
+    for _ in range(resamples):
+        drawn = rng.choices(units, k=len(units))
+        diffs.append(100 * sum(d for d, _ in drawn) / sum(n for _, n in drawn))
+    diffs.sort()
+    return round(diffs[int(0.025 * resamples)], 2), round(diffs[int(0.975 * resamples) - 1], 2)
 
 
 def has_answer_auc(na_probs: dict[str, float], answerable: dict[str, bool]) -> float:
@@ -306,7 +356,7 @@ def main() -> None:
     t_train = run_stage(tdir, "student", upstream=(t_prep["key"],))
     t_eval = run_stage(tdir, "evaluate", upstream=(t_train["key"],))
     teacher_model = str((tdir / "models" / "student").resolve())
-    results["rows"].append({"model": "teacher: MiniLM-L6 fine-tuned (6 layers)", **scores(tdir),
+    results["rows"].append({"model": "teacher: MiniLM-L6 fine-tuned (6 layers)", **scores(tdir), "workdir": str(tdir),
                             "stages": {"prepare": t_prep, "fine-tune": t_train, "evaluate": t_eval}})
     save()
 
@@ -334,7 +384,7 @@ def main() -> None:
         n_layers = len(student['init_layers'])
         row = {"model": f"student {n_layers} layer{'s' if n_layers != 1 else ''}, {spec['name']}", **scores(sdir),
                "distillation_weight": student["distillation_weight"], "temperature": student["temperature"],
-               "init": init, "stages": {"train": train_stage, "evaluate": eval_stage}}
+               "init": init, "workdir": str(sdir), "stages": {"train": train_stage, "evaluate": eval_stage}}
         with lock:
             results["rows"].append(row)
         save()
@@ -394,7 +444,8 @@ def goals(results: dict) -> dict | None:
         best_t = max(distilled_t, key=lambda r: r["HasAns_f1_forced"])
         same_init = {"distilled": best_t["model"], "hard_labels": hard_t[0]["model"],
                      "f1_gain": round(best_t["f1"] - hard_t[0]["f1"], 2),
-                     "forced_f1_gain": round(best_t["HasAns_f1_forced"] - hard_t[0]["HasAns_f1_forced"], 2)}
+                     "forced_f1_gain": round(best_t["HasAns_f1_forced"] - hard_t[0]["HasAns_f1_forced"], 2),
+                     "ci95": gain_intervals(best_t, best_t, hard_t[0])}
     measured = {
         "teacher_over_abstain_f1": round(teacher["f1"] - results["abstain_baseline_f1"], 2),
         "student_f1_gain": round(best["f1"] - baseline["f1"], 2),
@@ -402,20 +453,42 @@ def goals(results: dict) -> dict | None:
         "student_share_of_teacher_forced": round(best_forced["HasAns_f1_forced"] / max(teacher["HasAns_f1_forced"], 1e-9), 3),
     }
     return {"best_by_f1": best["model"], "best_by_forced_f1": best_forced["model"], "hard_labels": baseline["model"],
-            "same_init_from_teacher": same_init, "measured": measured, "met": {k: measured[k] > GOALS[k] if k == "teacher_over_abstain_f1"
+            "same_init_from_teacher": same_init, "measured": measured,
+            "ci95": gain_intervals(best, best_forced, baseline), "met": {k: measured[k] > GOALS[k] if k == "teacher_over_abstain_f1"
                                           else measured[k] >= GOALS[k] for k in GOALS}}
+
+
+def gain_intervals(by_f1: dict, by_forced: dict, baseline: dict) -> dict:
+    """95% paired-bootstrap intervals of the two gains over `baseline` (F1 of by_f1, forced span F1 of by_forced);
+    a gain whose files are missing (rows without a work folder, old evaluations) is left out."""
+    if not all(Path(r.get("workdir", "/nonexistent"), "results", "predictions.json").exists()
+               for r in (by_f1, by_forced, baseline)):
+        return {}
+    base = per_question_f1(Path(baseline["workdir"]))
+    cluster = paragraph_of(Path(yaml.safe_load((Path(baseline["workdir"]) / "params.yaml").read_text())["data"]["dev"]))
+    out = {"f1_gain": paired_bootstrap_ci(per_question_f1(Path(by_f1["workdir"]))["f1"], base["f1"], cluster)}
+    forced = per_question_f1(Path(by_forced["workdir"])).get("forced")
+    if forced is not None and "forced" in base:
+        out["forced_f1_gain"] = paired_bootstrap_ci(forced, base["forced"], cluster)
+    return out
+
+
+def interval(ci: tuple[float, float] | list[float] | None) -> str:
+    return f"{ci[0]:+.2f} to {ci[1]:+.2f}" if ci else "–"
 
 
 def markdown(results: dict) -> str:
     lines = [
-        "| model | EM | F1 | HasAns F1 | NoAns F1 | best F1 | forced span F1 | has-answer AUC | train time (s) | peak RSS (MiB) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| model | EM | F1 | HasAns F1 | NoAns F1 | best F1 | forced span F1 | has-answer AUC | answered % | train time (s) "
+        "| peak RSS (MiB) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results["rows"]:
         train = r["stages"].get("train") or r["stages"].get("fine-tune")
         mark = " (resumed: last part only)" if train.get("resumed_from_checkpoint") else ""
         lines.append(f"| {r['model']} | {r.get('exact')} | {r.get('f1')} | {r.get('HasAns_f1')} | {r.get('NoAns_f1')} "
-                     f"| {r.get('best_f1')} | {r.get('HasAns_f1_forced')} | {r.get('has_answer_auc', '–')} | {train['seconds']}{mark} "
+                     f"| {r.get('best_f1')} | {r.get('HasAns_f1_forced')} | {r.get('has_answer_auc', '–')} | {r.get('answered_pct', '–')} "
+                     f"| {train['seconds']}{mark} "
                      f"| {train['peak_rss_mib']} |")
     lines.append("")
     logits = results.get("teacher_logits")
@@ -428,17 +501,27 @@ def markdown(results: dict) -> str:
     if verdicts:
         m, met = verdicts["measured"], verdicts["met"]
         word = {True: "met", False: "**missed**"}
-        lines += ["", "| goal | measured | target | |", "| --- | --- | --- | --- |",
-                  f"| teacher F1 above always-abstain | {m['teacher_over_abstain_f1']:+.2f} | > 0 | {word[met['teacher_over_abstain_f1']]} |",
-                  f"| best distilled student F1 minus hard-label student F1 | {m['student_f1_gain']:+.2f} | >= +3 | {word[met['student_f1_gain']]} |",
-                  f"| best distilled forced span F1 minus hard-label | {m['student_forced_f1_gain']:+.2f} | >= +10 | {word[met['student_forced_f1_gain']]} |",
-                  f"| best distilled forced span F1 / teacher's | {100 * m['student_share_of_teacher_forced']:.0f}% | >= 85% | {word[met['student_share_of_teacher_forced']]} |",
+        ci = verdicts.get("ci95", {})
+        lines += ["", "| goal | measured | 95% interval | target | |", "| --- | --- | --- | --- | --- |",
+                  f"| teacher F1 above always-abstain | {m['teacher_over_abstain_f1']:+.2f} | – | > 0 "
+                  f"| {word[met['teacher_over_abstain_f1']]} |",
+                  f"| best distilled student F1 minus hard-label student F1 | {m['student_f1_gain']:+.2f} "
+                  f"| {interval(ci.get('f1_gain'))} | >= +3 | {word[met['student_f1_gain']]} |",
+                  f"| best distilled forced span F1 minus hard-label | {m['student_forced_f1_gain']:+.2f} "
+                  f"| {interval(ci.get('forced_f1_gain'))} | >= +10 | {word[met['student_forced_f1_gain']]} |",
+                  f"| best distilled forced span F1 / teacher's | {100 * m['student_share_of_teacher_forced']:.0f}% | – "
+                  f"| >= 85% | {word[met['student_share_of_teacher_forced']]} |",
                   "", f"Best distilled by F1: {verdicts['best_by_f1']}; by forced span F1: {verdicts['best_by_forced_f1']}; "
                   f"hard-label baseline: {verdicts['hard_labels']}."]
         same = verdicts.get("same_init_from_teacher")
         if same:
+            same_ci = same.get("ci95", {})
             lines.append(f"Both cut from the fine-tuned teacher, the distillation loss alone adds {same['f1_gain']:+.2f} F1 "
-                         f"and {same['forced_f1_gain']:+.2f} forced span F1 ({same['distilled']} vs {same['hard_labels']}).")
+                         f"({interval(same_ci.get('f1_gain'))}) and {same['forced_f1_gain']:+.2f} forced span F1 "
+                         f"({interval(same_ci.get('forced_f1_gain'))}) ({same['distilled']} vs {same['hard_labels']}).")
+        if ci:
+            lines.append("Intervals: paired bootstrap over the held-out paragraphs (2,000 resamples): the spread from "
+                         "which questions were asked, not from training noise (another seed moves a model too).")
     return "\n".join(lines) + "\n"
 
 

@@ -158,7 +158,7 @@ def evaluate(ctx, model_dir):
     Reads:  --model (default models/student), data/features/dev, data/features/dev_examples.parquet,
             data/teacher/dev (if present), evaluate.*
     Writes: metrics/eval.json, metrics/teacher.json (teacher, same post-processing),
-            results/predictions.json, results/na_probs.json
+            results/predictions.json, results/na_probs.json, results/forced_predictions.json
     """
     from pipeline.evaluate import run_evaluate
 

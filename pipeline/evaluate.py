@@ -3,7 +3,9 @@
 Writes `metrics/eval.json` (official keys plus `HasAns_f1_forced`, the span quality when the best non-null
 span is always given), `results/predictions.json` ({id: text}, "" for no answer) and
 `results/na_probs.json` ({id: no-answer probability}); the official `evaluate-v2.0.py` run on the dev JSON
-with those two files reproduces every official figure in `eval.json`.
+with those two files reproduces every official figure in `eval.json`. `results/forced_predictions.json`
+({id: best non-null span}) is what `HasAns_f1_forced` scores, kept so that per-question span quality can be
+compared between models (bench/accuracy's confidence intervals).
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ def evaluate_model(model, pad_token_id: int, features_dir: Path, params, device)
                   unit="feat", leave=False) as bar:
         preds, na_probs, forced, golds = predict_split(features_dir, logits, params)
     model.train(was_training)
-    return score(preds, na_probs, forced, golds), preds, na_probs
+    return score(preds, na_probs, forced, golds), preds, na_probs, forced
 
 
 def run_evaluate(params, model_dir: Path = Path("models/student")) -> dict:
@@ -111,9 +113,10 @@ def run_evaluate(params, model_dir: Path = Path("models/student")) -> dict:
     device = distributed.device()
     model = load_qa_model(str(model_dir)).to(device)
     tokenizer = load_tokenizer(str(model_dir))
-    metrics, preds, na_probs = evaluate_model(model, tokenizer.pad_token_id, features_dir, params, device)
+    metrics, preds, na_probs, forced = evaluate_model(model, tokenizer.pad_token_id, features_dir, params, device)
     write_json_atomic(Path("results/predictions.json"), preds)
     write_json_atomic(Path("results/na_probs.json"), na_probs)
+    write_json_atomic(Path("results/forced_predictions.json"), forced)
     write_json_atomic(Path("metrics/eval.json"), metrics)
     log.info("student on dev: EM %.2f F1 %.2f (HasAns F1 %.2f, NoAns F1 %.2f, forced span F1 %.2f)",
              metrics["exact"], metrics["f1"], metrics.get("HasAns_f1", float("nan")),

@@ -222,7 +222,7 @@ def run_student(params: Params, resume: str = "auto") -> None:
         elif (FEATURES_DIR / "dev").is_dir():  # the card reports the same dev scores `kdqa evaluate` computes
             from pipeline.evaluate import evaluate_model
 
-            dev_metrics, _, _ = evaluate_model(model, tokenizer.pad_token_id, FEATURES_DIR / "dev", CARD_EVALUATION, device)
+            dev_metrics, *_ = evaluate_model(model, tokenizer.pad_token_id, FEATURES_DIR / "dev", CARD_EVALUATION, device)
             # The curve's last point: the final scores also land in the logs, not only in the model card.
             train_log.log_eval(step, f1=dev_metrics["f1"], exact=dev_metrics["exact"],
                                f1_forced=dev_metrics.get("HasAns_f1_forced"))
@@ -253,7 +253,7 @@ def evaluate_during_training(model, tokenizer, params, device, step, train_log) 
     if distributed.is_main():
         from pipeline.evaluate import evaluate_model
 
-        metrics, _, _ = evaluate_model(model, tokenizer.pad_token_id, FEATURES_DIR / "dev", CARD_EVALUATION, device)
+        metrics, *_ = evaluate_model(model, tokenizer.pad_token_id, FEATURES_DIR / "dev", CARD_EVALUATION, device)
         train_log.log_eval(step, f1=metrics["f1"], exact=metrics["exact"], f1_forced=metrics.get("HasAns_f1_forced"))
     distributed.barrier()
     return metrics

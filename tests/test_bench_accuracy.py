@@ -48,12 +48,19 @@ def test_accuracy_benchmark_quick_mode_runs_every_stage(tmp_path):
     assert same["hard_labels"].endswith("hard from teacher") and same["distilled"].endswith(", from teacher")
     assert [r["init"] for r in results["rows"][1:]] == ["teacher", "teacher", "encoder"]
     assert "| best distilled forced span F1 / teacher's |" in (tmp_path / "out" / "results.md").read_text()
+    # Both gains come with a paired-bootstrap interval from the models' own per-question files.
+    for ci in (results["goals"]["ci95"], same["ci95"]):
+        assert set(ci) == {"f1_gain", "forced_f1_gain"} and all(lo <= hi for lo, hi in ci.values())
     names = [r["model"] for r in results["rows"]]
     assert names[0].startswith("teacher") and len(names) == 1 + len(results["config"]["students"])
     for row in results["rows"]:
         assert {"exact", "f1", "total", "HasAns_f1_forced", "has_answer_auc"} <= set(row)
         assert 0 <= row["has_answer_auc"] <= 1 or row["has_answer_auc"] != row["has_answer_auc"]  # or NaN
         assert all(stage["seconds"] > 0 and stage["peak_rss_mib"] > 0 for stage in row["stages"].values())
+    # The answered share is read from the model's own predictions (empty text = abstained).
+    teacher_predictions = json.loads((out / "teacher" / "results" / "predictions.json").read_text())
+    answered = sum(1 for text in teacher_predictions.values() if text)
+    assert results["rows"][0]["answered_pct"] == round(100 * answered / len(teacher_predictions), 1)
     # 7 articles train, the rest are held out: the held-out questions are exactly the last 2 articles'.
     assert results["rows"][0]["total"] == 2 * 1 * 3
     # Every student streamed the one set of teacher logits (the logits stage ran once).
@@ -123,3 +130,26 @@ def test_has_answer_auc_equals_the_pairwise_definition():
         direct = sum((h < n) + 0.5 * (h == n) for h in has for n in not_) / (len(has) * len(not_))
         assert has_answer_auc(na, answerable) == pytest.approx(direct, abs=1e-12)
     assert has_answer_auc({"a": 0.1, "b": 0.9}, {"a": True, "b": False}) == 1.0  # a perfect ranking
+
+
+def test_paired_bootstrap_resamples_whole_paragraphs():
+    """A constant gain has a zero-width interval; when the gain comes in whole paragraphs (as a misread context
+    does), resampling paragraphs must give a wider interval than pretending the questions are independent."""
+    from bench.accuracy import paired_bootstrap_ci
+
+    ids = [f"q{i}" for i in range(100)]
+    base = {q: 0.5 for q in ids}
+    shifted = {q: 0.75 for q in ids}
+    by_paragraph = {q: i // 10 for i, q in enumerate(ids)}  # 10 paragraphs of 10 questions
+    assert paired_bootstrap_ci(shifted, base, by_paragraph) == (25.0, 25.0)
+
+    # Half the paragraphs gain 1 point of F1 per question, the other half nothing: a mean gain of 50 points.
+    clustered = {q: base[q] + (1.0 if by_paragraph[q] % 2 else 0.0) / 2 for q in ids}
+    lo, hi = paired_bootstrap_ci(clustered, base, by_paragraph)
+    own = {q: i for i, q in enumerate(ids)}  # every question its own unit
+    lo_q, hi_q = paired_bootstrap_ci(clustered, base, own)
+    assert lo < 25.0 < hi and lo_q < 25.0 < hi_q
+    assert hi - lo > 2 * (hi_q - lo_q)  # sqrt(100 / 10) ~ 3.2x wider in theory
+    # Only questions both models answered count, and the order of the arguments sets the sign.
+    assert paired_bootstrap_ci(base, shifted, by_paragraph) == (-25.0, -25.0)
+    assert paired_bootstrap_ci({**shifted, "extra": 0.0}, base, by_paragraph | {"extra": 99}) == (25.0, 25.0)

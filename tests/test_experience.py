@@ -145,7 +145,7 @@ def test_model_card(layered_run):
     model = AutoModelForQuestionAnswering.from_pretrained(layered_run / "models/student")
     pad = AutoTokenizer.from_pretrained(layered_run / "models/student").pad_token_id
     with chdir(layered_run):  # evaluate_model reads data/features/dev_examples.parquet relative to the run
-        metrics, _, _ = evaluate_model(model, pad, layered_run / "data/features/dev", CARD_EVALUATION,
+        metrics, *_ = evaluate_model(model, pad, layered_run / "data/features/dev", CARD_EVALUATION,
                                        torch.device("cpu"))
     for label, key in (("Exact match", "exact"), ("F1", "f1"), ("HasAns F1", "HasAns_f1"), ("NoAns F1", "NoAns_f1")):
         assert float(rows[label]) == pytest.approx(metrics[key], abs=0.006), label

@@ -163,6 +163,14 @@ def test_eval_json_has_official_keys_and_matches_a_recomputation(trained_run, ti
     contexts = {qa["id"]: p["context"] for a in json.loads(tiny_assets.dev.read_text())["data"]
                 for p in a["paragraphs"] for qa in p["qas"]}
     assert all(text in contexts[q] for q, text in preds.items())
+    # The forced spans are what HasAns_f1_forced scores: a non-empty span from the context for every question,
+    # equal to the answer wherever the model answered.
+    from pipeline.squad_metrics import forced_span_metrics
+
+    forced = json.loads((run / "results/forced_predictions.json").read_text())
+    assert set(forced) == set(golds) and all(text and text in contexts[q] for q, text in forced.items())
+    assert all(forced[q] == preds[q] for q in preds if preds[q])
+    assert forced_span_metrics(golds, forced)["HasAns_f1_forced"] == pytest.approx(metrics["HasAns_f1_forced"], abs=1e-9)
 
 
 def test_logits_rows_align_with_features(prepared_run):
@@ -293,7 +301,7 @@ def test_eval_curve_ends_with_the_final_models_dev_scores(trained_run):
     assert rows and int(rows[-1]["step"]) == steps
     model = load_qa_model(str(run / "models/student")).eval()
     with chdir(run):  # stage code reads its inputs at paths relative to the project
-        metrics, _, _ = evaluate_model(model, 0, Path("data/features/dev"), CARD_EVALUATION, torch.device("cpu"))
+        metrics, *_ = evaluate_model(model, 0, Path("data/features/dev"), CARD_EVALUATION, torch.device("cpu"))
     assert float(rows[-1]["f1"]) == pytest.approx(metrics["f1"], abs=1e-4)
     assert float(rows[-1]["f1_forced"]) == pytest.approx(metrics["HasAns_f1_forced"], abs=1e-4)
 
