@@ -124,6 +124,10 @@ def stage_key(workdir: Path, stage: str, upstream: tuple[str, ...]) -> str:
     return digest.hexdigest()[:16]
 
 
+class StageFailed(Exception):
+    """A kdqa stage exited non-zero; the message names the work folder and ends with its log."""
+
+
 def run_stage(workdir: Path, *args: str, upstream: tuple[str, ...] = ()) -> dict:
     """Run one kdqa stage as its own process; its wall time and its own peak RSS (os.wait4).
 
@@ -152,7 +156,7 @@ def run_stage(workdir: Path, *args: str, upstream: tuple[str, ...] = ()) -> dict
     seconds = time.perf_counter() - started
     print(f"{workdir.name}: kdqa {args[0]} {seconds:.0f} s, peak RSS {usage.ru_maxrss / 1024:.0f} MiB", flush=True)
     if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"kdqa {' '.join(args)} failed in {workdir}; see {log_path}:\n{log_path.read_text()[-2000:]}")
+        raise StageFailed(f"kdqa {' '.join(args)} failed in {workdir}; see {log_path}:\n{log_path.read_text()[-2000:]}")
     if resumes:  # ...unless its settings changed: then it warns (shown even with -q) and starts over
         with open(log_path, "rb") as log:
             log.seek(log_start)
@@ -234,11 +238,11 @@ def paired_bootstrap_ci(a: dict[str, float], b: dict[str, float], cluster: dict[
     import random
 
     sums: dict[int, list[float]] = {}
-    for q in a.keys() & b.keys():
+    for q in sorted(a.keys() & b.keys()):  # sorted: set order varies with PYTHONHASHSEED, the draws must not
         entry = sums.setdefault(cluster[q], [0.0, 0])
         entry[0] += a[q] - b[q]
         entry[1] += 1
-    units = list(sums.values())
+    units = [sums[c] for c in sorted(sums)]
     rng = random.Random(seed)
     diffs = []
     for _ in range(resamples):
@@ -391,9 +395,24 @@ def main() -> None:
         return row
 
     results["students_in_parallel"] = max(1, args.parallel)
+    failed = []
+
+    def train_student_or_report(spec: dict) -> dict | None:
+        # One student failing must not cost the others' hours: say so now, go on, fail at the end.
+        try:
+            return train_student(spec)
+        except StageFailed as error:
+            print(f"FAILED: student {spec['name']!r}: {error}", file=sys.stderr, flush=True)
+            failed.append(spec["name"])
+            return None
+
     with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
-        student_rows = list(pool.map(train_student, cfg["students"]))
-    results["rows"] = results["rows"][:1] + student_rows  # the students in the order they were listed
+        student_rows = list(pool.map(train_student_or_report, cfg["students"]))
+    results["rows"] = results["rows"][:1] + [r for r in student_rows if r]  # in the order they were listed
+    if failed:
+        save()
+        sys.exit(f"{len(failed)} student(s) failed: {', '.join(failed)} (messages above); the others' results are in "
+                 f"{args.out / 'results.md'}; a rerun reuses every finished stage")
     results["complete"] = True
     results["goals"] = goals(results)
     save()
@@ -526,4 +545,7 @@ def markdown(results: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except StageFailed as error:  # a teacher stage: nothing after it can run
+        sys.exit(str(error))

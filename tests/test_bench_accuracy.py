@@ -84,6 +84,17 @@ def test_accuracy_benchmark_quick_mode_runs_every_stage(tmp_path):
     # A student setting changed: the teacher and its logits are reused, only the students run again.
     changed = bench("--set", "student_training.learning_rate=0.003")
     assert changed.count("already done") == 4 and "student-hard--layer-0: kdqa student" in changed
+    # A student that fails (a layer the encoder lacks) is reported at once; the students after it still run,
+    # the results keep every finished row, and the run ends non-zero naming it.
+    students.write_text('- {name: "bad", distillation_weight: 0.0, temperature: 1.0, init_layers: [0, 99]}\n'
+                        + students.read_text())
+    failing = subprocess.run(command + ["--set", "student_training.learning_rate=0.003"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert failing.returncode != 0
+    assert "FAILED: student 'bad'" in failing.stderr and "1 student(s) failed: bad" in failing.stderr
+    assert "layer indices must lie in" in failing.stderr  # the stage's own message, from its log
+    partial = json.loads((out / "results.json").read_text())
+    assert not partial["complete"] and [r["model"] for r in partial["rows"]] == names
 
 
 def test_accuracy_benchmark_overrides_are_checked():
@@ -153,3 +164,14 @@ def test_paired_bootstrap_resamples_whole_paragraphs():
     # Only questions both models answered count, and the order of the arguments sets the sign.
     assert paired_bootstrap_ci(base, shifted, by_paragraph) == (-25.0, -25.0)
     assert paired_bootstrap_ci({**shifted, "extra": 0.0}, base, by_paragraph | {"extra": 99}) == (25.0, 25.0)
+
+
+def test_paired_bootstrap_is_the_same_in_every_process():
+    """The interval is printed in results.md: it must not change with Python's per-process string hashing."""
+    probe = ("import random, sys; sys.path.insert(0, sys.argv[1]); from bench.accuracy import paired_bootstrap_ci; "
+             "rng = random.Random(5); ids = [f'q{i}' for i in range(60)]; "
+             "a = {q: rng.random() for q in ids}; b = {q: rng.random() for q in ids}; "
+             "print(paired_bootstrap_ci(a, b, {q: i // 4 for i, q in enumerate(ids)}))")
+    outputs = {subprocess.run([sys.executable, "-c", probe, str(REPO)], capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2", "3")}
+    assert len(outputs) == 1 and outputs.pop().startswith("(")
