@@ -390,7 +390,10 @@ def main() -> None:
         n_layers = len(student['init_layers'])
         row = {"model": f"student {n_layers} layer{'s' if n_layers != 1 else ''}, {label}", **scores(sdir),
                "distillation_weight": student["distillation_weight"], "temperature": student["temperature"],
-               "init": init, "workdir": str(sdir), "stages": {"train": train_stage, "evaluate": eval_stage}}
+               "init": init, "workdir": str(sdir), "stages": {"train": train_stage, "evaluate": eval_stage},
+               # everything else that shapes the student: the goals compare only students that share it
+               "settings": {k: v for k, v in student.items()
+                            if k not in ("model", "distillation_weight", "temperature", "eval_every")}}
         with lock:
             results["rows"].append(row)
         save()
@@ -451,13 +454,19 @@ def goals(results: dict) -> dict | None:
     rows = results["rows"]
     teacher = rows[0] if rows and rows[0]["model"].startswith("teacher") else None
     hard = [r for r in rows[1:] if r.get("distillation_weight") == 0]
-    distilled = [r for r in rows[1:] if r.get("distillation_weight", 0) > 0]
-    if not (teacher and hard and distilled):
+    if not (teacher and hard):
+        return None
+    # The baseline is the student that never saw the teacher: cut from the raw encoder, trained on hard labels.
+    baseline = next((r for r in hard if r.get("init", "encoder") == "encoder"), hard[0])
+    # Same hyperparameters as the baseline (the condition): a 6-epoch variant is not judged against a
+    # 4-epoch baseline. Students differ only in weight, temperature and initialisation.
+    same = [r for r in rows[1:] if r.get("settings") == baseline.get("settings")]
+    hard = [r for r in hard if r in same]
+    distilled = [r for r in same if r.get("distillation_weight", 0) > 0]
+    if not distilled:
         return None
     best = max(distilled, key=lambda r: (r["f1"], r["HasAns_f1_forced"]))
     best_forced = max(distilled, key=lambda r: r["HasAns_f1_forced"])
-    # The baseline is the student that never saw the teacher: cut from the raw encoder, trained on hard labels.
-    baseline = next((r for r in hard if r.get("init", "encoder") == "encoder"), hard[0])
     same_init = None  # students cut from the fine-tuned teacher: what the distillation loss adds on top of that
     hard_t = [r for r in hard if r.get("init") == "teacher"]
     distilled_t = [r for r in distilled if r.get("init") == "teacher"]

@@ -20,10 +20,13 @@ def test_accuracy_benchmark_quick_mode_runs_every_stage(tmp_path):
     encoder = tiny.make_model(tmp_path / "encoder", layers=3)
     data = tiny.make_squad(tmp_path / "squad.json", articles=9, paragraphs=1, questions=3)
     out = tmp_path / "out"
-    students = tmp_path / "students.yaml"  # two cut from the fine-tuned teacher, one with its own layers
+    # Two cut from the fine-tuned teacher, two from the encoder: the baseline, and one with its own layers
+    # (different hyperparameters: not judged against the baseline).
+    students = tmp_path / "students.yaml"
     students.write_text('- {name: "hard from teacher", distillation_weight: 0.0, temperature: 1.0, model: teacher}\n'
                         '- {name: "from teacher", distillation_weight: 1.0, temperature: 2.0, model: teacher}\n'
-                        '- {name: "hard, layer 0", distillation_weight: 0.0, temperature: 1.0, init_layers: [0]}\n')
+                        '- {name: "hard", distillation_weight: 0.0, temperature: 1.0}\n'
+                        '- {name: "distilled, layer 0", distillation_weight: 1.0, temperature: 2.0, init_layers: [0]}\n')
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "DVC_NO_ANALYTICS": "1"}
     # --out relative to the working directory (the stages themselves run inside their own work folders)
     command = [sys.executable, str(REPO / "bench" / "accuracy.py"), "--quick", "--encoder", str(encoder),
@@ -43,10 +46,11 @@ def test_accuracy_benchmark_quick_mode_runs_every_stage(tmp_path):
                                             "student_share_of_teacher_forced"}
     # The baseline never saw the teacher (listed after a hard-label student cut from the teacher, on purpose);
     # the two cut from the teacher are compared with each other as well.
-    assert results["goals"]["hard_labels"].endswith("hard, layer 0")
+    assert results["goals"]["hard_labels"].endswith(", hard")
+    assert "layer 0" not in results["goals"]["best_by_f1"] + results["goals"]["best_by_forced_f1"]
     same = results["goals"]["same_init_from_teacher"]
     assert same["hard_labels"].endswith("hard from teacher") and same["distilled"].endswith(", from teacher")
-    assert [r["init"] for r in results["rows"][1:]] == ["teacher", "teacher", "encoder"]
+    assert [r["init"] for r in results["rows"][1:]] == ["teacher", "teacher", "encoder", "encoder"]
     assert "| best distilled forced span F1 / teacher's |" in (tmp_path / "out" / "results.md").read_text()
     # Both gains come with a paired-bootstrap interval from the models' own per-question files.
     for ci in (results["goals"]["ci95"], same["ci95"]):
@@ -69,21 +73,21 @@ def test_accuracy_benchmark_quick_mode_runs_every_stage(tmp_path):
     # Each student's params.yaml carries its spec on top of the shared settings.
     cut = yaml.safe_load((out / "student-from-teacher" / "params.yaml").read_text())["student"]
     assert cut["model"] == str((out / "teacher" / "models" / "student").resolve()) and cut["init_layers"] == [0, 2]
-    own = yaml.safe_load((out / "student-hard--layer-0" / "params.yaml").read_text())["student"]
+    own = yaml.safe_load((out / "student-distilled--layer-0" / "params.yaml").read_text())["student"]
     assert own["init_layers"] == [0] and own["model"] == str(encoder.resolve()) and own["learning_rate"] == 0.002
     assert names[1:] == ["student 2 layers, hard from teacher", "student 2 layers, from teacher",
-                         "student 1 layer, hard, layer 0"]
+                         "student 2 layers, hard", "student 1 layer, distilled, layer 0"]
 
     # A rerun reuses every finished stage and reports the same scores.
     again = bench("--set", "student_training.learning_rate=0.002")
-    assert again.count("already done") == 3 + 1 + 3 * 2  # teacher: prepare, fine-tune, evaluate; logits; students
+    assert again.count("already done") == 3 + 1 + 4 * 2  # teacher: prepare, fine-tune, evaluate; logits; students
     def scores_only(rows):
         return [{k: v for k, v in row.items() if k != "stages"} for row in rows]
 
     assert scores_only(json.loads((out / "results.json").read_text())["rows"]) == scores_only(results["rows"])
     # A student setting changed: the teacher and its logits are reused, only the students run again.
     changed = bench("--set", "student_training.learning_rate=0.003")
-    assert changed.count("already done") == 4 and "student-hard--layer-0: kdqa student" in changed
+    assert changed.count("already done") == 4 and "student-hard: kdqa student" in changed
     # A student that fails (a layer the encoder lacks) is reported at once; the students after it still run,
     # the results keep every finished row, and the run ends non-zero naming it.
     students.write_text('- {name: "bad", distillation_weight: 0.0, temperature: 1.0, init_layers: [0, 99]}\n'
