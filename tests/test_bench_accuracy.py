@@ -179,3 +179,24 @@ def test_paired_bootstrap_is_the_same_in_every_process():
     outputs = {subprocess.run([sys.executable, "-c", probe, str(REPO)], capture_output=True, text=True, check=True,
                               env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2", "3")}
     assert len(outputs) == 1 and outputs.pop().startswith("(")
+
+
+def test_goals_judge_each_schedule_against_its_own_baseline():
+    """A 6-epoch distilled student is compared with the 6-epoch baseline, never with the 4-epoch one."""
+    from bench.accuracy import goals, goals_by_settings, markdown
+
+    def row(model, weight, init, epochs, f1, forced):
+        return {"model": model, "distillation_weight": weight, "temperature": 2.0, "init": init, "f1": f1,
+                "HasAns_f1_forced": forced, "settings": {"epochs": epochs, "learning_rate": 1e-4},
+                "stages": {"train": {"seconds": 1.0, "peak_rss_mib": 1.0}}}
+
+    results = {"abstain_baseline_f1": 50.0, "wall_seconds": 1.0, "machine": "test", "complete": True, "rows": [
+        {**row("teacher", 0.0, "encoder", 4, 60.0, 50.0), "stages": {"fine-tune": {"seconds": 1.0, "peak_rss_mib": 1.0}}},
+        row("base 4", 0.0, "encoder", 4, 50.0, 10.0), row("kd 4", 1.0, "teacher", 4, 52.0, 40.0),
+        row("base 6", 0.0, "encoder", 6, 51.0, 12.0), row("kd 6", 1.0, "teacher", 6, 56.0, 45.0)]}
+    first, second = goals_by_settings(results)
+    assert goals(results) == first
+    assert (first["hard_labels"], first["best_by_f1"], first["measured"]["student_f1_gain"]) == ("base 4", "kd 4", 2.0)
+    assert (second["hard_labels"], second["best_by_f1"], second["measured"]["student_f1_gain"]) == ("base 6", "kd 6", 5.0)
+    assert second["met"]["student_f1_gain"] and not first["met"]["student_f1_gain"]
+    assert "Students trained with epochs 6, against their own baseline:" in markdown(results)
