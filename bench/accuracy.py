@@ -206,9 +206,10 @@ def scores(workdir: Path) -> dict:
     return row
 
 
+@functools.cache  # results.md is rewritten after every stage: score each finished model's files once per run
 def per_question_f1(workdir: Path) -> dict[str, dict[str, float]]:
     """{"f1": {id: F1 of the given answer}, "forced": {id: F1 of the forced span, answerable ids only}}, with the
-    official semantics (pipeline.squad_metrics), from the files `kdqa evaluate` wrote."""
+    official semantics (pipeline.squad_metrics), from the files `kdqa evaluate` wrote (before its row exists)."""
     from pipeline.squad_metrics import raw_scores
 
     dev = json.loads(Path(yaml.safe_load((workdir / "params.yaml").read_text())["data"]["dev"]).read_text())
@@ -221,6 +222,7 @@ def per_question_f1(workdir: Path) -> dict[str, dict[str, float]]:
     return out
 
 
+@functools.cache
 def paragraph_of(dev_path: Path) -> dict[str, int]:
     """Question id -> index of its context: the unit the bootstrap below resamples."""
     dev = json.loads(dev_path.read_text())
