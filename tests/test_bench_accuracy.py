@@ -200,3 +200,61 @@ def test_goals_judge_each_schedule_against_its_own_baseline():
     assert (second["hard_labels"], second["best_by_f1"], second["measured"]["student_f1_gain"]) == ("base 6", "kd 6", 5.0)
     assert second["met"]["student_f1_gain"] and not first["met"]["student_f1_gain"]
     assert "Students trained with epochs 6, against their own baseline:" in markdown(results)
+
+
+def test_run_stage_records_resumes_reuse_and_failures(tmp_path, monkeypatch):
+    """The stage runner around `python -m pipeline`, with a stand-in pipeline that behaves as told.
+
+    What it checks is the runner's bookkeeping: a student that continued from a checkpoint is marked (its time
+    covers only the last part), one that found a checkpoint of other settings is not, a finished stage with the
+    same key is reused, and a failing one raises StageFailed with its log.
+    """
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import accuracy
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    # The runner recognises kdqa's own warning for a checkpoint it will not resume: keep the two in step.
+    assert "not resuming, settings changed" in (REPO / "pipeline" / "checkpoint.py").read_text()
+
+    fake_root = tmp_path / "fake"
+    (fake_root / "pipeline").mkdir(parents=True)
+    (fake_root / "pipeline" / "__init__.py").write_text("")
+    # Prints what BEHAVIOUR.txt says, writes the stage output, exits with the code it gives.
+    (fake_root / "pipeline" / "__main__.py").write_text(
+        "import pathlib, sys\n"
+        "text, code = pathlib.Path('BEHAVIOUR.txt').read_text().split('|')\n"
+        "print(text)\n"
+        "out = pathlib.Path('models/student'); out.mkdir(parents=True, exist_ok=True)\n"
+        "(out / 'config.json').write_text('{}')\n"
+        "sys.exit(int(code))\n")
+    monkeypatch.setattr(accuracy, "ROOT", fake_root)
+
+    workdir = tmp_path / "work"
+    (workdir / "checkpoints" / "student").mkdir(parents=True)
+    (workdir / "params.yaml").write_text("student: {epochs: 6}\n")
+
+    def run(behaviour: str, **kwargs) -> dict:
+        (workdir / "BEHAVIOUR.txt").write_text(behaviour)
+        return accuracy.run_stage(workdir, "student", **kwargs)
+
+    # A checkpoint is there and kdqa does not object: resumed.
+    (workdir / "checkpoints" / "student" / "state.json").write_text("{}")
+    assert run("training from step 300|0")["resumed_from_checkpoint"] is True
+    # Same key, output present: reused, no new process (the behaviour below would fail it).
+    again = run("should not run|1")
+    assert again["reused"] and again["resumed_from_checkpoint"] is True
+
+    # Other upstream results: a new key. kdqa finds the checkpoint but its settings differ: a fresh run.
+    fresh = run("WARNING checkpoints/student: not resuming, settings changed (student.epochs: 4 -> 6)|0",
+                upstream=("other teacher",))
+    assert fresh["resumed_from_checkpoint"] is False and "reused" not in fresh
+
+    # No checkpoint at all: not a resume, whatever the log says.
+    (workdir / "checkpoints" / "student" / "state.json").unlink()
+    assert run("done|0", upstream=("third",))["resumed_from_checkpoint"] is False
+
+    # A failure names the work folder and carries the log's end; no record is left to be reused.
+    with pytest.raises(accuracy.StageFailed, match="(?s)failed in .*work.*boom: bad layer 99"):
+        run("boom: bad layer 99|3", upstream=("fourth",))
+    assert not (workdir / ".bench-done" / "student.json").exists()
