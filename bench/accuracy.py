@@ -516,9 +516,10 @@ def goals_against(results: dict, baseline: dict) -> dict | None:
 
 def student_measures(student: dict, baseline: dict, teacher: dict) -> dict:
     """One student's three goal figures (rounded as reported, so the verdict matches the printed number)."""
+    forced = student["HasAns_f1_forced"]
     return {"student_f1_gain": round(student["f1"] - baseline["f1"], 2),
-            "student_forced_f1_gain": round(student["HasAns_f1_forced"] - baseline["HasAns_f1_forced"], 2),
-            "student_share_of_teacher_forced": round(student["HasAns_f1_forced"] / max(teacher["HasAns_f1_forced"], 1e-9), 3)}
+            "student_forced_f1_gain": round(forced - baseline["HasAns_f1_forced"], 2),
+            "student_share_of_teacher_forced": round(forced / max(teacher["HasAns_f1_forced"], 1e-9), 3)}
 
 
 def gain_intervals(by_f1: dict, by_forced: dict, baseline: dict) -> dict:
