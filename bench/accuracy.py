@@ -506,8 +506,9 @@ def goals_against(results: dict, baseline: dict) -> dict | None:
                 **{k: v for k, v in student_measures(best_forced, baseline, teacher).items() if k != "student_f1_gain"}}
     met = {k: measured[k] > GOALS[k] if k == "teacher_over_abstain_f1" else measured[k] >= GOALS[k] for k in GOALS}
     # The best student per goal may differ from goal to goal; the issue speaks of one distilled student.
-    one_student = [r["model"] for r in distilled
-                   if all(v >= GOALS[k] for k, v in student_measures(r, baseline, teacher).items())]
+    one_student = [{"model": r["model"], **student_measures(r, baseline, teacher),
+                    "ci95": gain_intervals(r, r, baseline)}
+                   for r in distilled if all(v >= GOALS[k] for k, v in student_measures(r, baseline, teacher).items())]
     return {"best_by_f1": best["model"], "best_by_forced_f1": best_forced["model"], "hard_labels": baseline["model"],
             "same_init_from_teacher": same_init, "measured": measured,
             "ci95": gain_intervals(best, best_forced, baseline), "met": met, "every_student_goal_met_by": one_student,
@@ -558,7 +559,10 @@ def goal_lines(verdicts: dict) -> list[str]:
               "", f"Best distilled by F1: {verdicts['best_by_f1']}; by forced span F1: {verdicts['best_by_forced_f1']}; "
               f"hard-label baseline: {verdicts['hard_labels']}."]
     if "every_student_goal_met_by" in verdicts:  # absent from results written before it existed
-        by = verdicts["every_student_goal_met_by"]
+        by = [f"{r['model']} (F1 {r['student_f1_gain']:+.2f}, {interval(r['ci95'].get('f1_gain'))}; forced span F1 "
+              f"{r['student_forced_f1_gain']:+.2f}, {interval(r['ci95'].get('forced_f1_gain'))}; "
+              f"{100 * r['student_share_of_teacher_forced']:.0f}% of the teacher's)"
+              for r in verdicts["every_student_goal_met_by"]]
         lines.append(f"The three student goals met by one student: {'; '.join(by) if by else '**none**'}.")
     same = verdicts.get("same_init_from_teacher")
     if same:
