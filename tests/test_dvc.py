@@ -96,7 +96,7 @@ def dvc_repo(tmp_path_factory, tiny_assets) -> DvcRepo:
 def test_dvc_repro_then_student_change_skips_prepare_and_teacher(dvc_repo):
     repo, first = dvc_repo.path, dvc_repo.first_repro
     env, dvc = dvc_repo.env, [sys.executable, "-m", "dvc"]
-    for stage in ("prepare", "teacher", "student", "evaluate"):
+    for stage in ("prepare", "teacher", "student", "evaluate", "export"):
         assert f"Running stage '{stage}'" in first, first
     assert (repo / "dvc.lock").is_file()
     assert sh(dvc + ["status", "--json"], repo, env).strip() in ("{}", "")
@@ -114,7 +114,7 @@ def test_dvc_repro_then_student_change_skips_prepare_and_teacher(dvc_repo):
     for stage in ("prepare", "teacher"):
         assert f"Stage '{stage}' didn't change, skipping" in second, second
         assert f"Running stage '{stage}'" not in second, second
-    for stage in ("student", "evaluate"):
+    for stage in ("student", "evaluate", "export"):
         assert f"Running stage '{stage}'" in second, second
     assert mtimes(repo, UPSTREAM) == before_up  # prepare and teacher outputs untouched
     after_down = mtimes(repo, DOWNSTREAM)
@@ -125,6 +125,7 @@ def test_dvc_repro_then_student_change_skips_prepare_and_teacher(dvc_repo):
     metrics = json.loads(sh(dvc + ["metrics", "show", "--json"], repo, env))
     shown = json.dumps(metrics)
     assert '"f1"' in shown and '"exact"' in shown and "metrics/eval.json" in shown
+    assert "metrics/export.json" in shown and '"onnx_int8"' in shown
 
 
 def test_editing_local_data_in_data_raw_reruns_prepare(dvc_repo):
