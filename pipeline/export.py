@@ -159,22 +159,33 @@ def check_gate(metrics: dict, max_f1_drop: float, out_dir: Path) -> None:
                         "Set export.int8: false for float32 only, or raise export.max_f1_drop")
 
 
-def write_manifest(staging: Path, model_dir: Path, out_dir: Path, tokenizer, params, metrics: dict) -> dict:
+def write_model_files(student, tokenizer, folder: Path, export, name: str) -> None:
+    """Everything a served export needs: the ONNX file(s) for `export` (ExportParams), config and tokenizer."""
+    export_float32(student, folder / ONNX_FILES["float32"], export.opset, name)
+    if export.int8:
+        quantize_int8(folder / ONNX_FILES["float32"], folder / ONNX_FILES["int8"])
+    student.config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def write_manifest(staging: Path, model_dir: Path, out_dir: Path, tokenizer, export, gate: dict) -> dict:
+    """kdqa_export.json: the student's fingerprint (and where it lies relative to `out_dir`, the folder's final
+    place), each ONNX file's sha256, and the gate's figures."""
     local = model_dir.is_dir()
     source = {"model": str(model_dir),
               "relative_path": os.path.relpath(model_dir.resolve(), out_dir.resolve()) if local else None,
               "fingerprint": student_fingerprint(model_dir) if local else None}
     files = {p: {"name": n, "sha256": sha256_file(staging / n), "bytes": (staging / n).stat().st_size}
              for p, n in ONNX_FILES.items() if (staging / n).exists()}
-    parts = {"source": source["fingerprint"], "vocab": vocab_fingerprint(tokenizer), "export": asdict(params.export),
+    parts = {"source": source["fingerprint"], "vocab": vocab_fingerprint(tokenizer), "export": asdict(export),
              "files": {p: f["sha256"] for p, f in files.items()}}
     import onnxruntime
 
     manifest = {"kdqa_version": __version__, "fingerprint": fingerprint_of(parts), "fingerprint_parts": parts,
-                "source": source, "files": files, "opset": params.export.opset,
+                "source": source, "files": files, "opset": export.opset,
                 "exporter": f"torch.onnx (torch.export-based) in torch {torch.__version__}",
                 "quantizer": f"onnxruntime.quantization.quantize_dynamic (QInt8) in onnxruntime {onnxruntime.__version__}",
-                "gate": {k: v for k, v in metrics.items() if not isinstance(v, dict)}}
+                "gate": {k: v for k, v in gate.items() if not isinstance(v, dict)}}
     write_json_atomic(staging / MANIFEST, manifest)
     return manifest
 
@@ -194,11 +205,7 @@ def run_export(params, model_dir: Path = STUDENT_DIR, out_dir: Path = EXPORT_DIR
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        export_float32(student, staging / ONNX_FILES["float32"], params.export.opset, str(model_dir))
-        if params.export.int8:
-            quantize_int8(staging / ONNX_FILES["float32"], staging / ONNX_FILES["int8"])
-        student.config.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+        write_model_files(student, tokenizer, staging, params.export, str(model_dir))
         onnx_models = {p: OnnxQAModel(staging / n, student.config) for p, n in ONNX_FILES.items()
                        if (staging / n).exists()}
         metrics = accuracy_gate(student, onnx_models, tokenizer.pad_token_id, params)
@@ -207,7 +214,7 @@ def run_export(params, model_dir: Path = STUDENT_DIR, out_dir: Path = EXPORT_DIR
         write_json_atomic(METRICS_PATH, metrics)
         log_gate(metrics)
         check_gate(metrics, params.export.max_f1_drop, out_dir)
-        manifest = write_manifest(staging, model_dir, out_dir, tokenizer, params, metrics)
+        manifest = write_manifest(staging, model_dir, out_dir, tokenizer, params.export, metrics)
         write_export_card(staging, model_dir, manifest, metrics)
         shutil.rmtree(out_dir, ignore_errors=True)
         staging.rename(out_dir)
