@@ -34,7 +34,8 @@ from pipeline.evaluate import DEV_EXAMPLES, predict_split, score
 from pipeline.inference import shard_logits
 from pipeline.models import load_qa_model, load_tokenizer, vocab_fingerprint
 from pipeline.onnx_model import INPUT_NAMES, MANIFEST, ONNX_FILES, OUTPUT_NAMES, OnnxQAModel, student_fingerprint
-from pipeline.shards import fingerprint_of, list_shards, sha256_file, verify_shards, write_json_atomic
+from pipeline.progress import progress
+from pipeline.shards import fingerprint_of, list_shards, sha256_file, shard_rows, verify_shards, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +99,15 @@ def quantize_int8(source: Path, path: Path) -> None:
         quantize_dynamic(source, path, weight_type=QuantType.QInt8)
 
 
-def dev_logits(model, pad_token_id: int, batch_size: int) -> dict:
+def dev_logits(model, pad_token_id: int, batch_size: int, name: str) -> dict:
     """{shard name: (feature ids, start, end)} over the dev features, float32 logits, on the CPU."""
-    return {shard.name: shard_logits(model, shard, pad_token_id, torch.device("cpu"), batch_size, 1 << 30,
-                                     dtype=None, logits_dtype=torch.float32)
-            for shard in list_shards(FEATURES_DIR)}
+    shards, logits = list_shards(FEATURES_DIR), {}
+    with progress(total=sum(shard_rows(p) for p in shards), desc=f"check {name}", unit="feat") as bar:
+        for shard in shards:
+            logits[shard.name] = shard_logits(model, shard, pad_token_id, torch.device("cpu"), batch_size, 1 << 30,
+                                              dtype=None, logits_dtype=torch.float32)
+            bar.update(len(logits[shard.name][0]))
+    return logits
 
 
 def predictions(logits: dict, params, rounded: bool):
@@ -135,11 +140,11 @@ def same_answers(a, b) -> int:
 def accuracy_gate(student, onnx_models: dict, pad_token_id: int, params) -> dict:
     """Scores of the PyTorch student and each exported model on dev, and how closely they agree."""
     batch = params.evaluate.batch_size
-    reference = dev_logits(student, pad_token_id, batch)
+    reference = dev_logits(student, pad_token_id, batch, "PyTorch")
     reference_answers = predictions(reference, params, rounded=False)
     metrics = {"questions": len(reference_answers[0]), "pytorch": score(*predictions(reference, params, True))}
     for precision, model in onnx_models.items():
-        logits = dev_logits(model, pad_token_id, batch)
+        logits = dev_logits(model, pad_token_id, batch, f"ONNX {precision}")
         metrics[f"onnx_{precision}"] = score(*predictions(logits, params, True))
         metrics[f"{precision}_max_logit_difference"] = max_difference(reference, logits)
         metrics[f"{precision}_same_answers"] = same_answers(reference_answers, predictions(logits, params, False))
