@@ -50,6 +50,8 @@ def test_export_writes_a_complete_folder_and_the_accuracy_gate(exported_run):
     assert metrics["float32_same_answers"] == metrics["questions"]
     assert metrics["onnx_float32"]["f1"] == pytest.approx(metrics["pytorch"]["f1"], abs=1e-6)
     assert metrics["int8_f1_drop"] == pytest.approx(metrics["pytorch"]["f1"] - metrics["onnx_int8"]["f1"], abs=1e-3)
+    assert metrics["int8_forced_f1_drop"] == pytest.approx(
+        metrics["pytorch"]["HasAns_f1_forced"] - metrics["onnx_int8"]["HasAns_f1_forced"], abs=1e-3)
     assert metrics["mib"]["onnx_int8"] < metrics["mib"]["onnx_float32"]
 
     manifest = json.loads((folder / "kdqa_export.json").read_text())
@@ -145,6 +147,7 @@ def test_stale_export_is_refused_by_fingerprint(exported_run, tmp_path):
     ("truncated int8", "int8", ["model-int8.onnx", "differs from"]),
     ("missing float32", "float32", ["model.onnx", "missing"]),
     ("foreign onnx file", "float32", ["model.onnx", "differs from"]),
+    ("exported without int8", "int8", ["has no int8 model", "export.int8"]),
 ])
 def test_half_written_export_folder_gives_a_clear_error(exported_run, tmp_path, damage, precision, fragments):
     folder = tmp_path / "served"
@@ -156,6 +159,11 @@ def test_half_written_export_folder_gives_a_clear_error(exported_run, tmp_path, 
         (folder / "model-int8.onnx").write_bytes(data[: len(data) // 2])
     elif damage == "missing float32":
         (folder / "model.onnx").unlink()
+    elif damage == "exported without int8":  # what export.int8: false writes
+        manifest = json.loads((folder / "kdqa_export.json").read_text())
+        del manifest["files"]["int8"]
+        (folder / "kdqa_export.json").write_text(json.dumps(manifest))
+        (folder / "model-int8.onnx").unlink()
     else:  # another export's graph dropped into this folder
         shutil.copy2(exported_run / "models/student-onnx/model-int8.onnx", folder / "model.onnx")
     result = kdqa(tmp_path, "predict", "--model", "served", "--precision", precision, "--question", "who?",
