@@ -19,6 +19,9 @@ def configure_output(quiet: bool = False, verbose: bool = False) -> None:
     # transformers and datasets are chatty at INFO; keep their warnings only.
     for name in ("transformers", "datasets", "urllib3", "filelock", "httpx", "fsspec"):
         logging.getLogger(name).setLevel(logging.WARNING if not verbose else logging.INFO)
+    # huggingface_hub logs every retry of an unreachable hub as a warning (dozens of lines before the error,
+    # which kdqa reports in one line); -v shows them.
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR if not verbose else logging.INFO)
     if quiet:
         from transformers.utils import logging as hf_logging
 

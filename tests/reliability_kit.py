@@ -56,11 +56,14 @@ def get_world(tmp_path_factory) -> World:
         teacher = tiny.make_model(root / "teacher", layers=2, seed=0)
         student = tiny.make_model(root / "student", layers=1, seed=1)
         other = tiny.make_model(root / "student-other-vocab", layers=1, seed=1)
-        from transformers import AutoTokenizer
+        from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(other)
-        tok.add_tokens(["zebra"])  # one token more than the teacher's vocabulary
+        tok.add_tokens(["zebra"])  # one token more than the teacher's vocabulary...
         tok.save_pretrained(other)
+        model = AutoModelForQuestionAnswering.from_pretrained(other)
+        model.resize_token_embeddings(len(tok))  # ...and an embedding row for it: a consistent model of its own
+        model.save_pretrained(other, safe_serialization=True)
         world = World(root, teacher, student, other,
                       tiny.make_squad(root / "train.json", seed=0),
                       tiny.make_squad(root / "dev.json", articles=1, seed=1),
