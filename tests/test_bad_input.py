@@ -470,10 +470,25 @@ def test_window_without_room_for_context(world, squad, tmp_path):
     assert_no_features(ws)
 
 
-def test_sequences_longer_than_the_model_reads(world, squad, tmp_path):
-    """Features longer than the teacher's position table: the teacher stage refuses, naming the model."""
-    ws, _ = fresh_workspace(world, tmp_path / "ws", squad, prepare__max_seq_len=200)
+def test_prepare_refuses_sequences_longer_than_the_teacher_reads(world, tmp_path):
+    """Issue 16 case 5: max_seq_len past the teacher's position table is refused by prepare itself, before it
+    replaces good features (not one stage later)."""
+    ws = clone(world, tmp_path / "ws")
+    before = {p: p.read_bytes() for p in (ws / "data/features").rglob("*") if p.is_file()}
+    write_params(world, ws, prepare__max_seq_len=200)
+    assert_one_line_error(kdqa(ws, "-q", "prepare"), "prepare.max_seq_len 200", str(world.teacher),
+                          "128 positions")
+    assert {p: p.read_bytes() for p in (ws / "data/features").rglob("*") if p.is_file()} == before
+
+
+def test_teacher_refuses_features_longer_than_it_reads(world, squad, tmp_path):
+    """Features prepared for a longer teacher, then teacher.model switched to a shorter one (same vocabulary):
+    the teacher stage refuses, naming the model."""
+    long_teacher = tiny.make_model(tmp_path / "long-teacher", layers=1, positions=256)
+    ws, _ = fresh_workspace(world, tmp_path / "ws", squad, prepare__max_seq_len=200,
+                            teacher__model=str(long_teacher))
     assert kdqa(ws, "-q", "prepare").exit_code == 0
+    write_params(world, ws, data__train=str(ws / "train.json"), prepare__max_seq_len=200)
     assert_one_line_error(kdqa(ws, "-q", "teacher"), str(world.teacher), "reads at most 128 tokens",
                           "prepare.max_seq_len 200")
     assert not (ws / "data/teacher").exists()
