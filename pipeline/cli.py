@@ -49,17 +49,22 @@ class KdqaGroup(click.Group):
         try:
             return super().invoke(ctx)
         except KdqaError as exc:
-            click.echo(f"kdqa: error: {_one_line(str(exc))}", err=True)
-            sys.exit(1)
+            _fail(f"kdqa: error: {_one_line(str(exc))}", 1)
         except KeyboardInterrupt:
-            click.echo("kdqa: interrupted (completed work is kept; rerun to resume)", err=True)
-            sys.exit(130)
+            _fail("kdqa: interrupted (completed work is kept; rerun to resume)", 130)
         except Exception as exc:  # a write nobody wrapped in write_errors.writing: still one line if it is one
             message = describe(exc)
             if message is None:
                 raise
-            click.echo(f"kdqa: error: {_one_line(message)}", err=True)
-            sys.exit(1)
+            _fail(f"kdqa: error: {_one_line(message)}", 1)
+
+
+def _fail(line: str, code: int):
+    from pipeline.progress import close_bars
+
+    close_bars()  # a bar left open by the failure would otherwise share the error's line
+    click.echo(line, err=True)
+    sys.exit(code)
 
 
 def _one_line(message: str) -> str:

@@ -32,3 +32,9 @@ def configure_output(quiet: bool = False, verbose: bool = False) -> None:
 def progress(enabled: bool = True, **kwargs) -> tqdm:
     """A tqdm bar on stderr; hidden with --quiet (and on every rank but 0, via `enabled`)."""
     return tqdm(disable=_quiet or not enabled, file=sys.stderr, dynamic_ncols=True, mininterval=1.0, **kwargs)
+
+
+def close_bars() -> None:
+    """End every open progress bar on its own line, so that an error printed next starts a line of its own."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()

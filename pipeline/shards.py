@@ -73,24 +73,35 @@ def fingerprint_of(parts: dict) -> str:
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with writing(path), _removed_on_failure(tmp):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+    write_jsons_atomic({path: obj})
+
+
+def write_jsons_atomic(files: dict[Path, object]) -> None:
+    """JSON files replaced together: every one is written under a temporary name first and only then renamed,
+    so a failed write (a full disk) leaves all of them as they were, never some new and some old."""
+    temporaries = {path: path.with_name(f".{path.name}.tmp-{os.getpid()}") for path in files}
+    with _removed_on_failure(*temporaries.values()):
+        for path, obj in files.items():
+            with writing(path):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with open(temporaries[path], "w", encoding="utf-8") as f:
+                    json.dump(obj, f, indent=2, sort_keys=False)
+                    f.write("\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+        for path, tmp in temporaries.items():
+            with writing(path):
+                os.replace(tmp, path)
 
 
 @contextlib.contextmanager
-def _removed_on_failure(tmp: Path):
-    """A temporary file a failed write leaves is deleted at once (on a full disk it holds the space we need)."""
+def _removed_on_failure(*temporaries: Path):
+    """Temporary files a failed write leaves are deleted at once (on a full disk they hold the space we need)."""
     try:
         yield
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        for tmp in temporaries:
+            tmp.unlink(missing_ok=True)
         raise
 
 

@@ -52,7 +52,7 @@ def _acquire(path: Path, stage: str) -> int:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise KdqaError(f"{path}: `kdqa {stage}` is already running in this folder ({_describe(_owner(path))}); "
+            raise KdqaError(f"{lock_path(stage)}: `kdqa {stage}` is already running in this folder ({_describe(_owner(path))}); "
                             "wait for it to finish or stop it, then rerun") from None
         # The previous owner may have removed the file between our open and our lock: then we hold the lock of
         # a file nobody else can see, so start again on the one at `path`.
@@ -71,14 +71,15 @@ def stage_lock(stage: str):
     if int(os.environ.get("RANK", "0")) != 0:
         yield
         return
-    path = lock_path(stage)
+    path = lock_path(stage).absolute()  # released after the block even if the working directory changed
     with writing(path.parent):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = _acquire(path, stage)
     try:
         stale = _owner(path)
         if stale.get("pid") and stale.get("pid") != os.getpid():
-            log.warning("%s: taking over the lock of %s, which is no longer running", path, _describe(stale))
+            log.warning("%s: taking over the lock of %s, which is no longer running", lock_path(stage),
+                        _describe(stale))
         owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                  "stage": stage}
         with writing(path):
