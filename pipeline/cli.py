@@ -234,7 +234,9 @@ def inspect_cmd(folder, features_dir, as_json):
     """Describe a folder of shards: shards, rows, bytes, fingerprint.
 
     For teacher logits (e.g. data/teacher/train) also the teacher's accuracy against the training labels
-    and the mean entropy of its start/end distributions (over CLS and context positions). Writes nothing.
+    and the mean entropy of its start/end distributions (over CLS and context positions), unless the logits
+    were computed for other features than those there now (then a warning and features_match: false).
+    Writes nothing.
     """
     from pipeline.inspect_shards import inspect_folder
 

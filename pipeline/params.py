@@ -67,7 +67,7 @@ class StudentParams:
     pad_to_multiple_of: int = 8
     seed: int = 42
     max_steps: int | None = None  # optional cap on optimizer steps, for quick runs
-    checkpoint_every: int = 500  # steps between resumable checkpoints (0 disables)
+    checkpoint_every: int = 500  # steps between resumable checkpoints, plus one after the last step (0: none)
     log_every: int = 50
     eval_every: int = 0  # steps between dev F1 evaluations logged as a curve (0 disables)
     num_workers: int = 1  # DataLoader workers decoding shards off the training thread

@@ -12,6 +12,7 @@ comparable between processes, and tiny models run far faster than with threads f
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -211,3 +212,20 @@ def reference_student(world: World, tmp_path_factory) -> dict:
         _REFERENCE = {"weights": tensors(ws / "models/student/model.safetensors"),
                       "curve": (ws / "logs/student/train.tsv").read_text()}
     return _REFERENCE
+
+
+def disk_full_error() -> OSError:
+    """What a write raises on a full disk (tests simulate full and read-only disks: as root, chmod does not bite)."""
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def failing_on_call(n: int, original, error=disk_full_error):
+    """`original`, except that its n-th call raises `error()` instead."""
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise error()
+        return original(*args, **kwargs)
+    return wrapper

@@ -30,6 +30,8 @@ from reliability_kit import (
     World,
     assert_one_line_error,
     clone,
+    disk_full_error,
+    failing_on_call,
     get_world,
     kdqa,
     reference_student,
@@ -53,19 +55,7 @@ def reference(world, tmp_path_factory) -> dict:
 
 
 def disk_full():
-    raise OSError(errno.ENOSPC, ENOSPC)
-
-
-def fail_nth(n: int, original):
-    """`original`, except that its n-th call fails as on a full disk."""
-    calls = []
-
-    def wrapper(*a, **k):
-        calls.append(1)
-        if len(calls) == n:
-            disk_full()
-        return original(*a, **k)
-    return wrapper
+    raise disk_full_error()
 
 
 def checkpoint_step(ws: Path) -> int:
@@ -111,7 +101,7 @@ def test_failed_checkpoint_write_loses_at_most_checkpoint_every_steps(world, tmp
 
     ws = clone(world, tmp_path / "ws")
     write_params(world, ws, **STUDENT, student__checkpoint_every=5, student__num_workers=0)
-    monkeypatch.setattr(checkpoint, "save_file", fail_nth(3, checkpoint.save_file))  # the checkpoint of step 15
+    monkeypatch.setattr(checkpoint, "save_file", failing_on_call(3, checkpoint.save_file))  # the checkpoint of step 15
     assert_one_line_error(kdqa(ws, "-q", "student"), "checkpoints/student", ENOSPC)
     assert checkpoint_step(ws) == 10
     assert not (ws / "checkpoints/student.partial").exists()  # the failed one's staging is gone at once
@@ -168,10 +158,10 @@ def test_teacher_on_a_full_disk_leaves_no_staging_and_resumes(world, tmp_path, m
     ws = clone(world, tmp_path / "ws")
     shutil.rmtree(ws / "data/teacher")
     if where == "shard":  # the third logits shard's write runs out of space half-way
-        monkeypatch.setattr(pq, "write_table", fail_nth(3, pq.write_table))
+        monkeypatch.setattr(pq, "write_table", failing_on_call(3, pq.write_table))
         fragment = ".kdqa/teacher-work/train/part-00002.parquet"
     else:  # every shard done; the copy into data/teacher/.train.partial runs out of space
-        monkeypatch.setattr(shutil, "copy2", fail_nth(2, shutil.copy2))
+        monkeypatch.setattr(shutil, "copy2", failing_on_call(2, shutil.copy2))
         fragment = "data/teacher/train"
     assert_one_line_error(kdqa(ws, "-q", "teacher"), fragment, ENOSPC)
     assert not (ws / "data/teacher/.train.partial").exists(), "hidden staging left on a full disk"
@@ -278,7 +268,7 @@ def test_failed_student_puts_the_previous_curves_back(world, finished_student, t
     ws = Path(shutil.copytree(finished_student, tmp_path / "ws"))
     before = curves(ws)
     write_params(world, ws, **STUDENT, student__learning_rate=5e-4)
-    monkeypatch.setattr(student, "distillation_loss", fail_nth(6, student.distillation_loss))
+    monkeypatch.setattr(student, "distillation_loss", failing_on_call(6, student.distillation_loss))
     assert_one_line_error(kdqa(ws, "-q", "student"), ENOSPC)  # the curve had 5 new rows by then
     assert curves(ws) == before
 

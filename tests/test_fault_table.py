@@ -32,7 +32,7 @@ import pytest
 
 import tiny
 from reliability_kit import STUDENT as RELIABILITY_STUDENT
-from reliability_kit import World, clone, get_world, kdqa, write_params
+from reliability_kit import World, clone, disk_full_error, failing_on_call, get_world, kdqa, write_params
 
 STUDENT = {**RELIABILITY_STUDENT, "student__checkpoint_every": 5}
 LEFTOVER_MARKS = (".partial", ".tmp-", ".kdqa-write-probe")
@@ -266,18 +266,13 @@ def unreadable_params(c: Ctx):
     c.mp.setattr(Path, "read_text", read_text)
 
 
-def interrupted_in_step(n: int):
+def nth_call_fails(module: str, name: str, n: int, error=disk_full_error):
+    """The n-th call of `module.name` raises `error()` (a full disk, or Ctrl-C)."""
     def setup(c: Ctx):
-        import pipeline.student as student
+        import importlib
 
-        original, calls = student.distillation_loss, []
-
-        def loss(*a, **k):
-            calls.append(1)
-            if len(calls) == n:
-                raise KeyboardInterrupt
-            return original(*a, **k)
-        c.mp.setattr(student, "distillation_loss", loss)
+        owner = importlib.import_module(module)
+        c.mp.setattr(owner, name, failing_on_call(n, getattr(owner, name), error))
     return setup
 
 
@@ -290,21 +285,6 @@ def curve_append_fails(code: int):
                 fail_with(code)()
             return original(self, mode, *a, **k)
         c.mp.setattr(Path, "open", open_)
-    return setup
-
-
-def checkpoint_weights_fail(nth: int):
-    def setup(c: Ctx):
-        import pipeline.checkpoint as checkpoint
-
-        original, calls = checkpoint.save_file, []
-
-        def save_file(*a, **k):
-            calls.append(1)
-            if len(calls) == nth:
-                fail_with(errno.ENOSPC)()
-            return original(*a, **k)
-        c.mp.setattr(checkpoint, "save_file", save_file)
     return setup
 
 
@@ -404,7 +384,7 @@ ROWS = [
         ("models/student", ENOSPC, "completed work is kept"), keeps=(CHECKPOINTS,)),
     Row("student: disk full, reported the safetensors way", ("student",), model_save_fails("rust"),
         ("models/student", ENOSPC), keeps=(CHECKPOINTS,)),
-    Row("student: disk full writing a checkpoint keeps the previous one", ("student",), checkpoint_weights_fail(2),
+    Row("student: disk full writing a checkpoint keeps the previous one", ("student",), nth_call_fails("pipeline.checkpoint", "save_file", 2),
         ("checkpoints/student", ENOSPC), keeps=(CHECKPOINTS,)),
     Row("student: disk full appending to the curve", ("student",), curve_append_fails(errno.ENOSPC),
         ("logs/student/train.tsv", ENOSPC)),
@@ -451,7 +431,7 @@ ROWS = [
     Row("prepare: is_impossible with answers counted", ("prepare",), contradictory_labels,
         ("1 marked impossible despite answers",), exit_code=0),
     # --- case 8: a failed or interrupted student keeps the previous run's curves ---
-    Row("student: interrupted keeps the previous curves", ("student",), interrupted_in_step(7),
+    Row("student: interrupted keeps the previous curves", ("student",), nth_call_fails("pipeline.student", "distillation_loss", 7, KeyboardInterrupt),
         ("interrupted",), exit_code=130, keeps=(CHECKPOINTS,)),
     # --- case 9: params ---
     Row("--params at a folder", ("--params", "data", "prepare"), None, ("data: is a folder",)),
@@ -480,6 +460,10 @@ ROWS = [
         ("data/features/dev/part-00000.parquet",)),
     Row("evaluate: damaged teacher dev logits", ("evaluate",), damage("data/teacher/dev/part-00000.parquet"),
         ("data/teacher/dev/part-00000.parquet", "kdqa teacher")),
+    Row("inspect: logits of other features give no teacher accuracy", ("inspect", "data/teacher/train"),
+        lambda c: _rewrite_json(c.ws / "data/teacher/train/manifest.json",
+                                lambda m: m["fingerprint_parts"].update(features="0123456789abcdef")),
+        ("logits were computed for other features than data/features/train", "features_match"), exit_code=0),
     Row("inspect: no shards", ("inspect", "data/nowhere"), None, ("data/nowhere", "no part-NNNNN.parquet shards")),
     Row("predict --model: folder that does not exist", ("predict", "--model", "no/such/./folder", "--question",
                                                        "who?", "--context", CTX), None, ("no/such/./folder",)),
