@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from pipeline import distributed
 from pipeline.errors import KdqaError
 from pipeline.shards import read_json, write_json_atomic
+from pipeline.write_errors import writes_into
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ def _rng_state() -> dict:
     return state
 
 
+@writes_into("folder")
 def save_checkpoint(folder: Path, ckpt: Checkpoint, model, optimizer, scheduler, rank: int,
                     curves: tuple[Path, ...] = ()) -> None:
     """Rank 0 writes weights, optimizer and copies of `curves`; every rank writes its own RNG state."""

@@ -23,13 +23,15 @@ from torch.utils.data import DataLoader
 from pipeline import __version__, distributed
 from pipeline.checkpoint import Checkpoint, load_checkpoint, remove_checkpoints, restore_curves, save_checkpoint
 from pipeline.errors import KdqaError
+from pipeline.fingerprints import check_teacher_logits
 from pipeline.losses import distillation_loss
 from pipeline.models import check_sequence_length, keep_layers, load_qa_model, load_tokenizer, vocab_fingerprint
 from pipeline.params import Params, StudentParams
 from pipeline.progress import progress
-from pipeline.shards import read_json, verify_shards, write_json_atomic
+from pipeline.shards import verify_shards, write_json_atomic
 from pipeline.stream import ShardStream, find_shard_pairs, verify_alignment
 from pipeline.training_log import TrainingLog
+from pipeline.write_errors import writing
 
 log = logging.getLogger(__name__)
 
@@ -47,23 +49,6 @@ CARD_EVALUATION = Params()
 # (num_workers is not one: with 2+ workers the DataLoader interleaves their shards, so the batch order
 # differs; 0 and 1 give the same order. `training_key` keeps the part of it that matters.)
 OBSERVATION_KEYS = {"checkpoint_every", "log_every", "eval_every", "num_workers"}
-
-
-def check_teacher_logits(features_dir: Path, expected: str, logits_dir: Path) -> str:
-    """The logits must have been computed from exactly these features (fingerprint `expected`); returns the
-    logits fingerprint."""
-    manifest_path = logits_dir / "manifest.json"
-    if not manifest_path.exists():
-        raise KdqaError(f"{manifest_path}: no teacher logits (run `kdqa teacher`)")
-    manifest = read_json(manifest_path)
-    found = manifest.get("fingerprint_parts", {}).get("features")
-    if found != expected:
-        raise KdqaError(
-            f"{logits_dir}: teacher logits were computed for features {found}, but {features_dir} holds "
-            f"features {expected}; regenerate them with `kdqa teacher` (or `dvc repro teacher`)"
-        )
-    verify_shards(logits_dir, "kdqa teacher")  # every logits shard whole: checksums from the manifest
-    return manifest["fingerprint"]
 
 
 def build_student(s: StudentParams):
@@ -214,6 +199,10 @@ def run_student(params: Params, resume: str = "auto") -> None:
     bar.close()
     elapsed = time.perf_counter() - started
     log.info("trained %d steps in %.1fs (%.1f features/s per process)", step, elapsed, seen_features / max(elapsed, 1e-9))
+    if s.checkpoint_every and not (state and state.step == step):
+        # The finished training, resumable: a failure while scoring or saving the model loses none of it.
+        save_checkpoint(CHECKPOINT_DIR, Checkpoint(step, s.epochs, 0, key), model, optimizer, scheduler, rank,
+                        curves=(LOG_DIR / "train.tsv", LOG_DIR / "eval.tsv"))
 
     if is_main:
         dev_metrics = None
@@ -259,6 +248,7 @@ def evaluate_during_training(model, tokenizer, params, device, step, train_log) 
     return metrics
 
 
+@writing(MODEL_DIR)
 def save_student(model, tokenizer, params: Params, steps: int, seconds: float, dev_metrics: dict | None) -> None:
     """`save_pretrained` model + tokenizer + a model card, swapped into models/student/ whole."""
     from pipeline.model_card import write_model_card

@@ -38,6 +38,7 @@ from pipeline.models import (
 from pipeline.params import Params
 from pipeline.inference import autocast_dtype, precision_name, shard_logits
 from pipeline.progress import progress
+from pipeline.write_errors import writes_into
 from pipeline.shards import (
     fingerprint_of,
     list_shards,
@@ -173,6 +174,7 @@ def write_logits_shard(path: Path, ids, start, end, key: dict) -> None:
     write_json_atomic(done_record_path(path), {"rows": len(ids), "sha256": sha256_file(path), "key": key})
 
 
+@writes_into("out_dir")
 def publish_split(split, shards, work: Path, out_dir: Path, key, fingerprint_parts, throughput, device) -> dict:
     """Check that every shard is done, then move the split into the DVC output with its manifest."""
     records = {}
