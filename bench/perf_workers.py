@@ -42,7 +42,7 @@ MB = 1024 * 1024
 def maxrss_mb(who=resource.RUSAGE_SELF) -> float:
     """Peak resident set size. For this process on Linux: VmHWM, the peak of its own address space. Not
     ru_maxrss: Linux carries it across exec, so a worker started by the benchmark's main process would start
-    at the main process's RSS at fork time (measured: a worker that peaked at 659 MB reported 922 MB).
+    at the main process's RSS at fork time.
     For children (DataLoader workers, forked): ru_maxrss (Linux reports KiB; macOS bytes)."""
     if who == resource.RUSAGE_SELF:
         try:

@@ -60,7 +60,7 @@ class StudentParams:
     distillation_weight: float = 1.0  # w in w*T^2*KL + (1-w)*CE; 0 is plain supervised fine-tuning
     dropout: float = 0.1  # hidden (and embeddings) dropout of the student
     # Batch width rounded up to a multiple of this many tokens: few distinct shapes keep the training
-    # process's memory flat (bench row 5: +10% -> +3% at 10x the data) and suit tensor cores; 1 = exact.
+    # process's memory flat (bench/performance.py measures it) and suit tensor cores; 1 = exact.
     pad_to_multiple_of: int = 8
     seed: int = 42
     max_steps: int | None = None  # optional cap on optimizer steps, for quick runs

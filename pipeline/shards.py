@@ -96,7 +96,7 @@ def write_table_atomic(table: pa.Table, path: Path, row_group_size: int, float_c
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     dictionary_columns = [n for n in table.column_names if n not in float_columns]
     # Byte-stream split must name the leaf of a list column (`start_logits.list.element`): pyarrow silently
-    # ignores a top-level list name. It shrinks float16 logits ~8% once pages exceed zstd's 128 KiB block.
+    # ignores a top-level list name. It makes float16 logits compress better once pages exceed zstd's block.
     split_columns = [f"{n}.list.element" if pa.types.is_list(table.schema.field(n).type) else n for n in float_columns]
     pq.write_table(
         table,

@@ -85,9 +85,8 @@ def build_student(s: StudentParams):
 
 def build_optimizer(model, learning_rate: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
     """AdamW without weight decay on biases and LayerNorm weights. `fused` runs the whole update as one kernel
-    (CUDA) or one vectorised loop (CPU): on the CPU the step of a 2-layer MiniLM student went from 80-90 ms
-    to 9 ms (for-each loop per tensor before), about 7% of its training step (one-off timing; bench/ row 2
-    moved from 0.66x to 0.60-0.62x with it)."""
+    (CUDA) or one vectorised loop (CPU) instead of a loop over the tensors, which is a visible part of a small
+    student's step (bench/performance.py times the step)."""
     no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight")
     groups = [
         {"params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)], "weight_decay": weight_decay},
@@ -236,8 +235,8 @@ def run_student(params: Params, resume: str = "auto") -> None:
 
 
 # glibc keeps the freed activations of batches of ever-different widths in its arenas, so the resident size
-# creeps up with the number of steps (bench/: +16% at 10x the data). Handing them back every few steps cuts
-# that to +4..11% (bench/ full runs) at no measurable cost.
+# creeps up with the number of steps. Handing them back every few steps keeps it nearly flat, at a cost too
+# small to see in the step time (bench/performance.py measures the growth at 1x and 10x the data).
 RELEASE_MEMORY_EVERY = 10
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform.startswith("linux") else None
 
