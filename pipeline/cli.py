@@ -16,6 +16,7 @@ import click
 
 from pipeline import __version__
 from pipeline.errors import KdqaError
+from pipeline.paths import STUDENT_MODEL_DIR
 
 log = logging.getLogger("kdqa")
 
@@ -149,7 +150,7 @@ def student(ctx, resume):
 
 
 @cli.command(short_help="Score student and teacher on dev; write metrics/ and results/.")
-@click.option("--model", "model_dir", default="models/student", show_default=True, help="Model to evaluate.")
+@click.option("--model", "model_dir", default=str(STUDENT_MODEL_DIR), show_default=True, help="Model to evaluate.")
 @click.pass_context
 def evaluate(ctx, model_dir):
     """Score a model (and the teacher's stored logits) on the dev set with official SQuAD 2.0 metrics.

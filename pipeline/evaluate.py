@@ -18,13 +18,23 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import KdqaError
+from pipeline.paths import (
+    DEV_EXAMPLES,
+    EVAL_METRICS,
+    FEATURES_DIR,
+    FORCED_PREDICTIONS,
+    NA_PROBS,
+    PREDICTIONS,
+    STUDENT_MODEL_DIR,
+    TEACHER_DIR,
+    TEACHER_METRICS,
+)
 from pipeline.postprocess import WindowLogits, predict_example
 from pipeline.shards import list_column_to_numpy, list_shards, read_table, write_json_atomic
 from pipeline.squad_metrics import forced_span_metrics, squad_v2_metrics
 
 log = logging.getLogger(__name__)
 
-DEV_EXAMPLES = Path("data/features/dev_examples.parquet")
 WINDOW_COLUMNS = ["feature_id", "example_id", "context_start", "context_end", "offset_start", "offset_end"]
 
 
@@ -95,29 +105,29 @@ def evaluate_model(model, pad_token_id: int, features_dir: Path, params, device)
     return score(preds, na_probs, forced, golds), preds, na_probs, forced
 
 
-def run_evaluate(params, model_dir: Path = Path("models/student")) -> dict:
+def run_evaluate(params, model_dir: Path = STUDENT_MODEL_DIR) -> dict:
     from pipeline import distributed
     from pipeline.models import load_qa_model, load_tokenizer
 
     from pipeline.shards import verify_shards
 
-    features_dir, teacher_dir = Path("data/features/dev"), Path("data/teacher/dev")
+    features_dir, teacher_dir = FEATURES_DIR / "dev", TEACHER_DIR / "dev"
     verify_shards(features_dir, "kdqa prepare")  # a damaged shard: one error naming it, never skewed scores
     if (teacher_dir / "manifest.json").exists():
         verify_shards(teacher_dir, "kdqa teacher")
         # The teacher's scores from its stored dev logits, post-processed exactly like the student's.
         teacher_metrics = score_logit_shards(features_dir, teacher_dir, params)
-        write_json_atomic(Path("metrics/teacher.json"), teacher_metrics)
+        write_json_atomic(TEACHER_METRICS, teacher_metrics)
         log.info("teacher on dev: EM %.2f F1 %.2f (forced span F1 %.2f)", teacher_metrics["exact"],
                  teacher_metrics["f1"], teacher_metrics.get("HasAns_f1_forced", float("nan")))
     device = distributed.device()
     model = load_qa_model(str(model_dir)).to(device)
     tokenizer = load_tokenizer(str(model_dir))
     metrics, preds, na_probs, forced = evaluate_model(model, tokenizer.pad_token_id, features_dir, params, device)
-    write_json_atomic(Path("results/predictions.json"), preds)
-    write_json_atomic(Path("results/na_probs.json"), na_probs)
-    write_json_atomic(Path("results/forced_predictions.json"), forced)
-    write_json_atomic(Path("metrics/eval.json"), metrics)
+    write_json_atomic(PREDICTIONS, preds)
+    write_json_atomic(NA_PROBS, na_probs)
+    write_json_atomic(FORCED_PREDICTIONS, forced)
+    write_json_atomic(EVAL_METRICS, metrics)
     log.info("student on dev: EM %.2f F1 %.2f (HasAns F1 %.2f, NoAns F1 %.2f, forced span F1 %.2f)",
              metrics["exact"], metrics["f1"], metrics.get("HasAns_f1", float("nan")),
              metrics.get("NoAns_f1", float("nan")), metrics.get("HasAns_f1_forced", float("nan")))

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import KdqaError
+from pipeline.paths import FEATURES_DIR
 from pipeline.shards import list_column_to_numpy, list_shards, read_json, read_table, shard_rows
 
 
@@ -32,7 +33,7 @@ def inspect_folder(folder: Path, features_dir: Path | None = None) -> dict:
     is_logits = "start_logits" in read_table(shards[0]).column_names
     if not is_logits:
         return info
-    features_dir = features_dir or Path("data/features") / folder.name
+    features_dir = features_dir or FEATURES_DIR / folder.name
     if not list_shards(features_dir):
         return info
     # Teacher accuracy against the training labels, and entropy over positions that can hold an answer.

@@ -6,6 +6,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from pipeline import __version__
+from pipeline.paths import STUDENT_MODEL_DIR
 
 USAGE = """```python
 from pipeline import QuestionAnswerer
@@ -69,6 +70,6 @@ Scored on `{params.data.dev}` at the end of training with kdqa's **default post-
 
 Loads with `AutoModelForQuestionAnswering` / `AutoTokenizer`. Answers with kdqa:
 
-{USAGE.format(path="models/student")}
+{USAGE.format(path=STUDENT_MODEL_DIR)}
 """
     (folder / "README.md").write_text(text, encoding="utf-8")

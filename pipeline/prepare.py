@@ -9,7 +9,6 @@ repaired or skipped in the data).
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -19,6 +18,7 @@ from pipeline.errors import KdqaError
 from pipeline.features import tokenize_examples
 from pipeline.models import load_tokenizer, vocab_fingerprint
 from pipeline.params import Params
+from pipeline.paths import DATA_REPORT, DEV_EXAMPLES, FEATURES_DIR, RAW_DATA_DIR, staged_folder
 from pipeline.progress import progress
 from pipeline.shards import (
     features_fingerprint,
@@ -32,8 +32,6 @@ from pipeline.squad_data import Example, load_examples
 
 log = logging.getLogger(__name__)
 
-FEATURES_DIR = Path("data/features")
-DEV_EXAMPLES = FEATURES_DIR / "dev_examples.parquet"
 TOKENIZE_CHUNK = 1000  # examples tokenized per call (bounded memory, fast batch tokenization)
 
 
@@ -43,20 +41,22 @@ def write_feature_shards(examples: list[Example], tokenizer, params: Params, out
     The split is built in a staging folder, manifest last, and swapped in whole, so a crash at any point
     leaves the previous output untouched and never a folder that looks complete but is not.
     """
-    p = params.prepare
-    staging = out_dir.with_name(f".{out_dir.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    with staged_folder(out_dir) as staging:
+        return tokenize_into(staging, examples, tokenizer, params, out_dir.name, manifest)
 
+
+def tokenize_into(folder: Path, examples: list[Example], tokenizer, params: Params, split: str, manifest: dict) -> dict:
+    """The shards and manifest of one split, written into `folder` (the staging folder)."""
+    p = params.prepare
     shards, buffer, n_features = [], [], 0
 
     def flush():
-        path = staging / shard_name(len(shards))
+        path = folder / shard_name(len(shards))
         write_table_atomic(features_table(buffer), path, row_group_size=p.row_group_size)
         shards.append({"name": path.name, "rows": len(buffer), "sha256": sha256_file(path)})
         buffer.clear()
 
-    with progress(total=len(examples), desc=f"tokenize {out_dir.name}", unit="ex") as bar:
+    with progress(total=len(examples), desc=f"tokenize {split}", unit="ex") as bar:
         for i in range(0, len(examples), TOKENIZE_CHUNK):
             chunk = examples[i : i + TOKENIZE_CHUNK]
             for feature in tokenize_examples(tokenizer, chunk, p.max_seq_len, p.doc_stride, p.max_query_len):
@@ -68,10 +68,8 @@ def write_feature_shards(examples: list[Example], tokenizer, params: Params, out
     if buffer:
         flush()
     manifest = {**manifest, "examples": len(examples), "features": n_features,
-                "fingerprint": features_fingerprint(staging), "shards": shards}
-    write_json_atomic(staging / "manifest.json", manifest)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    staging.rename(out_dir)
+                "fingerprint": features_fingerprint(folder), "shards": shards}
+    write_json_atomic(folder / "manifest.json", manifest)
     return manifest
 
 
@@ -102,19 +100,16 @@ def check_window(params: Params, tokenizer) -> None:
         )
 
 
-WATCHED_DATA_DIR = Path("data/raw")  # a dependency of the prepare stage in dvc.yaml
-
-
 def warn_if_dvc_cannot_see(source: str) -> None:
     """A local file outside data/raw/ is read fine, but under DVC editing it would not rerun prepare."""
     path = Path(source)
     if not (path.is_file() and Path("dvc.yaml").is_file()):
         return  # a hub dataset name, or not a DVC project
     try:
-        path.resolve().relative_to(WATCHED_DATA_DIR.resolve())
+        path.resolve().relative_to(RAW_DATA_DIR.resolve())
     except ValueError:
         log.warning("%s is outside %s/: DVC will not rerun prepare when it changes (move it there, or run "
-                    "`dvc repro -f prepare` after editing it)", source, WATCHED_DATA_DIR)
+                    "`dvc repro -f prepare` after editing it)", source, RAW_DATA_DIR)
 
 
 def run_prepare(params: Params) -> None:
@@ -130,7 +125,7 @@ def run_prepare(params: Params) -> None:
         examples, report = loaded[split]
         fixed = report.answers_repaired + report.answers_skipped + report.questions_dropped
         log.log(logging.WARNING if fixed else logging.INFO, "%s%s", report.summary(),
-                f" (details in {FEATURES_DIR / 'report.json'})" if fixed else "")
+                f" (details in {DATA_REPORT})" if fixed else "")
         reports[split] = report.to_dict()
         out_dir = FEATURES_DIR / split
         base = {
@@ -147,4 +142,4 @@ def run_prepare(params: Params) -> None:
             write_dev_examples(examples, DEV_EXAMPLES)
         log.info("%s: %d examples -> %d features in %d shards", split, summary["examples"],
                  summary["features"], len(summary["shards"]))
-    write_json_atomic(FEATURES_DIR / "report.json", reports)
+    write_json_atomic(DATA_REPORT, reports)

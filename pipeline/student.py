@@ -11,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
-import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -26,18 +25,13 @@ from pipeline.errors import KdqaError
 from pipeline.losses import distillation_loss
 from pipeline.models import check_sequence_length, keep_layers, load_qa_model, load_tokenizer, vocab_fingerprint
 from pipeline.params import Params, StudentParams
+from pipeline.paths import CHECKPOINT_DIR, FEATURES_DIR, STUDENT_LOG_DIR, STUDENT_MODEL_DIR, TEACHER_DIR, staged_folder
 from pipeline.progress import progress
 from pipeline.shards import read_json, verify_shards, write_json_atomic
 from pipeline.stream import ShardStream, find_shard_pairs, verify_alignment
 from pipeline.training_log import TrainingLog
 
 log = logging.getLogger(__name__)
-
-FEATURES_DIR = Path("data/features")
-TEACHER_DIR = Path("data/teacher")
-MODEL_DIR = Path("models/student")
-CHECKPOINT_DIR = Path("checkpoints/student")
-LOG_DIR = Path("logs/student")
 
 # Dev scores inside the student stage (curve, model card) use fixed default post-processing, so the stage
 # never depends on `evaluate.*`; `kdqa evaluate` gives the official figures with the user's settings.
@@ -158,8 +152,8 @@ def run_student(params: Params, resume: str = "auto") -> None:
         log.info("resuming from %s at step %d (epoch %d, batch %d); loss: w=%s T=%s",
                  CHECKPOINT_DIR, step, start_epoch, skip_batches, s.distillation_weight, s.temperature)
     if state and is_main:
-        restore_curves(state, LOG_DIR)  # `dvc repro` deleted the curves before rerunning the stage
-    train_log = TrainingLog(LOG_DIR, resume_step=step if state else None, enabled=is_main)
+        restore_curves(state, STUDENT_LOG_DIR)  # `dvc repro` deleted the curves before rerunning the stage
+    train_log = TrainingLog(STUDENT_LOG_DIR, resume_step=step if state else None, enabled=is_main)
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
     # --- the loop ---
@@ -209,7 +203,7 @@ def run_student(params: Params, resume: str = "auto") -> None:
                 last_eval = (step, evaluate_during_training(model, tokenizer, params, device, step, train_log))
             if s.checkpoint_every and step % s.checkpoint_every == 0 and step < total_steps:
                 save_checkpoint(CHECKPOINT_DIR, Checkpoint(step, epoch, batch_index + 1, key), model, optimizer,
-                                scheduler, rank, curves=(LOG_DIR / "train.tsv", LOG_DIR / "eval.tsv"))
+                                scheduler, rank, curves=(STUDENT_LOG_DIR / "train.tsv", STUDENT_LOG_DIR / "eval.tsv"))
     bar.close()
     elapsed = time.perf_counter() - started
     log.info("trained %d steps in %.1fs (%.1f features/s per process)", step, elapsed, seen_features / max(elapsed, 1e-9))
@@ -262,15 +256,12 @@ def save_student(model, tokenizer, params: Params, steps: int, seconds: float, d
     """`save_pretrained` model + tokenizer + a model card, swapped into models/student/ whole."""
     from pipeline.model_card import write_model_card
 
-    staging = MODEL_DIR.with_name(f".{MODEL_DIR.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    write_json_atomic(staging / "kdqa_training.json", {
-        "kdqa_version": __version__, "steps": steps, "seconds": round(seconds, 1),
-        "student": asdict(params.student), "teacher": params.teacher.model, "data": asdict(params.data),
-    })
-    write_model_card(staging, params, steps, dev_metrics)
-    shutil.rmtree(MODEL_DIR, ignore_errors=True)
-    staging.rename(MODEL_DIR)
-    log.info("saved student to %s", MODEL_DIR)
+    with staged_folder(STUDENT_MODEL_DIR) as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        write_json_atomic(staging / "kdqa_training.json", {
+            "kdqa_version": __version__, "steps": steps, "seconds": round(seconds, 1),
+            "student": asdict(params.student), "teacher": params.teacher.model, "data": asdict(params.data),
+        })
+        write_model_card(staging, params, steps, dev_metrics)
+    log.info("saved student to %s", STUDENT_MODEL_DIR)

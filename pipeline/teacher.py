@@ -36,6 +36,7 @@ from pipeline.models import (
     weights_fingerprint,
 )
 from pipeline.params import Params
+from pipeline.paths import FEATURES_DIR, TEACHER_DIR, TEACHER_WORK_DIR, staged_folder
 from pipeline.inference import autocast_dtype, precision_name, shard_logits
 from pipeline.progress import progress
 from pipeline.shards import (
@@ -52,9 +53,6 @@ from pipeline.shards import (
 
 log = logging.getLogger(__name__)
 
-FEATURES_DIR = Path("data/features")
-TEACHER_DIR = Path("data/teacher")
-WORK_DIR = Path(".kdqa/teacher-work")
 LOGITS_ROW_GROUP = 4000
 
 
@@ -114,7 +112,7 @@ def remove_stale_temporaries(work: Path, names: list[str]) -> None:
 def run_split(model, tokenizer, split: str, params: Params, key_parts: dict, device: torch.device) -> dict | None:
     """Compute this rank's missing shards of a split; rank 0 then publishes the split. Returns the manifest."""
     rank, world = distributed.rank(), distributed.world_size()
-    features_dir, out_dir, work = FEATURES_DIR / split, TEACHER_DIR / split, WORK_DIR / split
+    features_dir, out_dir, work = FEATURES_DIR / split, TEACHER_DIR / split, TEACHER_WORK_DIR / split
     shards = list_shards(features_dir)
     if not shards:
         raise KdqaError(f"{features_dir}: no feature shards (run `kdqa prepare`)")
@@ -181,26 +179,22 @@ def publish_split(split, shards, work: Path, out_dir: Path, key, fingerprint_par
         if record is None:
             raise KdqaError(f"{work / path.name}: logits shard missing or incomplete after all ranks finished")
         records[path.name] = record
-    staging = out_dir.with_name(f".{out_dir.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    for path in shards:
-        shutil.copy2(work / path.name, staging / path.name)  # copy, not move: the work stays until published
-    manifest = {
-        "kdqa_version": __version__,
-        "split": split,
-        "fingerprint": fingerprint_of(fingerprint_parts),
-        "fingerprint_parts": fingerprint_parts,
-        "compute": key["compute"],
-        "device": device_name(device),
-        "features_per_second": round(throughput, 2) if throughput else None,
-        "rows": sum(r["rows"] for r in records.values()),
-        "bytes": sum((staging / n).stat().st_size for n in records),
-        "shards": [{"name": n, "rows": r["rows"], "sha256": r["sha256"]} for n, r in records.items()],
-    }
-    write_json_atomic(staging / "manifest.json", manifest)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    staging.rename(out_dir)
+    with staged_folder(out_dir) as staging:
+        for path in shards:
+            shutil.copy2(work / path.name, staging / path.name)  # copy, not move: the work stays until published
+        manifest = {
+            "kdqa_version": __version__,
+            "split": split,
+            "fingerprint": fingerprint_of(fingerprint_parts),
+            "fingerprint_parts": fingerprint_parts,
+            "compute": key["compute"],
+            "device": device_name(device),
+            "features_per_second": round(throughput, 2) if throughput else None,
+            "rows": sum(r["rows"] for r in records.values()),
+            "bytes": sum((staging / n).stat().st_size for n in records),
+            "shards": [{"name": n, "rows": r["rows"], "sha256": r["sha256"]} for n, r in records.items()],
+        }
+        write_json_atomic(staging / "manifest.json", manifest)
     shutil.rmtree(work, ignore_errors=True)
     log.info("%s: %d rows in %d shards, %.0f bytes/feature", out_dir, manifest["rows"], len(shards),
              manifest["bytes"] / max(manifest["rows"], 1))
