@@ -11,7 +11,7 @@ Same data, same models, one run, each configuration in a fresh process of its ow
    compute-only (`pipeline.inference.model_logits`).
 2. Student time per epoch: offline (ours: logits streamed from the shards through ShardStream and a
    DataLoader worker) vs. online distillation (the teacher in the same process, forward on every batch
-   under no_grad) vs. hard labels only (no teacher). Same batches, same training step as pipeline/student.py.
+   under no_grad) vs. hard labels only (no teacher). Same batches, the stage's own step (pipeline.training.train_step).
 3. Peak resident memory of each of those student processes (peak CUDA memory on GPU).
 4. Shard size: bytes per feature vs. dense float32 / float16 [2, max_seq_len] arrays; encoding options.
 5. The real student stage (`run_student`) at 1x and 10x the training data (shards repeated): peak memory.
