@@ -23,6 +23,7 @@ from pipeline.progress import progress
 from pipeline.shards import (
     features_fingerprint,
     features_table,
+    output_format,
     sha256_file,
     shard_name,
     write_json_atomic,
@@ -67,8 +68,8 @@ def tokenize_into(folder: Path, examples: list[Example], tokenizer, params: Para
             bar.update(len(chunk))
     if buffer:
         flush()
-    manifest = {**manifest, "examples": len(examples), "features": n_features,
-                "fingerprint": features_fingerprint(folder), "shards": shards}
+    manifest = {**manifest, "features_format": output_format("features"), "examples": len(examples),
+                "features": n_features, "fingerprint": features_fingerprint(folder), "shards": shards}
     write_json_atomic(folder / "manifest.json", manifest)
     return manifest
 

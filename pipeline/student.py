@@ -25,7 +25,7 @@ from pipeline.models import check_sequence_length, keep_layers, load_qa_model, l
 from pipeline.params import Params, StudentParams
 from pipeline.paths import CHECKPOINT_DIR, FEATURES_DIR, STUDENT_LOG_DIR, STUDENT_MODEL_DIR, TEACHER_DIR, staged_folder
 from pipeline.progress import progress
-from pipeline.shards import read_json, verify_shards, write_json_atomic
+from pipeline.shards import check_format, read_json, verify_shards, write_json_atomic
 from pipeline.stream import ShardStream, find_shard_pairs, verify_alignment
 from pipeline.training import build_optimizer, train_step
 from pipeline.training_log import TrainingLog
@@ -55,6 +55,7 @@ def check_teacher_logits(features_dir: Path, expected: str, logits_dir: Path) ->
             f"{logits_dir}: teacher logits were computed for features {found}, but {features_dir} holds "
             f"features {expected}; regenerate them with `kdqa teacher` (or `dvc repro teacher`)"
         )
+    check_format(manifest.get("fingerprint_parts", {}).get("logits_format"), "logits", logits_dir, "kdqa teacher")
     verify_shards(logits_dir, "kdqa teacher")  # every logits shard whole: checksums from the manifest
     return manifest["fingerprint"]
 
@@ -121,6 +122,7 @@ def check_training_data(student: StudentParams) -> tuple[dict, dict, list]:
     features_dir = FEATURES_DIR / "train"
     logits_dir = TEACHER_DIR / "train" if student.distillation_weight > 0 else None
     features_manifest = verify_shards(features_dir, "kdqa prepare")
+    check_format(features_manifest.get("features_format"), "features", features_dir, "kdqa prepare")
     data_fingerprint = {"features": features_manifest["bytes_fingerprint"]}  # of the verified bytes
     if logits_dir is not None:
         data_fingerprint["logits"] = check_teacher_logits(features_dir, data_fingerprint["features"], logits_dir)

@@ -40,9 +40,11 @@ from pipeline.paths import FEATURES_DIR, TEACHER_DIR, TEACHER_WORK_DIR, staged_f
 from pipeline.inference import autocast_dtype, precision_name, shard_logits
 from pipeline.progress import progress
 from pipeline.shards import (
+    check_format,
     fingerprint_of,
     list_shards,
     logits_table,
+    output_format,
     read_json,
     sha256_file,
     shard_rows,
@@ -117,11 +119,13 @@ def run_split(model, tokenizer, split: str, params: Params, key_parts: dict, dev
     if not shards:
         raise KdqaError(f"{features_dir}: no feature shards (run `kdqa prepare`)")
     features_manifest = verify_shards(features_dir, "kdqa prepare")  # intact features, or a named error
+    check_format(features_manifest.get("features_format"), "features", features_dir, "kdqa prepare")
     dtype = autocast_dtype(device, params.teacher.precision)
     precision = precision_name(dtype)
-    # The logits' meaning (checked by the student): teacher, vocabulary, features and the precision they were
-    # computed in; the resume key adds the device type.
-    fingerprint_parts = {**key_parts, "features": features_manifest["bytes_fingerprint"], "precision": precision}
+    # The logits' meaning (checked by the student): teacher, vocabulary, features, the precision they were
+    # computed in and the format version of the code that computed them; the resume key adds the device type.
+    fingerprint_parts = {**key_parts, "features": features_manifest["bytes_fingerprint"], "precision": precision,
+                         "logits_format": output_format("logits")}
     key = {**fingerprint_parts, "compute": f"{device.type}-{precision}"}
 
     published = out_dir / "manifest.json"

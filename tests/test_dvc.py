@@ -127,6 +127,42 @@ def test_dvc_repro_then_student_change_skips_prepare_and_teacher(dvc_repo):
     assert '"f1"' in shown and '"exact"' in shown and "metrics/eval.json" in shown
 
 
+# The code prepare and teacher run; neither stage lists it in dvc.yaml (pipeline/formats.yaml stands for it).
+PREPARE_AND_TEACHER_CODE = ["prepare", "features", "squad_data", "teacher", "inference", "batching", "models",
+                            "shards", "distributed"]
+
+
+def test_upgrades_rerun_prepare_and_teacher_only_when_their_format_version_changes(dvc_repo):
+    """A code change that leaves features and logits alone (comments here) reruns neither prepare nor the
+    teacher; bumping a format version in pipeline/formats.yaml makes exactly that stage stale."""
+    pipeline = dvc_repo.path / "pipeline"
+    formats = pipeline / "formats.yaml"
+    originals = {p: p.read_text() for p in [formats] + [pipeline / f"{m}.py" for m in PREPARE_AND_TEACHER_CODE]}
+
+    def status() -> dict:
+        return json.loads(dvc_repo.dvc("status", "--json"))
+
+    try:
+        for path, text in originals.items():
+            if path != formats:
+                path.write_text(text + "\n# a comment-only change\n")
+        assert set(status()) == {"student", "evaluate"}  # they still list their code (models.py, shards.py...)
+        for path, text in originals.items():
+            path.write_text(text)
+        assert status() == {}
+
+        formats.write_text(originals[formats].replace("logits_format: 1", "logits_format: 2"))
+        changed = status()
+        assert set(changed) == {"teacher"} and "logits_format" in json.dumps(changed), changed
+        formats.write_text(originals[formats].replace("features_format: 1", "features_format: 2"))
+        changed = status()
+        assert set(changed) == {"prepare"} and "features_format" in json.dumps(changed), changed
+    finally:
+        for path, text in originals.items():
+            path.write_text(text)
+    assert status() == {}
+
+
 def test_editing_local_data_in_data_raw_reruns_prepare(dvc_repo):
     """data/raw/ is a dependency of prepare: a changed JSON there makes prepare (and all after it) stale."""
     repo, env, dvc = dvc_repo.path, dvc_repo.env, [sys.executable, "-m", "dvc"]
