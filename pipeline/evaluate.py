@@ -51,18 +51,22 @@ def predict_split(features_dir: Path, logits_for_shard: Callable, params, exampl
             raise KdqaError(f"{shard}: logits rows do not match the features' ids")
         offset_start = list_column_to_numpy(table.column("offset_start"), np.int64)
         offset_end = list_column_to_numpy(table.column("offset_end"), np.int64)
-        cs, ce = table.column("context_start").to_numpy(), table.column("context_end").to_numpy()
+        context_start = table.column("context_start").to_numpy()
+        context_end = table.column("context_end").to_numpy()
         for i, example_id in enumerate(table.column("example_id").to_pylist()):
-            windows[example_id].append(WindowLogits(start[i], end[i], int(cs[i]), int(ce[i]), offset_start[i], offset_end[i]))
+            windows[example_id].append(WindowLogits(start[i], end[i], int(context_start[i]), int(context_end[i]),
+                                                    offset_start[i], offset_end[i]))
 
     examples = read_table(examples_path, columns=["id", "context", "answers"]).to_pylist()
     preds, na_probs, forced, golds = {}, {}, {}, {}
-    e = params.evaluate
+    settings = params.evaluate
     for ex in examples:
         if ex["id"] not in windows:
             raise KdqaError(f"{features_dir}: no features for dev example {ex['id']!r}")
-        p = predict_example(windows[ex["id"]], ex["context"], e.n_best, e.max_answer_len, e.null_threshold)
-        preds[ex["id"]], na_probs[ex["id"]], forced[ex["id"]] = p.text, p.na_prob, p.span_text
+        prediction = predict_example(windows[ex["id"]], ex["context"], settings.n_best, settings.max_answer_len,
+                                     settings.null_threshold)
+        preds[ex["id"]], na_probs[ex["id"]] = prediction.text, prediction.na_prob
+        forced[ex["id"]] = prediction.span_text
         golds[ex["id"]] = ex["answers"]
     return preds, na_probs, forced, golds
 

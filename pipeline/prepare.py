@@ -48,22 +48,23 @@ def write_feature_shards(examples: list[Example], tokenizer, params: Params, out
 
 def tokenize_into(folder: Path, examples: list[Example], tokenizer, params: Params, split: str, manifest: dict) -> dict:
     """The shards and manifest of one split, written into `folder` (the staging folder)."""
-    p = params.prepare
+    settings = params.prepare
     shards, buffer, n_features = [], [], 0
 
     def flush():
         path = folder / shard_name(len(shards))
-        write_table_atomic(features_table(buffer), path, row_group_size=p.row_group_size)
+        write_table_atomic(features_table(buffer), path, row_group_size=settings.row_group_size)
         shards.append({"name": path.name, "rows": len(buffer), "sha256": sha256_file(path)})
         buffer.clear()
 
     with progress(total=len(examples), desc=f"tokenize {split}", unit="ex") as bar:
         for i in range(0, len(examples), TOKENIZE_CHUNK):
             chunk = examples[i : i + TOKENIZE_CHUNK]
-            for feature in tokenize_examples(tokenizer, chunk, p.max_seq_len, p.doc_stride, p.max_query_len):
+            for feature in tokenize_examples(tokenizer, chunk, settings.max_seq_len, settings.doc_stride,
+                                             settings.max_query_len):
                 buffer.append(feature)
                 n_features += 1
-                if len(buffer) == p.shard_size:
+                if len(buffer) == settings.shard_size:
                     flush()
             bar.update(len(chunk))
     if buffer:
@@ -90,12 +91,12 @@ def write_dev_examples(examples: list[Example], path: Path) -> None:
 
 def check_window(params: Params, tokenizer) -> None:
     """Windows must leave room for context beyond the overlap, even next to the longest allowed question."""
-    p = params.prepare
+    settings = params.prepare
     specials = tokenizer.num_special_tokens_to_add(pair=True)
-    room = p.max_seq_len - p.max_query_len - specials
-    if room <= p.doc_stride:
+    room = settings.max_seq_len - settings.max_query_len - specials
+    if room <= settings.doc_stride:
         raise KdqaError(
-            f"params: prepare.doc_stride ({p.doc_stride}) must be less than the context room of a window, "
+            f"params: prepare.doc_stride ({settings.doc_stride}) must be less than the context room of a window, "
             f"max_seq_len - max_query_len - {specials} special tokens = {room}; lower doc_stride or "
             "max_query_len, or raise max_seq_len"
         )
