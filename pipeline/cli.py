@@ -18,7 +18,7 @@ import click
 
 from pipeline import __version__
 from pipeline.errors import KdqaError
-from pipeline.paths import STUDENT_MODEL_DIR
+from pipeline.paths import EXPORT_DIR, STUDENT_MODEL_DIR
 
 log = logging.getLogger("kdqa")
 
@@ -205,9 +205,9 @@ def evaluate(ctx, model_dir):
 
 
 @cli.command(short_help="Export the student to ONNX (float32, int8), checked on dev.")
-@click.option("--model", "model_dir", default="models/student", show_default=True, type=click.Path(path_type=Path),
-              help="Model to export.")
-@click.option("--out", "out_dir", default="models/student-onnx", show_default=True, type=click.Path(path_type=Path),
+@click.option("--model", "model_dir", default=str(STUDENT_MODEL_DIR), show_default=True,
+              type=click.Path(path_type=Path), help="Model to export.")
+@click.option("--out", "out_dir", default=str(EXPORT_DIR), show_default=True, type=click.Path(path_type=Path),
               help="Folder to write.")
 @click.pass_context
 def export(ctx, model_dir, out_dir):
@@ -224,7 +224,9 @@ def export(ctx, model_dir, out_dir):
     """
     from pipeline.export import run_export
 
-    run_export(_load(ctx), model_dir, out_dir)
+    params = _load(ctx, "export")
+    with _stage("export", params):
+        run_export(params, model_dir, out_dir)
 
 
 @cli.command(short_help="Answer one question about one passage with any QA model.")

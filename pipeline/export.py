@@ -9,8 +9,8 @@ windowing and post-processing as `kdqa evaluate` (its `evaluate.*` settings), be
   or the stage fails (a wrong graph, never a rounding question);
 - int8 may lose at most `export.max_f1_drop` F1 against the PyTorch student, or the stage fails.
 
-`metrics/export.json` holds the figures either way; `models/student-onnx/` is written to a staging folder
-and renamed into place only when both checks pass. Its manifest (`kdqa_export.json`, see
+`models/student-onnx/` is written to a staging folder and swapped into place, and `metrics/export.json`
+written, only when both checks pass; a failed check names its figures in the error. The manifest (`kdqa_export.json`, see
 `pipeline.onnx_model`) records the student it came from, so a stale export is refused when loaded.
 """
 
@@ -20,7 +20,6 @@ import contextlib
 import inspect
 import logging
 import os
-import shutil
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -30,19 +29,19 @@ import torch
 
 from pipeline import __version__
 from pipeline.errors import KdqaError
-from pipeline.evaluate import DEV_EXAMPLES, predict_split, score
+from pipeline.evaluate import predict_split, score
+from pipeline.fingerprints import check_model_vocabulary
 from pipeline.inference import shard_logits
 from pipeline.models import load_qa_model, load_tokenizer, vocab_fingerprint
 from pipeline.onnx_model import INPUT_NAMES, MANIFEST, ONNX_FILES, OUTPUT_NAMES, OnnxQAModel, student_fingerprint
+from pipeline.paths import DEV_EXAMPLES, EXPORT_DIR, EXPORT_METRICS, FEATURES_DIR, STUDENT_MODEL_DIR, staged_folder
 from pipeline.progress import progress
 from pipeline.shards import fingerprint_of, list_shards, sha256_file, shard_rows, verify_shards, write_json_atomic
+from pipeline.write_errors import writing
 
 log = logging.getLogger(__name__)
 
-STUDENT_DIR = Path("models/student")
-EXPORT_DIR = Path("models/student-onnx")
-FEATURES_DIR = Path("data/features/dev")
-METRICS_PATH = Path("metrics/export.json")
+DEV_FEATURES = FEATURES_DIR / "dev"
 # Float32 ONNX Runtime and PyTorch differ by reordered float sums (~1e-6 on a logit); a graph that computes
 # something else differs by whole units.
 FLOAT32_TOLERANCE = 1e-3
@@ -103,7 +102,7 @@ def quantize_int8(source: Path, path: Path) -> None:
 
 def dev_logits(model, pad_token_id: int, batch_size: int, name: str) -> dict:
     """{shard name: (feature ids, start, end)} over the dev features, float32 logits, on the CPU."""
-    shards, logits = list_shards(FEATURES_DIR), {}
+    shards, logits = list_shards(DEV_FEATURES), {}
     with progress(total=sum(shard_rows(p) for p in shards), desc=f"check {name}", unit="feat") as bar:
         for shard in shards:
             logits[shard.name] = shard_logits(model, shard, pad_token_id, torch.device("cpu"), batch_size, 1 << 30,
@@ -121,7 +120,7 @@ def predictions(logits: dict, params, rounded: bool):
             start, end = [s.astype(np.float16) for s in start], [e.astype(np.float16) for e in end]
         return ids, start, end
 
-    return predict_split(FEATURES_DIR, lookup, params, DEV_EXAMPLES)
+    return predict_split(DEV_FEATURES, lookup, params, DEV_EXAMPLES)
 
 
 def max_difference(a: dict, b: dict) -> float:
@@ -165,8 +164,8 @@ def check_gate(metrics: dict, max_f1_drop: float, out_dir: Path) -> None:
     if "int8_f1_drop" in metrics and metrics["int8_f1_drop"] > max_f1_drop:
         raise KdqaError(f"{out_dir}: the int8 model loses {metrics['int8_f1_drop']:.2f} F1 on dev "
                         f"(PyTorch {metrics['pytorch']['f1']:.2f}, int8 {metrics['onnx_int8']['f1']:.2f}), more than "
-                        f"export.max_f1_drop {max_f1_drop:g}; not published (figures in {METRICS_PATH}). "
-                        "Set export.int8: false for float32 only, or raise export.max_f1_drop")
+                        f"export.max_f1_drop {max_f1_drop:g}; not published. Set export.int8: false for float32 only, "
+                        "or raise export.max_f1_drop")
 
 
 def write_model_files(student, tokenizer, folder: Path, export, name: str) -> None:
@@ -200,36 +199,31 @@ def write_manifest(staging: Path, model_dir: Path, out_dir: Path, tokenizer, exp
     return manifest
 
 
-def run_export(params, model_dir: Path = STUDENT_DIR, out_dir: Path = EXPORT_DIR) -> dict:
+def run_export(params, model_dir: Path = STUDENT_MODEL_DIR, out_dir: Path = EXPORT_DIR) -> dict:
     from pipeline.export_card import write_export_card
 
-    features_manifest = verify_shards(FEATURES_DIR, "kdqa prepare")
+    features_manifest = verify_shards(DEV_FEATURES, "kdqa prepare")
+    if model_dir == STUDENT_MODEL_DIR and not model_dir.exists():
+        raise KdqaError(f"{model_dir}: no model there yet (run `kdqa student`, or give --model a model folder)")
     tokenizer = load_tokenizer(str(model_dir))
-    if vocab_fingerprint(tokenizer) != features_manifest.get("vocab_fingerprint"):
-        raise KdqaError(f"{model_dir}: its tokenizer differs from the one {FEATURES_DIR} was prepared with "
-                        f"({features_manifest.get('tokenizer')}): the accuracy check would read other tokens")
+    check_model_vocabulary(tokenizer, str(model_dir), features_manifest, DEV_FEATURES)
     student = load_qa_model(str(model_dir)).eval()
     check_architecture(student, str(model_dir))
 
-    staging = out_dir.with_name(f".{out_dir.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    # Swapped into place only if every check passes; a failed check or write leaves the previous export and
+    # metrics/export.json as they were (the figures are in the log and the error line).
+    with staged_folder(out_dir) as staging, writing(out_dir):
         write_model_files(student, tokenizer, staging, params.export, str(model_dir))
         onnx_models = {p: OnnxQAModel(staging / n, student.config) for p, n in ONNX_FILES.items()
                        if (staging / n).exists()}
         metrics = accuracy_gate(student, onnx_models, tokenizer.pad_token_id, params)
         metrics["max_f1_drop"] = params.export.max_f1_drop
         metrics["mib"] = file_sizes(model_dir, staging)
-        write_json_atomic(METRICS_PATH, metrics)
         log_gate(metrics)
         check_gate(metrics, params.export.max_f1_drop, out_dir)
         manifest = write_manifest(staging, model_dir, out_dir, tokenizer, params.export, metrics)
         write_export_card(staging, model_dir, manifest, metrics)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        staging.rename(out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        write_json_atomic(EXPORT_METRICS, metrics)
     log.info("exported %s to %s", model_dir, out_dir)
     return metrics
 

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 FEATURES, TEACHER, WORK = Path("data/features"), Path("data/teacher"), Path(".kdqa/teacher-work")
 MODEL, CHECKPOINTS, LOGS = Path("models/student"), Path("checkpoints/student"), Path("logs/student")
 METRICS, RESULTS = Path("metrics"), Path("results")
+EXPORT = Path("models/student-onnx")
 
 # The folders each stage writes into (it replaces the ones it publishes whole by renaming a staging folder).
 OUTPUTS = {
@@ -33,6 +34,7 @@ OUTPUTS = {
     "teacher": (TEACHER / "train", TEACHER / "dev", WORK / "train", WORK / "dev"),
     "student": (MODEL, CHECKPOINTS, LOGS),
     "evaluate": (METRICS, RESULTS),
+    "export": (EXPORT, METRICS),
 }
 # Staging folders beside them: `.NAME.partial` (features, logits, model) and `NAME.partial` (checkpoint).
 STAGING = {
@@ -40,6 +42,7 @@ STAGING = {
     "teacher": (TEACHER / ".train.partial", TEACHER / ".dev.partial"),
     "student": (MODEL.with_name(f".{MODEL.name}.partial"), CHECKPOINTS.with_name(f"{CHECKPOINTS.name}.partial")),
     "evaluate": (),
+    "export": (EXPORT.with_name(f".{EXPORT.name}.partial"),),
 }
 LOGITS_BYTES_PER_TOKEN = 4  # float16 start + end logit per token, stored as they are (noise barely compresses)
 TRAINING_BYTES_PER_PARAMETER = 4  # float32 weights; AdamW keeps two more copies in the checkpoint
@@ -127,6 +130,8 @@ def space_needed(stage: str, params) -> dict[Path, int]:
         return {MODEL: model, CHECKPOINTS: checkpoints}
     if stage == "evaluate":  # predictions: smaller than the dev examples they answer
         return {RESULTS: _file_size(str(FEATURES / "dev_examples.parquet"))}
+    if stage == "export":  # the float32 graph about the size of the weights, the int8 one about a quarter of it
+        return {EXPORT: int((1 + params.export.int8 / 4) * _bytes_in(MODEL))}
     return {}
 
 

@@ -203,11 +203,13 @@ def test_a_float32_export_that_differs_from_pytorch_fails_and_publishes_nothing(
         exporter(other, path, opset, name)
 
     monkeypatch.setattr(export, "export_float32", export_another_graph)
-    assert_one_line_error(kdqa(run, "export"), "models/student-onnx", "does not reproduce", "not published")
-    assert (run / "models/student-onnx/kdqa_export.json").read_bytes() == before  # the previous export stays
+    metrics_before = (run / "metrics/export.json").read_bytes()
+    line = assert_one_line_error(kdqa(run, "export"), "models/student-onnx", "does not reproduce", "not published")
+    assert float(line.split("differs by ")[1].split()[0]) == pytest.approx(0.5, abs=1e-3)
+    # The previous export and its figures stay as they were; no staging is left.
+    assert (run / "models/student-onnx/kdqa_export.json").read_bytes() == before
+    assert (run / "metrics/export.json").read_bytes() == metrics_before
     assert not list((run / "models").glob(".*partial*"))
-    metrics = json.loads((run / "metrics/export.json").read_text())
-    assert metrics["float32_max_logit_difference"] == pytest.approx(0.5, abs=1e-3)
 
 
 def test_int8_gate_fails_above_max_f1_drop_and_says_which_knob():
@@ -218,7 +220,8 @@ def test_int8_gate_fails_above_max_f1_drop_and_says_which_knob():
                "int8_f1_drop": 1.5}
     with pytest.raises(KdqaError) as info:
         check_gate(metrics, 1.0, Path("models/student-onnx"))
-    for fragment in ("loses 1.50 F1", "PyTorch 60.00", "int8 58.50", "export.max_f1_drop 1", "export.int8: false"):
+    for fragment in ("loses 1.50 F1", "PyTorch 60.00", "int8 58.50", "export.max_f1_drop 1", "not published",
+                     "export.int8: false"):
         assert fragment in str(info.value)
     check_gate(metrics, 1.5, Path("models/student-onnx"))  # at the limit: passes
     check_gate({**metrics, "int8_f1_drop": -0.3}, 0.0, Path("models/student-onnx"))  # int8 better: passes
