@@ -88,7 +88,7 @@ def prepare(ctx, strict):
     """Tokenize train/dev data into feature shards under data/features/.
 
     \b
-    Reads:  data.train, data.dev (hub name or SQuAD JSON), prepare.*, teacher.model's tokenizer
+    Reads:  data.train, data.dev (SQuAD JSON, or hub name[:split]), prepare.*, teacher.model's tokenizer
     Writes: data/features/{train,dev}/part-NNNNN.parquet + manifest.json,
             data/features/dev_examples.parquet, data/features/report.json
 

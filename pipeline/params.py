@@ -20,7 +20,8 @@ from pipeline.errors import KdqaError
 
 @dataclass
 class DataParams:
-    # A datasets-hub name (split `train` / `validation`) or a path to a SQuAD-format JSON file.
+    # A path to a SQuAD-format JSON file, or a datasets-hub name: `squad_v2` (split train / validation) or
+    # `squad_v2:SPLIT` with datasets' split syntax, e.g. `squad_v2:train[:2%]` for the first 2% of train.
     train: str = "squad_v2"
     dev: str = "squad_v2"
 
