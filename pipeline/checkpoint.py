@@ -20,6 +20,7 @@ from pipeline import distributed
 from pipeline.errors import KdqaError
 from pipeline.paths import begin_staging, previous_path, staging_path, swap_into_place
 from pipeline.shards import read_json, write_json_atomic
+from pipeline.write_errors import writes_into
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ def _rng_state() -> dict:
     return state
 
 
+@writes_into("folder")
 def save_checkpoint(folder: Path, ckpt: Checkpoint, model, optimizer, scheduler, rank: int,
                     curves: tuple[Path, ...] = ()) -> None:
     """Rank 0 writes weights, optimizer and copies of `curves`; every rank writes its own RNG state."""

@@ -30,7 +30,7 @@ from pipeline.paths import (
     TEACHER_METRICS,
 )
 from pipeline.postprocess import WindowLogits, predict_example
-from pipeline.shards import list_column_to_numpy, list_shards, read_table, write_json_atomic
+from pipeline.shards import list_column_to_numpy, list_shards, read_table, write_jsons_atomic
 from pipeline.squad_metrics import forced_span_metrics, squad_v2_metrics
 
 log = logging.getLogger(__name__)
@@ -111,27 +111,35 @@ def evaluate_model(model, pad_token_id: int, features_dir: Path, params, device)
 
 def run_evaluate(params, model_dir: Path = STUDENT_MODEL_DIR) -> dict:
     from pipeline import distributed
+    from pipeline.fingerprints import check_model_vocabulary, check_teacher_logits
     from pipeline.models import load_qa_model, load_tokenizer
 
     from pipeline.shards import verify_shards
 
+    # Everything is checked before anything is written: no metrics file may be left from a half-run.
     features_dir, teacher_dir = FEATURES_DIR / "dev", TEACHER_DIR / "dev"
-    verify_shards(features_dir, "kdqa prepare")  # a damaged shard: one error naming it, never skewed scores
-    if (teacher_dir / "manifest.json").exists():
-        verify_shards(teacher_dir, "kdqa teacher")
-        # The teacher's scores from its stored dev logits, post-processed exactly like the student's.
-        teacher_metrics = score_logit_shards(features_dir, teacher_dir, params)
-        write_json_atomic(TEACHER_METRICS, teacher_metrics)
-        log.info("teacher on dev: EM %.2f F1 %.2f (forced span F1 %.2f)", teacher_metrics["exact"],
-                 teacher_metrics["f1"], teacher_metrics.get("HasAns_f1_forced", float("nan")))
+    features_manifest = verify_shards(features_dir, "kdqa prepare")  # a damaged shard: one error, never skewed scores
+    has_teacher = (teacher_dir / "manifest.json").exists()
+    if has_teacher:  # logits of other features would be scored against these examples: refuse by fingerprint
+        check_teacher_logits(features_dir, features_manifest["bytes_fingerprint"], teacher_dir)
+    if model_dir == STUDENT_MODEL_DIR and not model_dir.exists():
+        raise KdqaError(f"{model_dir}: no model there yet (run `kdqa student`, or give --model a model folder)")
+    tokenizer = load_tokenizer(str(model_dir))
+    check_model_vocabulary(tokenizer, str(model_dir), features_manifest, features_dir)
     device = distributed.device()
     model = load_qa_model(str(model_dir)).to(device)
-    tokenizer = load_tokenizer(str(model_dir))
+
+    if has_teacher:
+        # The teacher's scores from its stored dev logits, post-processed exactly like the student's.
+        teacher_metrics = score_logit_shards(features_dir, teacher_dir, params)
+        log.info("teacher on dev: EM %.2f F1 %.2f (forced span F1 %.2f)", teacher_metrics["exact"],
+                 teacher_metrics["f1"], teacher_metrics.get("HasAns_f1_forced", float("nan")))
     metrics, preds, na_probs, forced = evaluate_model(model, tokenizer.pad_token_id, features_dir, params, device)
-    write_json_atomic(PREDICTIONS, preds)
-    write_json_atomic(NA_PROBS, na_probs)
-    write_json_atomic(FORCED_PREDICTIONS, forced)
-    write_json_atomic(EVAL_METRICS, metrics)
+    outputs = {PREDICTIONS: preds, NA_PROBS: na_probs,
+               FORCED_PREDICTIONS: forced, EVAL_METRICS: metrics}
+    if has_teacher:
+        outputs[TEACHER_METRICS] = teacher_metrics
+    write_jsons_atomic(outputs)  # all replaced together, or (a write failed) none
     log.info("student on dev: EM %.2f F1 %.2f (HasAns F1 %.2f, NoAns F1 %.2f, forced span F1 %.2f)",
              metrics["exact"], metrics["f1"], metrics.get("HasAns_f1", float("nan")),
              metrics.get("NoAns_f1", float("nan")), metrics.get("HasAns_f1_forced", float("nan")))

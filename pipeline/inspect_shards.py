@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.errors import KdqaError
 from pipeline.paths import FEATURES_DIR
-from pipeline.shards import list_column_to_numpy, list_shards, read_json, read_table, shard_rows
+from pipeline.shards import features_fingerprint, list_column_to_numpy, list_shards, read_json, read_table, shard_rows
 
+log = logging.getLogger(__name__)
 
 def _entropy(logits: np.ndarray) -> float:
     z = logits - logits.max()
@@ -35,6 +37,13 @@ def inspect_folder(folder: Path, features_dir: Path | None = None) -> dict:
         return info
     features_dir = features_dir or FEATURES_DIR / folder.name
     if not list_shards(features_dir):
+        return info
+    made_for = manifest.get("fingerprint_parts", {}).get("features")
+    if made_for is not None and made_for != features_fingerprint(features_dir):
+        # Same ids can hold other tokens after a re-prepare: accuracy against these labels would mean nothing.
+        log.warning("%s: logits were computed for other features than %s now holds (run `kdqa teacher`); "
+                    "no teacher accuracy or entropy", folder, features_dir)
+        info["features_match"] = False
         return info
     # Teacher accuracy against the training labels, and entropy over positions that can hold an answer.
     hits_start = hits_both = n = 0

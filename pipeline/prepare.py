@@ -15,8 +15,8 @@ import pyarrow as pa
 
 from pipeline import __version__
 from pipeline.errors import KdqaError
-from pipeline.features import tokenize_examples
-from pipeline.models import load_tokenizer, vocab_fingerprint
+from pipeline.features import check_contexts_have_tokens, tokenize_examples
+from pipeline.models import check_position_table, load_tokenizer, vocab_fingerprint
 from pipeline.params import Params
 from pipeline.paths import DATA_REPORT, DEV_EXAMPLES, FEATURES_DIR, RAW_DATA_DIR, staged_folder
 from pipeline.progress import progress
@@ -30,12 +30,14 @@ from pipeline.shards import (
     write_table_atomic,
 )
 from pipeline.squad_data import Example, load_examples
+from pipeline.write_errors import writes_into
 
 log = logging.getLogger(__name__)
 
 TOKENIZE_CHUNK = 1000  # examples tokenized per call (bounded memory, fast batch tokenization)
 
 
+@writes_into("out_dir")
 def write_feature_shards(examples: list[Example], tokenizer, params: Params, out_dir: Path, manifest: dict) -> dict:
     """Tokenize examples into shards of `shard_size` features, streaming: one shard in memory at a time.
 
@@ -119,13 +121,16 @@ def run_prepare(params: Params) -> None:
         warn_if_dvc_cannot_see(source)
     tokenizer = load_tokenizer(params.teacher.model, params.teacher.trust_remote_code)
     check_window(params, tokenizer)
+    check_position_table(params.teacher.model, params.prepare.max_seq_len, params.teacher.trust_remote_code)
     # Read and validate both splits before writing anything: bad input in dev must not leave train rewritten.
     loaded = {split: load_examples(source, split, strict=params.prepare.strict)
               for split, source in (("train", params.data.train), ("dev", params.data.dev))}
+    for split, source in (("train", params.data.train), ("dev", params.data.dev)):
+        check_contexts_have_tokens(tokenizer, loaded[split][0], source)
     reports = {}
     for split, source in (("train", params.data.train), ("dev", params.data.dev)):
         examples, report = loaded[split]
-        fixed = report.answers_repaired + report.answers_skipped + report.questions_dropped
+        fixed = report.answers_repaired + report.answers_skipped + report.questions_dropped + report.contradictory_labels
         log.log(logging.WARNING if fixed else logging.INFO, "%s%s", report.summary(),
                 f" (details in {DATA_REPORT})" if fixed else "")
         reports[split] = report.to_dict()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
@@ -21,14 +20,16 @@ from torch.utils.data import DataLoader
 from pipeline import __version__, distributed
 from pipeline.checkpoint import Checkpoint, load_checkpoint, remove_checkpoints, restore_curves, save_checkpoint
 from pipeline.errors import KdqaError
+from pipeline.fingerprints import check_teacher_logits
 from pipeline.models import check_sequence_length, keep_layers, load_qa_model, load_tokenizer, vocab_fingerprint
 from pipeline.params import Params, StudentParams
 from pipeline.paths import CHECKPOINT_DIR, FEATURES_DIR, STUDENT_LOG_DIR, STUDENT_MODEL_DIR, TEACHER_DIR, staged_folder
 from pipeline.progress import progress
-from pipeline.shards import check_format, read_json, verify_shards, write_json_atomic
+from pipeline.shards import check_format, verify_shards, write_json_atomic
 from pipeline.stream import ShardStream, find_shard_pairs, verify_alignment
 from pipeline.training import build_optimizer, train_step
 from pipeline.training_log import TrainingLog
+from pipeline.write_errors import writing
 
 log = logging.getLogger(__name__)
 
@@ -40,24 +41,6 @@ CARD_EVALUATION = Params()
 # (num_workers is not one: with 2+ workers the DataLoader interleaves their shards, so the batch order
 # differs; 0 and 1 give the same order. `training_key` keeps the part of it that matters.)
 OBSERVATION_KEYS = {"checkpoint_every", "log_every", "eval_every", "num_workers"}
-
-
-def check_teacher_logits(features_dir: Path, expected: str, logits_dir: Path) -> str:
-    """The logits must have been computed from exactly these features (fingerprint `expected`); returns the
-    logits fingerprint."""
-    manifest_path = logits_dir / "manifest.json"
-    if not manifest_path.exists():
-        raise KdqaError(f"{manifest_path}: no teacher logits (run `kdqa teacher`)")
-    manifest = read_json(manifest_path)
-    found = manifest.get("fingerprint_parts", {}).get("features")
-    if found != expected:
-        raise KdqaError(
-            f"{logits_dir}: teacher logits were computed for features {found}, but {features_dir} holds "
-            f"features {expected}; regenerate them with `kdqa teacher` (or `dvc repro teacher`)"
-        )
-    check_format(manifest.get("fingerprint_parts", {}).get("logits_format"), "logits", logits_dir, "kdqa teacher")
-    verify_shards(logits_dir, "kdqa teacher")  # every logits shard whole: checksums from the manifest
-    return manifest["fingerprint"]
 
 
 def build_student(student: StudentParams):
@@ -190,6 +173,7 @@ def train(run: Training) -> tuple[float, tuple]:
     student, rank = run.params.student, distributed.rank()
     run.model.train()
     started, seen_features = time.perf_counter(), 0
+    resumed_at = run.step  # a resume from the final checkpoint has nothing new to save
     last_eval = (None, None)  # (step, dev metrics) of the latest curve point, reused for the model card
     bar = progress(total=run.total_steps, initial=run.step, desc="student", unit="step", enabled=rank == 0)
     for epoch in range(run.start_epoch, student.epochs):
@@ -223,6 +207,10 @@ def train(run: Training) -> tuple[float, tuple]:
                                 run.optimizer, run.scheduler, rank,
                                 curves=(STUDENT_LOG_DIR / "train.tsv", STUDENT_LOG_DIR / "eval.tsv"))
     bar.close()
+    if student.checkpoint_every and run.step != resumed_at:
+        # The finished training, resumable: a failure while scoring or saving the model loses none of it.
+        save_checkpoint(CHECKPOINT_DIR, Checkpoint(run.step, student.epochs, 0, run.key), run.model, run.optimizer,
+                        run.scheduler, rank, curves=(STUDENT_LOG_DIR / "train.tsv", STUDENT_LOG_DIR / "eval.tsv"))
     seconds = time.perf_counter() - started
     log.info("trained %d steps in %.1fs (%.1f features/s per process)", run.step, seconds,
              seen_features / max(seconds, 1e-9))
@@ -265,6 +253,7 @@ def finish(run: Training, seconds: float, last_eval: tuple) -> None:
     remove_checkpoints(CHECKPOINT_DIR)  # finished: nothing left to resume
 
 
+@writing(STUDENT_MODEL_DIR)
 def save_student(model, tokenizer, params: Params, steps: int, seconds: float, dev_metrics: dict | None) -> None:
     """`save_pretrained` model + tokenizer + a model card, swapped into models/student/ whole."""
     from pipeline.model_card import write_model_card

@@ -39,6 +39,7 @@ from pipeline.params import Params
 from pipeline.paths import FEATURES_DIR, TEACHER_DIR, TEACHER_WORK_DIR, staged_folder
 from pipeline.inference import autocast_dtype, precision_name, shard_logits
 from pipeline.progress import progress
+from pipeline.write_errors import writes_into
 from pipeline.shards import (
     check_format,
     fingerprint_of,
@@ -176,6 +177,7 @@ def write_logits_shard(path: Path, ids, start, end, resume_key: dict) -> None:
     write_json_atomic(done_record_path(path), {"rows": len(ids), "sha256": sha256_file(path), "key": resume_key})
 
 
+@writes_into("out_dir")
 def publish_split(split, shards, work: Path, out_dir: Path, resume_key, fingerprint_parts, throughput, device) -> dict:
     """Check that every shard is done, then move the split into the DVC output with its manifest."""
     records = {}

@@ -36,7 +36,7 @@ def test_first_run_preset_runs_every_stage_on_the_slices_it_names(tmp_path, monk
     preset = yaml.safe_load(PRESET.read_text())
     assert (preset["data"]["train"], preset["data"]["dev"]) == ("squad_v2:train[:1%]", "squad_v2:validation[:5%]")
     run = tmp_path / "run"
-    tiny.make_model(run / preset["teacher"]["model"], layers=12, max_positions=512)
+    tiny.make_model(run / preset["teacher"]["model"], layers=12, positions=512)
     assert preset["student"]["model"] == preset["teacher"]["model"]  # the student is cut from the teacher
     files = {split: tmp_path / "squad_v2" / f"{split}.jsonl" for split in ("train", "validation")}
     files["train"].parent.mkdir()
