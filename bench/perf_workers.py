@@ -242,11 +242,11 @@ def teacher_worker(cfg: dict) -> dict:
     params = Params()
     params.teacher.batch_size = max_batch
     params.teacher.max_tokens_per_batch = max_tokens
-    key_parts = {"teacher": weights_fingerprint(model), "vocab": vocab_fingerprint(tokenizer)}
+    teacher_identity = {"teacher": weights_fingerprint(model), "vocab": vocab_fingerprint(tokenizer)}
 
     def stage(folder: Path):
         with chdir(folder):
-            return run_split(model, tokenizer, "train", params, key_parts, device)
+            return run_split(model, tokenizer, "train", params, teacher_identity, device)
 
     configurations = {
         # ours: the teacher stage itself (read features shard, compute, write logits shard overlapped)

@@ -445,9 +445,9 @@ def compute_scale_logits(folder: Path, model_dir: Path, tokenizer, max_batch: in
     model = load_qa_model(str(model_dir)).to(device).eval()
     params = Params()
     params.teacher.batch_size, params.teacher.max_tokens_per_batch = max_batch, max_tokens
-    key_parts = {"teacher": weights_fingerprint(model), "vocab": vocab_fingerprint(tokenizer)}
+    teacher_identity = {"teacher": weights_fingerprint(model), "vocab": vocab_fingerprint(tokenizer)}
     with chdir(folder), torch.inference_mode():
-        run_split(model, tokenizer, "train", params, key_parts, device)
+        run_split(model, tokenizer, "train", params, teacher_identity, device)
 
 
 def machine(torch, threads: int) -> dict:

@@ -117,7 +117,7 @@ def test_failed_checkpoint_write_loses_at_most_checkpoint_every_steps(world, tmp
 def test_unwritable_output_is_found_before_training(world, tmp_path, monkeypatch, folder):
     import tempfile
 
-    import pipeline.student as student
+    import pipeline.training as training
 
     ws = clone(world, tmp_path / "ws")
     write_params(world, ws, **STUDENT, student__checkpoint_every=5)
@@ -131,7 +131,7 @@ def test_unwritable_output_is_found_before_training(world, tmp_path, monkeypatch
         return original_mkstemp(*a, dir=dir, **k)
 
     monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
-    monkeypatch.setattr(student, "distillation_loss", lambda *a, **k: steps.append(1))
+    monkeypatch.setattr(training, "distillation_loss", lambda *a, **k: steps.append(1))
     assert_one_line_error(kdqa(ws, "-q", "student"), folder, "Read-only file system", "nothing was done yet")
     assert not steps, "training started before the outputs were checked"
     assert not any((ws / d).exists() for d in ("models/student", "checkpoints/student", "logs/student/train.tsv"))
@@ -263,12 +263,12 @@ def test_killed_student_before_its_first_row_keeps_the_previous_curves(world, fi
 
 
 def test_failed_student_puts_the_previous_curves_back(world, finished_student, tmp_path, monkeypatch):
-    import pipeline.student as student
+    import pipeline.training as training
 
     ws = Path(shutil.copytree(finished_student, tmp_path / "ws"))
     before = curves(ws)
     write_params(world, ws, **STUDENT, student__learning_rate=5e-4)
-    monkeypatch.setattr(student, "distillation_loss", failing_on_call(6, student.distillation_loss))
+    monkeypatch.setattr(training, "distillation_loss", failing_on_call(6, training.distillation_loss))
     assert_one_line_error(kdqa(ws, "-q", "student"), ENOSPC)  # the curve had 5 new rows by then
     assert curves(ws) == before
 

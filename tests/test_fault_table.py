@@ -431,7 +431,7 @@ ROWS = [
     Row("prepare: is_impossible with answers counted", ("prepare",), contradictory_labels,
         ("1 marked impossible despite answers",), exit_code=0),
     # --- case 8: a failed or interrupted student keeps the previous run's curves ---
-    Row("student: interrupted keeps the previous curves", ("student",), nth_call_fails("pipeline.student", "distillation_loss", 7, KeyboardInterrupt),
+    Row("student: interrupted keeps the previous curves", ("student",), nth_call_fails("pipeline.training", "distillation_loss", 7, KeyboardInterrupt),
         ("interrupted",), exit_code=130, keeps=(CHECKPOINTS,)),
     # --- case 9: params ---
     Row("--params at a folder", ("--params", "data", "prepare"), None, ("data: is a folder",)),
