@@ -18,6 +18,7 @@ import click
 
 from pipeline import __version__
 from pipeline.errors import KdqaError
+from pipeline.paths import STUDENT_MODEL_DIR
 
 log = logging.getLogger("kdqa")
 
@@ -172,18 +173,19 @@ def student(ctx, resume):
 
     Under `torchrun --nproc-per-node N -m pipeline student` it trains with DDP (student.batch_size per process).
     """
-    from pipeline.student import LOG_DIR, run_student
+    from pipeline.paths import STUDENT_LOG_DIR
+    from pipeline.student import run_student
     from pipeline.training_log import previous_curves_kept
 
     params = _load(ctx, "student")
     # A run that fails leaves the previous run's curves beside the previous run's model (rank 0 writes them).
-    curves = previous_curves_kept(LOG_DIR) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
+    curves = previous_curves_kept(STUDENT_LOG_DIR) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
     with _stage("student", params), curves:
         run_student(params, resume={None: "auto", True: "require", False: "never"}[resume])
 
 
 @cli.command(short_help="Score student and teacher on dev; write metrics/ and results/.")
-@click.option("--model", "model_dir", default="models/student", show_default=True, help="Model to evaluate.")
+@click.option("--model", "model_dir", default=str(STUDENT_MODEL_DIR), show_default=True, help="Model to evaluate.")
 @click.pass_context
 def evaluate(ctx, model_dir):
     """Score a model (and the teacher's stored logits) on the dev set with official SQuAD 2.0 metrics.

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pipeline.errors import KdqaError
 from pipeline.models import vocab_fingerprint
-from pipeline.shards import read_json, verify_shards
+from pipeline.shards import check_format, read_json, verify_shards
 
 
 def check_teacher_logits(features_dir: Path, expected: str, logits_dir: Path) -> str:
@@ -28,6 +28,7 @@ def check_teacher_logits(features_dir: Path, expected: str, logits_dir: Path) ->
             f"{logits_dir}: teacher logits were computed for features {found}, but {features_dir} holds "
             f"features {expected}; regenerate them with `kdqa teacher` (or `dvc repro teacher`)"
         )
+    check_format(manifest.get("fingerprint_parts", {}).get("logits_format"), "logits", logits_dir, "kdqa teacher")
     verify_shards(logits_dir, "kdqa teacher")  # every logits shard whole: checksums from the manifest
     return manifest["fingerprint"]
 

@@ -1,8 +1,9 @@
 """Every knob of the pipeline, one dataclass per `params.yaml` section.
 
 Each stage reads only its own section (plus the few keys `dvc.yaml` lists for it), so DVC reruns exactly
-the stages whose inputs changed. Defaults are the reference configuration of
-deepset/bert-medium-squad2-distilled (batch 6, 2 epochs, max_seq_len 384, lr 3e-5, T=5, weight 1).
+the stages whose inputs changed. The defaults here are the values `params.yaml` ships with (a test keeps the
+two equal): the reference configuration of deepset/bert-medium-squad2-distilled (batch 6, 2 epochs,
+max_seq_len 384, lr 3e-5, T=5, weight 1) and the tuned batch, worker and checkpoint settings.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ class PrepareParams:
 @dataclass
 class TeacherParams:
     model: str = "deepset/bert-large-uncased-whole-word-masking-squad2"
-    batch_size: int = 64  # upper bound on features per batch
-    max_tokens_per_batch: int = 16384  # length-aware batches are capped by padded tokens too
+    batch_size: int = 128  # upper bound on features per batch
+    max_tokens_per_batch: int = 32768  # length-aware batches are capped by padded tokens too
     nproc: int = 1  # processes under torchrun; not a dependency of the stage (output is identical)
     # auto = bfloat16 where the hardware computes it (CUDA, AVX512-BF16/AMX CPUs), else float32; or one of
     # bfloat16 | float16 | float32. Part of the logits' fingerprint.
@@ -63,14 +64,14 @@ class StudentParams:
     distillation_weight: float = 1.0  # w in w*T^2*KL + (1-w)*CE; 0 is plain supervised fine-tuning
     dropout: float = 0.1  # hidden (and embeddings) dropout of the student
     # Batch width rounded up to a multiple of this many tokens: few distinct shapes keep the training
-    # process's memory flat (bench row 5: +10% -> +3% at 10x the data) and suit tensor cores; 1 = exact.
+    # process's memory flat (bench/performance.py measures it) and suit tensor cores; 1 = exact.
     pad_to_multiple_of: int = 8
     seed: int = 42
     max_steps: int | None = None  # optional cap on optimizer steps, for quick runs
-    checkpoint_every: int = 500  # steps between resumable checkpoints, plus one after the last step (0: none)
+    checkpoint_every: int = 2000  # steps between resumable checkpoints, plus one after the last step (0: none)
     log_every: int = 50
     eval_every: int = 0  # steps between dev F1 evaluations logged as a curve (0 disables)
-    num_workers: int = 1  # DataLoader workers decoding shards off the training thread
+    num_workers: int = 2  # DataLoader workers decoding shards off the training thread
     trust_remote_code: bool = False
 
 

@@ -96,11 +96,13 @@ class QuestionAnswerer:
             self.tokenizer.pad_token_id, self.device, self.batch_size, 1 << 30,
         )
         windows: dict[str, list[WindowLogits]] = {ex.id: [] for ex in examples}
-        for f, s, e in zip(features, start, end):
-            windows[f["example_id"]].append(WindowLogits(s, e, f["context_start"], f["context_end"],
-                                                         f["offset_start"], f["offset_end"]))
+        for feature, start_logits, end_logits in zip(features, start, end):
+            windows[feature["example_id"]].append(WindowLogits(start_logits, end_logits, feature["context_start"],
+                                                               feature["context_end"], feature["offset_start"],
+                                                               feature["offset_end"]))
         answers = []
         for ex in examples:
-            p = predict_example(windows[ex.id], ex.context, self.n_best, self.max_answer_len, self.null_threshold)
-            answers.append(Answer(p.text, p.span_score, p.na_prob, p.span_text))
+            prediction = predict_example(windows[ex.id], ex.context, self.n_best, self.max_answer_len,
+                                         self.null_threshold)
+            answers.append(Answer(prediction.text, prediction.span_score, prediction.na_prob, prediction.span_text))
         return answers

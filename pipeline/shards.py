@@ -7,6 +7,7 @@ so a crash leaves either the old file or the new one, never half of one that loo
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -46,6 +47,25 @@ LOGITS_SCHEMA = pa.schema(
 )
 
 SHARD_PATTERN = re.compile(r"^part-\d{5}\.parquet$")
+
+FORMATS_FILE = Path(__file__).with_name("formats.yaml")
+
+
+@functools.cache
+def output_format(kind: str) -> int:
+    """The version of the `features` or `logits` format this kdqa writes (pipeline/formats.yaml)."""
+    import yaml
+
+    return yaml.safe_load(FORMATS_FILE.read_text(encoding="utf-8"))[f"{kind}_format"]
+
+
+def check_format(found: int | None, kind: str, folder: Path, regenerate: str) -> None:
+    """Shards of another format than this kdqa's cannot be read as if they were ours: one error saying what
+    to rerun. A manifest without a version (`found` None) predates the versions: format 1."""
+    expected = output_format(kind)
+    if (1 if found is None else found) != expected:
+        raise KdqaError(f"{folder}: {kind} format {found or 1}, but this kdqa reads {kind} format {expected} "
+                        f"(run `{regenerate}`)")
 
 
 def shard_name(index: int) -> str:
@@ -119,7 +139,7 @@ def write_table_atomic(table: pa.Table, path: Path, row_group_size: int, float_c
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     dictionary_columns = [n for n in table.column_names if n not in float_columns]
     # Byte-stream split must name the leaf of a list column (`start_logits.list.element`): pyarrow silently
-    # ignores a top-level list name. It shrinks float16 logits ~8% once pages exceed zstd's 128 KiB block.
+    # ignores a top-level list name. It makes float16 logits compress better once pages exceed zstd's block.
     split_columns = [f"{n}.list.element" if pa.types.is_list(table.schema.field(n).type) else n for n in float_columns]
     with writing(path), _removed_on_failure(tmp):
         path.parent.mkdir(parents=True, exist_ok=True)

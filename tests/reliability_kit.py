@@ -175,17 +175,17 @@ TOTAL_STEPS = 32
 
 KILL_STUDENT = KILL_AT_NTH_HIT + r'''
 
-import pipeline.student as student
+import pipeline.training as training
 if mode == "step":                # inside optimizer step n (forward done, before backward)
-    original = student.distillation_loss
+    original = training.distillation_loss
     def distillation_loss(*a, **k):
         hit()
         return original(*a, **k)
-    student.distillation_loss = distillation_loss
+    training.distillation_loss = distillation_loss
 elif mode == "checkpoint-swap":   # n-th checkpoint: old one moved to `.old`, new one not yet renamed in
     original = pathlib.Path.rename
     def rename(self, target):
-        if self.name == "student.partial":
+        if self.name == ".student.partial":
             hit()
         return original(self, target)
     pathlib.Path.rename = rename

@@ -158,9 +158,14 @@ def test_failed_prepare_leaves_previous_output_untouched(world, tmp_path):
 
 
 def test_byte_order_mark_is_accepted(world, squad, tmp_path):
-    ws, _ = fresh_workspace(world, tmp_path / "ws", b"\xef\xbb\xbf" + json.dumps(squad).encode())
-    result = kdqa(ws, "-q", "prepare")
-    assert result.exit_code == 0, result.output
+    """A byte-order mark some editors add changes nothing: the same features as the file without it."""
+    features = {}
+    for name, prefix in (("plain", b""), ("bom", b"\xef\xbb\xbf")):
+        ws, _ = fresh_workspace(world, tmp_path / name, prefix + json.dumps(squad).encode())
+        result = kdqa(ws, "-q", "prepare")
+        assert result.exit_code == 0, result.output
+        features[name] = {p.relative_to(ws): p.read_bytes() for p in (ws / "data/features/train").glob("part-*")}
+    assert features["bom"] == features["plain"] and features["plain"]
 
 
 def test_missing_data_file(world, tmp_path):
