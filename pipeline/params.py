@@ -173,8 +173,8 @@ def load_params(path: str | Path = "params.yaml", sections: tuple[str, ...] = ()
         if str(path) != "params.yaml":
             raise KdqaError(f"{path}: params file not found")
         if sections:
-            log.warning("%s not found: every setting is its default (the reference configuration of kdqa's own "
-                        "params.yaml); %s", path, _defaults(sections))
+            log.warning("%s not found: every setting is its default (the values of kdqa's own params.yaml); %s",
+                        path, _defaults(sections))
         return Params()
     if path.is_dir():
         raise KdqaError(f"{path}: is a folder; --params takes a YAML file (e.g. params.yaml)")
