@@ -85,12 +85,20 @@ class EvaluateParams:
 
 
 @dataclass
+class ExportParams:
+    int8: bool = True  # also write model-int8.onnx (dynamic quantisation); float32 model.onnx is always written
+    opset: int = 20  # ONNX opset of the exported graph (torch's exporter implements 18 and up)
+    max_f1_drop: float = 1.0  # the stage fails if the int8 model's dev F1 is this much below the PyTorch student's
+
+
+@dataclass
 class Params:
     data: DataParams = field(default_factory=DataParams)
     prepare: PrepareParams = field(default_factory=PrepareParams)
     teacher: TeacherParams = field(default_factory=TeacherParams)
     student: StudentParams = field(default_factory=StudentParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    export: ExportParams = field(default_factory=ExportParams)
 
 
 # Allowed range of each numeric knob, inclusive (None: unbounded); below or above it a stage cannot run or
@@ -106,6 +114,7 @@ _RANGES = {
     "student.eval_every": (0, None), "student.num_workers": (0, None), "student.seed": (0, None),
     "student.pad_to_multiple_of": (1, None),
     "evaluate.n_best": (1, None), "evaluate.max_answer_len": (1, None), "evaluate.batch_size": (1, None),
+    "export.opset": (18, None), "export.max_f1_drop": (0, None),
 }
 
 

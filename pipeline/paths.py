@@ -37,6 +37,10 @@ PREDICTIONS = RESULTS_DIR / "predictions.json"
 NA_PROBS = RESULTS_DIR / "na_probs.json"
 FORCED_PREDICTIONS = RESULTS_DIR / "forced_predictions.json"
 
+# export
+EXPORT_DIR = Path("models/student-onnx")  # ONNX float32 + int8, tokenizer, model card, kdqa_export.json
+EXPORT_METRICS = METRICS_DIR / "export.json"  # dev scores per precision beside the PyTorch student's
+
 
 def staging_path(final: Path) -> Path:
     """The folder `final` is built in: hidden beside it, `.NAME.partial`."""

@@ -23,6 +23,7 @@ from pipeline.paths import (
     CHECKPOINT_DIR,
     DEV_EXAMPLES,
     FEATURES_DIR,
+    EXPORT_DIR,
     METRICS_DIR,
     RESULTS_DIR,
     STUDENT_LOG_DIR,
@@ -41,6 +42,7 @@ OUTPUTS = {
     "teacher": (TEACHER_DIR / "train", TEACHER_DIR / "dev", TEACHER_WORK_DIR / "train", TEACHER_WORK_DIR / "dev"),
     "student": (STUDENT_MODEL_DIR, CHECKPOINT_DIR, STUDENT_LOG_DIR),
     "evaluate": (METRICS_DIR, RESULTS_DIR),
+    "export": (EXPORT_DIR, METRICS_DIR),
 }
 # The ones it writes whole, through a staging folder (paths.staged_folder). Only the staging (`.NAME.partial`)
 # is a leftover: a `.NAME.old` may be the one complete copy left by a crash mid-swap (a checkpoint resumes
@@ -50,6 +52,7 @@ STAGED = {
     "teacher": (TEACHER_DIR / "train", TEACHER_DIR / "dev"),
     "student": (STUDENT_MODEL_DIR, CHECKPOINT_DIR),
     "evaluate": (),
+    "export": (EXPORT_DIR,),
 }
 LOGITS_BYTES_PER_TOKEN = 4  # float16 start + end logit per token, stored as they are (noise barely compresses)
 TRAINING_BYTES_PER_PARAMETER = 4  # float32 weights; AdamW keeps two more copies in the checkpoint
@@ -137,6 +140,8 @@ def space_needed(stage: str, params) -> dict[Path, int]:
         return {STUDENT_MODEL_DIR: model, CHECKPOINT_DIR: checkpoints}
     if stage == "evaluate":  # predictions: smaller than the dev examples they answer
         return {RESULTS_DIR: _file_size(str(DEV_EXAMPLES))}
+    if stage == "export":  # the float32 graph about the size of the weights, the int8 one about a quarter of it
+        return {EXPORT_DIR: int((1 + params.export.int8 / 4) * _bytes_in(STUDENT_MODEL_DIR))}
     return {}
 
 

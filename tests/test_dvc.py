@@ -113,7 +113,7 @@ def test_outputs_of_stages_run_by_hand_stay_out_of_git(dvc_repo):
 def test_dvc_repro_then_student_change_skips_prepare_and_teacher(dvc_repo):
     repo, first = dvc_repo.path, dvc_repo.first_repro
     env, dvc = dvc_repo.env, [sys.executable, "-m", "dvc"]
-    for stage in ("prepare", "teacher", "student", "evaluate"):
+    for stage in ("prepare", "teacher", "student", "evaluate", "export"):
         assert f"Running stage '{stage}'" in first, first
     assert (repo / "dvc.lock").is_file()
     assert sh(dvc + ["status", "--json"], repo, env).strip() in ("{}", "")
@@ -131,7 +131,7 @@ def test_dvc_repro_then_student_change_skips_prepare_and_teacher(dvc_repo):
     for stage in ("prepare", "teacher"):
         assert f"Stage '{stage}' didn't change, skipping" in second, second
         assert f"Running stage '{stage}'" not in second, second
-    for stage in ("student", "evaluate"):
+    for stage in ("student", "evaluate", "export"):
         assert f"Running stage '{stage}'" in second, second
     assert mtimes(repo, UPSTREAM) == before_up  # prepare and teacher outputs untouched
     after_down = mtimes(repo, DOWNSTREAM)
@@ -142,6 +142,7 @@ def test_dvc_repro_then_student_change_skips_prepare_and_teacher(dvc_repo):
     metrics = json.loads(sh(dvc + ["metrics", "show", "--json"], repo, env))
     shown = json.dumps(metrics)
     assert '"f1"' in shown and '"exact"' in shown and "metrics/eval.json" in shown
+    assert "metrics/export.json" in shown and '"onnx_int8"' in shown
 
 
 # The code prepare and teacher run; neither stage lists it in dvc.yaml (pipeline/formats.yaml stands for it).
