@@ -187,7 +187,7 @@ def run_student(params: Params, resume: str = "auto") -> None:
             loss = distillation_loss(
                 out.start_logits, out.end_logits, batch["start_positions"], batch["end_positions"],
                 batch["answer_mask"], batch.get("teacher_start"), batch.get("teacher_end"),
-                s.temperature, s.distillation_weight,
+                s.temperature, s.distillation_weight, batch.get("teacher_mask"),
             )
             optimizer.zero_grad(set_to_none=True)
             loss.total.backward()

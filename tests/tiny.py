@@ -28,18 +28,25 @@ def write_vocab(folder: Path) -> Path:
 
 
 def make_tokenizer(folder: Path):
+    return make_bert_tokenizer(folder, write_vocab(folder).read_text().splitlines())
+
+
+def make_bert_tokenizer(folder: Path, tokens: list[str], lowercase: bool = True):
+    """A WordPiece tokenizer over `tokens` (the special tokens first), saved in `folder`. lowercase=False
+    keeps case and accents (a cased vocabulary); True lowercases and strips accents, like BERT uncased."""
     from transformers import BertTokenizerFast
 
     import inspect
 
-    vocab = write_vocab(folder)
+    tokens = list(dict.fromkeys(SPECIAL + tokens))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(tokens) + "\n")
     if "vocab" in inspect.signature(BertTokenizerFast.__init__).parameters:
         # transformers 5 takes the vocabulary itself (a `vocab_file=` keyword is silently ignored there,
         # leaving only the 5 special tokens: every word would become [UNK]).
-        tokens = vocab.read_text().splitlines()
-        tok = BertTokenizerFast(vocab={t: i for i, t in enumerate(tokens)}, do_lower_case=True)
+        tok = BertTokenizerFast(vocab={t: i for i, t in enumerate(tokens)}, do_lower_case=lowercase)
     else:
-        tok = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
+        tok = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=lowercase)
     tok.save_pretrained(folder)
     return tok
 
