@@ -68,7 +68,7 @@ Exit codes:
 def cli(ctx, params_path, quiet, verbose):
     """Offline knowledge distillation for extractive QA (SQuAD 2.0).
 
-    Stages, in order (or run them all with `dvc repro`): prepare -> teacher -> student -> evaluate.
+    Stages, in order (or run them all with `dvc repro`): prepare -> teacher -> align -> student -> evaluate.
     Every stage reads params.yaml (or --params FILE) and writes paths relative to the working directory.
     `kdqa COMMAND --help` says what each command reads and writes.
     """
@@ -125,6 +125,25 @@ def teacher(ctx):
     distributed.relaunch(params.teacher.nproc, ["--params", top["params_path"], *(["-q"] if top["quiet"] else []),
                                                 *(["-v"] if top["verbose"] else []), "teacher"])
     run_teacher(params)
+
+
+@cli.command(short_help="Map the teacher's logits onto the student's tokenizer and windows (data/aligned/).")
+@click.pass_context
+def align(ctx):
+    """Carry the teacher's logits onto the student's own features when its tokenizer or windows differ.
+
+    \b
+    Reads:  data/features/train, data/teacher/train, data.*, prepare.*, student.model (its tokenizer),
+            student.max_seq_len, student.doc_stride
+    Writes: data/aligned/manifest.json; when the student's tokenizer or windows differ from the teacher's,
+            also data/aligned/features/{train,dev}/ (the student's own features) and
+            data/aligned/teacher/train/ (the teacher's targets over the student's tokens)
+
+    The teacher is not run again: its logits go through character offsets onto the student's tokens.
+    """
+    from pipeline.align import run_align
+
+    run_align(_load(ctx))
 
 
 @cli.command(short_help="Train the student on the stored logits; save models/student/.")
