@@ -15,9 +15,6 @@ from pipeline.alignment import Window, answer_probabilities
 from pipeline.shards import list_shards, read_json, read_table, shard_name, write_table_atomic
 from reliability_kit import assert_one_line_error, kdqa
 
-CHARACTERS = list("abcdefghijklmnopqrstuvwxyz0123456789.,?!'-") + [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"]
-
-
 def set_params(run, **changes):
     """Edit the run's params.yaml: section__key=value."""
     params = yaml.safe_load((run / "params.yaml").read_text())
@@ -106,7 +103,7 @@ def test_the_stage_reads_the_teachers_windows_across_shards_in_order(run_copy):
 
 
 def test_a_student_of_another_tokenizer_gets_features_of_its_own(run_copy):
-    tiny.make_bert_tokenizer(run_copy / "inputs/char-student", CHARACTERS)
+    tiny.make_bert_tokenizer(run_copy / "inputs/char-student", tiny.CHARACTER_VOCAB)
     set_params(run_copy, student__model="./inputs/char-student")
     run_cli(["-q", "align"], run_copy)
     aligned = run_copy / "data/aligned"

@@ -213,8 +213,7 @@ def test_same_tokenizer_and_windows_reproduce_the_teacher_at_every_temperature(t
                                                    ("characters", (64, 20))])
 def test_kept_mass_sums_to_one_per_student_window(tmp_path, long_examples, student_vocab, windows):
     teacher = tokenizer(tmp_path, "teacher")
-    chars = [c for c in "abcdefghijklmnopqrstuvwxyz.,?!'-"] + [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"]
-    student = teacher if student_vocab == "same" else tokenizer(tmp_path, "student", chars)
+    student = teacher if student_vocab == "same" else tokenizer(tmp_path, "student", tiny.CHARACTER_VOCAB)
     t_features = features_by_example(teacher, long_examples, 40, 12)
     s_features = features_by_example(student, long_examples, *windows)
     _, aligned = align_all(t_features, s_features)

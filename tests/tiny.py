@@ -27,6 +27,11 @@ def write_vocab(folder: Path) -> Path:
     return path
 
 
+# Single characters only: every word becomes one token per character, a tokenization other than the made-up
+# vocabulary's whole words (a student of another tokenizer).
+CHARACTER_VOCAB = list("abcdefghijklmnopqrstuvwxyz0123456789.,?!'-") + [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"]
+
+
 def make_tokenizer(folder: Path):
     return make_bert_tokenizer(folder, write_vocab(folder).read_text().splitlines())
 
@@ -51,12 +56,14 @@ def make_bert_tokenizer(folder: Path, tokens: list[str], lowercase: bool = True)
     return tok
 
 
-def make_model(folder: Path, layers: int = 2, hidden: int = 32, heads: int = 2, seed: int = 0) -> Path:
-    """A random-weight BertForQuestionAnswering plus its tokenizer, saved like a hub model directory."""
+def make_model(folder: Path, layers: int = 2, hidden: int = 32, heads: int = 2, seed: int = 0,
+               vocab: list[str] | None = None) -> Path:
+    """A random-weight BertForQuestionAnswering plus its tokenizer (the made-up vocabulary, or `vocab`), saved
+    like a hub model directory."""
     import torch
     from transformers import BertConfig, BertForQuestionAnswering
 
-    tok = make_tokenizer(folder)
+    tok = make_tokenizer(folder) if vocab is None else make_bert_tokenizer(folder, vocab)
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=len(tok.get_vocab()), hidden_size=hidden, num_hidden_layers=layers,
                         num_attention_heads=heads, intermediate_size=hidden * 2, max_position_embeddings=128)
