@@ -3,7 +3,7 @@
 When `student.model`'s tokenizer has the vocabulary data/features was tokenized with and the student's
 windows (`student.max_seq_len`, `student.doc_stride`; null: the teacher's) are the teacher's, there is nothing
 to do: `data/aligned/manifest.json` says `direct`, and the student trains on data/features and
-data/teacher as it would without this stage. Otherwise the stage tokenizes train and dev with the student's
+data/teacher as it would without this stage (pipeline/student_data.py decides). Otherwise the stage tokenizes train and dev with the student's
 tokenizer and windows into `data/aligned/features/{train,dev}/`, and writes for every student training
 feature the teacher's start/end targets over the student's tokens into `data/aligned/teacher/train/` (same
 shard names and rows as the features; pipeline/alignment.py says how they are made and stored). The
@@ -30,7 +30,7 @@ from pipeline import __version__
 from pipeline.alignment import Window, align_example
 from pipeline.errors import KdqaError
 from pipeline.features import tokenize_examples
-from pipeline.models import load_tokenizer, vocab_fingerprint
+from pipeline.models import load_tokenizer
 from pipeline.params import Params
 from pipeline.prepare import TOKENIZE_CHUNK, check_window, write_feature_shards
 from pipeline.progress import progress
@@ -50,29 +50,11 @@ from pipeline.shards import (
     write_table_atomic,
 )
 from pipeline.squad_data import Example, load_examples
+from pipeline.student_data import ALIGNED_DIR, FEATURES_DIR, TEACHER_DIR, student_plan
 
 log = logging.getLogger(__name__)
 
-FEATURES_DIR = Path("data/features")
-TEACHER_DIR = Path("data/teacher")
-ALIGNED_DIR = Path("data/aligned")  # manifest.json; features/{train,dev}/ and teacher/train/ when aligned
 WINDOW_COLUMNS = ["feature_id", "example_id", "context_start", "context_end", "offset_start", "offset_end"]
-
-
-def student_plan(params: Params, tokenizer, features_manifest: dict) -> dict:
-    """What the student's data must be: `mode` direct (the teacher's features) or aligned, and what decides it."""
-    teacher_windows = features_manifest.get("prepare", {})
-    s = params.student
-    plan = {
-        "student_vocab": vocab_fingerprint(tokenizer),
-        "teacher_vocab": features_manifest.get("vocab_fingerprint"),
-        "max_seq_len": s.max_seq_len or teacher_windows.get("max_seq_len", params.prepare.max_seq_len),
-        "doc_stride": s.doc_stride or teacher_windows.get("doc_stride", params.prepare.doc_stride),
-    }
-    same = (plan["student_vocab"] == plan["teacher_vocab"]
-            and plan["max_seq_len"] == teacher_windows.get("max_seq_len")
-            and plan["doc_stride"] == teacher_windows.get("doc_stride"))
-    return {"mode": "direct" if same else "aligned", **plan}
 
 
 def teacher_windows(features_dir: Path, logits_dir: Path) -> Iterator[tuple[str, list]]:
