@@ -57,7 +57,7 @@ def make_bert_tokenizer(folder: Path, tokens: list[str], lowercase: bool = True)
 
 
 def make_model(folder: Path, layers: int = 2, hidden: int = 32, heads: int = 2, seed: int = 0,
-               vocab: list[str] | None = None) -> Path:
+               positions: int = 128, vocab: list[str] | None = None) -> Path:
     """A random-weight BertForQuestionAnswering plus its tokenizer (the made-up vocabulary, or `vocab`), saved
     like a hub model directory."""
     import torch
@@ -66,7 +66,7 @@ def make_model(folder: Path, layers: int = 2, hidden: int = 32, heads: int = 2, 
     tok = make_tokenizer(folder) if vocab is None else make_bert_tokenizer(folder, vocab)
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=len(tok.get_vocab()), hidden_size=hidden, num_hidden_layers=layers,
-                        num_attention_heads=heads, intermediate_size=hidden * 2, max_position_embeddings=128)
+                        num_attention_heads=heads, intermediate_size=hidden * 2, max_position_embeddings=positions)
     BertForQuestionAnswering(config).save_pretrained(folder, safe_serialization=True)
     return folder
 
