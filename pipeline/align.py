@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,18 +28,22 @@ import numpy as np
 from pipeline import __version__
 from pipeline.alignment import Window, align_example
 from pipeline.errors import KdqaError
-from pipeline.features import tokenize_examples
-from pipeline.models import load_tokenizer
+from pipeline.features import check_contexts_have_tokens, tokenize_examples
+from pipeline.fingerprints import check_teacher_logits
+from pipeline.models import check_position_table, load_tokenizer
 from pipeline.params import Params
-from pipeline.prepare import TOKENIZE_CHUNK, check_window, write_feature_shards
+from pipeline.paths import ALIGNED_DIR, FEATURES_DIR, TEACHER_DIR, staged_folder
+from pipeline.prepare import TOKENIZE_CHUNK, check_window, tokenize_into
 from pipeline.progress import progress
 from pipeline.shards import (
     aligned_table,
+    check_format,
     features_fingerprint,
     features_table,
     fingerprint_of,
     list_column_to_numpy,
     list_shards,
+    output_format,
     read_json,
     read_table,
     sha256_file,
@@ -50,7 +53,8 @@ from pipeline.shards import (
     write_table_atomic,
 )
 from pipeline.squad_data import Example, load_examples
-from pipeline.student_data import ALIGNED_DIR, FEATURES_DIR, TEACHER_DIR, student_plan
+from pipeline.student_data import ALIGNED, student_plan
+from pipeline.write_errors import writing
 
 log = logging.getLogger(__name__)
 
@@ -150,9 +154,10 @@ def write_manifests(features_out: Path, targets_out: Path, shards: list[dict], b
         entry["sha256"] = sha256_file(features_out / entry["name"])
     rows = sum(e["rows"] for e in shards)
     features_fp = features_fingerprint(features_out)
-    write_json_atomic(features_out / "manifest.json", {**base, "features": rows, "fingerprint": features_fp,
-                                                       "shards": shards})
-    parts = {"features": features_fp, "teacher_logits": teacher_fp}
+    write_json_atomic(features_out / "manifest.json", {**base, "features_format": output_format("features"),
+                                                       "features": rows, "fingerprint": features_fp, "shards": shards})
+    parts = {"features": features_fp, "teacher_logits": teacher_fp, "logits_format": output_format("logits"),
+             "aligned_format": output_format("aligned")}
     target_shards = [{"name": e["name"], "rows": e["rows"], "sha256": sha256_file(targets_out / e["name"])}
                      for e in shards]
     write_json_atomic(targets_out / "manifest.json", {
@@ -171,8 +176,7 @@ def is_current(parts: dict) -> bool:
         if read_json(path).get("fingerprint_parts") != parts:
             return False
         if parts["mode"] == "aligned":
-            for folder in (ALIGNED_DIR / "features" / "train", ALIGNED_DIR / "features" / "dev",
-                           ALIGNED_DIR / "teacher" / "train"):
+            for folder in (ALIGNED.train_features, ALIGNED.dev_features, ALIGNED.teacher_targets):
                 verify_shards(folder, "kdqa align")
     except KdqaError as exc:
         log.warning("%s; aligning again", exc)
@@ -183,38 +187,26 @@ def is_current(parts: dict) -> bool:
 def run_align(params: Params) -> None:
     s = params.student
     tokenizer = load_tokenizer(s.model, s.trust_remote_code)  # a slow tokenizer (no offsets) stops here
-    features_manifest = verify_shards(FEATURES_DIR / "train", "kdqa prepare")
-    parts = student_plan(params, tokenizer, features_manifest)
-    parts["features"] = features_manifest["bytes_fingerprint"]
+    features_dir, logits_dir = FEATURES_DIR / "train", TEACHER_DIR / "train"
+    features_manifest = verify_shards(features_dir, "kdqa prepare")
+    check_format(features_manifest.get("features_format"), "features", features_dir, "kdqa prepare")
+    parts = {**student_plan(params, tokenizer, features_manifest), "features": features_manifest["bytes_fingerprint"]}
     if parts["mode"] == "aligned":
-        parts["teacher_logits"] = check_logits_for(FEATURES_DIR / "train", TEACHER_DIR / "train",
-                                                   features_manifest["bytes_fingerprint"])
+        parts["teacher_logits"] = check_teacher_logits(features_dir, parts["features"], logits_dir)
         parts["max_query_len"] = params.prepare.max_query_len
+        parts["aligned_format"] = output_format("aligned")
     if is_current(parts):
         log.info("%s: already up to date for this student and these teacher logits", ALIGNED_DIR)
         return
-    staging = ALIGNED_DIR.with_name(f".{ALIGNED_DIR.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
     manifest = {"kdqa_version": __version__, "mode": parts["mode"], "student": s.model,
                 "fingerprint": fingerprint_of(parts), "fingerprint_parts": parts}
-    if parts["mode"] == "aligned":
-        manifest["train"] = align_splits(params, tokenizer, parts, staging)
-    else:
-        log.info("student %s shares the teacher's tokenizer and windows: it trains on %s and %s directly",
-                 s.model, FEATURES_DIR, TEACHER_DIR)
-    write_json_atomic(staging / "manifest.json", manifest)
-    shutil.rmtree(ALIGNED_DIR, ignore_errors=True)
-    staging.rename(ALIGNED_DIR)
-
-
-def check_logits_for(features_dir: Path, logits_dir: Path, features_fp: str) -> str:
-    """The teacher's logits, whole and computed from these features; returns their fingerprint."""
-    manifest = verify_shards(logits_dir, "kdqa teacher")
-    if manifest.get("fingerprint_parts", {}).get("features") != features_fp:
-        raise KdqaError(f"{logits_dir}: teacher logits were computed for other features than {features_dir}; "
-                        "run `kdqa teacher` again")
-    return manifest["fingerprint"]
+    with writing(ALIGNED_DIR), staged_folder(ALIGNED_DIR) as staging:
+        if parts["mode"] == "aligned":
+            manifest["train"] = align_splits(params, tokenizer, parts, staging)
+        else:
+            log.info("student %s shares the teacher's tokenizer and windows: it trains on %s and %s as they are",
+                     s.model, FEATURES_DIR, TEACHER_DIR)
+        write_json_atomic(staging / "manifest.json", manifest)
 
 
 def align_splits(params: Params, tokenizer, parts: dict, staging: Path) -> dict:
@@ -222,19 +214,26 @@ def align_splits(params: Params, tokenizer, parts: dict, staging: Path) -> dict:
     student_windows = dataclasses.replace(params.prepare, max_seq_len=parts["max_seq_len"],
                                           doc_stride=parts["doc_stride"])
     student_params = dataclasses.replace(params, prepare=student_windows)
-    check_window(student_params, tokenizer)
+    check_window(student_params, tokenizer, section="student")
+    check_position_table(params.student.model, parts["max_seq_len"], params.student.trust_remote_code,
+                         key="student.max_seq_len (null: prepare.max_seq_len)")
     base = {"kdqa_version": __version__, "tokenizer": params.student.model, "vocab_fingerprint": parts["student_vocab"],
             "prepare": {k: v for k, v in vars(student_windows).items() if k != "strict"}}
-    examples, _ = load_examples(params.data.train, "train", strict=params.prepare.strict)
-    features_out, targets_out = staging / "features" / "train", staging / "teacher" / "train"
-    stats, shards = align_train(examples, tokenizer, student_params, features_out, targets_out,
+    loaded = {split: load_examples(source, split, strict=params.prepare.strict)[0]
+              for split, source in (("train", params.data.train), ("dev", params.data.dev))}
+    for split, source in (("train", params.data.train), ("dev", params.data.dev)):
+        check_contexts_have_tokens(tokenizer, loaded[split], source)
+    features_out = staging / ALIGNED.train_features.relative_to(ALIGNED_DIR)
+    targets_out = staging / ALIGNED.teacher_targets.relative_to(ALIGNED_DIR)
+    stats, shards = align_train(loaded["train"], tokenizer, student_params, features_out, targets_out,
                                 teacher_windows(FEATURES_DIR / "train", TEACHER_DIR / "train"), params.data.train)
     write_manifests(features_out, targets_out, shards,
-                    {**base, "split": "train", "source": params.data.train, "examples": len(examples)},
+                    {**base, "split": "train", "source": params.data.train, "examples": len(loaded["train"])},
                     parts["teacher_logits"])
-    dev, _ = load_examples(params.data.dev, "dev", strict=params.prepare.strict)
-    write_feature_shards(dev, tokenizer, student_params, staging / "features" / "dev",
-                         {**base, "split": "dev", "source": params.data.dev})
+    dev_out = staging / ALIGNED.dev_features.relative_to(ALIGNED_DIR)
+    dev_out.mkdir(parents=True)
+    tokenize_into(dev_out, loaded["dev"], tokenizer, student_params, "dev",
+                  {**base, "split": "dev", "source": params.data.dev})
     target_bytes = sum(p.stat().st_size for p in list_shards(targets_out))
     log.info("aligned %d student features in %.1fs (%d pieced from two teacher windows or more, mean covered "
              "mass %.4f, %.0f bytes/feature of targets)", stats.features, stats.seconds, stats.pieced,

@@ -173,7 +173,9 @@ def align(ctx):
     """
     from pipeline.align import run_align
 
-    run_align(_load(ctx))
+    params = _load(ctx, "data", "prepare", "student")
+    with _stage("align", params):
+        run_align(params)
 
 
 @cli.command(short_help="Train the student on the stored logits; save models/student/.")
@@ -185,7 +187,8 @@ def student(ctx, resume):
     """Train the student on streamed teacher logits; save it to models/student/ (never loads the teacher).
 
     \b
-    Reads:  data/features/train (and dev, for the model card's scores), data/teacher/train, student.*
+    Reads:  data/features/train (and dev, for the model card's scores), data/teacher/train, student.*;
+            a student of another tokenizer or windows: data/aligned/ instead (`kdqa align` first)
     Writes: models/student/ (safetensors weights, tokenizer, README.md model card, kdqa_training.json),
             logs/student/train.tsv and eval.tsv (curves for `dvc plots`),
             checkpoints/student/ while training (removed when done)
@@ -210,7 +213,8 @@ def evaluate(ctx, model_dir):
     """Score a model (and the teacher's stored logits) on the dev set with official SQuAD 2.0 metrics.
 
     \b
-    Reads:  --model (default models/student), data/features/dev, data/features/dev_examples.parquet,
+    Reads:  --model (default models/student), data/features/dev (data/aligned/features/dev for a model of
+            the tokenizer `kdqa align` made them for), data/features/dev_examples.parquet,
             data/teacher/dev (if present), evaluate.*
     Writes: metrics/eval.json, metrics/teacher.json (teacher, same post-processing),
             results/predictions.json, results/na_probs.json, results/forced_predictions.json

@@ -24,6 +24,7 @@ from pipeline.write_errors import describe, existing_parent
 log = logging.getLogger(__name__)
 
 FEATURES, TEACHER, WORK = Path("data/features"), Path("data/teacher"), Path(".kdqa/teacher-work")
+ALIGNED = Path("data/aligned")
 MODEL, CHECKPOINTS, LOGS = Path("models/student"), Path("checkpoints/student"), Path("logs/student")
 METRICS, RESULTS = Path("metrics"), Path("results")
 
@@ -31,6 +32,7 @@ METRICS, RESULTS = Path("metrics"), Path("results")
 OUTPUTS = {
     "prepare": (FEATURES / "train", FEATURES / "dev", FEATURES),
     "teacher": (TEACHER / "train", TEACHER / "dev", WORK / "train", WORK / "dev"),
+    "align": (ALIGNED,),
     "student": (MODEL, CHECKPOINTS, LOGS),
     "evaluate": (METRICS, RESULTS),
 }
@@ -38,6 +40,7 @@ OUTPUTS = {
 STAGING = {
     "prepare": (FEATURES / ".train.partial", FEATURES / ".dev.partial"),
     "teacher": (TEACHER / ".train.partial", TEACHER / ".dev.partial"),
+    "align": (ALIGNED.with_name(f".{ALIGNED.name}.partial"),),
     "student": (MODEL.with_name(f".{MODEL.name}.partial"), CHECKPOINTS.with_name(f"{CHECKPOINTS.name}.partial")),
     "evaluate": (),
 }
@@ -121,6 +124,8 @@ def space_needed(stage: str, params) -> dict[Path, int]:
         tokens = sum(_tokens(FEATURES / split) for split in ("train", "dev") if not _logits_current(split))
         logits = LOGITS_BYTES_PER_TOKEN * tokens
         return {WORK: max(0, logits - _bytes_in(WORK)), TEACHER: logits}
+    if stage == "align":  # the student's own features and targets: about as large as the teacher's, at most
+        return {ALIGNED: _bytes_in(FEATURES) + _bytes_in(TEACHER / "train")}
     if stage == "student":  # the model, and a checkpoint (weights + two AdamW moments) twice while it is swapped
         model = TRAINING_BYTES_PER_PARAMETER * _parameters(params.student.model)
         checkpoints = max(0, 6 * model - _bytes_in(CHECKPOINTS)) if params.student.checkpoint_every else 0

@@ -15,11 +15,8 @@ from pathlib import Path
 from pipeline.errors import KdqaError
 from pipeline.models import vocab_fingerprint
 from pipeline.params import Params
-from pipeline.shards import read_json
-
-FEATURES_DIR = Path("data/features")
-TEACHER_DIR = Path("data/teacher")
-ALIGNED_DIR = Path("data/aligned")  # manifest.json; features/{train,dev}/ and teacher/train/ when aligned
+from pipeline.paths import ALIGNED_DIR, ALIGNED_FEATURES_DIR, ALIGNED_TARGETS_DIR, FEATURES_DIR, TEACHER_DIR
+from pipeline.shards import output_format, read_json
 
 
 def student_plan(params: Params, tokenizer, features_manifest: dict) -> dict:
@@ -48,13 +45,16 @@ class StudentData:
 
 
 DIRECT = StudentData("direct", FEATURES_DIR / "train", TEACHER_DIR / "train", FEATURES_DIR / "dev", "kdqa teacher")
-ALIGNED = StudentData("aligned", ALIGNED_DIR / "features/train", ALIGNED_DIR / "teacher/train",
-                      ALIGNED_DIR / "features/dev", "kdqa align")
+ALIGNED = StudentData("aligned", ALIGNED_FEATURES_DIR / "train", ALIGNED_TARGETS_DIR / "train",
+                      ALIGNED_FEATURES_DIR / "dev", "kdqa align")
 
 
 def student_data(params: Params, tokenizer) -> StudentData:
     """The data `params.student` trains on; an error naming `kdqa align` when that is missing or stale."""
-    features_manifest = read_json(FEATURES_DIR / "train" / "manifest.json")
+    manifest_path = FEATURES_DIR / "train" / "manifest.json"
+    if not manifest_path.exists():
+        raise KdqaError(f"{manifest_path}: not found (run `kdqa prepare`)")
+    features_manifest = read_json(manifest_path)
     plan = student_plan(params, tokenizer, features_manifest)
     if plan["mode"] == "direct":
         return DIRECT
@@ -68,7 +68,8 @@ def student_data(params: Params, tokenizer) -> StudentData:
     teacher_manifest = TEACHER_DIR / "train" / "manifest.json"
     logits = read_json(teacher_manifest).get("fingerprint") if teacher_manifest.exists() else None
     expected = {**{k: plan[k] for k in ("mode", "student_vocab", "max_seq_len", "doc_stride")},
-                "features": features_manifest.get("fingerprint"), "teacher_logits": logits}
+                "features": features_manifest.get("fingerprint"), "teacher_logits": logits,
+                "aligned_format": output_format("aligned")}
     stale = sorted(k for k, v in expected.items() if made_for.get(k) != v)
     if stale:
         raise KdqaError(f"{ALIGNED_DIR}: made for another {', '.join(stale)} than this student's; {why}: run "
@@ -77,16 +78,11 @@ def student_data(params: Params, tokenizer) -> StudentData:
 
 
 def evaluation_features(model_tokenizer) -> Path:
-    """The dev features a model with this tokenizer reads: the student's own (data/aligned) when they were
-    made for its vocabulary, else the teacher's, which must then have been made with its vocabulary."""
-    vocab = vocab_fingerprint(model_tokenizer)
+    """The dev features a model with this tokenizer reads: the student's own (data/aligned) when they were made
+    for its vocabulary, else the teacher's (the caller checks that their vocabulary is the model's)."""
     manifest_path = ALIGNED_DIR / "manifest.json"
     if manifest_path.exists():
         made_for = read_json(manifest_path).get("fingerprint_parts", {})
-        if made_for.get("mode") == "aligned" and made_for.get("student_vocab") == vocab:
+        if made_for.get("mode") == "aligned" and made_for.get("student_vocab") == vocab_fingerprint(model_tokenizer):
             return ALIGNED.dev_features
-    teacher_manifest = FEATURES_DIR / "dev" / "manifest.json"
-    if teacher_manifest.exists() and read_json(teacher_manifest).get("vocab_fingerprint") not in (None, vocab):
-        raise KdqaError(f"{FEATURES_DIR / 'dev'}: tokenized with another tokenizer than the model's, and "
-                        f"{ALIGNED_DIR} holds no features for it: set student.model to it and run `kdqa align`")
     return DIRECT.dev_features

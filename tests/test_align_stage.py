@@ -137,3 +137,42 @@ def test_data_changed_since_prepare_is_a_clear_error(run_copy):
     set_params(run_copy, student__max_seq_len=32, student__doc_stride=8)
     assert_one_line_error(kdqa(run_copy, "-q", "align"), "data/features/train", "kdqa prepare")
     assert not (run_copy / "data/aligned").exists()
+
+
+# --- students that train on aligned targets (kdqa align -> student -> evaluate) ---
+
+def test_a_student_of_another_tokenizer_trains_and_is_scored_on_its_own_features(run_copy):
+    tiny.make_model(run_copy / "inputs/char-student", layers=1, seed=1, vocab=tiny.CHARACTER_VOCAB)
+    set_params(run_copy, student__model="./inputs/char-student", student__max_seq_len=64, student__doc_stride=16,
+               student__epochs=1, student__max_steps=4)
+    # Without the alignment: one line saying what to run (the old "must share a tokenizer" stop is gone).
+    assert_one_line_error(kdqa(run_copy, "-q", "student"), "./inputs/char-student", "kdqa align")
+    run_cli(["-q", "align"], run_copy)
+    run_cli(["-q", "student"], run_copy)
+    run_cli(["-q", "evaluate"], run_copy)
+    from transformers import AutoTokenizer
+
+    saved = AutoTokenizer.from_pretrained(run_copy / "models/student")
+    assert len(saved.get_vocab()) == len(AutoTokenizer.from_pretrained(run_copy / "inputs/char-student").get_vocab())
+    dev_questions = len(read_table(run_copy / "data/features/dev_examples.parquet", columns=["id"]))
+    for metrics in ("metrics/eval.json", "metrics/teacher.json"):
+        assert json.loads((run_copy / metrics).read_text())["total"] == dev_questions
+    # The student's answers came from its own dev features: the character tokenizer's, 64 tokens at most.
+    assert max(len(x) for x in rows(run_copy / "data/aligned/features/dev", ["input_ids"])["input_ids"]) <= 64
+
+    set_params(run_copy, student__max_seq_len=48)  # other windows than data/aligned was made for
+    assert_one_line_error(kdqa(run_copy, "-q", "student"), "data/aligned", "max_seq_len", "kdqa align")
+
+
+def test_the_teachers_own_tokenizer_and_windows_train_exactly_as_without_the_stage(run_copy):
+    from safetensors.torch import load_file
+
+    set_params(run_copy, student__epochs=1, student__max_steps=3)
+    run_cli(["-q", "student"], run_copy)
+    without = load_file(run_copy / "models/student/model.safetensors")
+    run_cli(["-q", "align"], run_copy)
+    assert read_json(run_copy / "data/aligned/manifest.json")["mode"] == "direct"
+    run_cli(["-q", "student", "--no-resume"], run_copy)
+    with_stage = load_file(run_copy / "models/student/model.safetensors")
+    assert without.keys() == with_stage.keys()
+    assert all((without[k] == with_stage[k]).all() for k in without)

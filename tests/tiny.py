@@ -114,7 +114,9 @@ def write_params(path: Path, teacher: Path, student: Path, train: Path, dev: Pat
                     "precision": "auto"},
         "student": {"model": str(student), "batch_size": 4, "epochs": 2, "learning_rate": 1e-3, "warmup": 0.1,
                     "temperature": 2.0, "distillation_weight": 0.5, "seed": 1, "checkpoint_every": 0,
-                    "log_every": 1, "num_workers": 0},
+                    "log_every": 1, "num_workers": 0,
+                    # the keys dvc.yaml lists for the align stage (null windows: the teacher's)
+                    "max_seq_len": None, "doc_stride": None, "trust_remote_code": False},
         "evaluate": {"n_best": 5, "max_answer_len": 10, "batch_size": 16},
     }
     for key, value in overrides.items():
