@@ -176,3 +176,11 @@ def test_the_teachers_own_tokenizer_and_windows_train_exactly_as_without_the_sta
     with_stage = load_file(run_copy / "models/student/model.safetensors")
     assert without.keys() == with_stage.keys()
     assert all((without[k] == with_stage[k]).all() for k in without)
+
+
+def test_kdqa_inspect_reads_aligned_targets_against_the_students_own_features(run_copy):
+    set_params(run_copy, student__max_seq_len=32, student__doc_stride=8)
+    run_cli(["-q", "align"], run_copy)
+    info = json.loads(run_cli(["inspect", "data/aligned/teacher/train", "--json"], run_copy).output)
+    assert info["rows"] == len(rows(run_copy / "data/aligned/features/train", ["feature_id"])["feature_id"])
+    assert 0 <= info["teacher_start_accuracy"] <= 100 and info["start_entropy_mean"] > 0
