@@ -1,12 +1,12 @@
 """Stage align: the teacher's logits on the student's own features, when its tokenizer or windows differ.
 
-When `student.model`'s tokenizer has the vocabulary data/features was tokenized with and the student's
-windows (`student.max_seq_len`, `student.doc_stride`; null: the teacher's) are the teacher's, there is nothing
-to do: `data/aligned/manifest.json` says `direct`, and the student trains on data/features and
-data/teacher as it would without this stage (pipeline/student_data.py decides). Otherwise the stage tokenizes train and dev with the student's
-tokenizer and windows into `data/aligned/features/{train,dev}/`, and writes for every student training
-feature the teacher's start/end targets over the student's tokens into `data/aligned/teacher/train/` (same
-shard names and rows as the features; pipeline/alignment.py says how they are made and stored). The
+When `student.model`'s tokenizer has the vocabulary data/features was tokenized with and the student's windows
+(`student.max_seq_len`, `student.doc_stride`; null: the teacher's) are the teacher's, there is nothing to do:
+`data/aligned/manifest.json` says `direct`, and the student trains on data/features and data/teacher as it
+would without this stage (pipeline/student_data.py decides). Otherwise the stage tokenizes train and dev with
+the student's tokenizer and windows into `data/aligned/features/{train,dev}/`, and writes for every student
+training feature the teacher's start/end targets over the student's tokens into `data/aligned/teacher/train/`
+(same shard names and rows as the features; pipeline/alignment.py says how they are made and stored). The
 student streams those pairs exactly as it streams features and logits.
 
 The whole of data/aligned/ is built in a staging folder and swapped in when complete; the manifest records

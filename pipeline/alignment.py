@@ -96,7 +96,8 @@ def answer_probabilities(logits: np.ndarray, window: Window) -> np.ndarray:
     return p / p.sum()
 
 
-def project_window(start_logits: np.ndarray, end_logits: np.ndarray, window: Window) -> tuple[CharDistribution, CharDistribution]:
+def project_window(start_logits: np.ndarray, end_logits: np.ndarray,
+                   window: Window) -> tuple[CharDistribution, CharDistribution]:
     """A teacher window's start and end distributions in character space."""
     lo, hi = window.char_range()
     starts, _ = window.context_offsets()
@@ -136,7 +137,8 @@ def char_owners(starts: np.ndarray, ends: np.ndarray, lo: int, n_chars: int, fir
     lengths = np.clip(ends - starts, 0, None)
     tokens = np.repeat(np.arange(len(starts)), lengths)
     # character positions of every (token, character) pair, without a Python loop
-    chars = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths) + np.repeat(starts - lo, lengths)
+    pair_of_token = np.repeat(np.cumsum(lengths) - lengths, lengths)  # index of each token's first pair
+    chars = np.arange(lengths.sum()) - pair_of_token + np.repeat(starts - lo, lengths)
     inside = (chars >= 0) & (chars < n_chars)
     if first:
         owner = np.full(n_chars, len(starts), dtype=np.int64)
@@ -168,7 +170,8 @@ def to_log(p: np.ndarray) -> np.ndarray:
     return np.maximum(out, NO_MASS)
 
 
-def align_window(teacher: list[tuple[CharDistribution, CharDistribution]], student: Window, length: int) -> AlignedTargets:
+def align_window(teacher: list[tuple[CharDistribution, CharDistribution]], student: Window,
+                 length: int) -> AlignedTargets:
     """The teacher's start/end targets over a student feature of `length` positions."""
     lo, hi = student.char_range()
     starts, ends = student.context_offsets()

@@ -1,12 +1,12 @@
 """Stage 3, student: train a small QA model on hard labels plus the teacher's streamed logits.
 
-The teacher model is never loaded here: the only teacher input is `data/teacher/train/`, Parquet shards
-of logits whose fingerprint must match the features being trained on (or, for a student of another tokenizer
-or other windows, the teacher's targets that `kdqa align` put on the student's own features: data/aligned/). `run_student` is the whole training
-procedure, in three parts: `setup` (check the data, build model, stream, AdamW and the linear warmup/decay
-schedule, resume from a checkpoint), `train` (the loop: `pipeline.training.train_step` on every batch,
-logging, dev curve, checkpoints every `student.checkpoint_every` steps) and `finish` (dev scores, model
-card, save). DDP under torchrun.
+The teacher model is never loaded here: the only teacher input is `data/teacher/train/`, Parquet shards of
+logits whose fingerprint must match the features being trained on (or, for a student of another tokenizer or
+other windows, the teacher's targets that `kdqa align` put on the student's own features: data/aligned/).
+`run_student` is the whole training procedure, in three parts: `setup` (check the data, build model, stream,
+AdamW and the linear warmup/decay schedule, resume from a checkpoint), `train` (the loop:
+`pipeline.training.train_step` on every batch, logging, dev curve, checkpoints every
+`student.checkpoint_every` steps) and `finish` (dev scores, model card, save). DDP under torchrun.
 """
 
 from __future__ import annotations
