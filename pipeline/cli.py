@@ -96,7 +96,7 @@ Exit codes:
 def cli(ctx, params_path, quiet, verbose):
     """Offline knowledge distillation for extractive QA (SQuAD 2.0).
 
-    Stages, in order (or run them all with `dvc repro`): prepare -> teacher -> student -> evaluate, and
+    Stages, in order (or run them all with `dvc repro`): prepare -> teacher -> align -> student -> evaluate, and
     export (after student: ONNX float32 and int8 for serving).
     Every stage reads params.yaml (or --params FILE) and writes paths relative to the working directory.
     `kdqa COMMAND --help` says what each command reads and writes.
@@ -158,6 +158,27 @@ def teacher(ctx):
         run_teacher(params)
 
 
+@cli.command(short_help="Map the teacher's logits onto the student's tokenizer and windows (data/aligned/).")
+@click.pass_context
+def align(ctx):
+    """Carry the teacher's logits onto the student's own features when its tokenizer or windows differ.
+
+    \b
+    Reads:  data/features/train, data/teacher/train, data.*, prepare.*, student.model (its tokenizer),
+            student.max_seq_len, student.doc_stride
+    Writes: data/aligned/manifest.json; when the student's tokenizer or windows differ from the teacher's,
+            also data/aligned/features/{train,dev}/ (the student's own features) and
+            data/aligned/teacher/train/ (the teacher's targets over the student's tokens)
+
+    The teacher is not run again: its logits go through character offsets onto the student's tokens.
+    """
+    from pipeline.align import run_align
+
+    params = _load(ctx, "data", "prepare", "student")
+    with _stage("align", params):
+        run_align(params)
+
+
 @cli.command(short_help="Train the student on the stored logits; save models/student/.")
 @click.option("--resume/--no-resume", default=None,
               help="--resume: continue from the checkpoint (error if none); --no-resume: start over. "
@@ -167,7 +188,8 @@ def student(ctx, resume):
     """Train the student on streamed teacher logits; save it to models/student/ (never loads the teacher).
 
     \b
-    Reads:  data/features/train (and dev, for the model card's scores), data/teacher/train, student.*
+    Reads:  data/features/train (and dev, for the model card's scores), data/teacher/train, student.*;
+            a student of another tokenizer or windows: data/aligned/ instead (`kdqa align` first)
     Writes: models/student/ (safetensors weights, tokenizer, README.md model card, kdqa_training.json),
             logs/student/train.tsv and eval.tsv (curves for `dvc plots`),
             checkpoints/student/ while training (removed when done)
@@ -192,7 +214,8 @@ def evaluate(ctx, model_dir):
     """Score a model (and the teacher's stored logits) on the dev set with official SQuAD 2.0 metrics.
 
     \b
-    Reads:  --model (default models/student), data/features/dev, data/features/dev_examples.parquet,
+    Reads:  --model (default models/student), data/features/dev (data/aligned/features/dev for a model of
+            the tokenizer `kdqa align` made them for), data/features/dev_examples.parquet,
             data/teacher/dev (if present), evaluate.*
     Writes: metrics/eval.json, metrics/teacher.json (teacher, same post-processing),
             results/predictions.json, results/na_probs.json, results/forced_predictions.json

@@ -55,6 +55,10 @@ class TeacherParams:
 class StudentParams:
     model: str = "prajjwal1/bert-medium"
     init_layers: list[int] | None = None  # build the student from these layers of `model` (DistilBERT-style)
+    # The student's own windows (null: the teacher's, prepare.*). With them or a tokenizer other than the
+    # teacher's, `kdqa align` carries the teacher's logits onto the student's features (pipeline/align.py).
+    max_seq_len: int | None = None
+    doc_stride: int | None = None
     batch_size: int = 6  # per process
     epochs: int = 2
     learning_rate: float = 3e-5
@@ -112,7 +116,7 @@ _RANGES = {
     "student.temperature": (0, None, True), "student.distillation_weight": (0, 1), "student.dropout": (0, 1),
     "student.max_steps": (1, None), "student.checkpoint_every": (0, None), "student.log_every": (0, None),
     "student.eval_every": (0, None), "student.num_workers": (0, None), "student.seed": (0, None),
-    "student.pad_to_multiple_of": (1, None),
+    "student.pad_to_multiple_of": (1, None), "student.max_seq_len": (8, None), "student.doc_stride": (1, None),
     "evaluate.n_best": (1, None), "evaluate.max_answer_len": (1, None), "evaluate.batch_size": (1, None),
     "export.opset": (18, None), "export.max_f1_drop": (0, None),
 }

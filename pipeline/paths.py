@@ -23,6 +23,11 @@ DATA_REPORT = FEATURES_DIR / "report.json"  # what was repaired or skipped in th
 TEACHER_DIR = Path("data/teacher")  # {train,dev}/part-NNNNN.parquet (logits) + manifest.json
 TEACHER_WORK_DIR = Path(".kdqa/teacher-work")  # finished shards of an unfinished run, outside the DVC output
 
+# align: a student's own features and the teacher's targets on them (when its tokenizer or windows differ)
+ALIGNED_DIR = Path("data/aligned")  # manifest.json; features/{train,dev}/ and teacher/train/ when aligned
+ALIGNED_FEATURES_DIR = ALIGNED_DIR / "features"  # {train,dev}: tokenized with the student's tokenizer and windows
+ALIGNED_TARGETS_DIR = ALIGNED_DIR / "teacher"  # train: the teacher's targets over the student's tokens
+
 # student
 STUDENT_MODEL_DIR = Path("models/student")
 CHECKPOINT_DIR = Path("checkpoints/student")

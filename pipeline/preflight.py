@@ -20,6 +20,7 @@ from pathlib import Path
 
 from pipeline.errors import KdqaError
 from pipeline.paths import (
+    ALIGNED_DIR,
     CHECKPOINT_DIR,
     DEV_EXAMPLES,
     FEATURES_DIR,
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 OUTPUTS = {
     "prepare": (FEATURES_DIR / "train", FEATURES_DIR / "dev", FEATURES_DIR),
     "teacher": (TEACHER_DIR / "train", TEACHER_DIR / "dev", TEACHER_WORK_DIR / "train", TEACHER_WORK_DIR / "dev"),
+    "align": (ALIGNED_DIR,),
     "student": (STUDENT_MODEL_DIR, CHECKPOINT_DIR, STUDENT_LOG_DIR),
     "evaluate": (METRICS_DIR, RESULTS_DIR),
     "export": (EXPORT_DIR, METRICS_DIR),
@@ -50,6 +52,7 @@ OUTPUTS = {
 STAGED = {
     "prepare": (FEATURES_DIR / "train", FEATURES_DIR / "dev"),
     "teacher": (TEACHER_DIR / "train", TEACHER_DIR / "dev"),
+    "align": (ALIGNED_DIR,),
     "student": (STUDENT_MODEL_DIR, CHECKPOINT_DIR),
     "evaluate": (),
     "export": (EXPORT_DIR,),
@@ -134,6 +137,8 @@ def space_needed(stage: str, params) -> dict[Path, int]:
         tokens = sum(_tokens(FEATURES_DIR / split) for split in ("train", "dev") if not _logits_current(split))
         logits = LOGITS_BYTES_PER_TOKEN * tokens
         return {TEACHER_WORK_DIR: max(0, logits - _bytes_in(TEACHER_WORK_DIR)), TEACHER_DIR: logits}
+    if stage == "align":  # the student's own features and targets: about as large as the teacher's, at most
+        return {ALIGNED_DIR: _bytes_in(FEATURES_DIR) + _bytes_in(TEACHER_DIR / "train")}
     if stage == "student":  # the model, and a checkpoint (weights + two AdamW moments) twice while it is swapped
         model = TRAINING_BYTES_PER_PARAMETER * _parameters(params.student.model)
         checkpoints = max(0, 6 * model - _bytes_in(CHECKPOINT_DIR)) if params.student.checkpoint_every else 0

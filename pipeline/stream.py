@@ -20,6 +20,7 @@ from pipeline.batching import pad_batch, pad_logits
 from pipeline.errors import KdqaError
 from pipeline.shards import list_column_to_numpy, list_shards, read_table, shard_rows
 
+LOGITS_COLUMNS = ["feature_id", "start_logits", "end_logits"]  # aligned shards add per-feature diagnostics
 TRAIN_COLUMNS = ["feature_id", "input_ids", "token_type_ids", "context_start", "context_end",
                  "start_position", "end_position"]
 
@@ -106,7 +107,7 @@ class ShardStream(IterableDataset):
     def shard_batches(self, shard_index: int):
         pair = self.pairs[shard_index]
         features = read_table(pair.features_path, columns=TRAIN_COLUMNS)
-        logits = read_table(pair.logits_path) if pair.logits_path is not None else None
+        logits = read_table(pair.logits_path, columns=LOGITS_COLUMNS) if pair.logits_path is not None else None
         if logits is not None:
             check_feature_ids(pair, features.column("feature_id"), logits.column("feature_id"))
         input_ids = list_column_to_numpy(features.column("input_ids"), np.int64)
@@ -132,9 +133,19 @@ class ShardStream(IterableDataset):
             batch["end_positions"] = torch.from_numpy(end_positions[rows])
             if logits is not None:
                 width = batch["input_ids"].shape[1]
-                batch["teacher_start"] = pad_logits([t_start[i] for i in rows], width)
-                batch["teacher_end"] = pad_logits([t_end[i] for i in rows], width)
+                batch.update(teacher_targets([t_start[i] for i in rows], [t_end[i] for i in rows], width))
             yield batch
+
+
+def teacher_targets(start: list[np.ndarray], end: list[np.ndarray], width: int) -> dict[str, torch.Tensor]:
+    """The teacher's padded start/end logits; aligned targets (pipeline/alignment.py) hold NaN where no teacher
+    window saw a position, which becomes `teacher_mask` (False there) and a 0 in the logits."""
+    targets = {"teacher_start": pad_logits(start, width), "teacher_end": pad_logits(end, width)}
+    unseen = targets["teacher_start"].isnan() | targets["teacher_end"].isnan()
+    if unseen.any():
+        targets = {k: v.masked_fill(unseen, 0.0) for k, v in targets.items()}
+        targets["teacher_mask"] = ~unseen
+    return targets
 
 
 def verify_alignment(pairs: list[ShardPair]) -> None:

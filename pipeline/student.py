@@ -1,11 +1,12 @@
 """Stage 3, student: train a small QA model on hard labels plus the teacher's streamed logits.
 
-The teacher model is never loaded here: the only teacher input is `data/teacher/train/`, Parquet shards
-of logits whose fingerprint must match the features being trained on. `run_student` is the whole training
-procedure, in three parts: `setup` (check the data, build model, stream, AdamW and the linear warmup/decay
-schedule, resume from a checkpoint), `train` (the loop: `pipeline.training.train_step` on every batch,
-logging, dev curve, checkpoints every `student.checkpoint_every` steps) and `finish` (dev scores, model
-card, save). DDP under torchrun.
+The teacher model is never loaded here: the only teacher input is `data/teacher/train/`, Parquet shards of
+logits whose fingerprint must match the features being trained on (or, for a student of another tokenizer or
+other windows, the teacher's targets that `kdqa align` put on the student's own features: data/aligned/).
+`run_student` is the whole training procedure, in three parts: `setup` (check the data, build model, stream,
+AdamW and the linear warmup/decay schedule, resume from a checkpoint), `train` (the loop:
+`pipeline.training.train_step` on every batch, logging, dev curve, checkpoints every
+`student.checkpoint_every` steps) and `finish` (dev scores, model card, save). DDP under torchrun.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
@@ -21,12 +23,13 @@ from pipeline import __version__, distributed
 from pipeline.checkpoint import Checkpoint, load_checkpoint, remove_checkpoints, restore_curves, save_checkpoint
 from pipeline.errors import KdqaError
 from pipeline.fingerprints import check_teacher_logits
-from pipeline.models import check_sequence_length, keep_layers, load_qa_model, load_tokenizer, vocab_fingerprint
+from pipeline.models import check_sequence_length, keep_layers, load_qa_model, load_tokenizer
 from pipeline.params import Params, StudentParams
-from pipeline.paths import CHECKPOINT_DIR, FEATURES_DIR, STUDENT_LOG_DIR, STUDENT_MODEL_DIR, TEACHER_DIR, staged_folder
+from pipeline.paths import CHECKPOINT_DIR, STUDENT_LOG_DIR, STUDENT_MODEL_DIR, staged_folder
 from pipeline.progress import progress
 from pipeline.shards import check_format, verify_shards, write_json_atomic
 from pipeline.stream import ShardStream, find_shard_pairs, verify_alignment
+from pipeline.student_data import StudentData, student_data
 from pipeline.training import build_optimizer, train_step
 from pipeline.training_log import TrainingLog
 from pipeline.write_errors import writing
@@ -83,6 +86,7 @@ class Training:
     key: dict  # `training_key`: what a checkpoint must agree on
     train_log: TrainingLog
     device: torch.device
+    dev_features: Path  # the dev features this student reads: the teacher's, or its own (data/aligned)
     step: int = 0  # optimizer steps taken (after a resume: the checkpoint's)
     start_epoch: int = 0
     skip_batches: int = 0  # batches of `start_epoch` trained on before the checkpoint
@@ -99,13 +103,15 @@ def run_student(params: Params, resume: str = "auto") -> None:
     distributed.destroy()
 
 
-def check_training_data(student: StudentParams) -> tuple[dict, dict, list]:
+def check_training_data(student: StudentParams, data: StudentData) -> tuple[dict, dict, list]:
     """Features + (unless the weight is 0) teacher logits, checked before anything trains: (features manifest,
-    data fingerprint, shard pairs). A truncated or corrupted shard is one error naming it."""
-    features_dir = FEATURES_DIR / "train"
-    logits_dir = TEACHER_DIR / "train" if student.distillation_weight > 0 else None
-    features_manifest = verify_shards(features_dir, "kdqa prepare")
-    check_format(features_manifest.get("features_format"), "features", features_dir, "kdqa prepare")
+    data fingerprint, shard pairs). A truncated or corrupted shard is one error naming it. `data`: the
+    teacher's features and logits, or the student's own features and aligned targets (pipeline/align.py)."""
+    features_dir = data.train_features
+    logits_dir = data.teacher_targets if student.distillation_weight > 0 else None
+    regenerate = "kdqa prepare" if data.mode == "direct" else "kdqa align"
+    features_manifest = verify_shards(features_dir, regenerate)
+    check_format(features_manifest.get("features_format"), "features", features_dir, regenerate)
     data_fingerprint = {"features": features_manifest["bytes_fingerprint"]}  # of the verified bytes
     if logits_dir is not None:
         data_fingerprint["logits"] = check_teacher_logits(features_dir, data_fingerprint["features"], logits_dir)
@@ -118,13 +124,9 @@ def setup(params: Params, resume: str) -> Training:
     """Checks, model, stream, optimizer and schedule, then the checkpoint to resume from (if any)."""
     student = params.student
     rank, world, device = distributed.rank(), distributed.world_size(), distributed.device()
-    features_manifest, data_fingerprint, pairs = check_training_data(student)
     tokenizer = load_tokenizer(student.model, student.trust_remote_code)
-    if vocab_fingerprint(tokenizer) != features_manifest.get("vocab_fingerprint"):
-        raise KdqaError(
-            f"{student.model}: its tokenizer differs from the teacher's ({features_manifest.get('tokenizer')}): "
-            "student and teacher must share a tokenizer (the same vocabulary, token for token)"
-        )
+    data = student_data(params, tokenizer)  # the teacher's features, or its own aligned ones (`kdqa align`)
+    features_manifest, data_fingerprint, pairs = check_training_data(student, data)
 
     torch.manual_seed(student.seed)
     model = build_student(student).to(device)
@@ -134,7 +136,7 @@ def setup(params: Params, resume: str) -> Training:
     steps_per_epoch = [stream.steps_in_epoch(epoch) for epoch in range(student.epochs)]
     total_steps = min(sum(steps_per_epoch), student.max_steps or sum(steps_per_epoch))
     if total_steps == 0:
-        raise KdqaError(f"{FEATURES_DIR / 'train'}: no training batches (too few features for {world} processes?)")
+        raise KdqaError(f"{data.train_features}: no training batches (too few features for {world} processes?)")
     if world > 1 and rank == 0:
         warn_unused_batches(stream, student.epochs, world, sum(steps_per_epoch))
     optimizer = build_optimizer(model, student.learning_rate, student.weight_decay, device)
@@ -153,7 +155,7 @@ def setup(params: Params, resume: str) -> Training:
     train_log = TrainingLog(STUDENT_LOG_DIR, resume_step=state.step if state else None, enabled=rank == 0)
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     run = Training(params, model, ddp_model, tokenizer, stream, optimizer, scheduler, steps_per_epoch, total_steps,
-                   key, train_log, device)
+                   key, train_log, device, data.dev_features)
     if state:
         run.step, run.start_epoch, run.skip_batches = state.step, state.epoch, state.batch_in_epoch
     return run
@@ -220,7 +222,7 @@ def train(run: Training) -> tuple[float, tuple]:
 def dev_scores(run: Training) -> dict:
     from pipeline.evaluate import evaluate_model
 
-    metrics, *_ = evaluate_model(run.model, run.tokenizer.pad_token_id, FEATURES_DIR / "dev", CARD_EVALUATION,
+    metrics, *_ = evaluate_model(run.model, run.tokenizer.pad_token_id, run.dev_features, CARD_EVALUATION,
                                  run.device)
     return metrics
 
@@ -242,7 +244,7 @@ def finish(run: Training, seconds: float, last_eval: tuple) -> None:
     dev_metrics = None
     if last_eval[0] == run.step:  # the curve's last point is the final model: no second pass over dev
         dev_metrics = last_eval[1]
-    elif (FEATURES_DIR / "dev").is_dir():  # the card reports the same dev scores `kdqa evaluate` computes
+    elif run.dev_features.is_dir():  # the card reports the same dev scores `kdqa evaluate` computes
         dev_metrics = dev_scores(run)
         run.train_log.log_eval(run.step, f1=dev_metrics["f1"], exact=dev_metrics["exact"],
                                f1_forced=dev_metrics.get("HasAns_f1_forced"))

@@ -54,6 +54,7 @@ def train_step(model, batch: dict, optimizer, scheduler, student: StudentParams,
     loss = distillation_loss(
         out.start_logits, out.end_logits, batch["start_positions"], batch["end_positions"], batch["answer_mask"],
         batch.get("teacher_start"), batch.get("teacher_end"), student.temperature, student.distillation_weight,
+        batch.get("teacher_mask"),
     )
     optimizer.zero_grad(set_to_none=True)
     loss.total.backward()
