@@ -17,7 +17,9 @@ and reads RESULT.json. CONFIG.json names the worker (`teacher`, `student`, `stag
     offline  - teacher logits streamed from the Parquet shards (ours);
     online   - the teacher loaded in the same process, run forward (no_grad) on every batch;
     hard     - hard labels only, no teacher at all.
-  All three see the same batches in the same order (same shards, same seed).
+  All three see the same batches in the same order (same shards, same seed). `precision` and
+  `group_by_length` (default: the stage's defaults) set the step's autocast and the batch plan; the result
+  counts the epoch's padding.
 - `stage`: the real student stage, `pipeline.student.run_student`, in a prepared work folder (for peak
   memory at 1x and 10x the training data).
 """
@@ -332,16 +334,19 @@ def student_worker(cfg: dict) -> dict:
     from torch.utils.data import DataLoader
     from transformers import get_linear_schedule_with_warmup
 
+    from pipeline.inference import autocast_dtype, precision_name
     from pipeline.models import keep_layers, load_qa_model, load_tokenizer
     from pipeline.params import StudentParams
     from pipeline.stream import ShardStream, find_shard_pairs, verify_alignment
-    from pipeline.training import build_optimizer, train_step
+    from pipeline.training import build_optimizer, train_step, training_dtype
 
     mode = cfg["mode"]
     assert mode in ("offline", "online", "hard"), mode
     settings = StudentParams()  # the reference loss settings: temperature 5, distillation weight 1
     if mode == "hard":
         settings.distillation_weight = 0.0
+    settings.precision = cfg.get("precision", settings.precision)
+    settings.group_by_length = cfg.get("group_by_length", settings.group_by_length)
     work = Path(cfg["work"])
     sampler = PeakSampler().start()
 
@@ -358,14 +363,15 @@ def student_worker(cfg: dict) -> dict:
     pairs = find_shard_pairs(work / FEATURES_DIR / "train",
                              work / TEACHER_DIR / "train" if mode == "offline" else None)
     verify_alignment(pairs)
-    stream = ShardStream(pairs, cfg["batch_size"], cfg["seed"], pad, pad_to_multiple_of=settings.pad_to_multiple_of)
+    stream = ShardStream(pairs, cfg["batch_size"], cfg["seed"], pad, pad_to_multiple_of=settings.pad_to_multiple_of,
+                         group_by_length=settings.group_by_length)
     steps = stream.steps_in_epoch(0)
     optimizer = build_optimizer(student, cfg["learning_rate"], settings.weight_decay, device)
     warmup_steps = cfg["warmup_steps"]
     scheduler = get_linear_schedule_with_warmup(optimizer, int(settings.warmup * steps), steps + warmup_steps)
     sync(torch, device)
     load_s = time.perf_counter() - t0
-    use_bf16 = device.type == "cuda"
+    teacher_dtype = autocast_dtype(device, "auto")  # online: the teacher stage's default precision
     steps_taken = 0
 
     def step(batch) -> None:
@@ -374,7 +380,8 @@ def student_worker(cfg: dict) -> dict:
         if teacher is not None:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             inputs = {k: batch[k] for k in ("input_ids", "token_type_ids", "attention_mask")}
-            with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            with torch.no_grad(), torch.autocast(device_type=device.type, dtype=teacher_dtype or torch.bfloat16,
+                                                 enabled=teacher_dtype is not None):
                 t_out = teacher(**inputs)
             batch["teacher_start"], batch["teacher_end"] = t_out.start_logits, t_out.end_logits
         train_step(student, batch, optimizer, scheduler, settings, steps_taken, device)
@@ -394,7 +401,7 @@ def student_worker(cfg: dict) -> dict:
     loader = DataLoader(stream, batch_size=None, num_workers=cfg["num_workers"], pin_memory=device.type == "cuda",
                         generator=torch.Generator().manual_seed(cfg["seed"]))
     cpu0, children0 = cpu_seconds(), cpu_seconds(resource.RUSAGE_CHILDREN)
-    waits, computes, features = [], [], 0
+    waits, computes, features, real_tokens, padded_tokens = [], [], 0, 0, 0
     t = time.perf_counter()
     it = iter(loader)
     while True:
@@ -409,6 +416,8 @@ def student_worker(cfg: dict) -> dict:
         if device.type != "cuda":  # per-step compute time only where it costs no extra sync
             computes.append(time.perf_counter() - tc)
         features += len(batch["input_ids"])
+        real_tokens += int(batch["attention_mask"].sum())
+        padded_tokens += batch["attention_mask"].numel()
     sync(torch, device)
     epoch_s = time.perf_counter() - t
     del it, loader
@@ -419,6 +428,9 @@ def student_worker(cfg: dict) -> dict:
         "mode": mode, "learning_rate": cfg["learning_rate"], "device": device_name(torch, device),
         "steps": len(waits), "features": features, "batch_size": cfg["batch_size"],
         "num_workers": cfg["num_workers"], "student_layers": list(cfg["student_layers"]),
+        "precision": precision_name(training_dtype(device, settings.precision)),
+        "group_by_length": settings.group_by_length,
+        "padding_fraction": 1 - real_tokens / padded_tokens if padded_tokens else None,
         "load_s": load_s, "warmup_steps": warmup_steps, "warmup_s": warmup_s,
         "epoch_s": epoch_s,
         "run_s": load_s + epoch_s,  # a one-epoch run after interpreter start: models, data plan, the epoch
