@@ -71,6 +71,12 @@ class StudentParams:
     # Batch width rounded up to a multiple of this many tokens: few distinct shapes keep the training
     # process's memory flat (bench/performance.py measures it) and suit tensor cores; 1 = exact.
     pad_to_multiple_of: int = 8
+    # Rows of similar length share a batch (random groups of rows sorted by length, batches in random order):
+    # far less padding to compute on than random batches of SQuAD windows (bench/performance.py).
+    group_by_length: bool = True
+    # auto = bfloat16 autocast where the hardware computes it (CUDA, AVX512-BF16/AMX CPUs), else float32; or
+    # bfloat16 | float16 (CUDA only: needs a gradient scaler) | float32. Weights and optimizer stay float32.
+    precision: str = "auto"
     seed: int = 42
     max_steps: int | None = None  # optional cap on optimizer steps, for quick runs
     checkpoint_every: int = 2000  # steps between resumable checkpoints, plus one after the last step (0: none)
@@ -122,7 +128,8 @@ _RANGES = {
 }
 
 
-_CHOICES = {"teacher.precision": ("auto", "bfloat16", "float16", "float32")}
+_CHOICES = {"teacher.precision": ("auto", "bfloat16", "float16", "float32"),
+            "student.precision": ("auto", "bfloat16", "float16", "float32")}
 
 
 def _check_value(path: Path, key: str, value, default) -> None:

@@ -2,7 +2,8 @@
 
 The student never holds the dataset in memory: each DataLoader worker reads whole shard pairs, checks that
 their feature ids agree row for row, shuffles the rows of the shard (seeded by seed, epoch and shard) and
-yields batches padded to their longest feature. Shard order is reshuffled every epoch with the same seed
+yields batches padded to their longest feature; with `group_by_length`, rows of similar length share a batch
+and the batches come in random order. Shard order is reshuffled every epoch with the same seed
 on every rank; under DDP each rank takes a disjoint slice of that order.
 """
 
@@ -16,11 +17,16 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pipeline.batching import pad_batch, pad_logits
+from pipeline.batching import length_grouped_batches, pad_batch, pad_logits
 from pipeline.errors import KdqaError
 from pipeline.shards import list_column_to_numpy, list_shards, read_table, shard_rows
 
 LOGITS_COLUMNS = ["feature_id", "start_logits", "end_logits"]  # aligned shards add per-feature diagnostics
+# group_by_length sorts groups of this many batches of random rows by length: enough to remove nearly all the
+# padding that sorting a whole shard would (padding fractions: bench/performance.py), small enough that rows
+# still meet different partners every epoch.
+GROUP_BATCHES = 32
+
 TRAIN_COLUMNS = ["feature_id", "input_ids", "token_type_ids", "context_start", "context_end",
                  "start_position", "end_position"]
 
@@ -72,8 +78,10 @@ class ShardStream(IterableDataset):
     """One epoch of training batches for one rank; set `epoch` before each pass."""
 
     def __init__(self, pairs: list[ShardPair], batch_size: int, seed: int, pad_token_id: int,
-                 rank: int = 0, world_size: int = 1, pad_to_multiple_of: int = 1, max_width: int | None = None):
+                 rank: int = 0, world_size: int = 1, pad_to_multiple_of: int = 1, max_width: int | None = None,
+                 group_by_length: bool = False):
         self.pairs = pairs
+        self.group_by_length = group_by_length
         self.pad_to_multiple_of, self.max_width = pad_to_multiple_of, max_width  # batch width rounding
         self.batch_size = batch_size
         self.seed = seed
@@ -123,9 +131,14 @@ class ShardStream(IterableDataset):
                 if len(ids) != len(ts):
                     raise KdqaError(f"{pair.logits_path}: row {row} has {len(ts)} logits for {len(ids)} tokens")
 
-        order = np.random.default_rng([self.seed, self.epoch, shard_index]).permutation(pair.rows)
-        for lo in range(0, pair.rows, self.batch_size):
-            rows = order[lo : lo + self.batch_size]
+        rng = np.random.default_rng([self.seed, self.epoch, shard_index])
+        if self.group_by_length:
+            lengths = np.fromiter((len(x) for x in input_ids), dtype=np.int64, count=len(input_ids))
+            plan = length_grouped_batches(lengths, self.batch_size, rng, GROUP_BATCHES)
+        else:
+            order = rng.permutation(pair.rows)
+            plan = [order[lo : lo + self.batch_size] for lo in range(0, pair.rows, self.batch_size)]
+        for rows in plan:
             batch = pad_batch([input_ids[i] for i in rows], [token_types[i] for i in rows],
                               context_start[rows], context_end[rows], self.pad_token_id,
                               self.pad_to_multiple_of, self.max_width)

@@ -23,6 +23,7 @@ from pipeline import __version__, distributed
 from pipeline.checkpoint import Checkpoint, load_checkpoint, remove_checkpoints, restore_curves, save_checkpoint
 from pipeline.errors import KdqaError
 from pipeline.fingerprints import check_teacher_logits
+from pipeline.inference import precision_name
 from pipeline.models import check_sequence_length, keep_layers, load_qa_model, load_tokenizer
 from pipeline.params import Params, StudentParams
 from pipeline.paths import CHECKPOINT_DIR, STUDENT_LOG_DIR, STUDENT_MODEL_DIR, staged_folder
@@ -30,7 +31,7 @@ from pipeline.progress import progress
 from pipeline.shards import check_format, verify_shards, write_json_atomic
 from pipeline.stream import ShardStream, find_shard_pairs, verify_alignment
 from pipeline.student_data import StudentData, student_data
-from pipeline.training import build_optimizer, train_step
+from pipeline.training import build_optimizer, grad_scaler, train_step, training_dtype
 from pipeline.training_log import TrainingLog
 from pipeline.write_errors import writing
 
@@ -63,10 +64,11 @@ def build_student(student: StudentParams):
     return model
 
 
-def training_key(params: Params, data_fingerprint: dict) -> dict:
+def training_key(params: Params, data_fingerprint: dict, autocast: torch.dtype | None) -> dict:
     """What a checkpoint must agree on to be resumed: every setting that changes the computation."""
     settings = {k: v for k, v in asdict(params.student).items() if k not in OBSERVATION_KEYS}
     settings["loader_streams"] = max(1, params.student.num_workers)  # batch order: 0 and 1 worker agree
+    settings["autocast"] = precision_name(autocast)  # what `precision: auto` became on this machine
     return {"student": settings, "data": data_fingerprint, "world_size": distributed.world_size()}
 
 
@@ -87,6 +89,7 @@ class Training:
     train_log: TrainingLog
     device: torch.device
     dev_features: Path  # the dev features this student reads: the teacher's, or its own (data/aligned)
+    scaler: object = None  # float16 only: the gradient scaler (`pipeline.training.grad_scaler`)
     step: int = 0  # optimizer steps taken (after a resume: the checkpoint's)
     start_epoch: int = 0
     skip_batches: int = 0  # batches of `start_epoch` trained on before the checkpoint
@@ -124,6 +127,8 @@ def setup(params: Params, resume: str) -> Training:
     """Checks, model, stream, optimizer and schedule, then the checkpoint to resume from (if any)."""
     student = params.student
     rank, world, device = distributed.rank(), distributed.world_size(), distributed.device()
+    autocast = training_dtype(device, student.precision)  # float16 off CUDA: an error before any work
+    scaler = grad_scaler(autocast)
     tokenizer = load_tokenizer(student.model, student.trust_remote_code)
     data = student_data(params, tokenizer)  # the teacher's features, or its own aligned ones (`kdqa align`)
     features_manifest, data_fingerprint, pairs = check_training_data(student, data)
@@ -132,7 +137,8 @@ def setup(params: Params, resume: str) -> Training:
     model = build_student(student).to(device)
     check_sequence_length(model, features_manifest.get("prepare", {}).get("max_seq_len", 0), student.model)
     stream = ShardStream(pairs, student.batch_size, student.seed, tokenizer.pad_token_id, rank, world,
-                         student.pad_to_multiple_of, getattr(model.config, "max_position_embeddings", None))
+                         student.pad_to_multiple_of, getattr(model.config, "max_position_embeddings", None),
+                         student.group_by_length)
     steps_per_epoch = [stream.steps_in_epoch(epoch) for epoch in range(student.epochs)]
     total_steps = min(sum(steps_per_epoch), student.max_steps or sum(steps_per_epoch))
     if total_steps == 0:
@@ -145,8 +151,8 @@ def setup(params: Params, resume: str) -> Training:
     scheduler = get_linear_schedule_with_warmup(optimizer, int(student.warmup * total_steps), total_steps)
 
     # Resume: weights, optimizer, schedule, RNG and the position in the shard stream.
-    key = training_key(params, data_fingerprint)
-    state = load_checkpoint(CHECKPOINT_DIR, key, resume, model, optimizer, scheduler, rank)
+    key = training_key(params, data_fingerprint, autocast)
+    state = load_checkpoint(CHECKPOINT_DIR, key, resume, model, optimizer, scheduler, rank, scaler)
     if state:
         log.info("resuming from %s at step %d (epoch %d, batch %d); loss: w=%s T=%s", CHECKPOINT_DIR, state.step,
                  state.epoch, state.batch_in_epoch, student.distillation_weight, student.temperature)
@@ -155,7 +161,7 @@ def setup(params: Params, resume: str) -> Training:
     train_log = TrainingLog(STUDENT_LOG_DIR, resume_step=state.step if state else None, enabled=rank == 0)
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     run = Training(params, model, ddp_model, tokenizer, stream, optimizer, scheduler, steps_per_epoch, total_steps,
-                   key, train_log, device, data.dev_features)
+                   key, train_log, device, data.dev_features, scaler)
     if state:
         run.step, run.start_epoch, run.skip_batches = state.step, state.epoch, state.batch_in_epoch
     return run
@@ -190,7 +196,8 @@ def train(run: Training) -> tuple[float, tuple]:
                 break
             if epoch == run.start_epoch and batch_index < run.skip_batches:
                 continue  # already trained on before the checkpoint we resumed from
-            loss = train_step(run.ddp_model, batch, run.optimizer, run.scheduler, student, run.step, run.device)
+            loss = train_step(run.ddp_model, batch, run.optimizer, run.scheduler, student, run.step, run.device,
+                              run.scaler)
             run.step += 1
             seen_features += len(batch["input_ids"])
             bar.update(1)
@@ -207,12 +214,13 @@ def train(run: Training) -> tuple[float, tuple]:
             if student.checkpoint_every and step % student.checkpoint_every == 0 and step < run.total_steps:
                 save_checkpoint(CHECKPOINT_DIR, Checkpoint(step, epoch, batch_index + 1, run.key), run.model,
                                 run.optimizer, run.scheduler, rank,
-                                curves=(STUDENT_LOG_DIR / "train.tsv", STUDENT_LOG_DIR / "eval.tsv"))
+                                curves=(STUDENT_LOG_DIR / "train.tsv", STUDENT_LOG_DIR / "eval.tsv"), scaler=run.scaler)
     bar.close()
     if student.checkpoint_every and run.step != resumed_at:
         # The finished training, resumable: a failure while scoring or saving the model loses none of it.
         save_checkpoint(CHECKPOINT_DIR, Checkpoint(run.step, student.epochs, 0, run.key), run.model, run.optimizer,
-                        run.scheduler, rank, curves=(STUDENT_LOG_DIR / "train.tsv", STUDENT_LOG_DIR / "eval.tsv"))
+                        run.scheduler, rank, curves=(STUDENT_LOG_DIR / "train.tsv", STUDENT_LOG_DIR / "eval.tsv"),
+                        scaler=run.scaler)
     seconds = time.perf_counter() - started
     log.info("trained %d steps in %.1fs (%.1f features/s per process)", run.step, seconds,
              seen_features / max(seconds, 1e-9))
