@@ -65,33 +65,33 @@ def article_paragraphs(examples: list[Example]) -> dict[str, list[str]]:
     return {title: list(contexts) for title, contexts in paragraphs.items()}
 
 
-def make_views(examples: list[Example], views: int, seed: int, kinds: Iterable[str],
+def make_views(examples: list[Example], view: int, seed: int, kinds: Iterable[str],
                report: AugmentReport) -> Iterator[Example]:
-    """The views of labelled training examples, example by example (a generator: nothing is held but the
-    paragraphs of the articles); counts go into `report`."""
+    """View number `view` of every labelled training example, in order (a generator: nothing is held but
+    the paragraphs of the articles); counts go into `report`. Prepare writes each view number as its own
+    run of shards, so asking for more views adds shards and leaves the existing ones byte for byte."""
     kinds = list(kinds)
     check_kinds(kinds)
-    if views <= 0 or not kinds:
+    if not kinds:
         return
     paragraphs = article_paragraphs(examples)
     for ex in examples:
         rotation = random.Random(f"{seed}/{ex.id}").randrange(len(kinds))
-        for v in range(views):
-            kind = kinds[(rotation + v) % len(kinds)]
-            rng = random.Random(f"{seed}/{ex.id}/{v}")
-            others = [p for p in paragraphs[ex.title] if p != ex.context]
-            view = MAKERS[kind](ex, others, rng)
-            if view is None:
-                report.not_applicable[kind] = report.not_applicable.get(kind, 0) + 1
-                continue
-            view = replace(view, id=f"{ex.id}#{v}")
-            answerable = not ex.is_impossible and bool(ex.answer_texts)
-            report.remap_failed += kind in MOVES_ANSWERS and answerable and not view.labelled
-            report.views += 1
-            report.by_kind[kind] = report.by_kind.get(kind, 0) + 1
-            report.labelled += view.labelled
-            report.teacher_only += not view.labelled
-            yield view
+        kind = kinds[(rotation + view) % len(kinds)]
+        rng = random.Random(f"{seed}/{ex.id}/{view}")
+        others = [p for p in paragraphs[ex.title] if p != ex.context]
+        made = MAKERS[kind](ex, others, rng)
+        if made is None:
+            report.not_applicable[kind] = report.not_applicable.get(kind, 0) + 1
+            continue
+        made = replace(made, id=f"{ex.id}#{view}")
+        answerable = not ex.is_impossible and bool(ex.answer_texts)
+        report.remap_failed += kind in MOVES_ANSWERS and answerable and not made.labelled
+        report.views += 1
+        report.by_kind[kind] = report.by_kind.get(kind, 0) + 1
+        report.labelled += made.labelled
+        report.teacher_only += not made.labelled
+        yield made
 
 
 # --- one function per kind: (example, other paragraphs of its article, rng) -> view or None ---

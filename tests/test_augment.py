@@ -45,7 +45,7 @@ def example(qid: str, context: str, answer: str | None, question: str = "who fou
 
 def views_of(examples, views=3, seed=0, kinds=KINDS):
     report = AugmentReport()
-    return list(make_views(examples, views, seed, kinds, report)), report
+    return [v for view in range(views) for v in make_views(examples, view, seed, kinds, report)], report
 
 
 def check_labelled(view: Example) -> None:
@@ -114,7 +114,7 @@ def test_other_paragraph_view_is_teacher_only_and_stays_in_the_article():
     exs = [example("a", ARTICLE[0], "Alice"), example("b", ARTICLE[1], "Dave"),
            example("c", "Eve was queen of a small city.", "Eve", title="elsewhere")]
     views, report = views_of(exs, views=2, kinds=["other_paragraph"])
-    assert [v.id for v in views] == ["a#0", "a#1", "b#0", "b#1"]
+    assert [v.id for v in views] == ["a#0", "b#0", "a#1", "b#1"]  # view by view: each its own run of shards
     assert report.not_applicable == {"other_paragraph": 2}  # a one-paragraph article has no other paragraph
     for view in views:
         assert not view.labelled and view.answer_texts == []
@@ -151,8 +151,8 @@ def test_views_are_deterministic_per_example_and_rotate_kinds():
     # Each example gets each kind once (three views, three kinds, all applicable here).
     assert report.by_kind == {k: 8 for k in KINDS} and report.views == 24
     # Adding an example changes no other example's views; another seed changes them.
-    more, _ = views_of(exs + [example("new", ARTICLE[1], "Eve")], views=3, seed=5)
-    assert more[: len(views)] == views
+    more, _ = views_of(exs + [example("new", ARTICLE[1], "Eve")], views=4, seed=5)
+    assert [v for v in more if not v.id.startswith("new") and not v.id.endswith("#3")] == views
     other_seed, _ = views_of(exs, views=3, seed=6)
     assert [v.context for v in other_seed] != [v.context for v in views]
     assert report.labelled + report.teacher_only == report.views
