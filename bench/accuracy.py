@@ -64,9 +64,8 @@ FULL = {
         {"name": "distilled w=0.5, T=5", "distillation_weight": 0.5, "temperature": 5.0, "model": "teacher"},
     ],
 }
-# What fits in about an hour on a 2-core CPU (about 500 tokens/s of MiniLM-L6 training there): one epoch.
-# Too little for the teacher to beat always-abstaining (measured: F1 52.36 = the abstain baseline); the
-# default preset is the one that gets there (measured on an H100: +6 F1), at ~3.5 h on that CPU.
+# One epoch, for a small CPU budget. Too little for the teacher to beat always-abstaining; the default
+# preset is the one that gets there (bench/results/ holds both runs).
 SMALL = {
     **FULL,
     "prepare": {**FULL["prepare"], "max_seq_len": 192, "doc_stride": 64, "max_query_len": 32},

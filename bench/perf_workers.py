@@ -12,8 +12,8 @@ and reads RESULT.json. CONFIG.json names the worker (`teacher`, `student`, `stag
   runs them in file order, on the same model and features in the same process; also ours compute-only
   (`pipeline.inference.model_logits`, no Parquet read/write).
 - `student`: one epoch of student training in one of three modes, through the same ShardStream/DataLoader
-  path and the same training step as `pipeline/student.py` (AdamW, linear schedule, clipping,
-  `pipeline.losses.distillation_loss`, bf16 autocast on CUDA):
+  path and the stage's own training step, `pipeline.training.train_step` (forward, distillation loss,
+  backward, clipping, AdamW and schedule step, periodic memory release):
     offline  - teacher logits streamed from the Parquet shards (ours);
     online   - the teacher loaded in the same process, run forward (no_grad) on every batch;
     hard     - hard labels only, no teacher at all.
@@ -34,6 +34,8 @@ from contextlib import chdir
 from itertools import islice
 from pathlib import Path
 
+from pipeline.paths import FEATURES_DIR, TEACHER_DIR
+
 MB = 1024 * 1024
 
 
@@ -42,7 +44,7 @@ MB = 1024 * 1024
 def maxrss_mb(who=resource.RUSAGE_SELF) -> float:
     """Peak resident set size. For this process on Linux: VmHWM, the peak of its own address space. Not
     ru_maxrss: Linux carries it across exec, so a worker started by the benchmark's main process would start
-    at the main process's RSS at fork time (measured: a worker that peaked at 659 MB reported 922 MB).
+    at the main process's RSS at fork time.
     For children (DataLoader workers, forked): ru_maxrss (Linux reports KiB; macOS bytes)."""
     if who == resource.RUSAGE_SELF:
         try:
@@ -186,7 +188,7 @@ def teacher_worker(cfg: dict) -> dict:
 
     # The features in file order (shard order, then row order), as the plain loop reads them.
     work = Path(cfg["work"])
-    shards = list_shards(work / "data" / "features" / "train")
+    shards = list_shards(work / FEATURES_DIR / "train")
     tables = [read_table(p, columns=INFERENCE_COLUMNS) for p in shards]
     input_ids = [x for t in tables for x in list_column_to_numpy(t.column("input_ids"), np.int64)]
     token_types = [x for t in tables for x in list_column_to_numpy(t.column("token_type_ids"), np.int64)]
@@ -304,65 +306,59 @@ def student_worker(cfg: dict) -> dict:
     from torch.utils.data import DataLoader
     from transformers import get_linear_schedule_with_warmup
 
-    from pipeline.losses import distillation_loss
     from pipeline.models import keep_layers, load_qa_model, load_tokenizer
     from pipeline.params import StudentParams
     from pipeline.stream import ShardStream, find_shard_pairs, verify_alignment
-    from pipeline.student import build_optimizer
+    from pipeline.training import build_optimizer, train_step
 
     mode = cfg["mode"]
     assert mode in ("offline", "online", "hard"), mode
-    s = StudentParams()  # the reference loss settings: temperature 5, distillation weight 1
-    weight = 0.0 if mode == "hard" else s.distillation_weight
+    settings = StudentParams()  # the reference loss settings: temperature 5, distillation weight 1
+    if mode == "hard":
+        settings.distillation_weight = 0.0
     work = Path(cfg["work"])
     sampler = PeakSampler().start()
 
     t0 = time.perf_counter()
     torch.manual_seed(cfg["seed"])
     pad = load_tokenizer(cfg["teacher_model"]).pad_token_id
-    student = load_qa_model(cfg.get("student_model") or cfg["teacher_model"], hidden_dropout_prob=s.dropout)
+    student = load_qa_model(cfg.get("student_model") or cfg["teacher_model"], hidden_dropout_prob=settings.dropout)
     if not cfg.get("student_model"):  # cut from the teacher
         keep_layers(student, list(cfg["student_layers"]))
     student.to(device).train()
     teacher = None
     if mode == "online":
         teacher = load_qa_model(cfg["teacher_model"]).to(device).eval()
-    pairs = find_shard_pairs(work / "data" / "features" / "train",
-                             work / "data" / "teacher" / "train" if mode == "offline" else None)
+    pairs = find_shard_pairs(work / FEATURES_DIR / "train",
+                             work / TEACHER_DIR / "train" if mode == "offline" else None)
     verify_alignment(pairs)
-    stream = ShardStream(pairs, cfg["batch_size"], cfg["seed"], pad, pad_to_multiple_of=s.pad_to_multiple_of)
+    stream = ShardStream(pairs, cfg["batch_size"], cfg["seed"], pad, pad_to_multiple_of=settings.pad_to_multiple_of)
     steps = stream.steps_in_epoch(0)
-    optimizer = build_optimizer(student, cfg["learning_rate"], s.weight_decay, device)
+    optimizer = build_optimizer(student, cfg["learning_rate"], settings.weight_decay, device)
     warmup_steps = cfg["warmup_steps"]
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(s.warmup * steps), steps + warmup_steps)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(settings.warmup * steps), steps + warmup_steps)
     sync(torch, device)
     load_s = time.perf_counter() - t0
     use_bf16 = device.type == "cuda"
+    steps_taken = 0
 
-    def train_step(batch) -> None:
-        # The step of pipeline/student.py; `online` adds the teacher's forward on the same batch.
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        inputs = {k: batch[k] for k in ("input_ids", "token_type_ids", "attention_mask")}
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            out = student(**inputs)
-        t_start, t_end = batch.get("teacher_start"), batch.get("teacher_end")
+    def step(batch) -> None:
+        """The stage's own step; `online` first runs the teacher on the same batch for its logits."""
+        nonlocal steps_taken
         if teacher is not None:
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            inputs = {k: batch[k] for k in ("input_ids", "token_type_ids", "attention_mask")}
             with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 t_out = teacher(**inputs)
-            t_start, t_end = t_out.start_logits, t_out.end_logits
-        loss = distillation_loss(out.start_logits, out.end_logits, batch["start_positions"], batch["end_positions"],
-                                 batch["answer_mask"], t_start, t_end, s.temperature, weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.total.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), s.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
+            batch["teacher_start"], batch["teacher_end"] = t_out.start_logits, t_out.end_logits
+        train_step(student, batch, optimizer, scheduler, settings, steps_taken, device)
+        steps_taken += 1
 
     # Warm-up steps on the first batches (read in-process), the same in every mode; then the timed epoch.
     stream.epoch = 0
     t = time.perf_counter()
     for batch in islice(iter(stream), warmup_steps):
-        train_step(batch)
+        step(batch)
     sync(torch, device)
     warmup_s = time.perf_counter() - t
 
@@ -383,7 +379,7 @@ def student_worker(cfg: dict) -> dict:
             break
         tc = time.perf_counter()
         waits.append(tc - tw)
-        train_step(batch)
+        step(batch)
         if device.type != "cuda":  # per-step compute time only where it costs no extra sync
             computes.append(time.perf_counter() - tc)
         features += len(batch["input_ids"])
@@ -428,7 +424,7 @@ def stage_worker(cfg: dict) -> dict:
         t = time.perf_counter()
         run_student(params, resume="never")
         seconds = time.perf_counter() - t
-    rows = json.loads((work / "data" / "features" / "train" / "manifest.json").read_text())["features"]
+    rows = json.loads((work / FEATURES_DIR / "train" / "manifest.json").read_text())["features"]
     return {"features": rows, "stage_s": seconds, "device": device_name(torch, device),
             **memory_report(torch, device, sampler)}
 

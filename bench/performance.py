@@ -11,7 +11,7 @@ Same data, same models, one run, each configuration in a fresh process of its ow
    compute-only (`pipeline.inference.model_logits`).
 2. Student time per epoch: offline (ours: logits streamed from the shards through ShardStream and a
    DataLoader worker) vs. online distillation (the teacher in the same process, forward on every batch
-   under no_grad) vs. hard labels only (no teacher). Same batches, same training step as pipeline/student.py.
+   under no_grad) vs. hard labels only (no teacher). Same batches, the stage's own step (pipeline.training.train_step).
 3. Peak resident memory of each of those student processes (peak CUDA memory on GPU).
 4. Shard size: bytes per feature vs. dense float32 / float16 [2, max_seq_len] arrays; encoding options.
 5. The real student stage (`run_student`) at 1x and 10x the training data (shards repeated): peak memory.
@@ -50,7 +50,7 @@ SWEEP_LEARNING_RATES = [1e-5, 3e-5, 5e-5, 1e-4]
 TARGETS = {"teacher_speedup": 2.0, "offline_vs_online": 0.6, "streaming_overhead": 0.03,
            "memory_growth_10x": 0.10, "shard_vs_fp16": 0.5}
 
-# Sizes: `full` takes ~10 minutes on a 2-core CPU; `quick` is a smoke test (< 1 minute). shard_size None =
+# Sizes: `full` is the reported benchmark; `quick` is a smoke test. shard_size None =
 # params.yaml's default (4000 features), as in production: every main-set shard is much larger than a batch.
 FULL = {"examples": 100, "shard_size": None, "batch_size": 16, "warmup_steps": 1, "sweep_runs": 4, "hard_runs": 3,
         "teacher_repeats": 2, "scale_examples": None, "scale_shard_size": 500, "scale_batch_size": 32,
@@ -344,7 +344,7 @@ def run(args) -> dict:
                "row_group_size": 4000}
     max_batch = args.teacher_batch_size or (128 if cuda else 64)
     # CPU: 2048 padded tokens already keep the matrix multiplies efficient (bigger batches only add padding
-    # and cache misses: the plain loop measured 7% slower at 21 x 384 than at 5 x 384); CUDA: params.yaml's.
+    # and cache misses); CUDA: params.yaml's.
     max_tokens = args.max_tokens_per_batch or (32768 if cuda else 2048)
     num_workers = args.num_workers
 

@@ -18,7 +18,9 @@ from safetensors.torch import load_file, save_file
 
 from pipeline import distributed
 from pipeline.errors import KdqaError
+from pipeline.paths import begin_staging, previous_path, staging_path, swap_into_place
 from pipeline.shards import read_json, write_json_atomic
+from pipeline.write_errors import writes_into
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +46,11 @@ def _rng_state() -> dict:
     return state
 
 
+@writes_into("folder")
 def save_checkpoint(folder: Path, ckpt: Checkpoint, model, optimizer, scheduler, rank: int,
                     curves: tuple[Path, ...] = ()) -> None:
     """Rank 0 writes weights, optimizer and copies of `curves`; every rank writes its own RNG state."""
-    staging = folder.with_name(f"{folder.name}.partial")
-    if rank == 0:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
+    staging = begin_staging(folder) if rank == 0 else staging_path(folder)
     distributed.barrier()
     torch.save(_rng_state(), staging / f"rng-rank{rank}.pt")
     if rank == 0:
@@ -64,14 +64,8 @@ def save_checkpoint(folder: Path, ckpt: Checkpoint, model, optimizer, scheduler,
     if rank == 0:
         write_json_atomic(staging / "state.json", {"step": ckpt.step, "epoch": ckpt.epoch,
                                                     "batch_in_epoch": ckpt.batch_in_epoch, "key": ckpt.key})
-        previous = folder.with_name(f"{folder.name}.old")
-        # At every moment one complete checkpoint exists under `folder` or `.old` (never only `.partial`):
-        # `.old` is dropped only once `folder` is complete.
-        if folder.exists():
-            shutil.rmtree(previous, ignore_errors=True)
-            folder.rename(previous)
-        staging.rename(folder)
-        shutil.rmtree(previous, ignore_errors=True)
+        # At every moment one complete checkpoint exists under `folder` or its `.old` (never only `.partial`).
+        swap_into_place(staging, folder)
         log.info("checkpoint at step %d -> %s", ckpt.step, folder)
     distributed.barrier()
 
@@ -88,13 +82,13 @@ def restore_curves(ckpt: Checkpoint, folder: Path) -> None:
 
 def remove_checkpoints(folder: Path) -> None:
     """Training finished: drop the checkpoint and any `.old` / `.partial` left by a crash."""
-    for path in (folder, folder.with_name(f"{folder.name}.old"), folder.with_name(f"{folder.name}.partial")):
+    for path in (folder, previous_path(folder), staging_path(folder)):
         shutil.rmtree(path, ignore_errors=True)
 
 
 def _latest_complete(folder: Path) -> Path | None:
     # A crash between the two renames above leaves the last good checkpoint under `.old`.
-    for candidate in (folder, folder.with_name(f"{folder.name}.old")):
+    for candidate in (folder, previous_path(folder)):
         if (candidate / "state.json").exists():
             return candidate
     return None

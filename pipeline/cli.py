@@ -6,8 +6,10 @@ record), 2 a usage error, 130 interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -16,28 +18,54 @@ import click
 
 from pipeline import __version__
 from pipeline.errors import KdqaError
+from pipeline.paths import STUDENT_MODEL_DIR
 
 log = logging.getLogger("kdqa")
 
 
-def _load(ctx) -> "Params":  # noqa: F821
+def _load(ctx, *sections: str) -> "Params":  # noqa: F821
+    """params.yaml (or --params); `sections`: the ones this stage reads (a missing one gets a warning)."""
     from pipeline.params import load_params
 
-    return load_params(ctx.obj["params"])
+    return load_params(ctx.obj["params"], sections)
+
+
+@contextlib.contextmanager
+def _stage(stage: str, params):
+    """One run of `stage` in this folder at a time, its outputs checked writable with room to spare first."""
+    from pipeline.preflight import outputs_ready
+    from pipeline.stage_lock import stage_lock
+
+    with stage_lock(stage), outputs_ready(stage, params):
+        yield
 
 
 class KdqaGroup(click.Group):
-    """Turns every KdqaError (also one re-raised from a DataLoader worker) into one line and exit 1."""
+    """Turns every KdqaError (also one re-raised from a DataLoader worker) and every failed write (disk full,
+    read-only, no permission) into one line and exit 1."""
 
     def invoke(self, ctx):
+        from pipeline.write_errors import describe
+
         try:
             return super().invoke(ctx)
         except KdqaError as exc:
-            click.echo(f"kdqa: error: {_one_line(str(exc))}", err=True)
-            sys.exit(1)
+            _fail(f"kdqa: error: {_one_line(str(exc))}", 1)
         except KeyboardInterrupt:
-            click.echo("kdqa: interrupted (completed work is kept; rerun to resume)", err=True)
-            sys.exit(130)
+            _fail("kdqa: interrupted (completed work is kept; rerun to resume)", 130)
+        except Exception as exc:  # a write nobody wrapped in write_errors.writing: still one line if it is one
+            message = describe(exc)
+            if message is None:
+                raise
+            _fail(f"kdqa: error: {_one_line(message)}", 1)
+
+
+def _fail(line: str, code: int):
+    from pipeline.progress import close_bars
+
+    close_bars()  # a bar left open by the failure would otherwise share the error's line
+    click.echo(line, err=True)
+    sys.exit(code)
 
 
 def _one_line(message: str) -> str:
@@ -96,10 +124,11 @@ def prepare(ctx, strict):
     """
     from pipeline.prepare import run_prepare
 
-    params = _load(ctx)
+    params = _load(ctx, "data", "prepare", "teacher")
     if strict:  # only ever turns a run into an error, never changes its output: safe outside DVC's params
         params.prepare.strict = True
-    run_prepare(params)
+    with _stage("prepare", params):
+        run_prepare(params)
 
 
 @cli.command(short_help="Run the teacher once; logits shards to data/teacher/.")
@@ -120,11 +149,12 @@ def teacher(ctx):
     from pipeline import distributed
     from pipeline.teacher import run_teacher
 
-    params = _load(ctx)
+    params = _load(ctx, "teacher")
     top = ctx.parent.params  # the group's own options, passed on to the relaunched workers
     distributed.relaunch(params.teacher.nproc, ["--params", top["params_path"], *(["-q"] if top["quiet"] else []),
                                                 *(["-v"] if top["verbose"] else []), "teacher"])
-    run_teacher(params)
+    with _stage("teacher", params):
+        run_teacher(params)
 
 
 @cli.command(short_help="Train the student on the stored logits; save models/student/.")
@@ -143,13 +173,19 @@ def student(ctx, resume):
 
     Under `torchrun --nproc-per-node N -m pipeline student` it trains with DDP (student.batch_size per process).
     """
+    from pipeline.paths import STUDENT_LOG_DIR
     from pipeline.student import run_student
+    from pipeline.training_log import previous_curves_kept
 
-    run_student(_load(ctx), resume={None: "auto", True: "require", False: "never"}[resume])
+    params = _load(ctx, "student")
+    # A run that fails leaves the previous run's curves beside the previous run's model (rank 0 writes them).
+    curves = previous_curves_kept(STUDENT_LOG_DIR) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
+    with _stage("student", params), curves:
+        run_student(params, resume={None: "auto", True: "require", False: "never"}[resume])
 
 
 @cli.command(short_help="Score student and teacher on dev; write metrics/ and results/.")
-@click.option("--model", "model_dir", default="models/student", show_default=True, help="Model to evaluate.")
+@click.option("--model", "model_dir", default=str(STUDENT_MODEL_DIR), show_default=True, help="Model to evaluate.")
 @click.pass_context
 def evaluate(ctx, model_dir):
     """Score a model (and the teacher's stored logits) on the dev set with official SQuAD 2.0 metrics.
@@ -162,7 +198,9 @@ def evaluate(ctx, model_dir):
     """
     from pipeline.evaluate import run_evaluate
 
-    run_evaluate(_load(ctx), Path(model_dir))
+    params = _load(ctx, "evaluate")
+    with _stage("evaluate", params):
+        run_evaluate(params, Path(model_dir))
 
 
 @cli.command(short_help="Answer one question about one passage with any QA model.")
@@ -198,7 +236,9 @@ def inspect_cmd(folder, features_dir, as_json):
     """Describe a folder of shards: shards, rows, bytes, fingerprint.
 
     For teacher logits (e.g. data/teacher/train) also the teacher's accuracy against the training labels
-    and the mean entropy of its start/end distributions (over CLS and context positions). Writes nothing.
+    and the mean entropy of its start/end distributions (over CLS and context positions), unless the logits
+    were computed for other features than those there now (then a warning and features_match: false).
+    Writes nothing.
     """
     from pipeline.inspect_shards import inspect_folder
 

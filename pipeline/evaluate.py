@@ -18,13 +18,23 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import KdqaError
+from pipeline.paths import (
+    DEV_EXAMPLES,
+    EVAL_METRICS,
+    FEATURES_DIR,
+    FORCED_PREDICTIONS,
+    NA_PROBS,
+    PREDICTIONS,
+    STUDENT_MODEL_DIR,
+    TEACHER_DIR,
+    TEACHER_METRICS,
+)
 from pipeline.postprocess import WindowLogits, predict_example
-from pipeline.shards import list_column_to_numpy, list_shards, read_table, write_json_atomic
+from pipeline.shards import list_column_to_numpy, list_shards, read_table, write_jsons_atomic
 from pipeline.squad_metrics import forced_span_metrics, squad_v2_metrics
 
 log = logging.getLogger(__name__)
 
-DEV_EXAMPLES = Path("data/features/dev_examples.parquet")
 WINDOW_COLUMNS = ["feature_id", "example_id", "context_start", "context_end", "offset_start", "offset_end"]
 
 
@@ -41,18 +51,22 @@ def predict_split(features_dir: Path, logits_for_shard: Callable, params, exampl
             raise KdqaError(f"{shard}: logits rows do not match the features' ids")
         offset_start = list_column_to_numpy(table.column("offset_start"), np.int64)
         offset_end = list_column_to_numpy(table.column("offset_end"), np.int64)
-        cs, ce = table.column("context_start").to_numpy(), table.column("context_end").to_numpy()
+        context_start = table.column("context_start").to_numpy()
+        context_end = table.column("context_end").to_numpy()
         for i, example_id in enumerate(table.column("example_id").to_pylist()):
-            windows[example_id].append(WindowLogits(start[i], end[i], int(cs[i]), int(ce[i]), offset_start[i], offset_end[i]))
+            windows[example_id].append(WindowLogits(start[i], end[i], int(context_start[i]), int(context_end[i]),
+                                                    offset_start[i], offset_end[i]))
 
     examples = read_table(examples_path, columns=["id", "context", "answers"]).to_pylist()
     preds, na_probs, forced, golds = {}, {}, {}, {}
-    e = params.evaluate
+    settings = params.evaluate
     for ex in examples:
         if ex["id"] not in windows:
             raise KdqaError(f"{features_dir}: no features for dev example {ex['id']!r}")
-        p = predict_example(windows[ex["id"]], ex["context"], e.n_best, e.max_answer_len, e.null_threshold)
-        preds[ex["id"]], na_probs[ex["id"]], forced[ex["id"]] = p.text, p.na_prob, p.span_text
+        prediction = predict_example(windows[ex["id"]], ex["context"], settings.n_best, settings.max_answer_len,
+                                     settings.null_threshold)
+        preds[ex["id"]], na_probs[ex["id"]] = prediction.text, prediction.na_prob
+        forced[ex["id"]] = prediction.span_text
         golds[ex["id"]] = ex["answers"]
     return preds, na_probs, forced, golds
 
@@ -95,29 +109,37 @@ def evaluate_model(model, pad_token_id: int, features_dir: Path, params, device)
     return score(preds, na_probs, forced, golds), preds, na_probs, forced
 
 
-def run_evaluate(params, model_dir: Path = Path("models/student")) -> dict:
+def run_evaluate(params, model_dir: Path = STUDENT_MODEL_DIR) -> dict:
     from pipeline import distributed
+    from pipeline.fingerprints import check_model_vocabulary, check_teacher_logits
     from pipeline.models import load_qa_model, load_tokenizer
 
     from pipeline.shards import verify_shards
 
-    features_dir, teacher_dir = Path("data/features/dev"), Path("data/teacher/dev")
-    verify_shards(features_dir, "kdqa prepare")  # a damaged shard: one error naming it, never skewed scores
-    if (teacher_dir / "manifest.json").exists():
-        verify_shards(teacher_dir, "kdqa teacher")
-        # The teacher's scores from its stored dev logits, post-processed exactly like the student's.
-        teacher_metrics = score_logit_shards(features_dir, teacher_dir, params)
-        write_json_atomic(Path("metrics/teacher.json"), teacher_metrics)
-        log.info("teacher on dev: EM %.2f F1 %.2f (forced span F1 %.2f)", teacher_metrics["exact"],
-                 teacher_metrics["f1"], teacher_metrics.get("HasAns_f1_forced", float("nan")))
+    # Everything is checked before anything is written: no metrics file may be left from a half-run.
+    features_dir, teacher_dir = FEATURES_DIR / "dev", TEACHER_DIR / "dev"
+    features_manifest = verify_shards(features_dir, "kdqa prepare")  # a damaged shard: one error, never skewed scores
+    has_teacher = (teacher_dir / "manifest.json").exists()
+    if has_teacher:  # logits of other features would be scored against these examples: refuse by fingerprint
+        check_teacher_logits(features_dir, features_manifest["bytes_fingerprint"], teacher_dir)
+    if model_dir == STUDENT_MODEL_DIR and not model_dir.exists():
+        raise KdqaError(f"{model_dir}: no model there yet (run `kdqa student`, or give --model a model folder)")
+    tokenizer = load_tokenizer(str(model_dir))
+    check_model_vocabulary(tokenizer, str(model_dir), features_manifest, features_dir)
     device = distributed.device()
     model = load_qa_model(str(model_dir)).to(device)
-    tokenizer = load_tokenizer(str(model_dir))
+
+    if has_teacher:
+        # The teacher's scores from its stored dev logits, post-processed exactly like the student's.
+        teacher_metrics = score_logit_shards(features_dir, teacher_dir, params)
+        log.info("teacher on dev: EM %.2f F1 %.2f (forced span F1 %.2f)", teacher_metrics["exact"],
+                 teacher_metrics["f1"], teacher_metrics.get("HasAns_f1_forced", float("nan")))
     metrics, preds, na_probs, forced = evaluate_model(model, tokenizer.pad_token_id, features_dir, params, device)
-    write_json_atomic(Path("results/predictions.json"), preds)
-    write_json_atomic(Path("results/na_probs.json"), na_probs)
-    write_json_atomic(Path("results/forced_predictions.json"), forced)
-    write_json_atomic(Path("metrics/eval.json"), metrics)
+    outputs = {PREDICTIONS: preds, NA_PROBS: na_probs,
+               FORCED_PREDICTIONS: forced, EVAL_METRICS: metrics}
+    if has_teacher:
+        outputs[TEACHER_METRICS] = teacher_metrics
+    write_jsons_atomic(outputs)  # all replaced together, or (a write failed) none
     log.info("student on dev: EM %.2f F1 %.2f (HasAns F1 %.2f, NoAns F1 %.2f, forced span F1 %.2f)",
              metrics["exact"], metrics["f1"], metrics.get("HasAns_f1", float("nan")),
              metrics.get("NoAns_f1", float("nan")), metrics.get("HasAns_f1_forced", float("nan")))

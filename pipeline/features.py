@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from pipeline.errors import KdqaError
 from pipeline.squad_data import Example
 
 CLS_INDEX = 0  # BERT-style tokenizers put [CLS] first; it is the "no answer" position
@@ -33,6 +34,23 @@ def truncate_question(tokenizer, question: str, max_query_len: int) -> str:
     if len(enc["input_ids"]) <= max_query_len:
         return question
     return question[: enc["offset_mapping"][max_query_len - 1][1]]
+
+
+def context_token_counts(tokenizer, contexts: Sequence[str]) -> list[int]:
+    """How many tokens each context has (0 for text made only of whitespace, control or zero-width characters)."""
+    return [len(ids) for ids in tokenizer(list(contexts), add_special_tokens=False)["input_ids"]]
+
+
+def check_contexts_have_tokens(tokenizer, examples: Sequence[Example], source: str) -> None:
+    """Every context must give at least one token: a window without context tokens cannot hold an answer."""
+    first_of = {}
+    for ex in examples:
+        first_of.setdefault(ex.context, ex)  # paragraphs share a context: tokenize each once
+    counts = context_token_counts(tokenizer, list(first_of))
+    for ex, n in zip(first_of.values(), counts):
+        if n == 0:
+            raise KdqaError(f"{source}: question id {ex.id}: its context {ex.context[:40]!r} has no tokens (only "
+                            "whitespace, control or zero-width characters); fix or remove that paragraph")
 
 
 def tokenize_examples(

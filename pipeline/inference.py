@@ -26,8 +26,8 @@ def cpu_has_native_bf16() -> bool:
 
 def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
     """The dtype inference runs in under autocast (None: plain float32). `auto` is bfloat16 wherever the
-    hardware computes it natively: CUDA, and CPUs with AVX512-BF16/AMX (bench/ row 1: 1.68x faster than float32
-    for MiniLM on such a CPU, 1.88x at bert-large shapes); float32 elsewhere. The logits are stored as float16 either way."""
+    hardware computes it natively, and so faster than float32 (bench/performance.py compares the two): CUDA,
+    and CPUs with AVX512-BF16/AMX; float32 elsewhere. The logits are stored as float16 either way."""
     if precision == "auto":
         native = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
         return torch.bfloat16 if native else None

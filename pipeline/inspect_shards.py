@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.errors import KdqaError
-from pipeline.shards import list_column_to_numpy, list_shards, read_json, read_table, shard_rows
+from pipeline.paths import FEATURES_DIR
+from pipeline.shards import features_fingerprint, list_column_to_numpy, list_shards, read_json, read_table, shard_rows
 
+log = logging.getLogger(__name__)
 
 def _entropy(logits: np.ndarray) -> float:
     z = logits - logits.max()
@@ -32,28 +35,35 @@ def inspect_folder(folder: Path, features_dir: Path | None = None) -> dict:
     is_logits = "start_logits" in read_table(shards[0]).column_names
     if not is_logits:
         return info
-    features_dir = features_dir or Path("data/features") / folder.name
+    features_dir = features_dir or FEATURES_DIR / folder.name
     if not list_shards(features_dir):
+        return info
+    made_for = manifest.get("fingerprint_parts", {}).get("features")
+    if made_for is not None and made_for != features_fingerprint(features_dir):
+        # Same ids can hold other tokens after a re-prepare: accuracy against these labels would mean nothing.
+        log.warning("%s: logits were computed for other features than %s now holds (run `kdqa teacher`); "
+                    "no teacher accuracy or entropy", folder, features_dir)
+        info["features_match"] = False
         return info
     # Teacher accuracy against the training labels, and entropy over positions that can hold an answer.
     hits_start = hits_both = n = 0
     entropies = {"start": [], "end": []}
     for shard in shards:
-        t = read_table(shard)
-        f = read_table(features_dir / shard.name, columns=["feature_id", "context_start", "context_end",
-                                                            "start_position", "end_position"])
-        if t.column("feature_id") != f.column("feature_id"):
+        logits = read_table(shard)
+        features = read_table(features_dir / shard.name, columns=["feature_id", "context_start", "context_end",
+                                                                   "start_position", "end_position"])
+        if logits.column("feature_id") != features.column("feature_id"):
             raise KdqaError(f"{shard}: feature ids do not match {features_dir / shard.name}")
-        starts = list_column_to_numpy(t.column("start_logits"), np.float32)
-        ends = list_column_to_numpy(t.column("end_logits"), np.float32)
-        cs, ce = f.column("context_start").to_numpy(), f.column("context_end").to_numpy()
-        sp, ep = f.column("start_position").to_numpy(), f.column("end_position").to_numpy()
+        starts = list_column_to_numpy(logits.column("start_logits"), np.float32)
+        ends = list_column_to_numpy(logits.column("end_logits"), np.float32)
+        context_start, context_end = (features.column(c).to_numpy() for c in ("context_start", "context_end"))
+        gold_start, gold_end = (features.column(c).to_numpy() for c in ("start_position", "end_position"))
         for i in range(len(starts)):
-            allowed = np.r_[0, np.arange(cs[i], ce[i] + 1)]
-            s_pred = allowed[np.argmax(starts[i][allowed])]
-            e_pred = allowed[np.argmax(ends[i][allowed])]
-            hits_start += s_pred == sp[i]
-            hits_both += (s_pred == sp[i]) and (e_pred == ep[i])
+            allowed = np.r_[0, np.arange(context_start[i], context_end[i] + 1)]
+            predicted_start = allowed[np.argmax(starts[i][allowed])]
+            predicted_end = allowed[np.argmax(ends[i][allowed])]
+            hits_start += predicted_start == gold_start[i]
+            hits_both += (predicted_start == gold_start[i]) and (predicted_end == gold_end[i])
             entropies["start"].append(_entropy(starts[i][allowed]))
             entropies["end"].append(_entropy(ends[i][allowed]))
             n += 1

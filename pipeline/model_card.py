@@ -6,6 +6,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from pipeline import __version__
+from pipeline.paths import STUDENT_MODEL_DIR
 
 USAGE = """```python
 from pipeline import QuestionAnswerer
@@ -28,12 +29,13 @@ def _score_rows(metrics: dict) -> str:
 def write_model_card(folder: Path, params, steps: int, dev_metrics: dict | None) -> None:
     from pipeline.params import EvaluateParams
 
-    s = params.student
-    d = EvaluateParams()  # the student stage scores the card with the defaults (pipeline.student.CARD_EVALUATION)
-    hyper = {k: v for k, v in asdict(s).items() if k not in ("trust_remote_code",)}
-    method = ("supervised fine-tuning on hard labels (distillation_weight 0)" if s.distillation_weight == 0 else
+    student = params.student
+    card_evaluation = EvaluateParams()  # the card's scores use the defaults (pipeline.student.CARD_EVALUATION)
+    hyper = {k: v for k, v in asdict(student).items() if k not in ("trust_remote_code",)}
+    method = ("supervised fine-tuning on hard labels (distillation_weight 0)" if student.distillation_weight == 0 else
               f"offline knowledge distillation from `{params.teacher.model}` (precomputed logits), "
-              f"loss = {s.distillation_weight}·T²·KL + {1 - s.distillation_weight:g}·CE, T = {s.temperature}")
+              f"loss = {student.distillation_weight}·T²·KL + {1 - student.distillation_weight:g}·CE, "
+              f"T = {student.temperature}")
     scores = _score_rows(dev_metrics) if dev_metrics else "No dev evaluation was run."
     text = f"""---
 library_name: transformers
@@ -43,7 +45,7 @@ tags: [extractive-qa, squad_v2, knowledge-distillation, kdqa]
 
 # Extractive QA student trained with kdqa {__version__}
 
-- **Base model:** `{s.model}`{f" (layers {list(s.init_layers)})" if s.init_layers else ""}
+- **Base model:** `{student.model}`{f" (layers {list(student.init_layers)})" if student.init_layers else ""}
 - **Method:** {method}
 - **Teacher:** `{params.teacher.model}`
 - **Training data:** `{params.data.train}`; evaluated on `{params.data.dev}`
@@ -54,7 +56,8 @@ tags: [extractive-qa, squad_v2, knowledge-distillation, kdqa]
 ## Dev scores (official SQuAD 2.0 semantics)
 
 Scored on `{params.data.dev}` at the end of training with kdqa's **default post-processing**
-(n_best {d.n_best}, max_answer_len {d.max_answer_len}, null_threshold {d.null_threshold}), not this run's
+(n_best {card_evaluation.n_best}, max_answer_len {card_evaluation.max_answer_len}, null_threshold \
+{card_evaluation.null_threshold}), not this run's
 `evaluate.*` settings; `kdqa evaluate` (`metrics/eval.json`) gives the figures with those settings.
 
 {scores}
@@ -69,6 +72,6 @@ Scored on `{params.data.dev}` at the end of training with kdqa's **default post-
 
 Loads with `AutoModelForQuestionAnswering` / `AutoTokenizer`. Answers with kdqa:
 
-{USAGE.format(path="models/student")}
+{USAGE.format(path=STUDENT_MODEL_DIR)}
 """
     (folder / "README.md").write_text(text, encoding="utf-8")

@@ -10,6 +10,8 @@ import hashlib
 from pathlib import Path
 
 from pipeline.errors import KdqaError
+from pipeline.hub import OFFLINE_HELP, is_offline, use_cache_only_if_unreachable
+from pipeline.tokenizer_check import check_tokenizer_files, check_vocabulary, embedding_rows
 
 
 def _looks_local(name: str) -> bool:
@@ -27,14 +29,19 @@ def _check_local_dir(name: str, what: str) -> None:
 def load_tokenizer(name: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    if _looks_local(name):
+    local = _looks_local(name)
+    if local:
         _check_local_dir(name, "tokenizer")
+        check_tokenizer_files(Path(name).expanduser(), name)
+    else:
+        use_cache_only_if_unreachable()
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except Exception as exc:  # transformers raises OSError, ValueError, HF hub errors...
         raise KdqaError(f"{name}: could not load tokenizer ({_first_line(exc)}){_hub_hint(name)}") from None
     if not getattr(tokenizer, "is_fast", False):
         raise KdqaError(f"{name}: kdqa needs a fast (Rust) tokenizer for offset mappings")
+    check_vocabulary(tokenizer, name, embedding_rows(name) if local else None)
     return tokenizer
 
 
@@ -49,6 +56,8 @@ def load_qa_model(name: str, trust_remote_code: bool = False, **config_overrides
             raise KdqaError(f"{name}: model directory has no config.json")
         if not list(path.glob("*.safetensors")):
             raise KdqaError(f"{name}: model directory has no safetensors weights (*.safetensors)")
+    else:
+        use_cache_only_if_unreachable()
     try:
         return AutoModelForQuestionAnswering.from_pretrained(
             name,
@@ -67,6 +76,20 @@ def check_sequence_length(model, max_seq_len: int, name: str) -> None:
     if isinstance(limit, int) and max_seq_len > limit:
         raise KdqaError(f"{name}: reads at most {limit} tokens, but data/features was prepared with "
                         f"prepare.max_seq_len {max_seq_len}; lower it and run `kdqa prepare` again")
+
+
+def check_position_table(name: str, max_seq_len: int, trust_remote_code: bool = False) -> None:
+    """Before features are written: `prepare.max_seq_len` must fit the model's position table (its config)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except Exception:
+        return  # no readable config: the teacher stage, which loads the model, reports it
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and max_seq_len > limit:
+        raise KdqaError(f"params: prepare.max_seq_len {max_seq_len} is longer than {name} reads ({limit} positions); "
+                        f"lower prepare.max_seq_len to at most {limit}")
 
 
 def vocab_fingerprint(tokenizer) -> str:
@@ -119,7 +142,11 @@ def keep_layers(model, layers: list[int]):
 
 def _hub_hint(name: str) -> str:
     # A name that is not a local path was looked up on the hub: say so, since a mistyped directory lands here.
-    return "" if _looks_local(name) else f"; there is no local directory {name!r} either"
+    if _looks_local(name):
+        return ""
+    if is_offline():
+        return f"; there is no local directory {name!r} either, and {OFFLINE_HELP}"
+    return f"; there is no local directory {name!r} either"
 
 
 def _first_line(exc: Exception) -> str:

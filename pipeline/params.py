@@ -1,20 +1,24 @@
 """Every knob of the pipeline, one dataclass per `params.yaml` section.
 
 Each stage reads only its own section (plus the few keys `dvc.yaml` lists for it), so DVC reruns exactly
-the stages whose inputs changed. Defaults are the reference configuration of
-deepset/bert-medium-squad2-distilled (batch 6, 2 epochs, max_seq_len 384, lr 3e-5, T=5, weight 1).
+the stages whose inputs changed. The defaults here are the values `params.yaml` ships with (a test keeps the
+two equal): the reference configuration of deepset/bert-medium-squad2-distilled (batch 6, 2 epochs,
+max_seq_len 384, lr 3e-5, T=5, weight 1) and the tuned batch, worker and checkpoint settings.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from pipeline.errors import KdqaError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -37,8 +41,8 @@ class PrepareParams:
 @dataclass
 class TeacherParams:
     model: str = "deepset/bert-large-uncased-whole-word-masking-squad2"
-    batch_size: int = 64  # upper bound on features per batch
-    max_tokens_per_batch: int = 16384  # length-aware batches are capped by padded tokens too
+    batch_size: int = 128  # upper bound on features per batch
+    max_tokens_per_batch: int = 32768  # length-aware batches are capped by padded tokens too
     nproc: int = 1  # processes under torchrun; not a dependency of the stage (output is identical)
     # auto = bfloat16 where the hardware computes it (CUDA, AVX512-BF16/AMX CPUs), else float32; or one of
     # bfloat16 | float16 | float32. Part of the logits' fingerprint.
@@ -60,14 +64,14 @@ class StudentParams:
     distillation_weight: float = 1.0  # w in w*T^2*KL + (1-w)*CE; 0 is plain supervised fine-tuning
     dropout: float = 0.1  # hidden (and embeddings) dropout of the student
     # Batch width rounded up to a multiple of this many tokens: few distinct shapes keep the training
-    # process's memory flat (bench row 5: +10% -> +3% at 10x the data) and suit tensor cores; 1 = exact.
+    # process's memory flat (bench/performance.py measures it) and suit tensor cores; 1 = exact.
     pad_to_multiple_of: int = 8
     seed: int = 42
     max_steps: int | None = None  # optional cap on optimizer steps, for quick runs
-    checkpoint_every: int = 500  # steps between resumable checkpoints (0 disables)
+    checkpoint_every: int = 2000  # steps between resumable checkpoints, plus one after the last step (0: none)
     log_every: int = 50
     eval_every: int = 0  # steps between dev F1 evaluations logged as a curve (0 disables)
-    num_workers: int = 1  # DataLoader workers decoding shards off the training thread
+    num_workers: int = 2  # DataLoader workers decoding shards off the training thread
     trust_remote_code: bool = False
 
 
@@ -159,26 +163,35 @@ def _build_section(cls, values: dict, path: Path, section: str):
     return obj
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read params.yaml; a missing file means all defaults, an unknown key is an error."""
+def load_params(path: str | Path = "params.yaml", sections: tuple[str, ...] = ()) -> Params:
+    """Read params.yaml; an unknown key is an error. A missing section, or a missing params.yaml, means the
+    defaults: for each of `sections` (those the calling stage reads) that is missing, a warning says so and
+    names the values used."""
     path = Path(path)
     if not path.exists():
         if str(path) != "params.yaml":
             raise KdqaError(f"{path}: params file not found")
+        if sections:
+            log.warning("%s not found: every setting is its default (the reference configuration of kdqa's own "
+                        "params.yaml); %s", path, _defaults(sections))
         return Params()
+    if path.is_dir():
+        raise KdqaError(f"{path}: is a folder; --params takes a YAML file (e.g. params.yaml)")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise KdqaError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except OSError as exc:
+        raise KdqaError(f"{path}: cannot read ({exc.strerror})") from None
     if not isinstance(raw, dict):
         raise KdqaError(f"{path}: expected a mapping of sections at the top level")
-    sections = {f.name: f for f in dataclasses.fields(Params)}
+    sections_known = {f.name: f for f in dataclasses.fields(Params)}
     built = {}
     for name, values in raw.items():
-        if name not in sections:
+        if name not in sections_known:
             # Other tools (dvclive, your own stages) may keep their own sections here; a near-miss of one of
             # kdqa's names is a typo that would otherwise silently leave that section at its defaults.
-            close = difflib.get_close_matches(str(name), list(sections), n=1, cutoff=0.8)
+            close = difflib.get_close_matches(str(name), list(sections_known), n=1, cutoff=0.8)
             if close:
                 raise KdqaError(f"{path}: unknown section '{name}' (did you mean '{close[0]}'?)")
             continue
@@ -186,5 +199,16 @@ def load_params(path: str | Path = "params.yaml") -> Params:
             values = {}
         if not isinstance(values, dict):
             raise KdqaError(f"{path}: section '{name}' must be a mapping")
-        built[name] = _build_section(sections[name].default_factory, values, path, name)
+        built[name] = _build_section(sections_known[name].default_factory, values, path, name)
+    missing = tuple(name for name in sections if name not in raw)
+    if missing:
+        log.warning("%s has no %s section%s: %s", path, ", ".join(f"'{m}'" for m in missing),
+                    "s" if len(missing) > 1 else "", _defaults(missing))
     return Params(**built)
+
+
+def _defaults(sections: tuple[str, ...]) -> str:
+    """'using the defaults: prepare.max_seq_len=384, ...' for the given sections."""
+    defaults = Params()
+    values = [f"{name}.{key}={value!r}" for name in sections for key, value in vars(getattr(defaults, name)).items()]
+    return "using the defaults " + ", ".join(values)

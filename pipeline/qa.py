@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.features import tokenize_examples
+from pipeline.errors import KdqaError
+from pipeline.features import context_token_counts, tokenize_examples
 from pipeline.inference import model_logits
 from pipeline.models import load_qa_model, load_tokenizer
 from pipeline.postprocess import WindowLogits, predict_example
@@ -31,6 +32,9 @@ class Answer:
         return self.text != ""
 
 
+NO_ANSWER = Answer("", float("-inf"), 1.0, "")  # what answer_many gives a pair with nothing to read
+
+
 class QuestionAnswerer:
     def __init__(self, model: str, device: str | None = None, max_seq_len: int = 384, doc_stride: int = 128,
                  max_query_len: int = 64, n_best: int = 20, max_answer_len: int = 30, null_threshold: float = 0.0,
@@ -46,10 +50,40 @@ class QuestionAnswerer:
         self.batch_size = batch_size
 
     def __call__(self, question: str, context: str) -> Answer:
+        """Answer one question; a blank question or an empty context is a KdqaError."""
+        problem = self.unreadable([(question, context)])[0]
+        if problem:
+            raise KdqaError(f"cannot answer: {problem}")
         return self.answer_many([(question, context)])[0]
 
+    def unreadable(self, pairs: list[tuple[str, str]]) -> list[str | None]:
+        """For each pair, why it cannot be read at all (blank question; context without tokens), else None."""
+        contexts = [c if isinstance(c, str) else "" for _, c in pairs]
+        problems = []
+        for (question, _), n_tokens in zip(pairs, context_token_counts(self.tokenizer, contexts)):
+            if not isinstance(question, str) or not question.strip():
+                problems.append("the question is empty")
+            elif n_tokens == 0:
+                problems.append("the context is empty (no text to find an answer in)")
+            else:
+                problems.append(None)
+        return problems
+
     def answer_many(self, pairs: list[tuple[str, str]]) -> list[Answer]:
-        """Answer (question, context) pairs in batches; long contexts are read in overlapping windows."""
+        """Answer (question, context) pairs in batches; long contexts are read in overlapping windows.
+
+        A pair with a blank question or an empty context does not fail the batch: it gets the no-answer
+        result NO_ANSWER (text "", score -inf, no_answer_probability 1.0, span_text "").
+        """
+        readable = [i for i, problem in enumerate(self.unreadable(pairs)) if problem is None]
+        answers = [NO_ANSWER] * len(pairs)
+        for i, answer in zip(readable, self._answer_readable([pairs[i] for i in readable])):
+            answers[i] = answer
+        return answers
+
+    def _answer_readable(self, pairs: list[tuple[str, str]]) -> list[Answer]:
+        if not pairs:
+            return []
         examples = [Example(str(i), "", c, q, [], [], True) for i, (q, c) in enumerate(pairs)]
         features = list(tokenize_examples(self.tokenizer, examples, self.max_seq_len, self.doc_stride,
                                           self.max_query_len))
@@ -62,11 +96,13 @@ class QuestionAnswerer:
             self.tokenizer.pad_token_id, self.device, self.batch_size, 1 << 30,
         )
         windows: dict[str, list[WindowLogits]] = {ex.id: [] for ex in examples}
-        for f, s, e in zip(features, start, end):
-            windows[f["example_id"]].append(WindowLogits(s, e, f["context_start"], f["context_end"],
-                                                         f["offset_start"], f["offset_end"]))
+        for feature, start_logits, end_logits in zip(features, start, end):
+            windows[feature["example_id"]].append(WindowLogits(start_logits, end_logits, feature["context_start"],
+                                                               feature["context_end"], feature["offset_start"],
+                                                               feature["offset_end"]))
         answers = []
         for ex in examples:
-            p = predict_example(windows[ex.id], ex.context, self.n_best, self.max_answer_len, self.null_threshold)
-            answers.append(Answer(p.text, p.span_score, p.na_prob, p.span_text))
+            prediction = predict_example(windows[ex.id], ex.context, self.n_best, self.max_answer_len,
+                                         self.null_threshold)
+            answers.append(Answer(prediction.text, prediction.span_score, prediction.na_prob, prediction.span_text))
         return answers

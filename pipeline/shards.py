@@ -6,6 +6,8 @@ so a crash leaves either the old file or the new one, never half of one that loo
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -17,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import KdqaError
+from pipeline.write_errors import writing
 
 FEATURES_SCHEMA = pa.schema(
     [
@@ -45,6 +48,25 @@ LOGITS_SCHEMA = pa.schema(
 
 SHARD_PATTERN = re.compile(r"^part-\d{5}\.parquet$")
 
+FORMATS_FILE = Path(__file__).with_name("formats.yaml")
+
+
+@functools.cache
+def output_format(kind: str) -> int:
+    """The version of the `features` or `logits` format this kdqa writes (pipeline/formats.yaml)."""
+    import yaml
+
+    return yaml.safe_load(FORMATS_FILE.read_text(encoding="utf-8"))[f"{kind}_format"]
+
+
+def check_format(found: int | None, kind: str, folder: Path, regenerate: str) -> None:
+    """Shards of another format than this kdqa's cannot be read as if they were ours: one error saying what
+    to rerun. A manifest without a version (`found` None) predates the versions: format 1."""
+    expected = output_format(kind)
+    if (1 if found is None else found) != expected:
+        raise KdqaError(f"{folder}: {kind} format {found or 1}, but this kdqa reads {kind} format {expected} "
+                        f"(run `{regenerate}`)")
+
 
 def shard_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
@@ -71,14 +93,36 @@ def fingerprint_of(parts: dict) -> str:
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_jsons_atomic({path: obj})
+
+
+def write_jsons_atomic(files: dict[Path, object]) -> None:
+    """JSON files replaced together: every one is written under a temporary name first and only then renamed,
+    so a failed write (a full disk) leaves all of them as they were, never some new and some old."""
+    temporaries = {path: path.with_name(f".{path.name}.tmp-{os.getpid()}") for path in files}
+    with _removed_on_failure(*temporaries.values()):
+        for path, obj in files.items():
+            with writing(path):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with open(temporaries[path], "w", encoding="utf-8") as f:
+                    json.dump(obj, f, indent=2, sort_keys=False)
+                    f.write("\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+        for path, tmp in temporaries.items():
+            with writing(path):
+                os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _removed_on_failure(*temporaries: Path):
+    """Temporary files a failed write leaves are deleted at once (on a full disk they hold the space we need)."""
+    try:
+        yield
+    except BaseException:
+        for tmp in temporaries:
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_json(path: Path) -> dict:
@@ -92,23 +136,24 @@ def read_json(path: Path) -> dict:
 
 def write_table_atomic(table: pa.Table, path: Path, row_group_size: int, float_columns=()) -> None:
     """zstd-compressed Parquet; float columns without dictionaries and with byte-stream split."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     dictionary_columns = [n for n in table.column_names if n not in float_columns]
     # Byte-stream split must name the leaf of a list column (`start_logits.list.element`): pyarrow silently
-    # ignores a top-level list name. It shrinks float16 logits ~8% once pages exceed zstd's 128 KiB block.
+    # ignores a top-level list name. It makes float16 logits compress better once pages exceed zstd's block.
     split_columns = [f"{n}.list.element" if pa.types.is_list(table.schema.field(n).type) else n for n in float_columns]
-    pq.write_table(
-        table,
-        tmp,
-        compression="zstd",
-        row_group_size=row_group_size,
-        use_dictionary=dictionary_columns,
-        use_byte_stream_split=split_columns or False,
-    )
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with writing(path), _removed_on_failure(tmp):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(
+            table,
+            tmp,
+            compression="zstd",
+            row_group_size=row_group_size,
+            use_dictionary=dictionary_columns,
+            use_byte_stream_split=split_columns or False,
+        )
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
 
 def list_array(arrays: list[np.ndarray], value_type: pa.DataType) -> pa.ListArray:

@@ -44,6 +44,9 @@ class DataReport:
     answers_repaired: int = 0
     answers_skipped: int = 0
     questions_dropped: int = 0  # answerable questions left with no locatable answer
+    # is_impossible true but answers given: trained as unanswerable (the flag wins); scoring, like the official
+    # evaluation script, goes by the answers.
+    contradictory_labels: int = 0
     details: list[str] = field(default_factory=list)
 
     def note(self, message: str) -> None:
@@ -57,7 +60,8 @@ class DataReport:
         return (
             f"{self.source}: {self.questions} questions ({self.answerable} answerable, "
             f"{self.unanswerable} unanswerable); {self.answers_repaired} answer offsets repaired, "
-            f"{self.answers_skipped} answers skipped, {self.questions_dropped} questions dropped"
+            f"{self.answers_skipped} answers skipped, {self.questions_dropped} questions dropped, "
+            f"{self.contradictory_labels} marked impossible despite answers"
         )
 
 
@@ -131,14 +135,17 @@ def _read_hub(name: str, split: str) -> list[tuple[str, dict, dict]]:
     """The hub's flattened layout (id, title, context, question, answers{text, answer_start})."""
     import datasets
 
+    from pipeline.hub import OFFLINE_HELP, is_offline, use_cache_only_if_unreachable
+
+    use_cache_only_if_unreachable()
     hub_split = {"train": "train", "dev": "validation"}.get(split, split)
     try:
         ds = datasets.load_dataset(name, split=hub_split)
     except Exception as exc:  # the hub client raises many types; all mean "could not get it"
+        remedy = OFFLINE_HELP if is_offline() else "give a local SQuAD JSON path in params.yaml data.* to work offline"
         raise KdqaError(
             f"{name}: could not load split '{hub_split}' from the datasets hub "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-            "give a local SQuAD JSON path in params.yaml data.* to work offline"
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); {remedy}"
         ) from None
     records = []
     for i, row in enumerate(ds):
@@ -210,6 +217,13 @@ def _validate(records, source: str, strict: bool, keep_unlocatable: bool = False
             report.questions_dropped += 1
             report.note(f"{where}: dropped, marked answerable but has no answers")
             continue
+        if flag is True and answers:
+            if strict:
+                raise KdqaError(f"{where}: is_impossible is true but it has {len(answers)} answer(s); remove the "
+                                "answers or set is_impossible to false")
+            report.contradictory_labels += 1
+            report.note(f"{where}: is_impossible true with {len(answers)} answer(s): trained as unanswerable, "
+                        "scored against its answers (as the official evaluation script does)")
         is_impossible = bool(flag) or not answers
 
         texts, starts = [], []

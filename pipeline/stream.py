@@ -26,8 +26,8 @@ TRAIN_COLUMNS = ["feature_id", "input_ids", "token_type_ids", "context_start", "
 
 @dataclass(frozen=True)
 class ShardPair:
-    features: Path
-    logits: Path | None  # None when training on hard labels only
+    features_path: Path
+    logits_path: Path | None  # None when training on hard labels only
     rows: int
 
 
@@ -58,11 +58,13 @@ def find_shard_pairs(features_dir: Path, logits_dir: Path | None) -> list[ShardP
 def check_feature_ids(pair: ShardPair, feature_ids, logit_ids) -> None:
     """Rows must be the same features in the same order; anything else would train on wrong targets."""
     if len(feature_ids) != len(logit_ids):
-        raise KdqaError(f"{pair.logits}: {len(logit_ids)} rows but {pair.features} has {len(feature_ids)}")
+        raise KdqaError(f"{pair.logits_path}: {len(logit_ids)} rows but {pair.features_path} has "
+                        f"{len(feature_ids)}")
     if not feature_ids.equals(logit_ids):
         a, b = feature_ids.to_pylist(), logit_ids.to_pylist()
         row = next(i for i in range(len(a)) if a[i] != b[i])
-        raise KdqaError(f"{pair.logits}: row {row} holds feature {b[row]!r} but {pair.features} has {a[row]!r}")
+        raise KdqaError(f"{pair.logits_path}: row {row} holds feature {b[row]!r} but {pair.features_path} "
+                        f"has {a[row]!r}")
 
 
 class ShardStream(IterableDataset):
@@ -103,8 +105,8 @@ class ShardStream(IterableDataset):
 
     def shard_batches(self, shard_index: int):
         pair = self.pairs[shard_index]
-        features = read_table(pair.features, columns=TRAIN_COLUMNS)
-        logits = read_table(pair.logits) if pair.logits is not None else None
+        features = read_table(pair.features_path, columns=TRAIN_COLUMNS)
+        logits = read_table(pair.logits_path) if pair.logits_path is not None else None
         if logits is not None:
             check_feature_ids(pair, features.column("feature_id"), logits.column("feature_id"))
         input_ids = list_column_to_numpy(features.column("input_ids"), np.int64)
@@ -118,7 +120,7 @@ class ShardStream(IterableDataset):
             t_end = list_column_to_numpy(logits.column("end_logits"), np.float32)
             for row, (ids, ts) in enumerate(zip(input_ids, t_start)):
                 if len(ids) != len(ts):
-                    raise KdqaError(f"{pair.logits}: row {row} has {len(ts)} logits for {len(ids)} tokens")
+                    raise KdqaError(f"{pair.logits_path}: row {row} has {len(ts)} logits for {len(ids)} tokens")
 
         order = np.random.default_rng([self.seed, self.epoch, shard_index]).permutation(pair.rows)
         for lo in range(0, pair.rows, self.batch_size):
@@ -138,8 +140,8 @@ class ShardStream(IterableDataset):
 def verify_alignment(pairs: list[ShardPair]) -> None:
     """Check every pair's feature ids row for row before training starts (id columns only: cheap)."""
     for pair in pairs:
-        if pair.logits is None:
+        if pair.logits_path is None:
             continue
-        f = read_table(pair.features, columns=["feature_id"]).column("feature_id")
-        t = read_table(pair.logits, columns=["feature_id"]).column("feature_id")
-        check_feature_ids(pair, f, t)
+        feature_ids = read_table(pair.features_path, columns=["feature_id"]).column("feature_id")
+        logit_ids = read_table(pair.logits_path, columns=["feature_id"]).column("feature_id")
+        check_feature_ids(pair, feature_ids, logit_ids)

@@ -36,12 +36,16 @@ from pipeline.models import (
     weights_fingerprint,
 )
 from pipeline.params import Params
+from pipeline.paths import FEATURES_DIR, TEACHER_DIR, TEACHER_WORK_DIR, staged_folder
 from pipeline.inference import autocast_dtype, precision_name, shard_logits
 from pipeline.progress import progress
+from pipeline.write_errors import writes_into
 from pipeline.shards import (
+    check_format,
     fingerprint_of,
     list_shards,
     logits_table,
+    output_format,
     read_json,
     sha256_file,
     shard_rows,
@@ -52,9 +56,6 @@ from pipeline.shards import (
 
 log = logging.getLogger(__name__)
 
-FEATURES_DIR = Path("data/features")
-TEACHER_DIR = Path("data/teacher")
-WORK_DIR = Path(".kdqa/teacher-work")
 LOGITS_ROW_GROUP = 4000
 
 
@@ -62,8 +63,8 @@ def done_record_path(path: Path) -> Path:
     return path.with_name(path.name + ".done.json")
 
 
-def completed_shard(work: Path, name: str, key: dict, rows: int | None = None) -> dict | None:
-    """The record of a shard finished by an earlier (maybe crashed) run, if it is whole and for this key.
+def completed_shard(work: Path, name: str, resume_key: dict, rows: int | None = None) -> dict | None:
+    """The record of a shard finished by an earlier (maybe crashed) run, if it is whole and made with `resume_key`.
 
     Whole means: the record is readable, was made with the same key (features, teacher, vocabulary,
     compute), the shard's bytes have the recorded sha256 and, when `rows` is given, it has that many rows.
@@ -78,7 +79,7 @@ def completed_shard(work: Path, name: str, key: dict, rows: int | None = None) -
     except KdqaError:
         log.warning("%s: unreadable done record; recomputing the shard", record_path)
         return None
-    if not isinstance(record, dict) or record.get("key") != key:
+    if not isinstance(record, dict) or record.get("key") != resume_key:
         return None  # made for other features or another teacher: not ours to reuse
     if record.get("sha256") != sha256_file(shard) or (rows is not None and record.get("rows") != rows):
         log.warning("%s: does not match its done record (corrupted?); recomputing it", shard)
@@ -111,20 +112,23 @@ def remove_stale_temporaries(work: Path, names: list[str]) -> None:
             stale.unlink(missing_ok=True)
 
 
-def run_split(model, tokenizer, split: str, params: Params, key_parts: dict, device: torch.device) -> dict | None:
+def run_split(model, tokenizer, split: str, params: Params, teacher_identity: dict,
+              device: torch.device) -> dict | None:
     """Compute this rank's missing shards of a split; rank 0 then publishes the split. Returns the manifest."""
     rank, world = distributed.rank(), distributed.world_size()
-    features_dir, out_dir, work = FEATURES_DIR / split, TEACHER_DIR / split, WORK_DIR / split
+    features_dir, out_dir, work = FEATURES_DIR / split, TEACHER_DIR / split, TEACHER_WORK_DIR / split
     shards = list_shards(features_dir)
     if not shards:
         raise KdqaError(f"{features_dir}: no feature shards (run `kdqa prepare`)")
     features_manifest = verify_shards(features_dir, "kdqa prepare")  # intact features, or a named error
+    check_format(features_manifest.get("features_format"), "features", features_dir, "kdqa prepare")
     dtype = autocast_dtype(device, params.teacher.precision)
     precision = precision_name(dtype)
-    # The logits' meaning (checked by the student): teacher, vocabulary, features and the precision they were
-    # computed in; the resume key adds the device type.
-    fingerprint_parts = {**key_parts, "features": features_manifest["bytes_fingerprint"], "precision": precision}
-    key = {**fingerprint_parts, "compute": f"{device.type}-{precision}"}
+    # The logits' meaning (checked by the student): teacher, vocabulary, features, the precision they were
+    # computed in and the format version of the code that computed them; the resume key adds the device type.
+    fingerprint_parts = {**teacher_identity, "features": features_manifest["bytes_fingerprint"], "precision": precision,
+                         "logits_format": output_format("logits")}
+    resume_key = {**fingerprint_parts, "compute": f"{device.type}-{precision}"}
 
     published = out_dir / "manifest.json"
     if published_is_current(out_dir, fingerprint_parts, shards):
@@ -135,7 +139,7 @@ def run_split(model, tokenizer, split: str, params: Params, key_parts: dict, dev
     expected_rows = {e["name"]: e["rows"] for e in features_manifest["shards"]}
     mine = [p for i, p in enumerate(shards) if i % world == rank]
     remove_stale_temporaries(work, [p.name for p in mine])
-    todo = [p for p in mine if completed_shard(work, p.name, key, expected_rows.get(p.name)) is None]
+    todo = [p for p in mine if completed_shard(work, p.name, resume_key, expected_rows.get(p.name)) is None]
     if len(todo) < len(mine):
         log.info("%s: resuming, %d of %d shards already done", split, len(mine) - len(todo), len(mine))
 
@@ -151,7 +155,7 @@ def run_split(model, tokenizer, split: str, params: Params, key_parts: dict, dev
             if pending is not None:
                 pending.result()  # at most one shard waiting to be written: bounded memory
             # Writing shard k (compression, fsync) overlaps the teacher's compute on shard k+1.
-            pending = writer.submit(write_logits_shard, work / path.name, ids, start, end, key)
+            pending = writer.submit(write_logits_shard, work / path.name, ids, start, end, resume_key)
             n_rows += len(ids)
             bar.update(len(ids))  # tqdm shows features/s
         if pending is not None:
@@ -162,45 +166,42 @@ def run_split(model, tokenizer, split: str, params: Params, key_parts: dict, dev
     distributed.barrier()
     manifest = None
     if rank == 0:
-        manifest = publish_split(split, shards, work, out_dir, key, fingerprint_parts, throughput, device)
+        manifest = publish_split(split, shards, work, out_dir, resume_key, fingerprint_parts, throughput, device)
     distributed.barrier()
     return manifest if rank == 0 else read_json(published)
 
 
-def write_logits_shard(path: Path, ids, start, end, key: dict) -> None:
+def write_logits_shard(path: Path, ids, start, end, resume_key: dict) -> None:
     write_table_atomic(logits_table(ids, start, end), path, LOGITS_ROW_GROUP,
                        float_columns=("start_logits", "end_logits"))
-    write_json_atomic(done_record_path(path), {"rows": len(ids), "sha256": sha256_file(path), "key": key})
+    write_json_atomic(done_record_path(path), {"rows": len(ids), "sha256": sha256_file(path), "key": resume_key})
 
 
-def publish_split(split, shards, work: Path, out_dir: Path, key, fingerprint_parts, throughput, device) -> dict:
+@writes_into("out_dir")
+def publish_split(split, shards, work: Path, out_dir: Path, resume_key, fingerprint_parts, throughput, device) -> dict:
     """Check that every shard is done, then move the split into the DVC output with its manifest."""
     records = {}
     for path in shards:
-        record = completed_shard(work, path.name, key, shard_rows(path))
+        record = completed_shard(work, path.name, resume_key, shard_rows(path))
         if record is None:
             raise KdqaError(f"{work / path.name}: logits shard missing or incomplete after all ranks finished")
         records[path.name] = record
-    staging = out_dir.with_name(f".{out_dir.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    for path in shards:
-        shutil.copy2(work / path.name, staging / path.name)  # copy, not move: the work stays until published
-    manifest = {
-        "kdqa_version": __version__,
-        "split": split,
-        "fingerprint": fingerprint_of(fingerprint_parts),
-        "fingerprint_parts": fingerprint_parts,
-        "compute": key["compute"],
-        "device": device_name(device),
-        "features_per_second": round(throughput, 2) if throughput else None,
-        "rows": sum(r["rows"] for r in records.values()),
-        "bytes": sum((staging / n).stat().st_size for n in records),
-        "shards": [{"name": n, "rows": r["rows"], "sha256": r["sha256"]} for n, r in records.items()],
-    }
-    write_json_atomic(staging / "manifest.json", manifest)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    staging.rename(out_dir)
+    with staged_folder(out_dir) as staging:
+        for path in shards:
+            shutil.copy2(work / path.name, staging / path.name)  # copy, not move: the work stays until published
+        manifest = {
+            "kdqa_version": __version__,
+            "split": split,
+            "fingerprint": fingerprint_of(fingerprint_parts),
+            "fingerprint_parts": fingerprint_parts,
+            "compute": resume_key["compute"],
+            "device": device_name(device),
+            "features_per_second": round(throughput, 2) if throughput else None,
+            "rows": sum(r["rows"] for r in records.values()),
+            "bytes": sum((staging / n).stat().st_size for n in records),
+            "shards": [{"name": n, "rows": r["rows"], "sha256": r["sha256"]} for n, r in records.items()],
+        }
+        write_json_atomic(staging / "manifest.json", manifest)
     shutil.rmtree(work, ignore_errors=True)
     log.info("%s: %d rows in %d shards, %.0f bytes/feature", out_dir, manifest["rows"], len(shards),
              manifest["bytes"] / max(manifest["rows"], 1))
@@ -224,8 +225,8 @@ def run_teacher(params: Params) -> None:
     model = load_qa_model(params.teacher.model, params.teacher.trust_remote_code)
     check_sequence_length(model, features_manifest.get("prepare", {}).get("max_seq_len", 0), params.teacher.model)
     model.to(device).eval()
-    key_parts = {"teacher": weights_fingerprint(model), "vocab": vocab_fingerprint(tokenizer)}
+    teacher_identity = {"teacher": weights_fingerprint(model), "vocab": vocab_fingerprint(tokenizer)}
     with torch.inference_mode():
         for split in ("train", "dev"):
-            run_split(model, tokenizer, split, params, key_parts, device)
+            run_split(model, tokenizer, split, params, teacher_identity, device)
     distributed.destroy()

@@ -12,6 +12,7 @@ comparable between processes, and tiny models run far faster than with threads f
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -56,11 +57,14 @@ def get_world(tmp_path_factory) -> World:
         teacher = tiny.make_model(root / "teacher", layers=2, seed=0)
         student = tiny.make_model(root / "student", layers=1, seed=1)
         other = tiny.make_model(root / "student-other-vocab", layers=1, seed=1)
-        from transformers import AutoTokenizer
+        from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(other)
-        tok.add_tokens(["zebra"])  # one token more than the teacher's vocabulary
+        tok.add_tokens(["zebra"])  # one token more than the teacher's vocabulary...
         tok.save_pretrained(other)
+        model = AutoModelForQuestionAnswering.from_pretrained(other)
+        model.resize_token_embeddings(len(tok))  # ...and an embedding row for it: a consistent model of its own
+        model.save_pretrained(other, safe_serialization=True)
         world = World(root, teacher, student, other,
                       tiny.make_squad(root / "train.json", seed=0),
                       tiny.make_squad(root / "dev.json", articles=1, seed=1),
@@ -147,3 +151,81 @@ def tensors(path: Path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(path))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Killing a stage at a chosen point, and the uninterrupted student run to compare with
+# ---------------------------------------------------------------------------------------------------------
+
+# Both kill scripts start here: `hit()` SIGKILLs the process at the n-th counted event (argv: mode, n).
+KILL_AT_NTH_HIT = r'''
+import os, pathlib, signal, sys
+mode, n = sys.argv[1], int(sys.argv[2])
+calls = 0
+def hit():
+    global calls
+    calls += 1
+    if calls == n:
+        os.kill(os.getpid(), signal.SIGKILL)
+'''
+
+# 32 features in 8 shards of 4, batches of 3 -> 2 batches per shard, 16 steps per epoch, 32 steps.
+STUDENT = {"student__batch_size": 3, "student__epochs": 2, "student__log_every": 1}
+TOTAL_STEPS = 32
+
+KILL_STUDENT = KILL_AT_NTH_HIT + r'''
+
+import pipeline.training as training
+if mode == "step":                # inside optimizer step n (forward done, before backward)
+    original = training.distillation_loss
+    def distillation_loss(*a, **k):
+        hit()
+        return original(*a, **k)
+    training.distillation_loss = distillation_loss
+elif mode == "checkpoint-swap":   # n-th checkpoint: old one moved to `.old`, new one not yet renamed in
+    original = pathlib.Path.rename
+    def rename(self, target):
+        if self.name == ".student.partial":
+            hit()
+        return original(self, target)
+    pathlib.Path.rename = rename
+
+from pipeline.cli import main
+sys.argv = ["kdqa", "student"]
+main()
+'''
+
+
+
+_REFERENCE: dict | None = None
+
+
+def reference_student(world: World, tmp_path_factory) -> dict:
+    """The student trained with STUDENT settings, no checkpoints, no crash (num_workers 0), once per session:
+    its weights and its training curve, for comparison with runs that were interrupted and resumed."""
+    global _REFERENCE
+    if _REFERENCE is None:
+        ws = clone(world, tmp_path_factory.mktemp("reference") / "ws")
+        write_params(world, ws, **STUDENT, student__checkpoint_every=0, student__num_workers=0)
+        result = kdqa(ws, "-q", "student")
+        assert result.exit_code == 0, result.output
+        _REFERENCE = {"weights": tensors(ws / "models/student/model.safetensors"),
+                      "curve": (ws / "logs/student/train.tsv").read_text()}
+    return _REFERENCE
+
+
+def disk_full_error() -> OSError:
+    """What a write raises on a full disk (tests simulate full and read-only disks: as root, chmod does not bite)."""
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def failing_on_call(n: int, original, error=disk_full_error):
+    """`original`, except that its n-th call raises `error()` instead."""
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise error()
+        return original(*args, **kwargs)
+    return wrapper

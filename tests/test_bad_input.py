@@ -12,6 +12,8 @@ import copy
 import json
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,7 @@ from reliability_kit import (
     get_world,
     kdqa,
     run_python,
+    subprocess_env,
     write_params,
 )
 
@@ -155,9 +158,14 @@ def test_failed_prepare_leaves_previous_output_untouched(world, tmp_path):
 
 
 def test_byte_order_mark_is_accepted(world, squad, tmp_path):
-    ws, _ = fresh_workspace(world, tmp_path / "ws", b"\xef\xbb\xbf" + json.dumps(squad).encode())
-    result = kdqa(ws, "-q", "prepare")
-    assert result.exit_code == 0, result.output
+    """A byte-order mark some editors add changes nothing: the same features as the file without it."""
+    features = {}
+    for name, prefix in (("plain", b""), ("bom", b"\xef\xbb\xbf")):
+        ws, _ = fresh_workspace(world, tmp_path / name, prefix + json.dumps(squad).encode())
+        result = kdqa(ws, "-q", "prepare")
+        assert result.exit_code == 0, result.output
+        features[name] = {p.relative_to(ws): p.read_bytes() for p in (ws / "data/features/train").glob("part-*")}
+    assert features["bom"] == features["plain"] and features["plain"]
 
 
 def test_missing_data_file(world, tmp_path):
@@ -470,10 +478,25 @@ def test_window_without_room_for_context(world, squad, tmp_path):
     assert_no_features(ws)
 
 
-def test_sequences_longer_than_the_model_reads(world, squad, tmp_path):
-    """Features longer than the teacher's position table: the teacher stage refuses, naming the model."""
-    ws, _ = fresh_workspace(world, tmp_path / "ws", squad, prepare__max_seq_len=200)
+def test_prepare_refuses_sequences_longer_than_the_teacher_reads(world, tmp_path):
+    """Issue 16 case 5: max_seq_len past the teacher's position table is refused by prepare itself, before it
+    replaces good features (not one stage later)."""
+    ws = clone(world, tmp_path / "ws")
+    before = {p: p.read_bytes() for p in (ws / "data/features").rglob("*") if p.is_file()}
+    write_params(world, ws, prepare__max_seq_len=200)
+    assert_one_line_error(kdqa(ws, "-q", "prepare"), "prepare.max_seq_len 200", str(world.teacher),
+                          "128 positions")
+    assert {p: p.read_bytes() for p in (ws / "data/features").rglob("*") if p.is_file()} == before
+
+
+def test_teacher_refuses_features_longer_than_it_reads(world, squad, tmp_path):
+    """Features prepared for a longer teacher, then teacher.model switched to a shorter one (same vocabulary):
+    the teacher stage refuses, naming the model."""
+    long_teacher = tiny.make_model(tmp_path / "long-teacher", layers=1, positions=256)
+    ws, _ = fresh_workspace(world, tmp_path / "ws", squad, prepare__max_seq_len=200,
+                            teacher__model=str(long_teacher))
     assert kdqa(ws, "-q", "prepare").exit_code == 0
+    write_params(world, ws, data__train=str(ws / "train.json"), prepare__max_seq_len=200)
     assert_one_line_error(kdqa(ws, "-q", "teacher"), str(world.teacher), "reads at most 128 tokens",
                           "prepare.max_seq_len 200")
     assert not (ws / "data/teacher").exists()
@@ -481,3 +504,106 @@ def test_sequences_longer_than_the_model_reads(world, squad, tmp_path):
 
 def test_params_file_not_found(tmp_path):
     assert_one_line_error(kdqa(tmp_path, "--params", "other.yaml", "prepare"), "other.yaml: params file not found")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Issue 16: contradictory labels, empty passages, params stories, no hub (more cases: test_fault_table.py)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _impossible_with_answers(doc):
+    qa = first_answerable(doc)
+    qa["is_impossible"] = True
+    return doc, qa
+
+
+def test_impossible_with_answers_is_trained_unanswerable_counted_and_scored_like_the_official_script(
+        world, squad, tmp_path):
+    """Case 7: not strict: the flag wins for training (CLS labels), report.json counts it, and dev scoring
+    keeps its answers as gold (the official script decides answerability from the answers alone)."""
+    import pyarrow.parquet as pq
+
+    doc, qa = _impossible_with_answers(copy.deepcopy(squad))
+    ws, train = fresh_workspace(world, tmp_path / "ws", doc, dev=doc)
+    result = kdqa(ws, "-q", "prepare")
+    assert result.exit_code == 0, result.output
+    assert "1 marked impossible despite answers" in result.stderr
+    report = json.loads((ws / "data/features/report.json").read_text())
+    for split in ("train", "dev"):
+        assert report[split]["contradictory_labels"] == 1
+        assert any(f"(id {qa['id']}): is_impossible true with 1 answer(s)" in d for d in report[split]["details"])
+    labels = [(r["start_position"], r["end_position"])
+              for shard in sorted((ws / "data/features/train").glob("part-*"))
+              for r in pq.read_table(shard, columns=["example_id", "start_position", "end_position"]).to_pylist()
+              if r["example_id"] == qa["id"]]
+    assert labels and set(labels) == {(0, 0)}
+    gold = {r["id"]: r["answers"] for r in pq.read_table(ws / "data/features/dev_examples.parquet").to_pylist()}
+    assert gold[qa["id"]] == [qa["answers"][0]["text"]]
+
+
+def test_empty_passage_in_answer_many_gets_no_answer_and_the_rest_are_unchanged(world):
+    """Case 4: a blank question or an empty context does not fail the batch; a single call refuses it."""
+    from pipeline.errors import KdqaError
+    from pipeline.qa import NO_ANSWER, QuestionAnswerer
+
+    qa = QuestionAnswerer(str(world.student), device="cpu")
+    pairs = [("who built it?", "alice built the red tower in paris."), ("who built it?", ""),
+             ("what is it?", "the old bridge is north of the city."), ("  ", "a castle."), ("who?", "\u200b \n")]
+    answers = qa.answer_many(pairs)
+    assert answers[1] == answers[3] == answers[4] == NO_ANSWER
+    assert answers[1].no_answer_probability == 1.0 and answers[1].text == "" and not answers[1].has_answer
+    assert answers[0] == qa(*pairs[0]) and answers[2] == qa(*pairs[2])
+    for question, context, problem in (("who?", "", "the context is empty"), (" ", "a castle.", "question is empty")):
+        with pytest.raises(KdqaError, match=problem):
+            qa(question, context)
+    assert qa.answer_many([("who?", "")]) == [NO_ANSWER]
+
+
+def test_missing_params_file_is_all_defaults_with_a_warning(tmp_path, caplog):
+    """Case 9: no params.yaml: every section at its defaults, and the stage says so (naming them)."""
+    import logging
+    from contextlib import chdir
+
+    from pipeline.params import Params, load_params
+
+    with chdir(tmp_path), caplog.at_level(logging.WARNING, logger="pipeline.params"):
+        assert load_params("params.yaml", ("prepare",)) == Params()
+        assert load_params("params.yaml") == Params()  # no stage named: nothing to warn about
+    (record,) = caplog.records
+    assert "params.yaml not found: every setting is its default" in record.getMessage()
+    assert "prepare.max_seq_len=384" in record.getMessage()
+    (tmp_path / "params.yaml").write_text("prepare:\n  max_seq_len: 64\n")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline.params"):
+        assert load_params(tmp_path / "params.yaml", ("prepare",)).prepare.max_seq_len == 64
+    assert not caplog.records  # its own section is there: nothing to say
+
+
+def test_first_readme_command_without_hub_access_fails_fast_with_what_to_do(tmp_path):
+    """Case 10: the repository's params.yaml (hub teacher and dataset) on a machine where the hub does not
+    answer, and HF_HUB_OFFLINE not set: one line naming teacher.model, data.* and the offline example, in
+    seconds rather than a minute of retries (huggingface_hub retries 5 times per file with backoff)."""
+    import socket
+    import time
+
+    with socket.socket() as s:  # a local port nothing listens on: connections are refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    shutil.copy2(Path(__file__).resolve().parent.parent / "params.yaml", ws / "params.yaml")
+    env = {k: v for k, v in subprocess_env().items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+                                                                     "HF_DATASETS_OFFLINE")}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HOME=str(tmp_path / "hf-home"))
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", "from pipeline.cli import main; main()", "prepare"], cwd=ws,
+                          env=env, capture_output=True, text=True, timeout=300)
+    elapsed = time.perf_counter() - started
+    assert proc.returncode == 1, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("kdqa: error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    for fragment in ("deepset/bert-large-uncased-whole-word-masking-squad2", "teacher.model", "data.train",
+                     "README.md: 'An offline example'"):
+        assert fragment in errors[0], errors[0]
+    assert "Retry" not in proc.stderr and len(proc.stderr.splitlines()) <= 3, proc.stderr
+    assert elapsed < 40, f"{elapsed:.0f}s"  # backoff alone: 1+2+4+8+8 s per file, and two files are tried

@@ -106,3 +106,25 @@ def test_worker_peak_memory_is_its_own_not_its_parents():
     assert inherited > 400  # the trap this guards against...
     assert own < 200  # ...and the worker's own peak: an interpreter and a few modules
     del ballast
+
+
+def test_student_benchmark_times_the_stages_own_train_step(prepared_run, tiny_assets, monkeypatch):
+    """The benchmark's student epoch runs `pipeline.training.train_step` (the stage's step), once per step."""
+    import torch
+
+    import pipeline.training
+    from bench import perf_workers
+
+    taken = []
+    real_step = pipeline.training.train_step
+
+    def counted(*args):
+        taken.append(args[5])  # `step`: the steps taken before this one
+        return real_step(*args)
+
+    monkeypatch.setattr(pipeline.training, "train_step", counted)
+    monkeypatch.setattr(perf_workers, "setup_torch", lambda threads: (torch, torch.device("cpu")))  # no global changes
+    result = perf_workers.student_worker({
+        "threads": 1, "mode": "offline", "work": str(prepared_run), "teacher_model": str(tiny_assets.teacher),
+        "student_layers": [0], "seed": 1, "batch_size": 4, "learning_rate": 1e-3, "warmup_steps": 1, "num_workers": 0})
+    assert result["steps"] > 1 and taken == list(range(1 + result["steps"]))  # the warm-up step, then the epoch

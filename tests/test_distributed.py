@@ -354,16 +354,24 @@ def test_relaunch_only_outside_a_launcher(monkeypatch):
 
     calls = []
     monkeypatch.setattr(distributed.os, "execv", lambda path, argv: calls.append(argv))
+    monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: False)  # the same on every machine
     for name in LAUNCHER_VARS[:4]:
         monkeypatch.delenv(name, raising=False)
     distributed.relaunch(1, ["teacher"])
     assert calls == []  # one process: runs in place
     with pytest.raises(KdqaError):
         distributed.relaunch(0, ["teacher"])
-    if not __import__("torch").cuda.is_available():
-        distributed.relaunch(3, ["--params", "p.yaml", "-q", "teacher"])
-        assert calls == [[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3",
-                          "-m", "pipeline", "--params", "p.yaml", "-q", "teacher"]]
+    distributed.relaunch(3, ["--params", "p.yaml", "-q", "teacher"])
+    assert calls == [[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3",
+                      "-m", "pipeline", "--params", "p.yaml", "-q", "teacher"]]
     monkeypatch.setenv("LOCAL_RANK", "0")  # a torchrun worker: torchrun's own flags decide, teacher.nproc is ignored
     distributed.relaunch(3, ["teacher"])
-    assert len(calls) <= 1
+    assert len(calls) == 1  # no second relaunch
+
+    # On a CUDA machine, more processes than GPUs is refused before anything starts.
+    monkeypatch.delenv("LOCAL_RANK")
+    monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(distributed.torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(KdqaError, match="3 processes requested but only 2 CUDA device"):
+        distributed.relaunch(3, ["teacher"])
+    assert len(calls) == 1

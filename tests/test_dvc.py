@@ -42,6 +42,7 @@ class DvcRepo:
     path: Path
     env: dict
     first_repro: str  # what that `dvc repro` printed
+    tracked_before_repro: list[str]  # `git ls-files` after the stages run by hand and `git add -A`
 
     def dvc(self, *args, timeout=400) -> str:
         return sh([sys.executable, "-m", "dvc", *args], self.path, self.env, timeout)
@@ -84,13 +85,29 @@ def make_dvc_repo(root: Path, tiny_assets, **overrides) -> Path:
 
 @pytest.fixture(scope="module")
 def dvc_repo(tmp_path_factory, tiny_assets) -> DvcRepo:
-    """The one full `dvc repro` of this module: every test here continues from a repository in sync."""
+    """The one full `dvc repro` of this module: every test here continues from a repository in sync.
+
+    Before it, as a user trying things out would: `kdqa prepare` and `kdqa teacher` by hand, then `git add -A`.
+    """
+    from conftest import run_cli
+
     # eval_every 3 = max_steps: one dev point on the eval curve, so `dvc plots` has data for both files.
     path = make_dvc_repo(tmp_path_factory.mktemp("dvc"), tiny_assets, student__epochs=1, student__max_steps=3,
                          student__eval_every=3)
-    repo = DvcRepo(path, dvc_env(), "")
-    repo.first_repro = repo.dvc("repro")
+    repo = DvcRepo(path, dvc_env(), "", [])
+    run_cli(["-q", "prepare"], path)
+    run_cli(["-q", "teacher"], path)
+    repo.git("add", "-A")
+    repo.tracked_before_repro = repo.git("ls-files").split()
+    repo.first_repro = repo.dvc("repro")  # fails on an output git already tracks ("already tracked by SCM")
     return repo
+
+
+def test_outputs_of_stages_run_by_hand_stay_out_of_git(dvc_repo):
+    """Stage outputs are ignored from the start, so `git add -A` after running stages by hand leaves them to DVC."""
+    tracked = dvc_repo.tracked_before_repro
+    assert "params.yaml" in tracked and (dvc_repo.path / "data/features/train/manifest.json").is_file()
+    assert not [p for p in tracked if p.startswith(("data/features", "data/teacher", ".kdqa"))], tracked
 
 
 def test_dvc_repro_then_student_change_skips_prepare_and_teacher(dvc_repo):
@@ -125,6 +142,42 @@ def test_dvc_repro_then_student_change_skips_prepare_and_teacher(dvc_repo):
     metrics = json.loads(sh(dvc + ["metrics", "show", "--json"], repo, env))
     shown = json.dumps(metrics)
     assert '"f1"' in shown and '"exact"' in shown and "metrics/eval.json" in shown
+
+
+# The code prepare and teacher run; neither stage lists it in dvc.yaml (pipeline/formats.yaml stands for it).
+PREPARE_AND_TEACHER_CODE = ["prepare", "features", "squad_data", "teacher", "inference", "batching", "models",
+                            "shards", "distributed"]
+
+
+def test_upgrades_rerun_prepare_and_teacher_only_when_their_format_version_changes(dvc_repo):
+    """A code change that leaves features and logits alone (comments here) reruns neither prepare nor the
+    teacher; bumping a format version in pipeline/formats.yaml makes exactly that stage stale."""
+    pipeline = dvc_repo.path / "pipeline"
+    formats = pipeline / "formats.yaml"
+    originals = {p: p.read_text() for p in [formats] + [pipeline / f"{m}.py" for m in PREPARE_AND_TEACHER_CODE]}
+
+    def status() -> dict:
+        return json.loads(dvc_repo.dvc("status", "--json"))
+
+    try:
+        for path, text in originals.items():
+            if path != formats:
+                path.write_text(text + "\n# a comment-only change\n")
+        assert set(status()) == {"student", "evaluate"}  # they still list their code (models.py, shards.py...)
+        for path, text in originals.items():
+            path.write_text(text)
+        assert status() == {}
+
+        formats.write_text(originals[formats].replace("logits_format: 1", "logits_format: 2"))
+        changed = status()
+        assert set(changed) == {"teacher"} and "logits_format" in json.dumps(changed), changed
+        formats.write_text(originals[formats].replace("features_format: 1", "features_format: 2"))
+        changed = status()
+        assert set(changed) == {"prepare"} and "features_format" in json.dumps(changed), changed
+    finally:
+        for path, text in originals.items():
+            path.write_text(text)
+    assert status() == {}
 
 
 def test_editing_local_data_in_data_raw_reruns_prepare(dvc_repo):

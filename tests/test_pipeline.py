@@ -393,6 +393,21 @@ def test_student_refuses_logits_of_other_features(run_copy):
     assert not (run_copy / "models/student").exists()
 
 
+@pytest.mark.parametrize("folder, kind, command", [("data/features/train", "features", "kdqa prepare"),
+                                                   ("data/teacher/train", "logits", "kdqa teacher")])
+def test_student_refuses_shards_of_another_format_version(run_copy, folder, kind, command):
+    """Shards written by a kdqa whose features or logits format differs (pipeline/formats.yaml) are not read."""
+    manifest_path = run_copy / folder / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest.get("features_format", manifest.get("fingerprint_parts", {}).get("logits_format")) == 1
+    (manifest if kind == "features" else manifest["fingerprint_parts"])[f"{kind}_format"] = 99
+    manifest_path.write_text(json.dumps(manifest))
+    result = run_cli(["-q", "student"], run_copy, expect_ok=False)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"kdqa: error: {folder}: {kind} format 99, but this kdqa reads {kind} format 1 (run `{command}`)" \
+        in result.output
+
+
 # --- streaming (features shard, logits shard) pairs into training batches ---
 
 def _stream(run: Path, batch_size=5, seed=7):

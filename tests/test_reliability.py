@@ -19,11 +19,16 @@ from pathlib import Path
 import pytest
 
 from reliability_kit import (
+    KILL_AT_NTH_HIT,
+    KILL_STUDENT,
+    STUDENT,
+    TOTAL_STEPS,
     World,
     assert_one_line_error,
     clone,
     get_world,
     kdqa,
+    reference_student,
     run_python,
     tensors,
     write_params,
@@ -62,18 +67,6 @@ def assert_same_logits_as_clean_run(world: World, ws: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # Teacher: SIGKILL at any moment, rerun, same bytes
 # ---------------------------------------------------------------------------------------------------------
-
-# Both kill scripts start here: `hit()` SIGKILLs the process at the n-th counted event (argv: mode, n).
-KILL_AT_NTH_HIT = r'''
-import os, pathlib, signal, sys
-mode, n = sys.argv[1], int(sys.argv[2])
-calls = 0
-def hit():
-    global calls
-    calls += 1
-    if calls == n:
-        os.kill(os.getpid(), signal.SIGKILL)
-'''
 
 KILL_TEACHER = KILL_AT_NTH_HIT + r'''
 
@@ -212,33 +205,6 @@ def test_teacher_recomputes_damaged_published_logits(world, tmp_path):
 # Student: killed, rerun, same weights as an uninterrupted run
 # ---------------------------------------------------------------------------------------------------------
 
-# 32 features in 8 shards of 4, batches of 3 -> 2 batches per shard, 16 steps per epoch, 32 steps.
-STUDENT = {"student__batch_size": 3, "student__epochs": 2, "student__log_every": 1}
-TOTAL_STEPS = 32
-
-KILL_STUDENT = KILL_AT_NTH_HIT + r'''
-
-import pipeline.student as student
-if mode == "step":                # inside optimizer step n (forward done, before backward)
-    original = student.distillation_loss
-    def distillation_loss(*a, **k):
-        hit()
-        return original(*a, **k)
-    student.distillation_loss = distillation_loss
-elif mode == "checkpoint-swap":   # n-th checkpoint: old one moved to `.old`, new one not yet renamed in
-    original = pathlib.Path.rename
-    def rename(self, target):
-        if self.name == "student.partial":
-            hit()
-        return original(self, target)
-    pathlib.Path.rename = rename
-
-from pipeline.cli import main
-sys.argv = ["kdqa", "student"]
-main()
-'''
-
-
 def read_curve(ws: Path) -> list[dict]:
     with (ws / "logs/student/train.tsv").open() as f:
         return list(csv.DictReader(f, delimiter="\t"))
@@ -247,12 +213,7 @@ def read_curve(ws: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def uninterrupted(world, tmp_path_factory) -> dict:
     """The reference: the same training without checkpoints or crashes (num_workers 0)."""
-    ws = clone(world, tmp_path_factory.mktemp("reference") / "ws")
-    write_params(world, ws, **STUDENT, student__checkpoint_every=0, student__num_workers=0)
-    result = kdqa(ws, "-q", "student")
-    assert result.exit_code == 0, result.output
-    return {"weights": tensors(ws / "models/student/model.safetensors"),
-            "curve": (ws / "logs/student/train.tsv").read_text()}
+    return reference_student(world, tmp_path_factory)
 
 
 @pytest.mark.parametrize(
@@ -274,7 +235,7 @@ def test_student_killed_then_rerun_ends_with_identical_weights(world, tmp_path, 
     proc = run_python(KILL_STUDENT, ws, mode, str(n))
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert not (ws / "models/student").exists()
-    state_dir = ws / "checkpoints" / ("student.old" if mode == "checkpoint-swap" else "student")
+    state_dir = ws / "checkpoints" / (".student.old" if mode == "checkpoint-swap" else "student")
     assert json.loads((state_dir / "state.json").read_text())["step"] == resume_step
     if curves_deleted:
         shutil.rmtree(ws / "logs")
@@ -297,7 +258,7 @@ def test_student_killed_then_rerun_ends_with_identical_weights(world, tmp_path, 
     # ... and in particular distillation is still on after the resume (not silently dropped).
     after = [float(r["kd_loss"]) for r in curve if int(r["step"]) > resume_step]
     assert after and all(kd > 0 for kd in after)
-    assert not list((ws / "checkpoints").glob("student*")), "checkpoints kept after training finished"
+    assert not list((ws / "checkpoints").iterdir()), "checkpoints kept after training finished"
 
 
 @pytest.fixture(scope="module")

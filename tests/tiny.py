@@ -44,7 +44,8 @@ def make_tokenizer(folder: Path):
     return tok
 
 
-def make_model(folder: Path, layers: int = 2, hidden: int = 32, heads: int = 2, seed: int = 0) -> Path:
+def make_model(folder: Path, layers: int = 2, hidden: int = 32, heads: int = 2, seed: int = 0,
+               positions: int = 128) -> Path:
     """A random-weight BertForQuestionAnswering plus its tokenizer, saved like a hub model directory."""
     import torch
     from transformers import BertConfig, BertForQuestionAnswering
@@ -52,7 +53,7 @@ def make_model(folder: Path, layers: int = 2, hidden: int = 32, heads: int = 2, 
     tok = make_tokenizer(folder)
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=len(tok.get_vocab()), hidden_size=hidden, num_hidden_layers=layers,
-                        num_attention_heads=heads, intermediate_size=hidden * 2, max_position_embeddings=128)
+                        num_attention_heads=heads, intermediate_size=hidden * 2, max_position_embeddings=positions)
     BertForQuestionAnswering(config).save_pretrained(folder, safe_serialization=True)
     return folder
 

@@ -1,0 +1,526 @@
+"""Issue 16: bad input and faults, one row each, every stage and command held to the same rules.
+
+Each row breaks a private copy of a finished tiny workspace (prepare, teacher, student, evaluate all done)
+in one way, runs one command in-process, and checks:
+
+- the exit code; for 1 exactly one `kdqa: error:` line, holding every fragment of the row; never a traceback;
+- no partial output: every file the workspace held is byte-identical afterwards and no new file appears,
+  except under the row's `keeps` (work kept on purpose so that a rerun resumes: the teacher's work folder,
+  the student's checkpoint); no staging folder, temporary file or write probe is left anywhere.
+
+Rows that exit 0 (a stale lock taken over, stale staging cleaned, a warning) check the fragments in stderr
+and the absence of leftovers. Disk-full and read-only folders are simulated (tests run as root, for whom
+chmod does not bite): the writer or the probe is patched to raise the OSError a full or read-only disk gives.
+A new stage or command gets its rows here.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+import tiny
+from reliability_kit import STUDENT as RELIABILITY_STUDENT
+from reliability_kit import World, clone, disk_full_error, failing_on_call, get_world, kdqa, write_params
+
+STUDENT = {**RELIABILITY_STUDENT, "student__checkpoint_every": 5}
+LEFTOVER_MARKS = (".partial", ".tmp-", ".kdqa-write-probe")
+
+
+@dataclass
+class Ctx:
+    ws: Path
+    world: World
+    mp: pytest.MonkeyPatch
+    stack: contextlib.ExitStack
+    tmp: Path
+    values: dict = field(default_factory=dict)  # filled in by setups, for the fragments ({pid}, {model}...)
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    args: tuple[str, ...]
+    setup: Callable[[Ctx], None] | None
+    fragments: tuple[str, ...]
+    exit_code: int = 1
+    keeps: tuple[str, ...] = ()  # path prefixes where work may be kept (changed or added)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> World:
+    return get_world(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def finished(world, tmp_path_factory) -> Path:
+    """The world's workspace with the student trained and evaluated: every output there to be kept intact."""
+    ws = clone(world, tmp_path_factory.mktemp("finished") / "ws")
+    write_params(world, ws, **STUDENT)
+    for stage in ("student", "evaluate"):
+        result = kdqa(ws, "-q", stage)
+        assert result.exit_code == 0, result.output
+    assert not list((ws / "checkpoints").glob("student*"))
+    return ws
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Ways to break things
+# ---------------------------------------------------------------------------------------------------------
+
+def fail_with(code: int):
+    def raise_it(*_a, **_k):
+        raise OSError(code, os.strerror(code))
+    return raise_it
+
+
+def patch_params(**overrides):
+    def setup(c: Ctx):
+        write_params(c.world, c.ws, **{**STUDENT, **overrides})
+    return setup
+
+
+def parquet_write_fails(code: int, where: str, nth: int = 1):
+    """pyarrow's write of the `nth` Parquet file whose path contains `where` fails with `code`."""
+    def setup(c: Ctx):
+        import pyarrow.parquet as pq
+
+        original, seen = pq.write_table, []
+
+        def write_table(table, path, *a, **k):
+            if where in str(path):
+                seen.append(path)
+                if len(seen) == nth:
+                    fail_with(code)()
+            return original(table, path, *a, **k)
+        c.mp.setattr(pq, "write_table", write_table)
+    return setup
+
+
+def json_write_fails(code: int, name: str):
+    """Writing the JSON file called `name` fails with `code` (as a full disk does, inside the write)."""
+    def setup(c: Ctx):
+        original = json.dump
+
+        def dump(obj, f, *a, **k):
+            if Path(getattr(f, "name", "")).name.startswith(f".{name}.tmp-"):
+                f.write("{")  # a few bytes made it to disk
+                fail_with(code)()
+            return original(obj, f, *a, **k)
+        c.mp.setattr(json, "dump", dump)
+    return setup
+
+
+def read_only(folder: str, code: int = errno.EROFS):
+    """The write probe in `folder` (or a folder above it) fails: a read-only or forbidden folder."""
+    def setup(c: Ctx):
+        import tempfile
+
+        original = tempfile.mkstemp
+        target = (c.ws / folder).resolve()
+        target.parent.mkdir(parents=True, exist_ok=True)  # e.g. a read-only checkpoints/ mount point
+
+        def mkstemp(*a, dir=None, **k):
+            if dir is not None and (Path(dir).resolve() == target or target.is_relative_to(Path(dir).resolve())
+                                    and Path(dir).resolve() != c.ws.resolve()):
+                fail_with(code)()
+            return original(*a, dir=dir, **k)
+        c.mp.setattr(tempfile, "mkstemp", mkstemp)
+    return setup
+
+
+def little_free_space(c: Ctx):
+    usage = collections.namedtuple("usage", "total used free")
+    c.mp.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+
+
+def drop_teacher_logits(c: Ctx):
+    shutil.rmtree(c.ws / "data/teacher")
+
+
+def then(*setups):
+    def setup(c: Ctx):
+        for s in setups:
+            s(c)
+    return setup
+
+
+def model_without_tokenizer(role: str):
+    """`role` ("teacher", "student") as config.json + safetensors only, like the README's offline example."""
+    def setup(c: Ctx):
+        source = c.world.teacher if role == "teacher" else c.world.student
+        bare = c.tmp / f"{role}-bare"
+        shutil.copytree(source, bare, ignore=shutil.ignore_patterns("tokenizer*", "vocab*", "special_tokens*"))
+        c.values["model"] = str(bare)
+        if role in ("teacher", "student"):
+            write_params(c.world, c.ws, **{**STUDENT, f"{role}__model": str(bare)})
+    return setup
+
+
+def teacher_with_tokenizer(vocab: list[str]):
+    """The teacher's weights with a tokenizer of the given vocabulary, its files all present."""
+    def setup(c: Ctx):
+        from transformers import BertTokenizerFast
+
+        folder = c.tmp / "teacher-other-tokenizer"
+        shutil.copytree(c.world.teacher, folder,
+                        ignore=shutil.ignore_patterns("tokenizer*", "vocab*", "special_tokens*"))
+        BertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True).save_pretrained(folder)
+        c.values["model"] = str(folder)
+        write_params(c.world, c.ws, **{**STUDENT, "teacher__model": str(folder)})
+    return setup
+
+
+def too_many_tokens(c: Ctx):
+    vocab = (c.world.teacher / "vocab.txt").read_text().split()
+    teacher_with_tokenizer(vocab + [f"extra{i}" for i in range(5)])(c)
+
+
+def lock_held(stage: str):
+    def setup(c: Ctx):
+        from pipeline.stage_lock import stage_lock
+
+        with contextlib.chdir(c.ws):
+            c.stack.enter_context(stage_lock(stage))
+        c.values["pid"] = str(os.getpid())
+    return setup
+
+
+def stale_lock(stage: str):
+    def setup(c: Ctx):
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout.strip()
+        lock = c.ws / ".kdqa/locks" / f"{stage}.lock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        lock.write_text(json.dumps({"pid": int(dead), "host": "vm", "started": "then", "stage": stage}))
+        c.values["pid"] = dead
+    return setup
+
+
+def stale_staging(*paths: str):
+    def setup(c: Ctx):
+        for p in paths:
+            (c.ws / p).mkdir(parents=True)
+            (c.ws / p / "part-00000.parquet").write_bytes(b"truncated")
+        (c.ws / paths[0]).parent.joinpath(".manifest.json.tmp-999999").write_text("{")  # a dead run's temporary
+    return setup
+
+
+def contradictory_labels(c: Ctx):
+    doc = json.loads(c.world.train.read_text())
+    qa = next(qa for p in doc["data"][0]["paragraphs"] for qa in p["qas"] if qa["answers"])
+    qa["is_impossible"] = True
+    (c.ws / "train.json").write_text(json.dumps(doc))
+    write_params(c.world, c.ws, **STUDENT, data__train=str(c.ws / "train.json"))
+    c.values["id"] = qa["id"]
+
+
+def zero_width_context(c: Ctx):
+    doc = json.loads(c.world.dev.read_text())
+    doc["data"][0]["paragraphs"][1]["context"] = "\u200b\u200b"
+    (c.ws / "dev.json").write_text(json.dumps(doc))
+    write_params(c.world, c.ws, **STUDENT, data__dev=str(c.ws / "dev.json"))
+    c.values["id"] = doc["data"][0]["paragraphs"][1]["qas"][0]["id"]
+
+
+def stale_dev_logits(c: Ctx):
+    """Dev data changed and prepare reran, the teacher did not (what issue 16 case 3 saw)."""
+    write_params(c.world, c.ws, **STUDENT, prepare__doc_stride=12)
+    assert kdqa(c.ws, "-q", "prepare").exit_code == 0
+
+
+def params_text(text: str):
+    def setup(c: Ctx):
+        (c.ws / "params.yaml").write_text(text)
+    return setup
+
+
+def without_section(section: str):
+    def setup(c: Ctx):
+        import yaml
+
+        params = yaml.safe_load((c.ws / "params.yaml").read_text())
+        del params[section]
+        (c.ws / "params.yaml").write_text(yaml.safe_dump(params))
+    return setup
+
+
+def unreadable_params(c: Ctx):
+    original = Path.read_text
+
+    def read_text(self, *a, **k):
+        if self.name == "params.yaml":
+            fail_with(errno.EACCES)()
+        return original(self, *a, **k)
+    c.mp.setattr(Path, "read_text", read_text)
+
+
+def nth_call_fails(module: str, name: str, n: int, error=disk_full_error):
+    """The n-th call of `module.name` raises `error()` (a full disk, or Ctrl-C)."""
+    def setup(c: Ctx):
+        import importlib
+
+        owner = importlib.import_module(module)
+        c.mp.setattr(owner, name, failing_on_call(n, getattr(owner, name), error))
+    return setup
+
+
+def curve_append_fails(code: int):
+    def setup(c: Ctx):
+        original = Path.open
+
+        def open_(self, mode="r", *a, **k):
+            if self.suffix == ".tsv" and mode == "a":
+                fail_with(code)()
+            return original(self, mode, *a, **k)
+        c.mp.setattr(Path, "open", open_)
+    return setup
+
+
+def model_save_fails(message_style: str):
+    def setup(c: Ctx):
+        from transformers import PreTrainedModel
+
+        def save_pretrained(*_a, **_k):
+            if message_style == "rust":  # how safetensors reports it: no errno, "(os error 28)" in the text
+                raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+            fail_with(errno.ENOSPC)()
+        c.mp.setattr(PreTrainedModel, "save_pretrained", save_pretrained)
+    return setup
+
+
+def publish_copy_fails(c: Ctx):
+    original = shutil.copy2
+
+    def copy2(src, dst, *a, **k):
+        if ".train.partial" in str(dst):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(src))
+        return original(src, dst, *a, **k)
+    c.mp.setattr(shutil, "copy2", copy2)
+
+
+def damage(relative: str):
+    def setup(c: Ctx):
+        path = c.ws / relative
+        path.write_bytes(path.read_bytes()[:100])
+    return setup
+
+
+def remove(relative: str):
+    def setup(c: Ctx):
+        shutil.rmtree(c.ws / relative)
+    return setup
+
+
+def hub_name(**overrides):
+    return patch_params(**overrides)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The table
+# ---------------------------------------------------------------------------------------------------------
+
+ENOSPC, EROFS, EACCES, EDQUOT = (os.strerror(e) for e in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT))
+TEACHER_WORK, CHECKPOINTS = ".kdqa/teacher-work", "checkpoints/"
+CTX = "The tower was built by Alice in the old city."
+
+ROWS = [
+    # --- case 1: a model folder whose tokenizer is not the model's ---
+    Row("prepare: teacher folder without tokenizer files", ("prepare",), model_without_tokenizer("teacher"),
+        ("{model}", "no tokenizer files", "tokenizer.save_pretrained")),
+    Row("teacher: teacher folder without tokenizer files", ("teacher",),
+        then(drop_teacher_logits, model_without_tokenizer("teacher")), ("{model}", "no tokenizer files")),
+    Row("student: student folder without tokenizer files", ("student",), model_without_tokenizer("student"),
+        ("{model}", "no tokenizer files")),
+    Row("evaluate --model: folder without tokenizer files", ("evaluate", "--model", "{model}"),
+        model_without_tokenizer("bare"), ("{model}", "no tokenizer files")),
+    Row("predict --model: folder without tokenizer files", ("predict", "--model", "{model}", "--question", "who?",
+                                                           "--context", CTX),
+        model_without_tokenizer("bare"), ("{model}", "no tokenizer files")),
+    Row("prepare: tokenizer with only special tokens", ("prepare",),
+        teacher_with_tokenizer(tiny.SPECIAL), ("{model}", "knows only its 5 special tokens")),
+    Row("prepare: tokenizer larger than the embedding table", ("prepare",), too_many_tokens,
+        ("{model}", "embedding table has only", "rows")),
+    # --- case 2: write failures, unwritable folders, full disks ---
+    Row("prepare: disk full writing a features shard", ("prepare",), parquet_write_fails(errno.ENOSPC, "features"),
+        ("data/features/", ENOSPC, "free some space", "completed work is kept")),
+    Row("prepare: quota exceeded writing report.json", ("prepare",), json_write_fails(errno.EDQUOT, "report.json"),
+        ("data/features/report.json", EDQUOT, "quota")),
+    Row("prepare: data/features read-only", ("prepare",), read_only("data/features"),
+        ("data/features", EROFS, "writable folder", "nothing was done yet")),
+    Row("prepare: not enough free space", ("prepare",), little_free_space,
+        ("data/features", "free on this disk", "larger disk")),
+    Row("teacher: disk full writing a logits shard", ("teacher",),
+        then(drop_teacher_logits, parquet_write_fails(errno.ENOSPC, "teacher-work", nth=3)),
+        (".kdqa/teacher-work/train/part-00002.parquet", ENOSPC), keeps=(TEACHER_WORK,)),
+    Row("teacher: quota exceeded writing a done record", ("teacher",),
+        then(drop_teacher_logits, json_write_fails(errno.EDQUOT, "part-00001.parquet.done.json")),
+        ("part-00001.parquet.done.json", EDQUOT), keeps=(TEACHER_WORK,)),
+    Row("teacher: disk full while publishing", ("teacher",), then(drop_teacher_logits, publish_copy_fails),
+        ("data/teacher/train", ENOSPC), keeps=(TEACHER_WORK,)),
+    Row("teacher: data/teacher not writable", ("teacher",), read_only("data/teacher", errno.EACCES),
+        ("data/teacher", EACCES, "permissions")),
+    Row("teacher: not enough free space", ("teacher",), then(drop_teacher_logits, little_free_space),
+        ("free on this disk", ".kdqa/teacher-work")),
+    Row("student: models/ read-only, found before training", ("student",), read_only("models/student"),
+        ("models/student", EROFS, "nothing was done yet")),
+    Row("student: checkpoints/ not writable", ("student",), read_only("checkpoints/student", errno.EACCES),
+        ("checkpoints/student", EACCES)),
+    Row("student: logs/ read-only", ("student",), read_only("logs/student"), ("logs/student", EROFS)),
+    Row("student: not enough free space", ("student",), little_free_space,
+        ("models/student", "checkpoints/student", "free on this disk")),
+    Row("student: disk full saving the model keeps a final checkpoint", ("student",), model_save_fails("os"),
+        ("models/student", ENOSPC, "completed work is kept"), keeps=(CHECKPOINTS,)),
+    Row("student: disk full, reported the safetensors way", ("student",), model_save_fails("rust"),
+        ("models/student", ENOSPC), keeps=(CHECKPOINTS,)),
+    Row("student: disk full writing a checkpoint keeps the previous one", ("student",), nth_call_fails("pipeline.checkpoint", "save_file", 2),
+        ("checkpoints/student", ENOSPC), keeps=(CHECKPOINTS,)),
+    Row("student: disk full appending to the curve", ("student",), curve_append_fails(errno.ENOSPC),
+        ("logs/student/train.tsv", ENOSPC)),
+    Row("evaluate: metrics/ read-only", ("evaluate",), read_only("metrics"), ("metrics", EROFS)),
+    Row("evaluate: disk full writing predictions", ("evaluate",), json_write_fails(errno.ENOSPC, "predictions.json"),
+        ("results/predictions.json", ENOSPC)),
+    Row("evaluate: disk full writing metrics leaves results as they were", ("evaluate",),
+        json_write_fails(errno.ENOSPC, "eval.json"), ("metrics/eval.json", ENOSPC)),
+    Row("teacher: stale staging and temporaries are cleaned", ("teacher",),
+        stale_staging("data/teacher/.dev.partial", "data/teacher/.train.partial"), ("up to date",), exit_code=0),
+    Row("student: stale model staging and checkpoint staging are cleaned", ("student",),
+        stale_staging("models/.student.partial", "checkpoints/student.partial"), ("saved student",), exit_code=0),
+    # --- case 3: stored logits or a model that do not belong to the features ---
+    Row("evaluate: teacher dev logits of other features", ("evaluate",), stale_dev_logits,
+        ("data/teacher/dev", "teacher logits were computed for features", "kdqa teacher"), keeps=()),
+    Row("evaluate --model: other vocabulary than the features", ("evaluate", "--model", "{model}"),
+        lambda c: c.values.update(model=str(c.world.student_other_vocab)),
+        ("{model}", "tokenizer differs from the one data/features/dev was prepared with")),
+    Row("student: teacher logits of other features", ("student",),
+        lambda c: _rewrite_json(c.ws / "data/teacher/train/manifest.json",
+                                lambda m: m["fingerprint_parts"].update(features="0123456789abcdef")),
+        ("data/teacher/train", "0123456789abcdef", "kdqa teacher")),
+    # --- case 4: predict with nothing to read ---
+    Row("predict: empty context", ("predict", "--model", "{student}", "--question", "who?", "--context", ""),
+        None, ("cannot answer", "the context is empty")),
+    Row("predict: blank context", ("predict", "--model", "{student}", "--question", "who?", "--context", " \n\t"),
+        None, ("the context is empty",)),
+    Row("predict: zero-width context", ("predict", "--model", "{student}", "--question", "who?",
+                                       "--context", "\u200b"), None, ("the context is empty",)),
+    Row("predict: blank question", ("predict", "--model", "{student}", "--question", "  ", "--context", CTX),
+        None, ("the question is empty",)),
+    # --- case 5 ---
+    Row("prepare: max_seq_len past the teacher's positions", ("prepare",), patch_params(prepare__max_seq_len=200),
+        ("prepare.max_seq_len 200", "128 positions")),
+    # --- case 6: one run of a stage per folder ---
+    *[Row(f"{stage}: lock held by a running {stage}", (stage,), lock_held(stage),
+          (f".kdqa/locks/{stage}.lock", f"`kdqa {stage}` is already running in this folder", "pid {pid}"))
+      for stage in ("prepare", "teacher", "student", "evaluate")],
+    Row("teacher: lock of a dead run is taken over", ("teacher",), stale_lock("teacher"),
+        ("taking over the lock of pid {pid}", "up to date"), exit_code=0),
+    # --- case 7 ---
+    Row("prepare --strict: is_impossible with answers", ("prepare", "--strict"), contradictory_labels,
+        ("train.json", "(id {id})", "is_impossible is true but it has 1 answer(s)")),
+    Row("prepare: is_impossible with answers counted", ("prepare",), contradictory_labels,
+        ("1 marked impossible despite answers",), exit_code=0),
+    # --- case 8: a failed or interrupted student keeps the previous run's curves ---
+    Row("student: interrupted keeps the previous curves", ("student",), nth_call_fails("pipeline.student", "distillation_loss", 7, KeyboardInterrupt),
+        ("interrupted",), exit_code=130, keeps=(CHECKPOINTS,)),
+    # --- case 9: params ---
+    Row("--params at a folder", ("--params", "data", "prepare"), None, ("data: is a folder",)),
+    Row("params.yaml unreadable", ("prepare",), unreadable_params, ("params.yaml: cannot read", EACCES)),
+    Row("params.yaml without 'prepare': a warning naming the defaults", ("prepare",), without_section("prepare"),
+        ("has no 'prepare' section", "prepare.max_seq_len=384", "prepare.max_seq_len 384 is longer")),
+    Row("params.yaml without 'evaluate': a warning, then the run", ("evaluate",), without_section("evaluate"),
+        ("has no 'evaluate' section", "evaluate.n_best=20"), exit_code=0),
+    # --- case 10: hub names without hub access (tests run with HF_HUB_OFFLINE=1) ---
+    Row("prepare: teacher.model a hub name, no hub", ("prepare",),
+        hub_name(teacher__model="someone/not-downloaded-model"),
+        ("someone/not-downloaded-model", "teacher.model", "data.train", "An offline example")),
+    Row("prepare: data.train a hub name, no hub", ("prepare",), hub_name(data__train="squad_v2"),
+        ("squad_v2", "datasets hub", "data.train", "An offline example")),
+    Row("predict --model: a hub name, no hub", ("predict", "--model", "someone/not-downloaded-model",
+                                                 "--question", "who?", "--context", CTX),
+        None, ("someone/not-downloaded-model", "An offline example")),
+    # --- other missing or damaged inputs ---
+    Row("prepare: a context with only zero-width characters", ("prepare",), zero_width_context,
+        ("dev.json", "question id {id}", "has no tokens")),
+    Row("student: no features", ("student",), remove("data/features"), ("data/features/train", "kdqa prepare")),
+    Row("evaluate: no model", ("evaluate",), remove("models/student"), ("models/student", "kdqa student")),
+    Row("teacher: damaged features shard", ("teacher",), damage("data/features/train/part-00001.parquet"),
+        ("data/features/train/part-00001.parquet", "kdqa prepare")),
+    Row("evaluate: damaged dev features", ("evaluate",), damage("data/features/dev/part-00000.parquet"),
+        ("data/features/dev/part-00000.parquet",)),
+    Row("evaluate: damaged teacher dev logits", ("evaluate",), damage("data/teacher/dev/part-00000.parquet"),
+        ("data/teacher/dev/part-00000.parquet", "kdqa teacher")),
+    Row("inspect: logits of other features give no teacher accuracy", ("inspect", "data/teacher/train"),
+        lambda c: _rewrite_json(c.ws / "data/teacher/train/manifest.json",
+                                lambda m: m["fingerprint_parts"].update(features="0123456789abcdef")),
+        ("logits were computed for other features than data/features/train", "features_match"), exit_code=0),
+    Row("inspect: no shards", ("inspect", "data/nowhere"), None, ("data/nowhere", "no part-NNNNN.parquet shards")),
+    Row("predict --model: folder that does not exist", ("predict", "--model", "no/such/./folder", "--question",
+                                                       "who?", "--context", CTX), None, ("no/such/./folder",)),
+]
+
+
+def _rewrite_json(path: Path, change) -> None:
+    obj = json.loads(path.read_text())
+    change(obj)
+    path.write_text(json.dumps(obj))
+
+
+def test_the_table_has_at_least_40_rows():
+    assert len(ROWS) >= 40
+    assert len({r.name for r in ROWS}) == len(ROWS)
+
+
+def files(ws: Path) -> dict[str, bytes]:
+    """Every file of the workspace but the lock files (the harness holds some of those itself)."""
+    return {str(p.relative_to(ws)): p.read_bytes() for p in sorted(ws.rglob("*"))
+            if p.is_file() and not str(p.relative_to(ws)).startswith(".kdqa/locks")}
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[r.name for r in ROWS])
+def test_row(row: Row, world, finished, tmp_path, monkeypatch):
+    ws = Path(shutil.copytree(finished, tmp_path / "ws"))
+    with contextlib.ExitStack() as stack:
+        ctx = Ctx(ws, world, monkeypatch, stack, tmp_path,
+                  values={"student": str(ws / "models/student"), "pid": str(os.getpid())})
+        if row.setup:
+            row.setup(ctx)
+        before = files(ws)
+        args = [a.format(**ctx.values) for a in row.args]
+        result = kdqa(ws, *args)
+        monkeypatch.undo()
+    fragments = [f.format(**ctx.values) for f in row.fragments]
+    output = result.stdout + result.stderr
+
+    assert "Traceback" not in output, output
+    assert result.exit_code == row.exit_code, f"exit {result.exit_code}\n{output}\n{result.exception!r}"
+    assert isinstance(result.exception, (SystemExit, type(None))), f"escaped: {result.exception!r}"
+    if row.exit_code == 1:
+        errors = [line for line in result.stderr.splitlines() if line.startswith("kdqa: error:")]
+        assert len(errors) == 1, result.stderr
+        for fragment in fragments:
+            # A warning before the error may carry a fragment (a missing section), the error line the rest.
+            assert fragment in errors[0] or fragment in result.stderr, f"{fragment!r} not in {result.stderr!r}"
+        assert any(f in errors[0] for f in fragments), errors[0]
+    else:
+        for fragment in fragments:
+            assert fragment in output, f"{fragment!r} not in {output!r}"
+
+    leftovers = [str(p.relative_to(ws)) for p in ws.rglob("*") if any(m in p.name for m in LEFTOVER_MARKS)]
+    assert not leftovers, leftovers
+    assert not list((ws / ".kdqa/locks").glob("*")) if (ws / ".kdqa/locks").is_dir() else True
+    if row.exit_code != 0:  # nothing partial: every output as it was, except the work kept on purpose
+        after = files(ws)
+        kept = lambda path: path.startswith(row.keeps) if row.keeps else False  # noqa: E731
+        changed = sorted(p for p in set(before) | set(after) if before.get(p) != after.get(p) and not kept(p))
+        assert not changed, changed
