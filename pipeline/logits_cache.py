@@ -1,7 +1,7 @@
 """A content-addressed store of teacher logits shards, kept across runs in `.kdqa/teacher-cache/`.
 
 A logits shard is a function of five things only: its features shard's bytes, the teacher's weights, the
-vocabulary, the precision it was computed in, and the layout of the logits file (`LOGITS_FORMAT`). Their
+vocabulary, the precision it was computed in, and the logits format version (pipeline/formats.yaml). Their
 hash is the shard's address here, so the teacher stage computes a shard once and afterwards copies it,
 byte for byte, whatever the run: adding an unlabeled file or more augmented views leaves the existing
 feature shards as they were (each source starts its own run of shards) and only the new ones cost teacher
@@ -26,18 +26,14 @@ from pipeline.shards import read_json, sha256_file, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-CACHE_DIR = Path(".kdqa/teacher-cache")
-# The layout of a logits shard (schema, float16, zstd, byte-stream split): raise it whenever
-# `shards.logits_table` or `teacher.write_logits_shard` writes different bytes for the same logits.
-LOGITS_FORMAT = 1
-
 
 class LogitsCache:
-    """Logits shards of one teacher setup (`parts`: teacher weights, vocabulary and precision fingerprints)."""
+    """Logits shards of one teacher setup. `parts`: what the logits depend on besides the features (teacher
+    weights and vocabulary fingerprints, precision, logits format version)."""
 
     def __init__(self, root: Path, parts: dict):
         self.root = Path(root)
-        self.parts = {**parts, "logits_format": LOGITS_FORMAT}
+        self.parts = dict(parts)
 
     def address(self, features_sha256: str) -> str:
         described = json.dumps({**self.parts, "features_shard": features_sha256}, sort_keys=True)

@@ -3,7 +3,8 @@
 The student never holds the dataset in memory: each DataLoader worker reads whole shard pairs, checks that
 their feature ids agree row for row, shuffles the rows of the shard (seeded by seed, epoch and shard) and
 yields batches padded to their longest feature. Shard order is reshuffled every epoch with the same seed
-on every rank; under DDP each rank takes a disjoint slice of that order.
+on every rank; under DDP each rank takes a disjoint slice of that order. Extra shards (rows only the teacher
+labelled) join the labelled ones epoch by epoch, as pipeline/mixing.py plans.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.batching import pad_batch, pad_logits
 from pipeline.errors import KdqaError
+from pipeline.mixing import extra_quota, extra_shards_by_epoch
 from pipeline.shards import list_column_to_numpy, list_shards, read_table, shard_rows
 
 TRAIN_COLUMNS = ["feature_id", "input_ids", "token_type_ids", "context_start", "context_end",
@@ -71,8 +73,13 @@ class ShardStream(IterableDataset):
     """One epoch of training batches for one rank; set `epoch` before each pass."""
 
     def __init__(self, pairs: list[ShardPair], batch_size: int, seed: int, pad_token_id: int,
-                 rank: int = 0, world_size: int = 1, pad_to_multiple_of: int = 1, max_width: int | None = None):
-        self.pairs = pairs
+                 rank: int = 0, world_size: int = 1, pad_to_multiple_of: int = 1, max_width: int | None = None,
+                 extra: list[ShardPair] = (), extra_ratio: float = 0.0):
+        # `pairs` are the labelled shards, every epoch; `extra` (teacher-labelled rows) join about
+        # `extra_ratio` rows per labelled row each epoch, as whole shards (pipeline/mixing.py).
+        self.labelled_shards = len(pairs)
+        self.pairs = list(pairs) + list(extra)
+        self.extra_quota = extra_quota(sum(p.rows for p in pairs), extra_ratio)
         self.pad_to_multiple_of, self.max_width = pad_to_multiple_of, max_width  # batch width rounding
         self.batch_size = batch_size
         self.seed = seed
@@ -83,7 +90,13 @@ class ShardStream(IterableDataset):
 
     # --- the plan of an epoch: which shards each rank reads, and how many steps every rank takes ---
     def shard_order(self, epoch: int) -> list[int]:
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.pairs)).tolist()
+        chosen = list(range(self.labelled_shards)) + [self.labelled_shards + i for i in self.extra_shards(epoch)]
+        return [chosen[i] for i in np.random.default_rng([self.seed, epoch]).permutation(len(chosen))]
+
+    def extra_shards(self, epoch: int) -> list[int]:
+        """Which extra shards this epoch reads (indices among the extra ones)."""
+        rows = [p.rows for p in self.pairs[self.labelled_shards :]]
+        return extra_shards_by_epoch(rows, self.extra_quota, self.seed, epoch + 1)[epoch]
 
     def rank_shards(self, epoch: int, rank: int) -> list[int]:
         return self.shard_order(epoch)[rank :: self.world_size]

@@ -99,11 +99,24 @@ def run_student(params: Params, resume: str = "auto") -> None:
     distributed.destroy()
 
 
-def check_training_data(student: StudentParams) -> tuple[dict, dict, list]:
+def check_training_data(student: StudentParams) -> tuple[dict, dict, list, list]:
     """Features + (unless the weight is 0) teacher logits, checked before anything trains: (features manifest,
-    data fingerprint, shard pairs). A truncated or corrupted shard is one error naming it."""
-    features_dir = FEATURES_DIR / "train"
-    logits_dir = TEACHER_DIR / "train" if student.distillation_weight > 0 else None
+    data fingerprint, labelled shard pairs, extra shard pairs). A truncated or corrupted shard is one error
+    naming it."""
+    distil = student.distillation_weight > 0
+    features_manifest, data_fingerprint, pairs = checked_split("train", distil)
+    extra = []
+    for split in extra_splits(student):
+        _, split_fingerprint, split_pairs = checked_split(split, distil=True)
+        data_fingerprint.update({f"{split}_{k}": v for k, v in split_fingerprint.items()})
+        extra += split_pairs
+    return features_manifest, data_fingerprint, pairs, extra
+
+
+def checked_split(split: str, distil: bool) -> tuple[dict, dict, list]:
+    """One split's verified features (and logits): (manifest, fingerprints of the verified bytes, pairs)."""
+    features_dir = FEATURES_DIR / split
+    logits_dir = TEACHER_DIR / split if distil else None
     features_manifest = verify_shards(features_dir, "kdqa prepare")
     check_format(features_manifest.get("features_format"), "features", features_dir, "kdqa prepare")
     data_fingerprint = {"features": features_manifest["bytes_fingerprint"]}  # of the verified bytes
@@ -114,11 +127,25 @@ def check_training_data(student: StudentParams) -> tuple[dict, dict, list]:
     return features_manifest, data_fingerprint, pairs
 
 
+def extra_splits(student: StudentParams) -> list[str]:
+    """The splits of teacher-labelled rows this student mixes in: those of `student.extra_splits` that prepare
+    made, unless `extra_ratio` is 0. Their rows have no hard labels (or only some), so a student that does not
+    distil (weight 0) cannot learn from them and trains on the labelled rows alone."""
+    made = [split for split in student.extra_splits if (FEATURES_DIR / split / "manifest.json").exists()]
+    if not made or student.extra_ratio == 0:
+        return []
+    if student.distillation_weight == 0:
+        log.warning("%s: rows only the teacher labels; at distillation_weight 0 the student trains on the labelled "
+                    "rows only", ", ".join(str(FEATURES_DIR / split) for split in made))
+        return []
+    return made
+
+
 def setup(params: Params, resume: str) -> Training:
     """Checks, model, stream, optimizer and schedule, then the checkpoint to resume from (if any)."""
     student = params.student
     rank, world, device = distributed.rank(), distributed.world_size(), distributed.device()
-    features_manifest, data_fingerprint, pairs = check_training_data(student)
+    features_manifest, data_fingerprint, pairs, extra = check_training_data(student)
     tokenizer = load_tokenizer(student.model, student.trust_remote_code)
     if vocab_fingerprint(tokenizer) != features_manifest.get("vocab_fingerprint"):
         raise KdqaError(
@@ -130,7 +157,13 @@ def setup(params: Params, resume: str) -> Training:
     model = build_student(student).to(device)
     check_sequence_length(model, features_manifest.get("prepare", {}).get("max_seq_len", 0), student.model)
     stream = ShardStream(pairs, student.batch_size, student.seed, tokenizer.pad_token_id, rank, world,
-                         student.pad_to_multiple_of, getattr(model.config, "max_position_embeddings", None))
+                         student.pad_to_multiple_of, getattr(model.config, "max_position_embeddings", None),
+                         extra=extra, extra_ratio=student.extra_ratio)
+    if extra and rank == 0:
+        first = [stream.pairs[stream.labelled_shards + i].rows for i in stream.extra_shards(0)]
+        log.info("each epoch: %d labelled rows + about %d extra rows (%d shards in the first epoch, of %d in %s)",
+                 sum(p.rows for p in pairs), stream.extra_quota, len(first), len(extra),
+                 ", ".join(extra_splits(student)))
     steps_per_epoch = [stream.steps_in_epoch(epoch) for epoch in range(student.epochs)]
     total_steps = min(sum(steps_per_epoch), student.max_steps or sum(steps_per_epoch))
     if total_steps == 0:
@@ -195,11 +228,13 @@ def train(run: Training) -> tuple[float, tuple]:
 
             step = run.step
             if (student.log_every and step % student.log_every == 0) or step == run.total_steps:  # 0: last only
-                # The global batch's loss (mean over ranks; every rank reaches this line at the same step).
-                parts = distributed.mean(torch.stack([loss.total, loss.kd, loss.ce]).detach().float()).cpu().tolist()
-                run.train_log.log_step(step, epoch, loss=parts[0], kd_loss=parts[1], ce_loss=parts[2],
-                                       lr=run.scheduler.get_last_lr()[0])
-                bar.set_postfix(loss=f"{parts[0]:.3f}", kd=f"{parts[1]:.3f}", ce=f"{parts[2]:.3f}")
+                # The global batch's loss (mean over ranks; every rank reaches this line at the same step). The CE
+                # is the mean over the labelled rows of all ranks, blank when the batch had none (extra rows only).
+                total, kd, ce_sum, labelled = distributed.mean(torch.stack(
+                    [loss.total, loss.kd, loss.ce * loss.labelled, loss.labelled.float()]).detach().float()).cpu().tolist()
+                ce = ce_sum / labelled if labelled else None
+                run.train_log.log_step(step, epoch, loss=total, kd_loss=kd, ce_loss=ce, lr=run.scheduler.get_last_lr()[0])
+                bar.set_postfix(loss=f"{total:.3f}", kd=f"{kd:.3f}", ce="-" if ce is None else f"{ce:.3f}")
             if student.eval_every and step % student.eval_every == 0:
                 last_eval = (step, evaluate_during_training(run, step))
             if student.checkpoint_every and step % student.checkpoint_every == 0 and step < run.total_steps:

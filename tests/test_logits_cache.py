@@ -5,7 +5,7 @@ from __future__ import annotations
 from pipeline.logits_cache import LogitsCache
 from pipeline.shards import sha256_file
 
-PARTS = {"teacher": "t1", "vocab": "v1", "precision": "bfloat16"}
+PARTS = {"teacher": "t1", "vocab": "v1", "precision": "bfloat16", "logits_format": 1}
 
 
 def shard(tmp_path, name="logits.parquet", content=b"PAR1 some logits PAR1"):
