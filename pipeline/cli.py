@@ -115,8 +115,9 @@ def prepare(ctx, strict):
     """Tokenize train/dev data into feature shards under data/features/.
 
     \b
-    Reads:  data.train, data.dev (hub name or SQuAD JSON), prepare.*, teacher.model's tokenizer
+    Reads:  data.train, data.dev, data.unlabeled (hub names or SQuAD JSON), prepare.*, teacher.model's tokenizer
     Writes: data/features/{train,dev}/part-NNNNN.parquet + manifest.json,
+            data/features/unlabeled/ (data.unlabeled), data/features/augmented/ (prepare.augment_views),
             data/features/dev_examples.parquet, data/features/report.json
 
     Structural problems in the data stop with one line naming the file and record; per-answer problems
@@ -137,9 +138,10 @@ def teacher(ctx):
     """Run the teacher once over the features; write its logits shards to data/teacher/.
 
     \b
-    Reads:  data/features/{train,dev}, teacher.* (model, batch sizes, nproc)
-    Writes: data/teacher/{train,dev}/part-NNNNN.parquet (float16 start/end logits, same rows as the
-            features shard of the same name) + manifest.json (fingerprint); work in .kdqa/teacher-work/
+    Reads:  data/features/{train,dev,unlabeled,augmented}, teacher.* (model, batch sizes, nproc)
+    Writes: data/teacher/{split}/part-NNNNN.parquet (float16 start/end logits, same rows as the
+            features shard of the same name) + manifest.json (fingerprint); work in .kdqa/teacher-work/;
+            every shard also into .kdqa/teacher-cache/, so a shard of the same features is never computed twice
     (The teacher's dev scores, metrics/teacher.json, come from `kdqa evaluate`.)
 
     Resumes after a crash. Under `torchrun --nproc-per-node N -m pipeline teacher` each process takes
@@ -166,7 +168,8 @@ def student(ctx, resume):
     """Train the student on streamed teacher logits; save it to models/student/ (never loads the teacher).
 
     \b
-    Reads:  data/features/train (and dev, for the model card's scores), data/teacher/train, student.*
+    Reads:  data/features/train (and dev, for the model card's scores), data/teacher/train, student.*;
+            with student.extra_ratio > 0, the unlabeled/augmented splits' features and logits too
     Writes: models/student/ (safetensors weights, tokenizer, README.md model card, kdqa_training.json),
             logs/student/train.tsv and eval.tsv (curves for `dvc plots`),
             checkpoints/student/ while training (removed when done)
