@@ -226,6 +226,7 @@ def publish_split(split, shards, work: Path, out_dir: Path, resume_key, fingerpr
             "device": device_name(device),
             "features_per_second": round(throughput, 2) if throughput else None,
             "shards_from_cache": sum(1 for r in records.values() if r.get("from_cache")),
+            "rows_from_cache": sum(r["rows"] for r in records.values() if r.get("from_cache")),
             "rows": sum(r["rows"] for r in records.values()),
             "bytes": sum((staging / n).stat().st_size for n in records),
             "shards": [{"name": n, "rows": r["rows"], "sha256": r["sha256"]} for n, r in records.items()],

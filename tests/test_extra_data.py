@@ -196,6 +196,8 @@ def test_student_mixes_extra_rows_by_shard_and_logs_ce_over_labelled_rows(extra_
     unlabeled_only = [r for r in curve if r["ce_loss"] == ""]  # batches of unlabeled rows: no CE to log
     assert len(unlabeled_only) == sum(batches([extra_rows[i] for i in p]) for p in plan)
     assert all(float(r["kd_loss"]) > 0 for r in curve)
+    card = (run / "models/student/README.md").read_text()
+    assert "plus rows only the teacher labelled (unlabeled `./inputs/unlabeled.json`), 1 per labelled row" in card
 
 
 @pytest.mark.parametrize("changes", [{"student__extra_ratio": 0.0}, {"student__distillation_weight": 0.0},
@@ -209,6 +211,7 @@ def test_without_extra_rows_the_student_trains_on_the_labelled_rows_only(extra_c
     assert steps_taken(run) == sum(-(-r // 4) for r in train_rows)
     if changes.get("student__distillation_weight") == 0.0:
         assert "trains on the labelled rows only" in result.stderr
+    assert "only the teacher labelled" not in (run / "models/student/README.md").read_text()
 
 
 def test_extra_splits_no_longer_asked_for_are_removed(extra_copy):
