@@ -129,7 +129,7 @@ def write_features(examples, tokenizer, prepare: dict, out_dir: Path, source: st
         setattr(params.prepare, key, value)
     base = {"kdqa_version": __version__, "split": "train", "source": source, "tokenizer": str(tokenizer.name_or_path),
             "vocab_fingerprint": vocab_fingerprint(tokenizer), "prepare": vars(params.prepare)}
-    return write_feature_shards(examples, tokenizer, params, out_dir, base)
+    return write_feature_shards([examples], tokenizer, params, out_dir, base, total=len(examples))
 
 
 def make_scale_model(folder: Path, tokenizer, teacher_dir: Path, hidden: int) -> Path:

@@ -116,8 +116,9 @@ def prepare(ctx, strict):
     """Tokenize train/dev data into feature shards under data/features/.
 
     \b
-    Reads:  data.train, data.dev (SQuAD JSON, or hub name[:split]), prepare.*, teacher.model's tokenizer
+    Reads:  data.train, data.dev, data.unlabeled (SQuAD JSON, or hub name[:split]), prepare.*, teacher.model's tokenizer
     Writes: data/features/{train,dev}/part-NNNNN.parquet + manifest.json,
+            data/features/unlabeled/ (data.unlabeled), data/features/augmented/ (prepare.augment_views),
             data/features/dev_examples.parquet, data/features/report.json
 
     Structural problems in the data stop with one line naming the file and record; per-answer problems
@@ -138,9 +139,10 @@ def teacher(ctx):
     """Run the teacher once over the features; write its logits shards to data/teacher/.
 
     \b
-    Reads:  data/features/{train,dev}, teacher.* (model, batch sizes, nproc)
-    Writes: data/teacher/{train,dev}/part-NNNNN.parquet (float16 start/end logits, same rows as the
-            features shard of the same name) + manifest.json (fingerprint); work in .kdqa/teacher-work/
+    Reads:  data/features/{train,dev,unlabeled,augmented}, teacher.* (model, batch sizes, nproc)
+    Writes: data/teacher/{split}/part-NNNNN.parquet (float16 start/end logits, same rows as the
+            features shard of the same name) + manifest.json (fingerprint); work in .kdqa/teacher-work/;
+            every shard also into .kdqa/teacher-cache/, so a shard of the same features is never computed twice
     (The teacher's dev scores, metrics/teacher.json, come from `kdqa evaluate`.)
 
     Resumes after a crash. Under `torchrun --nproc-per-node N -m pipeline teacher` each process takes
@@ -190,6 +192,7 @@ def student(ctx, resume):
     \b
     Reads:  data/features/train (and dev, for the model card's scores), data/teacher/train, student.*;
             a student of another tokenizer or windows: data/aligned/ instead (`kdqa align` first)
+            with student.extra_ratio > 0, the unlabeled/augmented splits' features and logits too
     Writes: models/student/ (safetensors weights, tokenizer, README.md model card, kdqa_training.json),
             logs/student/train.tsv and eval.tsv (curves for `dvc plots`),
             checkpoints/student/ while training (removed when done)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import KdqaError
+from pipeline.features import NO_LABEL
 from pipeline.paths import ALIGNED_FEATURES_DIR, ALIGNED_TARGETS_DIR, FEATURES_DIR
 from pipeline.shards import features_fingerprint, list_column_to_numpy, list_shards, read_json, read_table, shard_rows
 
@@ -47,8 +48,9 @@ def inspect_folder(folder: Path, features_dir: Path | None = None) -> dict:
                     "no teacher accuracy or entropy", folder, features_dir)
         info["features_match"] = False
         return info
-    # Teacher accuracy against the training labels, and entropy over positions that can hold an answer.
-    hits_start = hits_both = n = 0
+    # Teacher accuracy against the hard labels (rows that have one), and entropy over positions that can hold
+    # an answer (every row).
+    hits_start = hits_both = n = labelled = 0
     entropies = {"start": [], "end": []}
     for shard in shards:
         logits = read_table(shard)
@@ -65,14 +67,17 @@ def inspect_folder(folder: Path, features_dir: Path | None = None) -> dict:
             allowed = np.r_[0, np.arange(context_start[i], context_end[i] + 1)]
             predicted_start = allowed[np.argmax(starts[i][allowed])]
             predicted_end = allowed[np.argmax(ends[i][allowed])]
-            hits_start += predicted_start == gold_start[i]
-            hits_both += (predicted_start == gold_start[i]) and (predicted_end == gold_end[i])
+            if gold_start[i] != NO_LABEL:
+                labelled += 1
+                hits_start += predicted_start == gold_start[i]
+                hits_both += (predicted_start == gold_start[i]) and (predicted_end == gold_end[i])
             entropies["start"].append(_entropy(starts[i][allowed]))
             entropies["end"].append(_entropy(ends[i][allowed]))
             n += 1
     info.update(
-        teacher_start_accuracy=round(100 * hits_start / n, 2),
-        teacher_span_accuracy=round(100 * hits_both / n, 2),
+        labelled_rows=labelled,
+        teacher_start_accuracy=round(100 * hits_start / labelled, 2) if labelled else None,
+        teacher_span_accuracy=round(100 * hits_both / labelled, 2) if labelled else None,
         start_entropy_mean=round(float(np.mean(entropies["start"])), 3),
         end_entropy_mean=round(float(np.mean(entropies["end"])), 3),
         teacher_features_per_second=manifest.get("features_per_second"),

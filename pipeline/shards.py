@@ -30,7 +30,7 @@ FEATURES_SCHEMA = pa.schema(
         ("token_type_ids", pa.list_(pa.int8())),
         ("context_start", pa.int32()),
         ("context_end", pa.int32()),
-        ("start_position", pa.int32()),
+        ("start_position", pa.int32()),  # token of the hard label; -1 (features.NO_LABEL): teacher-only row
         ("end_position", pa.int32()),
         ("offset_start", pa.list_(pa.int32())),
         ("offset_end", pa.list_(pa.int32())),

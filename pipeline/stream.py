@@ -4,7 +4,8 @@ The student never holds the dataset in memory: each DataLoader worker reads whol
 their feature ids agree row for row, shuffles the rows of the shard (seeded by seed, epoch and shard) and
 yields batches padded to their longest feature; with `group_by_length`, rows of similar length share a batch
 and the batches come in random order. Shard order is reshuffled every epoch with the same seed
-on every rank; under DDP each rank takes a disjoint slice of that order.
+on every rank; under DDP each rank takes a disjoint slice of that order. Extra shards (rows only the teacher
+labelled) join the labelled ones epoch by epoch, as pipeline/mixing.py plans.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.batching import length_grouped_batches, pad_batch, pad_logits
 from pipeline.errors import KdqaError
+from pipeline.mixing import extra_quota, extra_shards_by_epoch
 from pipeline.shards import list_column_to_numpy, list_shards, read_table, shard_rows
 
 LOGITS_COLUMNS = ["feature_id", "start_logits", "end_logits"]  # aligned shards add per-feature diagnostics
@@ -79,8 +81,12 @@ class ShardStream(IterableDataset):
 
     def __init__(self, pairs: list[ShardPair], batch_size: int, seed: int, pad_token_id: int,
                  rank: int = 0, world_size: int = 1, pad_to_multiple_of: int = 1, max_width: int | None = None,
-                 group_by_length: bool = False):
-        self.pairs = pairs
+                 group_by_length: bool = False, extra: list[ShardPair] = (), extra_ratio: float = 0.0):
+        # `pairs` are the labelled shards, every epoch; `extra` (teacher-labelled rows) join about
+        # `extra_ratio` rows per labelled row each epoch, as whole shards (pipeline/mixing.py).
+        self.labelled_shards = len(pairs)
+        self.pairs = list(pairs) + list(extra)
+        self.extra_quota = extra_quota(sum(p.rows for p in pairs), extra_ratio)
         self.group_by_length = group_by_length
         self.pad_to_multiple_of, self.max_width = pad_to_multiple_of, max_width  # batch width rounding
         self.batch_size = batch_size
@@ -92,7 +98,13 @@ class ShardStream(IterableDataset):
 
     # --- the plan of an epoch: which shards each rank reads, and how many steps every rank takes ---
     def shard_order(self, epoch: int) -> list[int]:
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.pairs)).tolist()
+        chosen = list(range(self.labelled_shards)) + [self.labelled_shards + i for i in self.extra_shards(epoch)]
+        return [chosen[i] for i in np.random.default_rng([self.seed, epoch]).permutation(len(chosen))]
+
+    def extra_shards(self, epoch: int) -> list[int]:
+        """Which extra shards this epoch reads (indices among the extra ones)."""
+        rows = [p.rows for p in self.pairs[self.labelled_shards :]]
+        return extra_shards_by_epoch(rows, self.extra_quota, self.seed, epoch + 1)[epoch]
 
     def rank_shards(self, epoch: int, rank: int) -> list[int]:
         return self.shard_order(epoch)[rank :: self.world_size]

@@ -26,7 +26,7 @@ from pipeline.fingerprints import check_teacher_logits
 from pipeline.inference import precision_name
 from pipeline.models import check_sequence_length, keep_layers, load_qa_model, load_tokenizer
 from pipeline.params import Params, StudentParams
-from pipeline.paths import CHECKPOINT_DIR, STUDENT_LOG_DIR, STUDENT_MODEL_DIR, staged_folder
+from pipeline.paths import CHECKPOINT_DIR, FEATURES_DIR, STUDENT_LOG_DIR, STUDENT_MODEL_DIR, TEACHER_DIR, staged_folder
 from pipeline.progress import progress
 from pipeline.shards import check_format, verify_shards, write_json_atomic
 from pipeline.stream import ShardStream, find_shard_pairs, verify_alignment
@@ -106,13 +106,31 @@ def run_student(params: Params, resume: str = "auto") -> None:
     distributed.destroy()
 
 
-def check_training_data(student: StudentParams, data: StudentData) -> tuple[dict, dict, list]:
+def check_training_data(student: StudentParams, data: StudentData) -> tuple[dict, dict, list, list]:
     """Features + (unless the weight is 0) teacher logits, checked before anything trains: (features manifest,
-    data fingerprint, shard pairs). A truncated or corrupted shard is one error naming it. `data`: the
-    teacher's features and logits, or the student's own features and aligned targets (pipeline/align.py)."""
-    features_dir = data.train_features
-    logits_dir = data.teacher_targets if student.distillation_weight > 0 else None
+    data fingerprint, labelled shard pairs, extra shard pairs). A truncated or corrupted shard is one error
+    naming it. `data`: the teacher's features and logits, or the student's own features and aligned targets
+    (pipeline/align.py)."""
+    distil = student.distillation_weight > 0
     regenerate = "kdqa prepare" if data.mode == "direct" else "kdqa align"
+    features_manifest, data_fingerprint, pairs = checked_split(
+        data.train_features, data.teacher_targets if distil else None, regenerate)
+    splits = extra_splits(student)
+    if splits and data.mode != "direct":
+        # The extra splits are tokenized for the teacher; `kdqa align` maps only the labelled training set.
+        raise KdqaError(f"student.extra_ratio {student.extra_ratio}: extra rows ({', '.join(splits)}) are not "
+                        "aligned onto a student of another tokenizer or other windows; set student.extra_ratio: 0 "
+                        "or use the teacher's tokenizer and windows")
+    extra = []
+    for split in splits:
+        _, split_fingerprint, split_pairs = checked_split(FEATURES_DIR / split, TEACHER_DIR / split, "kdqa prepare")
+        data_fingerprint.update({f"{split}_{k}": v for k, v in split_fingerprint.items()})
+        extra += split_pairs
+    return features_manifest, data_fingerprint, pairs, extra
+
+
+def checked_split(features_dir: Path, logits_dir: Path | None, regenerate: str) -> tuple[dict, dict, list]:
+    """One split's verified features (and logits): (manifest, fingerprints of the verified bytes, pairs)."""
     features_manifest = verify_shards(features_dir, regenerate)
     check_format(features_manifest.get("features_format"), "features", features_dir, regenerate)
     data_fingerprint = {"features": features_manifest["bytes_fingerprint"]}  # of the verified bytes
@@ -123,6 +141,20 @@ def check_training_data(student: StudentParams, data: StudentData) -> tuple[dict
     return features_manifest, data_fingerprint, pairs
 
 
+def extra_splits(student: StudentParams) -> list[str]:
+    """The splits of teacher-labelled rows this student mixes in: those of `student.extra_splits` that prepare
+    made, unless `extra_ratio` is 0. Their rows have no hard labels (or only some), so a student that does not
+    distil (weight 0) cannot learn from them and trains on the labelled rows alone."""
+    made = [split for split in student.extra_splits if (FEATURES_DIR / split / "manifest.json").exists()]
+    if not made or student.extra_ratio == 0:
+        return []
+    if student.distillation_weight == 0:
+        log.warning("%s: rows only the teacher labels; at distillation_weight 0 the student trains on the labelled "
+                    "rows only", ", ".join(str(FEATURES_DIR / split) for split in made))
+        return []
+    return made
+
+
 def setup(params: Params, resume: str) -> Training:
     """Checks, model, stream, optimizer and schedule, then the checkpoint to resume from (if any)."""
     student = params.student
@@ -131,14 +163,19 @@ def setup(params: Params, resume: str) -> Training:
     scaler = grad_scaler(autocast)
     tokenizer = load_tokenizer(student.model, student.trust_remote_code)
     data = student_data(params, tokenizer)  # the teacher's features, or its own aligned ones (`kdqa align`)
-    features_manifest, data_fingerprint, pairs = check_training_data(student, data)
+    features_manifest, data_fingerprint, pairs, extra = check_training_data(student, data)
 
     torch.manual_seed(student.seed)
     model = build_student(student).to(device)
     check_sequence_length(model, features_manifest.get("prepare", {}).get("max_seq_len", 0), student.model)
     stream = ShardStream(pairs, student.batch_size, student.seed, tokenizer.pad_token_id, rank, world,
                          student.pad_to_multiple_of, getattr(model.config, "max_position_embeddings", None),
-                         student.group_by_length)
+                         student.group_by_length, extra=extra, extra_ratio=student.extra_ratio)
+    if extra and rank == 0:
+        first = [stream.pairs[stream.labelled_shards + i].rows for i in stream.extra_shards(0)]
+        log.info("each epoch: %d labelled rows + about %d extra rows (%d shards in the first epoch, of %d in %s)",
+                 sum(p.rows for p in pairs), stream.extra_quota, len(first), len(extra),
+                 ", ".join(extra_splits(student)))
     steps_per_epoch = [stream.steps_in_epoch(epoch) for epoch in range(student.epochs)]
     total_steps = min(sum(steps_per_epoch), student.max_steps or sum(steps_per_epoch))
     if total_steps == 0:
@@ -204,11 +241,13 @@ def train(run: Training) -> tuple[float, tuple]:
 
             step = run.step
             if (student.log_every and step % student.log_every == 0) or step == run.total_steps:  # 0: last only
-                # The global batch's loss (mean over ranks; every rank reaches this line at the same step).
-                parts = distributed.mean(torch.stack([loss.total, loss.kd, loss.ce]).detach().float()).cpu().tolist()
-                run.train_log.log_step(step, epoch, loss=parts[0], kd_loss=parts[1], ce_loss=parts[2],
-                                       lr=run.scheduler.get_last_lr()[0])
-                bar.set_postfix(loss=f"{parts[0]:.3f}", kd=f"{parts[1]:.3f}", ce=f"{parts[2]:.3f}")
+                # The global batch's loss (mean over ranks; every rank reaches this line at the same step). The CE
+                # is the mean over the labelled rows of all ranks, blank when the batch had none (extra rows only).
+                total, kd, ce_sum, labelled = distributed.mean(torch.stack(
+                    [loss.total, loss.kd, loss.ce * loss.labelled, loss.labelled.float()]).detach().float()).cpu().tolist()
+                ce = ce_sum / labelled if labelled else None
+                run.train_log.log_step(step, epoch, loss=total, kd_loss=kd, ce_loss=ce, lr=run.scheduler.get_last_lr()[0])
+                bar.set_postfix(loss=f"{total:.3f}", kd=f"{kd:.3f}", ce="-" if ce is None else f"{ce:.3f}")
             if student.eval_every and step % student.eval_every == 0:
                 last_eval = (step, evaluate_during_training(run, step))
             if student.checkpoint_every and step % student.checkpoint_every == 0 and step < run.total_steps:

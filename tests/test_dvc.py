@@ -318,3 +318,27 @@ def test_a_student_of_other_windows_reruns_the_alignment_never_the_teacher(dvc_r
     assert json.loads((repo / "data/aligned/manifest.json").read_text())["mode"] == "aligned"
     assert json.loads(dvc_repo.dvc("status", "--json")) == {}
 
+
+def test_adding_an_unlabeled_file_reruns_the_teacher_for_its_shards_only(dvc_repo):
+    """Extra data on a finished run: prepare and teacher rerun, the teacher computes only the new file's shards
+    (the rest come from .kdqa/teacher-cache, byte for byte), and the student trains on the new rows."""
+    repo = dvc_repo.path
+    before = {p.name: p.read_bytes() for p in sorted((repo / "data/teacher/train").glob("part-*.parquet"))}
+    extra = tiny.make_squad(repo / "data" / "raw" / "unlabeled.json", articles=1, paragraphs=2, questions=3, seed=8)
+    doc = json.loads(extra.read_text())
+    for paragraph in doc["data"][0]["paragraphs"]:
+        for qa in paragraph["qas"]:
+            qa["id"], qa["answers"] = "extra-" + qa["id"], []
+    extra.write_text(json.dumps(doc))
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["data"]["unlabeled"] = ["data/raw/unlabeled.json"]
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+
+    out = dvc_repo.dvc("repro")
+    for stage in ("prepare", "teacher", "student", "evaluate"):
+        assert f"Running stage '{stage}'" in out, out
+    new = len(json.loads((repo / "data/features/unlabeled/manifest.json").read_text())["shards"])
+    assert f"train: 0 of {len(before)} shards to compute, {len(before)} copied" in out, out
+    assert f"unlabeled: {new} of {new} shards to compute, 0 copied" in out, out
+    assert {p.name: p.read_bytes() for p in sorted((repo / "data/teacher/train").glob("part-*.parquet"))} == before
+    assert "extra rows" in out and dvc_repo.dvc("status", "--json").strip() in ("{}", "")
