@@ -19,13 +19,26 @@ import tempfile
 from pathlib import Path
 
 from pipeline.errors import KdqaError
+from pipeline.paths import (
+    CHECKPOINT_DIR,
+    DEV_EXAMPLES,
+    FEATURES_DIR,
+    METRICS_DIR,
+    RESULTS_DIR,
+    STUDENT_LOG_DIR,
+    STUDENT_MODEL_DIR,
+    TEACHER_DIR,
+    TEACHER_WORK_DIR,
+    staging_path,
+)
 from pipeline.write_errors import describe, existing_parent
 
 log = logging.getLogger(__name__)
 
-FEATURES, TEACHER, WORK = Path("data/features"), Path("data/teacher"), Path(".kdqa/teacher-work")
-MODEL, CHECKPOINTS, LOGS = Path("models/student"), Path("checkpoints/student"), Path("logs/student")
-METRICS, RESULTS = Path("metrics"), Path("results")
+# Short names for the folders of pipeline.paths that this module checks.
+FEATURES, TEACHER, WORK = FEATURES_DIR, TEACHER_DIR, TEACHER_WORK_DIR
+MODEL, CHECKPOINTS, LOGS = STUDENT_MODEL_DIR, CHECKPOINT_DIR, STUDENT_LOG_DIR
+METRICS, RESULTS = METRICS_DIR, RESULTS_DIR
 
 # The folders each stage writes into (it replaces the ones it publishes whole by renaming a staging folder).
 OUTPUTS = {
@@ -34,11 +47,11 @@ OUTPUTS = {
     "student": (MODEL, CHECKPOINTS, LOGS),
     "evaluate": (METRICS, RESULTS),
 }
-# Staging folders beside them: `.NAME.partial` (features, logits, model) and `NAME.partial` (checkpoint).
+# Staging folders beside them (`.NAME.partial`, pipeline.paths.staging_path).
 STAGING = {
-    "prepare": (FEATURES / ".train.partial", FEATURES / ".dev.partial"),
-    "teacher": (TEACHER / ".train.partial", TEACHER / ".dev.partial"),
-    "student": (MODEL.with_name(f".{MODEL.name}.partial"), CHECKPOINTS.with_name(f"{CHECKPOINTS.name}.partial")),
+    "prepare": (staging_path(FEATURES / "train"), staging_path(FEATURES / "dev")),
+    "teacher": (staging_path(TEACHER / "train"), staging_path(TEACHER / "dev")),
+    "student": (staging_path(MODEL), staging_path(CHECKPOINTS)),
     "evaluate": (),
 }
 LOGITS_BYTES_PER_TOKEN = 4  # float16 start + end logit per token, stored as they are (noise barely compresses)
@@ -126,7 +139,7 @@ def space_needed(stage: str, params) -> dict[Path, int]:
         checkpoints = max(0, 6 * model - _bytes_in(CHECKPOINTS)) if params.student.checkpoint_every else 0
         return {MODEL: model, CHECKPOINTS: checkpoints}
     if stage == "evaluate":  # predictions: smaller than the dev examples they answer
-        return {RESULTS: _file_size(str(FEATURES / "dev_examples.parquet"))}
+        return {RESULTS: _file_size(str(DEV_EXAMPLES))}
     return {}
 
 

@@ -396,7 +396,7 @@ ROWS = [
     Row("teacher: stale staging and temporaries are cleaned", ("teacher",),
         stale_staging("data/teacher/.dev.partial", "data/teacher/.train.partial"), ("up to date",), exit_code=0),
     Row("student: stale model staging and checkpoint staging are cleaned", ("student",),
-        stale_staging("models/.student.partial", "checkpoints/student.partial"), ("saved student",), exit_code=0),
+        stale_staging("models/.student.partial", "checkpoints/.student.partial"), ("saved student",), exit_code=0),
     # --- case 3: stored logits or a model that do not belong to the features ---
     Row("evaluate: teacher dev logits of other features", ("evaluate",), stale_dev_logits,
         ("data/teacher/dev", "teacher logits were computed for features", "kdqa teacher"), keeps=()),
