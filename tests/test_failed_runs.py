@@ -308,7 +308,8 @@ def test_space_estimates(world, tmp_path):
     import pyarrow.parquet as pq
 
     from pipeline.params import Params
-    from pipeline.preflight import CHECKPOINTS, MODEL, TEACHER, WORK, space_needed
+    from pipeline.paths import CHECKPOINT_DIR, STUDENT_MODEL_DIR, TEACHER_DIR, TEACHER_WORK_DIR
+    from pipeline.preflight import space_needed
 
     ws = clone(world, tmp_path / "ws")
     params = Params()
@@ -320,7 +321,7 @@ def test_space_estimates(world, tmp_path):
     with safe_open(str(world.student / "model.safetensors"), framework="pt") as f:
         parameters = sum(f.get_tensor(k).numel() for k in f.keys())
     with chdir(ws):
-        assert space_needed("teacher", params) == {WORK: 0, TEACHER: 0}  # logits up to date: nothing to write
+        assert space_needed("teacher", params) == {TEACHER_WORK_DIR: 0, TEACHER_DIR: 0}  # logits up to date: nothing to write
         shutil.rmtree("data/teacher")
-        assert space_needed("teacher", params) == {WORK: 4 * tokens, TEACHER: 4 * tokens}
-        assert space_needed("student", params) == {MODEL: 4 * parameters, CHECKPOINTS: 24 * parameters}
+        assert space_needed("teacher", params) == {TEACHER_WORK_DIR: 4 * tokens, TEACHER_DIR: 4 * tokens}
+        assert space_needed("student", params) == {STUDENT_MODEL_DIR: 4 * parameters, CHECKPOINT_DIR: 24 * parameters}

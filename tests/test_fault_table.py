@@ -422,7 +422,7 @@ ROWS = [
     # --- case 6: one run of a stage per folder ---
     *[Row(f"{stage}: lock held by a running {stage}", (stage,), lock_held(stage),
           (f".kdqa/locks/{stage}.lock", f"`kdqa {stage}` is already running in this folder", "pid {pid}"))
-      for stage in ("prepare", "teacher", "student", "evaluate")],
+      for stage in ("prepare", "teacher", "student", "evaluate", "export")],
     Row("teacher: lock of a dead run is taken over", ("teacher",), stale_lock("teacher"),
         ("taking over the lock of pid {pid}", "up to date"), exit_code=0),
     # --- case 7 ---
@@ -465,6 +465,13 @@ ROWS = [
                                 lambda m: m["fingerprint_parts"].update(features="0123456789abcdef")),
         ("logits were computed for other features than data/features/train", "features_match"), exit_code=0),
     Row("inspect: no shards", ("inspect", "data/nowhere"), None, ("data/nowhere", "no part-NNNNN.parquet shards")),
+    Row("export: no model", ("export",), remove("models/student"), ("models/student", "kdqa student")),
+    Row("export: damaged dev features", ("export",), damage("data/features/dev/part-00000.parquet"),
+        ("data/features/dev/part-00000.parquet", "kdqa prepare")),
+    Row("export: models/ read-only, found before exporting", ("export",), read_only("models/student-onnx"),
+        ("models/student-onnx", EROFS, "nothing was done yet")),
+    Row("export: disk full writing the int8 model", ("export",), nth_call_fails("pipeline.export", "quantize_int8", 1),
+        ("models/student-onnx", ENOSPC)),
     Row("predict --model: folder that does not exist", ("predict", "--model", "no/such/./folder", "--question",
                                                        "who?", "--context", CTX), None, ("no/such/./folder",)),
 ]
