@@ -93,7 +93,7 @@ def test_student_that_cannot_save_keeps_a_final_checkpoint_and_the_rerun_finishe
     assert result.exit_code == 0, result.output
     assert f"resuming from checkpoints/student at step {TOTAL_STEPS}" in result.stderr
     assert_same_as_reference(ws, reference)
-    assert not list((ws / "checkpoints").glob("student*"))
+    assert not list((ws / "checkpoints").glob("*student*"))
 
 
 def test_failed_checkpoint_write_loses_at_most_checkpoint_every_steps(world, tmp_path, monkeypatch, reference):
