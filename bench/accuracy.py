@@ -49,6 +49,9 @@ FULL = {
     "teacher_training": {"epochs": 4, "learning_rate": 1.0e-4, "batch_size": 16, "warmup": 0.1},
     "student_training": {"epochs": 4, "learning_rate": 1.0e-4, "batch_size": 16, "warmup": 0.1},
     "student_layers": [0, 2, 4],
+    # Extra rows for the teacher to label (docs/extra-data.md): an unlabeled SQuAD file and augmented views of
+    # the training split. When set, the logits stage prepares them too and students may mix them in.
+    "extra": {"unlabeled": None, "augment_views": 0, "augment_seed": 0},
     "students": [
         # The baseline: the student that never sees the teacher, cut from the raw encoder, hard labels only.
         {"name": "hard labels, cut from the encoder", "distillation_weight": 0.0, "temperature": 1.0},
@@ -111,6 +114,7 @@ def split_by_article(source: Path, out: Path, questions_per_article: int | None)
 
 # What each stage leaves behind: a finished-stage record is only trusted while its output is still there.
 STAGE_OUTPUT = {"prepare": "data/features/train/manifest.json", "student": "models/student/config.json",
+                "align": "data/aligned/manifest.json",
                 "teacher": "data/teacher/train/manifest.json", "evaluate": "metrics/eval.json"}
 CHECKPOINT_EVERY = 100  # steps; an interrupted fine-tune or student resumes from its last checkpoint
 
@@ -168,17 +172,49 @@ def run_stage(workdir: Path, *args: str, upstream: tuple[str, ...] = ()) -> dict
     return result
 
 
-def write_params(workdir: Path, cfg: dict, train: Path, dev: Path, teacher: str, student: dict) -> None:
+# Student settings every run shares unless its spec says otherwise. Extra rows only where a spec asks for them.
+BASE_STUDENT = {"seed": 13, "checkpoint_every": CHECKPOINT_EVERY, "log_every": 20, "num_workers": 1, "extra_ratio": 0.0}
+# Keys of a student spec that are the benchmark's, not student.* settings.
+SPEC_KEYS = {"name", "compare_to", "max_steps_of"}
+
+
+def write_params(workdir: Path, cfg: dict, train: Path, dev: Path, teacher: str, student: dict,
+                 extra: dict | None = None) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     params = {
         "data": {"train": str(train), "dev": str(dev)},
         "prepare": cfg["prepare"],
         "teacher": {"model": teacher, "batch_size": 64, "max_tokens_per_batch": 16384},
-        "student": {"seed": 13, "checkpoint_every": CHECKPOINT_EVERY, "log_every": 20, "num_workers": 1,
-                    "max_steps": cfg.get("max_steps"), **student},
+        "student": {**BASE_STUDENT, "max_steps": cfg.get("max_steps"), **student},
         "evaluate": {"n_best": 20, "max_answer_len": 30, "null_threshold": 0.0, "batch_size": 64},
     }
+    if extra:  # the logits stage's own prepare: the labelled splits as everywhere, plus the extra rows
+        params["data"]["unlabeled"] = [str(Path(extra["unlabeled"]).resolve())] if extra.get("unlabeled") else []
+        params["prepare"] = {**cfg["prepare"], "augment_views": extra.get("augment_views", 0),
+                             "augment_seed": extra.get("augment_seed", 0)}
     (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def planned_steps(data: Path, student: dict) -> int:
+    """The optimizer steps `kdqa student` takes with these settings on `data` (one process): the labelled
+    shards every epoch plus the extra shards pipeline/mixing.py plans, from the manifests (no torch here)."""
+    from pipeline.mixing import extra_quota, extra_shards_by_epoch
+
+    def shard_rows(split: str) -> list[int]:
+        manifest = data / "features" / split / "manifest.json"
+        return [entry["rows"] for entry in json.loads(manifest.read_text())["shards"]] if manifest.exists() else []
+
+    def batches(rows: list[int]) -> int:
+        return sum(-(-r // student["batch_size"]) for r in rows)
+
+    labelled, extra = shard_rows("train"), []
+    if student.get("extra_ratio", 0) > 0 and student["distillation_weight"] > 0:
+        for split in student.get("extra_splits", ["unlabeled", "augmented"]):
+            extra += shard_rows(split)
+    plan = extra_shards_by_epoch(extra, extra_quota(sum(labelled), student.get("extra_ratio", 0)), student["seed"],
+                                 student["epochs"])
+    steps = sum(batches(labelled) + batches([extra[i] for i in epoch]) for epoch in plan)
+    return min(steps, student["max_steps"]) if student.get("max_steps") else steps
 
 
 def link_data(src: Path, dst: Path) -> None:
@@ -186,6 +222,8 @@ def link_data(src: Path, dst: Path) -> None:
     (dst / "data").mkdir(parents=True, exist_ok=True)
     for name in ("features", "teacher"):
         target = dst / "data" / name
+        if target.is_symlink() and target.resolve() != (src / "data" / name).resolve():
+            target.unlink()  # made for the other logits folder (with or without extra rows)
         if not target.exists() and (src / "data" / name).exists():
             target.symlink_to((src / "data" / name).resolve(), target_is_directory=True)
 
@@ -208,6 +246,16 @@ def scores(workdir: Path) -> dict:
         with open(curve) as f:
             row["dev_curve"] = [{k: float(v) for k, v in line.items()} for line in csv.DictReader(f, delimiter="\t")]
     return row
+
+
+def logits_rows(workdir: Path) -> dict:
+    """What the logits stage labelled, per split: rows, shards, and shards copied from the logits cache."""
+    out = {}
+    for manifest in sorted((workdir / "data" / "teacher").glob("*/manifest.json")):
+        m = json.loads(manifest.read_text())
+        out[manifest.parent.name] = {"rows": m["rows"], "shards": len(m["shards"]),
+                                     "shards_from_cache": m.get("shards_from_cache", 0)}
+    return out
 
 
 @functools.cache  # results.md is rewritten after every stage: score each finished model's files once per run
@@ -370,20 +418,39 @@ def main() -> None:
                             "stages": {"prepare": t_prep, "fine-tune": t_train, "evaluate": t_eval}})
     save()
 
-    # 2. Teacher logits, once, over the same features (prepared with the same tokenizer).
-    ldir = args.out / "logits"
-    write_params(ldir, cfg, train, dev, teacher_model, {"model": encoder})
-    link_data(tdir, ldir)  # features only: data/teacher does not exist yet in tdir
-    t_logits = run_stage(ldir, "teacher", upstream=(t_train["key"],))
-    results["teacher_logits"] = t_logits
+    # 2. Teacher logits, once, over the same features (prepared with the same tokenizer). With extra rows the
+    #    logits folder prepares its own features: train and dev byte for byte as the teacher's, plus the extras.
+    extra = cfg.get("extra") or {}
+    if extra.get("unlabeled") or extra.get("augment_views"):
+        ldir = args.out / "logits-extra"
+        write_params(ldir, cfg, train, dev, teacher_model, {"model": encoder}, extra=extra)
+        extra_key = hashlib.sha256(Path(extra["unlabeled"]).read_bytes() if extra.get("unlabeled") else b"").hexdigest()
+        upstream = (run_stage(ldir, "prepare", upstream=(split_key, extra_key[:16]))["key"], t_train["key"])
+    else:
+        ldir = args.out / "logits"
+        write_params(ldir, cfg, train, dev, teacher_model, {"model": encoder})
+        link_data(tdir, ldir)  # features only: data/teacher does not exist yet in tdir
+        upstream = (t_train["key"],)
+    t_logits = run_stage(ldir, "teacher", upstream=upstream)
+    results["teacher_logits"] = {**t_logits, "rows": logits_rows(ldir)}
     save()
 
     # 3. Students, the same layers of the same 6-layer model (raw encoder or fine-tuned teacher), same seed and
     #    schedule.
+    def student_settings(spec: dict) -> dict:
+        # A spec may set any student.* key; `max_steps_of: NAME` caps it at the steps student NAME takes (the
+        # comparison at equal optimizer steps).
+        student = {"model": encoder, "init_layers": cfg["student_layers"], **cfg["student_training"],
+                   **{k: v for k, v in spec.items() if k not in SPEC_KEYS}}
+        if spec.get("max_steps_of"):
+            (other,) = [s for s in cfg["students"] if s["name"] == spec["max_steps_of"]]
+            student["max_steps"] = planned_steps(ldir / "data", {**BASE_STUDENT, "max_steps": cfg.get("max_steps"),
+                                                        **student_settings(other)})
+        return student
+
     def train_student(spec: dict) -> dict:
         # A spec may set any student.* key; "model: teacher" cuts the student from the fine-tuned teacher.
-        student = {"model": encoder, "init_layers": cfg["student_layers"], **cfg["student_training"],
-                   **{k: v for k, v in spec.items() if k != "name"}}
+        student = student_settings(spec)
         init = "teacher" if student["model"] == "teacher" else "encoder"
         cut_from_teacher = init == "teacher" and "teacher" not in spec["name"]
         label = spec["name"] + (", cut from the teacher" if cut_from_teacher else "")
@@ -398,6 +465,8 @@ def main() -> None:
         row = {"model": f"student {n_layers} layer{'s' if n_layers != 1 else ''}, {label}", **scores(sdir),
                "distillation_weight": student["distillation_weight"], "temperature": student["temperature"],
                "init": init, "workdir": str(sdir), "stages": {"train": train_stage, "evaluate": eval_stage},
+               "spec_name": spec["name"], "compare_to": spec.get("compare_to"),
+               "steps": json.loads((sdir / "models" / "student" / "kdqa_training.json").read_text())["steps"],
                # everything else that shapes the student: the goals compare only students that share it
                "settings": {k: v for k, v in student.items()
                             if k not in ("model", "distillation_weight", "temperature", "eval_every")}}
@@ -428,6 +497,7 @@ def main() -> None:
     results["complete"] = True
     results["goals_by_settings"] = goals_by_settings(results)  # once: each verdict runs paired bootstraps
     results["goals"] = results["goals_by_settings"][0] if results["goals_by_settings"] else None
+    results["extra_data"] = extra_data_gains(results)
     save()
     print(markdown(results))
 
@@ -597,6 +667,7 @@ def markdown(results: dict) -> str:
                  + f"Wall time of this invocation {results['wall_seconds']} s (stages reused from an earlier run keep "
                  f"their own times) on {results['machine']}."
                  + ("" if results.get("complete") else " **Partial: the run has not finished.**"))
+    lines += extra_data_lines(extra_data_gains(results))
     groups = goals_by_settings(results)
     for i, verdicts in enumerate(groups):
         if i:  # a further schedule: say how it differs from the first
@@ -605,6 +676,51 @@ def markdown(results: dict) -> str:
             lines += ["", f"Students trained with {differs}, against their own baseline:"]
         lines += goal_lines(verdicts)
     return "\n".join(lines) + "\n"
+
+
+# Issue 14's goals for a student with extra rows against the student it names in `compare_to` (the same recipe
+# on the labelled rows only), and against the teacher.
+EXTRA_GOALS = {"f1_gain": 2.0, "forced_f1_gain": 5.0, "share_of_teacher_forced": 0.95, "f1_minus_teacher": 0.0}
+
+
+def extra_data_gains(results: dict) -> list[dict]:
+    """Each student with `compare_to`: its gains over that student (95% paired-bootstrap intervals), its steps
+    and that student's, and its forced span F1 and F1 against the teacher's."""
+    rows = results["rows"]
+    if not (rows and rows[0]["model"].startswith("teacher")):
+        return []
+    teacher, by_name = rows[0], {r.get("spec_name"): r for r in rows[1:]}
+    gains = []
+    for row in rows[1:]:
+        base = by_name.get(row.get("compare_to"))
+        if base is None:
+            continue
+        measured = {"f1_gain": round(row["f1"] - base["f1"], 2),
+                    "forced_f1_gain": round(row["HasAns_f1_forced"] - base["HasAns_f1_forced"], 2),
+                    "share_of_teacher_forced": round(row["HasAns_f1_forced"] / max(teacher["HasAns_f1_forced"], 1e-9), 3),
+                    "f1_minus_teacher": round(row["f1"] - teacher["f1"], 2)}
+        gains.append({"model": row["model"], "against": base["model"], "steps": row.get("steps"),
+                      "against_steps": base.get("steps"), **measured, "ci95": gain_intervals(row, row, base),
+                      "met": {k: measured[k] >= goal for k, goal in EXTRA_GOALS.items()}})
+    return gains
+
+
+def extra_data_lines(gains: list[dict]) -> list[str]:
+    if not gains:
+        return []
+    word = {True: "met", False: "**missed**"}
+    lines = ["", "Extra rows (unlabeled data, augmented views) against the same recipe on the labelled rows "
+             "(goals: F1 >= +2, forced span F1 >= +5, >= 95% of the teacher's forced span F1, F1 >= the teacher's):",
+             "", "| student | against | steps | F1 gain (95%) | forced span F1 gain (95%) | forced / teacher's "
+             "| F1 - teacher's |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for g in gains:
+        ci, met = g["ci95"], g["met"]
+        lines.append(f"| {g['model']} | {g['against']} | {g['steps']} vs {g['against_steps']} "
+                     f"| {g['f1_gain']:+.2f} ({interval(ci.get('f1_gain'))}) {word[met['f1_gain']]} "
+                     f"| {g['forced_f1_gain']:+.2f} ({interval(ci.get('forced_f1_gain'))}) {word[met['forced_f1_gain']]} "
+                     f"| {100 * g['share_of_teacher_forced']:.0f}% {word[met['share_of_teacher_forced']]} "
+                     f"| {g['f1_minus_teacher']:+.2f} {word[met['f1_minus_teacher']]} |")
+    return lines
 
 
 if __name__ == "__main__":

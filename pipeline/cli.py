@@ -96,7 +96,7 @@ Exit codes:
 def cli(ctx, params_path, quiet, verbose):
     """Offline knowledge distillation for extractive QA (SQuAD 2.0).
 
-    Stages, in order (or run them all with `dvc repro`): prepare -> teacher -> student -> evaluate, and
+    Stages, in order (or run them all with `dvc repro`): prepare -> teacher -> align -> student -> evaluate, and
     export (after student: ONNX float32 and int8 for serving).
     Every stage reads params.yaml (or --params FILE) and writes paths relative to the working directory.
     `kdqa COMMAND --help` says what each command reads and writes.
@@ -116,8 +116,9 @@ def prepare(ctx, strict):
     """Tokenize train/dev data into feature shards under data/features/.
 
     \b
-    Reads:  data.train, data.dev (hub name or SQuAD JSON), prepare.*, teacher.model's tokenizer
+    Reads:  data.train, data.dev, data.unlabeled (SQuAD JSON, or hub name[:split]), prepare.*, teacher.model's tokenizer
     Writes: data/features/{train,dev}/part-NNNNN.parquet + manifest.json,
+            data/features/unlabeled/ (data.unlabeled), data/features/augmented/ (prepare.augment_views),
             data/features/dev_examples.parquet, data/features/report.json
 
     Structural problems in the data stop with one line naming the file and record; per-answer problems
@@ -138,9 +139,10 @@ def teacher(ctx):
     """Run the teacher once over the features; write its logits shards to data/teacher/.
 
     \b
-    Reads:  data/features/{train,dev}, teacher.* (model, batch sizes, nproc)
-    Writes: data/teacher/{train,dev}/part-NNNNN.parquet (float16 start/end logits, same rows as the
-            features shard of the same name) + manifest.json (fingerprint); work in .kdqa/teacher-work/
+    Reads:  data/features/{train,dev,unlabeled,augmented}, teacher.* (model, batch sizes, nproc)
+    Writes: data/teacher/{split}/part-NNNNN.parquet (float16 start/end logits, same rows as the
+            features shard of the same name) + manifest.json (fingerprint); work in .kdqa/teacher-work/;
+            every shard also into .kdqa/teacher-cache/, so a shard of the same features is never computed twice
     (The teacher's dev scores, metrics/teacher.json, come from `kdqa evaluate`.)
 
     Resumes after a crash. Under `torchrun --nproc-per-node N -m pipeline teacher` each process takes
@@ -158,6 +160,27 @@ def teacher(ctx):
         run_teacher(params)
 
 
+@cli.command(short_help="Map the teacher's logits onto the student's tokenizer and windows (data/aligned/).")
+@click.pass_context
+def align(ctx):
+    """Carry the teacher's logits onto the student's own features when its tokenizer or windows differ.
+
+    \b
+    Reads:  data/features/train, data/teacher/train, data.*, prepare.*, student.model (its tokenizer),
+            student.max_seq_len, student.doc_stride
+    Writes: data/aligned/manifest.json; when the student's tokenizer or windows differ from the teacher's,
+            also data/aligned/features/{train,dev}/ (the student's own features) and
+            data/aligned/teacher/train/ (the teacher's targets over the student's tokens)
+
+    The teacher is not run again: its logits go through character offsets onto the student's tokens.
+    """
+    from pipeline.align import run_align
+
+    params = _load(ctx, "data", "prepare", "student")
+    with _stage("align", params):
+        run_align(params)
+
+
 @cli.command(short_help="Train the student on the stored logits; save models/student/.")
 @click.option("--resume/--no-resume", default=None,
               help="--resume: continue from the checkpoint (error if none); --no-resume: start over. "
@@ -167,7 +190,9 @@ def student(ctx, resume):
     """Train the student on streamed teacher logits; save it to models/student/ (never loads the teacher).
 
     \b
-    Reads:  data/features/train (and dev, for the model card's scores), data/teacher/train, student.*
+    Reads:  data/features/train (and dev, for the model card's scores), data/teacher/train, student.*;
+            a student of another tokenizer or windows: data/aligned/ instead (`kdqa align` first)
+            with student.extra_ratio > 0, the unlabeled/augmented splits' features and logits too
     Writes: models/student/ (safetensors weights, tokenizer, README.md model card, kdqa_training.json),
             logs/student/train.tsv and eval.tsv (curves for `dvc plots`),
             checkpoints/student/ while training (removed when done)
@@ -192,7 +217,8 @@ def evaluate(ctx, model_dir):
     """Score a model (and the teacher's stored logits) on the dev set with official SQuAD 2.0 metrics.
 
     \b
-    Reads:  --model (default models/student), data/features/dev, data/features/dev_examples.parquet,
+    Reads:  --model (default models/student), data/features/dev (data/aligned/features/dev for a model of
+            the tokenizer `kdqa align` made them for), data/features/dev_examples.parquet,
             data/teacher/dev (if present), evaluate.*
     Writes: metrics/eval.json, metrics/teacher.json (teacher, same post-processing),
             results/predictions.json, results/na_probs.json, results/forced_predictions.json

@@ -18,6 +18,9 @@ from pipeline.errors import KdqaError
 from pipeline.squad_data import Example
 
 CLS_INDEX = 0  # BERT-style tokenizers put [CLS] first; it is the "no answer" position
+# start/end position of a feature without a hard label (unlabeled data, teacher-only views): the student
+# learns it from the teacher's logits alone. Not a token position, so it can never be mistaken for one.
+NO_LABEL = -1
 
 
 def feature_id(example_id: str, window: int) -> str:
@@ -107,11 +110,14 @@ def tokenize_examples(
 
 
 def answer_token_span(ex: Example, offset_start, offset_end, context_start: int, context_end: int) -> tuple[int, int]:
-    """Token labels of the (first) gold answer in this window, or (CLS, CLS).
+    """Token labels of the (first) gold answer in this window, or (CLS, CLS), or (NO_LABEL, NO_LABEL).
 
     Unanswerable questions point at CLS. So do answerable ones whose answer is not wholly inside this
-    window: the window cannot contain it, so "no answer here" is the right target for it.
+    window: the window cannot contain it, so "no answer here" is the right target for it. Examples without
+    labels get NO_LABEL in every window.
     """
+    if not ex.labelled:
+        return NO_LABEL, NO_LABEL
     if ex.is_impossible or not ex.answer_texts:
         return CLS_INDEX, CLS_INDEX
     start_char = ex.answer_starts[0]

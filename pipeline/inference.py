@@ -6,6 +6,7 @@ logits for the same features.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ INFERENCE_COLUMNS = ["feature_id", "input_ids", "token_type_ids", "context_start
 PRECISIONS = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}
 
 
+@functools.cache  # asked on every training step
 def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX: the CPU multiplies bfloat16 in hardware (elsewhere it is emulated, and slower)."""
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu, private but long-standing

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import KdqaError
-from pipeline.paths import FEATURES_DIR
+from pipeline.features import NO_LABEL
+from pipeline.paths import ALIGNED_FEATURES_DIR, ALIGNED_TARGETS_DIR, FEATURES_DIR
 from pipeline.shards import features_fingerprint, list_column_to_numpy, list_shards, read_json, read_table, shard_rows
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,9 @@ def inspect_folder(folder: Path, features_dir: Path | None = None) -> dict:
     is_logits = "start_logits" in read_table(shards[0]).column_names
     if not is_logits:
         return info
-    features_dir = features_dir or FEATURES_DIR / folder.name
+    if features_dir is None:  # aligned targets sit beside the student's own features, logits beside prepare's
+        aligned = folder.resolve().parent == ALIGNED_TARGETS_DIR.resolve()
+        features_dir = (ALIGNED_FEATURES_DIR if aligned else FEATURES_DIR) / folder.name
     if not list_shards(features_dir):
         return info
     made_for = manifest.get("fingerprint_parts", {}).get("features")
@@ -45,8 +48,9 @@ def inspect_folder(folder: Path, features_dir: Path | None = None) -> dict:
                     "no teacher accuracy or entropy", folder, features_dir)
         info["features_match"] = False
         return info
-    # Teacher accuracy against the training labels, and entropy over positions that can hold an answer.
-    hits_start = hits_both = n = 0
+    # Teacher accuracy against the hard labels (rows that have one), and entropy over positions that can hold
+    # an answer (every row).
+    hits_start = hits_both = n = labelled = 0
     entropies = {"start": [], "end": []}
     for shard in shards:
         logits = read_table(shard)
@@ -54,22 +58,26 @@ def inspect_folder(folder: Path, features_dir: Path | None = None) -> dict:
                                                                    "start_position", "end_position"])
         if logits.column("feature_id") != features.column("feature_id"):
             raise KdqaError(f"{shard}: feature ids do not match {features_dir / shard.name}")
-        starts = list_column_to_numpy(logits.column("start_logits"), np.float32)
-        ends = list_column_to_numpy(logits.column("end_logits"), np.float32)
+        # Aligned targets hold NaN where no teacher window saw a token: no mass there.
+        starts = [np.nan_to_num(x, nan=-np.inf) for x in list_column_to_numpy(logits.column("start_logits"), np.float32)]
+        ends = [np.nan_to_num(x, nan=-np.inf) for x in list_column_to_numpy(logits.column("end_logits"), np.float32)]
         context_start, context_end = (features.column(c).to_numpy() for c in ("context_start", "context_end"))
         gold_start, gold_end = (features.column(c).to_numpy() for c in ("start_position", "end_position"))
         for i in range(len(starts)):
             allowed = np.r_[0, np.arange(context_start[i], context_end[i] + 1)]
             predicted_start = allowed[np.argmax(starts[i][allowed])]
             predicted_end = allowed[np.argmax(ends[i][allowed])]
-            hits_start += predicted_start == gold_start[i]
-            hits_both += (predicted_start == gold_start[i]) and (predicted_end == gold_end[i])
+            if gold_start[i] != NO_LABEL:
+                labelled += 1
+                hits_start += predicted_start == gold_start[i]
+                hits_both += (predicted_start == gold_start[i]) and (predicted_end == gold_end[i])
             entropies["start"].append(_entropy(starts[i][allowed]))
             entropies["end"].append(_entropy(ends[i][allowed]))
             n += 1
     info.update(
-        teacher_start_accuracy=round(100 * hits_start / n, 2),
-        teacher_span_accuracy=round(100 * hits_both / n, 2),
+        labelled_rows=labelled,
+        teacher_start_accuracy=round(100 * hits_start / labelled, 2) if labelled else None,
+        teacher_span_accuracy=round(100 * hits_both / labelled, 2) if labelled else None,
         start_entropy_mean=round(float(np.mean(entropies["start"])), 3),
         end_entropy_mean=round(float(np.mean(entropies["end"])), 3),
         teacher_features_per_second=manifest.get("features_per_second"),

@@ -6,7 +6,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from pipeline import __version__
-from pipeline.paths import STUDENT_MODEL_DIR
+from pipeline.paths import AUGMENTED_SPLIT, FEATURES_DIR, STUDENT_MODEL_DIR, UNLABELED_SPLIT
 
 USAGE = """```python
 from pipeline import QuestionAnswerer
@@ -37,6 +37,14 @@ def write_model_card(folder: Path, params, steps: int, dev_metrics: dict | None)
               f"loss = {student.distillation_weight}·T²·KL + {1 - student.distillation_weight:g}·CE, "
               f"T = {student.temperature}")
     scores = _score_rows(dev_metrics) if dev_metrics else "No dev evaluation was run."
+    extra = [split for split in student.extra_splits if (FEATURES_DIR / split).is_dir()]
+    if extra and student.extra_ratio and student.distillation_weight:  # what pipeline.student.extra_splits mixes in
+        sources = {UNLABELED_SPLIT: f"unlabeled {', '.join(f'`{u}`' for u in params.data.unlabeled)}",
+                   AUGMENTED_SPLIT: f"{params.prepare.augment_views} augmented views per question"}
+        extra_line = (f"; plus rows only the teacher labelled ({'; '.join(sources[s] for s in extra)}), "
+                      f"{student.extra_ratio:g} per labelled row each epoch")
+    else:
+        extra_line = ""
     text = f"""---
 library_name: transformers
 pipeline_tag: question-answering
@@ -48,7 +56,7 @@ tags: [extractive-qa, squad_v2, knowledge-distillation, kdqa]
 - **Base model:** `{student.model}`{f" (layers {list(student.init_layers)})" if student.init_layers else ""}
 - **Method:** {method}
 - **Teacher:** `{params.teacher.model}`
-- **Training data:** `{params.data.train}`; evaluated on `{params.data.dev}`
+- **Training data:** `{params.data.train}`{extra_line}; evaluated on `{params.data.dev}`
 - **Features:** max_seq_len {params.prepare.max_seq_len}, doc_stride {params.prepare.doc_stride}, max_query_len {params.prepare.max_query_len}
 - **Optimizer steps:** {steps}
 - **Made with:** kdqa {__version__}

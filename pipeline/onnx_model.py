@@ -132,7 +132,7 @@ def load_onnx_qa_model(folder: str | Path, precision: str = "float32", threads: 
     folder = Path(folder).expanduser()
     manifest = verify_export(folder, precision, student)
     try:
-        config = AutoConfig.from_pretrained(folder)
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)  # an export kdqa wrote: no code
     except Exception as exc:
         raise KdqaError(f"{folder / 'config.json'}: unreadable ({type(exc).__name__}); run `kdqa export` again") from None
     return OnnxQAModel(folder / manifest["files"][precision]["name"], config, threads)

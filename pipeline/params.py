@@ -16,16 +16,22 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.augment import KINDS as AUGMENT_KINDS
 from pipeline.errors import KdqaError
+from pipeline.paths import EXTRA_SPLITS
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class DataParams:
-    # A datasets-hub name (split `train` / `validation`) or a path to a SQuAD-format JSON file.
+    # A path to a SQuAD-format JSON file, or a datasets-hub name: `squad_v2` (split train / validation) or
+    # `squad_v2:SPLIT` with datasets' split syntax, e.g. `squad_v2:train[:2%]` for the first 2% of train.
     train: str = "squad_v2"
     dev: str = "squad_v2"
+    # Question + context pairs only the teacher labels (their answers, if any, are ignored): SQuAD-format JSON
+    # paths or hub names (split `train`). Their rows form the `unlabeled` split (docs/extra-data.md).
+    unlabeled: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -36,6 +42,11 @@ class PrepareParams:
     shard_size: int = 4000  # features per Parquet shard
     row_group_size: int = 2000
     strict: bool = False  # turn per-answer repairs/skips into errors
+    # Augmented views of the training set, the `augmented` split (pipeline/augment.py): views per example
+    # (0: none), the seed that makes them, and which kinds.
+    augment_views: int = 0
+    augment_seed: int = 0
+    augment_kinds: list[str] = field(default_factory=lambda: list(AUGMENT_KINDS))
 
 
 @dataclass
@@ -54,6 +65,10 @@ class TeacherParams:
 class StudentParams:
     model: str = "prajjwal1/bert-medium"
     init_layers: list[int] | None = None  # build the student from these layers of `model` (DistilBERT-style)
+    # The student's own windows (null: the teacher's, prepare.*). With them or a tokenizer other than the
+    # teacher's, `kdqa align` carries the teacher's logits onto the student's features (pipeline/align.py).
+    max_seq_len: int | None = None
+    doc_stride: int | None = None
     batch_size: int = 6  # per process
     epochs: int = 2
     learning_rate: float = 3e-5
@@ -66,6 +81,12 @@ class StudentParams:
     # Batch width rounded up to a multiple of this many tokens: few distinct shapes keep the training
     # process's memory flat (bench/performance.py measures it) and suit tensor cores; 1 = exact.
     pad_to_multiple_of: int = 8
+    # Rows of similar length share a batch (random groups of rows sorted by length, batches in random order):
+    # far less padding to compute on than random batches of SQuAD windows (bench/performance.py).
+    group_by_length: bool = True
+    # auto = bfloat16 autocast where the hardware computes it (CUDA, AVX512-BF16/AMX CPUs), else float32; or
+    # bfloat16 | float16 (CUDA only: needs a gradient scaler) | float32. Weights and optimizer stay float32.
+    precision: str = "auto"
     seed: int = 42
     max_steps: int | None = None  # optional cap on optimizer steps, for quick runs
     checkpoint_every: int = 2000  # steps between resumable checkpoints, plus one after the last step (0: none)
@@ -73,6 +94,11 @@ class StudentParams:
     eval_every: int = 0  # steps between dev F1 evaluations logged as a curve (0 disables)
     num_workers: int = 2  # DataLoader workers decoding shards off the training thread
     trust_remote_code: bool = False
+    # Extra rows (teacher-labelled only: unlabeled data, augmented views) per labelled row in each epoch,
+    # drawn as whole shards from the `extra_splits` that prepare made; 0: the labelled rows only. An epoch
+    # is still one pass over the labelled rows: extra rows add steps.
+    extra_ratio: float = 1.0
+    extra_splits: list[str] = field(default_factory=lambda: list(EXTRA_SPLITS))
 
 
 @dataclass
@@ -105,19 +131,23 @@ class Params:
 _RANGES = {
     "prepare.max_seq_len": (8, None), "prepare.doc_stride": (1, None), "prepare.max_query_len": (1, None),
     "prepare.shard_size": (1, None), "prepare.row_group_size": (1, None),
+    "prepare.augment_views": (0, None), "prepare.augment_seed": (0, None), "student.extra_ratio": (0, None),
     "teacher.batch_size": (1, None), "teacher.max_tokens_per_batch": (1, None), "teacher.nproc": (1, None),
     "student.batch_size": (1, None), "student.epochs": (1, None), "student.learning_rate": (0, None, True),
     "student.weight_decay": (0, None), "student.warmup": (0, 1), "student.max_grad_norm": (0, None, True),
     "student.temperature": (0, None, True), "student.distillation_weight": (0, 1), "student.dropout": (0, 1),
     "student.max_steps": (1, None), "student.checkpoint_every": (0, None), "student.log_every": (0, None),
     "student.eval_every": (0, None), "student.num_workers": (0, None), "student.seed": (0, None),
-    "student.pad_to_multiple_of": (1, None),
+    "student.pad_to_multiple_of": (1, None), "student.max_seq_len": (8, None), "student.doc_stride": (1, None),
     "evaluate.n_best": (1, None), "evaluate.max_answer_len": (1, None), "evaluate.batch_size": (1, None),
     "export.opset": (18, None), "export.max_f1_drop": (0, None),
 }
 
 
-_CHOICES = {"teacher.precision": ("auto", "bfloat16", "float16", "float32")}
+_CHOICES = {"teacher.precision": ("auto", "bfloat16", "float16", "float32"),
+            "student.precision": ("auto", "bfloat16", "float16", "float32")}
+# Knobs that are lists of distinct strings, with the allowed values (None: any non-empty string).
+_STRING_LISTS = {"data.unlabeled": None, "prepare.augment_kinds": AUGMENT_KINDS, "student.extra_splits": EXTRA_SPLITS}
 
 
 def _check_value(path: Path, key: str, value, default) -> None:
@@ -127,6 +157,17 @@ def _check_value(path: Path, key: str, value, default) -> None:
         raise KdqaError(f"{path}: {key} must be a string, got {value!r}")
     if key in _CHOICES and value not in _CHOICES[key]:
         raise KdqaError(f"{path}: {key} must be one of {', '.join(_CHOICES[key])}, got {value!r}")
+    if key in _STRING_LISTS:
+        allowed = _STRING_LISTS[key]
+        if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+            raise KdqaError(f"{path}: {key} must be a list of {'names' if allowed else 'paths or hub names'}, "
+                            f"got {value!r}")
+        wrong = [v for v in value if allowed and v not in allowed]
+        if wrong:
+            raise KdqaError(f"{path}: {key}: unknown {wrong[0]!r} (known: {', '.join(allowed)})")
+        twice = [v for i, v in enumerate(value) if v in value[:i]]
+        if twice:
+            raise KdqaError(f"{path}: {key} lists {twice[0]!r} twice")
     if key == "student.init_layers" and value is not None:
         if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
             raise KdqaError(f"{path}: {key} must be a list of layer indices (or null), got {value!r}")
@@ -181,8 +222,8 @@ def load_params(path: str | Path = "params.yaml", sections: tuple[str, ...] = ()
         if str(path) != "params.yaml":
             raise KdqaError(f"{path}: params file not found")
         if sections:
-            log.warning("%s not found: every setting is its default (the reference configuration of kdqa's own "
-                        "params.yaml); %s", path, _defaults(sections))
+            log.warning("%s not found: every setting is its default (the values of kdqa's own params.yaml); %s",
+                        path, _defaults(sections))
         return Params()
     if path.is_dir():
         raise KdqaError(f"{path}: is a folder; --params takes a YAML file (e.g. params.yaml)")

@@ -15,13 +15,23 @@ from pathlib import Path
 
 # prepare
 RAW_DATA_DIR = Path("data/raw")  # local SQuAD JSON files: a dependency of the prepare stage
-FEATURES_DIR = Path("data/features")  # {train,dev}/part-NNNNN.parquet + manifest.json
+FEATURES_DIR = Path("data/features")  # {train,dev,unlabeled,augmented}/part-NNNNN.parquet + manifest.json
 DEV_EXAMPLES = FEATURES_DIR / "dev_examples.parquet"  # contexts and gold answers, for scoring
 DATA_REPORT = FEATURES_DIR / "report.json"  # what was repaired or skipped in the data
+# Splits of rows the teacher labels beyond train: unlabeled data (data.unlabeled) and augmented views of
+# train (prepare.augment_*). Each is a features folder (and a teacher folder) like train's, or absent.
+UNLABELED_SPLIT, AUGMENTED_SPLIT = "unlabeled", "augmented"
+EXTRA_SPLITS = (UNLABELED_SPLIT, AUGMENTED_SPLIT)
 
 # teacher
-TEACHER_DIR = Path("data/teacher")  # {train,dev}/part-NNNNN.parquet (logits) + manifest.json
+TEACHER_DIR = Path("data/teacher")  # one folder of logits per features split, + manifest.json
 TEACHER_WORK_DIR = Path(".kdqa/teacher-work")  # finished shards of an unfinished run, outside the DVC output
+TEACHER_CACHE_DIR = Path(".kdqa/teacher-cache")  # every logits shard computed here, by content (logits_cache.py)
+
+# align: a student's own features and the teacher's targets on them (when its tokenizer or windows differ)
+ALIGNED_DIR = Path("data/aligned")  # manifest.json; features/{train,dev}/ and teacher/train/ when aligned
+ALIGNED_FEATURES_DIR = ALIGNED_DIR / "features"  # {train,dev}: tokenized with the student's tokenizer and windows
+ALIGNED_TARGETS_DIR = ALIGNED_DIR / "teacher"  # train: the teacher's targets over the student's tokens
 
 # student
 STUDENT_MODEL_DIR = Path("models/student")

@@ -30,7 +30,7 @@ FEATURES_SCHEMA = pa.schema(
         ("token_type_ids", pa.list_(pa.int8())),
         ("context_start", pa.int32()),
         ("context_end", pa.int32()),
-        ("start_position", pa.int32()),
+        ("start_position", pa.int32()),  # token of the hard label; -1 (features.NO_LABEL): teacher-only row
         ("end_position", pa.int32()),
         ("offset_start", pa.list_(pa.int32())),
         ("offset_end", pa.list_(pa.int32())),
@@ -43,6 +43,17 @@ LOGITS_SCHEMA = pa.schema(
         ("feature_id", pa.string()),
         ("start_logits", pa.list_(pa.float16())),
         ("end_logits", pa.list_(pa.float16())),
+    ]
+)
+
+# The teacher's targets aligned onto a student's own features (pipeline/alignment.py): the logits columns
+# hold log-probabilities (NaN where no teacher window saw the position), plus what the alignment kept.
+ALIGNED_SCHEMA = pa.schema(
+    [
+        *LOGITS_SCHEMA,
+        ("start_covered", pa.float32()),
+        ("end_covered", pa.float32()),
+        ("teacher_windows", pa.int16()),
     ]
 )
 
@@ -184,6 +195,20 @@ def logits_table(feature_ids: list[str], start: list[np.ndarray], end: list[np.n
             "end_logits": list_array(end, pa.float16()),
         },
         schema=LOGITS_SCHEMA,
+    )
+
+
+def aligned_table(feature_ids: list[str], targets: list) -> pa.Table:
+    """Rows of ALIGNED_SCHEMA from `alignment.AlignedTargets`, one per feature."""
+    logits = logits_table(feature_ids, [t.start for t in targets], [t.end for t in targets])
+    return pa.table(
+        {
+            **{name: logits.column(name) for name in logits.column_names},
+            "start_covered": pa.array([t.start_covered for t in targets], type=pa.float32()),
+            "end_covered": pa.array([t.end_covered for t in targets], type=pa.float32()),
+            "teacher_windows": pa.array([t.teacher_windows for t in targets], type=pa.int16()),
+        },
+        schema=ALIGNED_SCHEMA,
     )
 
 

@@ -30,6 +30,9 @@ class Example:
     is_impossible: bool
     # The record's answer texts as given, unvalidated: what the official evaluation script scores against.
     gold_texts: list[str] = field(default_factory=list)
+    # False for rows only the teacher labels (unlabeled data, teacher-only augmented views): their features
+    # carry no hard label and the student's cross-entropy skips them.
+    labelled: bool = True
 
 
 @dataclass
@@ -66,12 +69,24 @@ def is_local_file(source: str) -> bool:
     return source.endswith(".json") or Path(source).exists()
 
 
-def load_examples(source: str, split: str, strict: bool = False) -> tuple[list[Example], DataReport]:
-    """Examples of one split: `source` is a SQuAD-format JSON path or a datasets-hub name."""
+def hub_dataset(source: str, split: str) -> tuple[str, str]:
+    """(dataset name, split spec) of a hub source: `squad_v2` reads the split named after the stage's split
+    (train, validation for dev); `squad_v2:train[:2%]` reads that split spec (datasets' split slicing)."""
+    name, _, spec = source.partition(":")
+    return name, spec or {"train": "train", "dev": "validation"}.get(split, split)
+
+
+def read_records(source: str, split: str) -> list[tuple[str, dict, dict]]:
+    """(record location, paragraph, qa) triples of a SQuAD-format JSON path, or of a datasets-hub name with an
+    optional split spec (`hub_dataset`)."""
     if is_local_file(source):
-        records = _read_squad_json(Path(source))
-    else:
-        records = _read_hub(source, split)
+        return _read_squad_json(Path(source))
+    return _read_hub(*hub_dataset(source, split))
+
+
+def load_examples(source: str, split: str, strict: bool = False) -> tuple[list[Example], DataReport]:
+    """Examples of one split: `source` is a SQuAD-format JSON path or a datasets-hub name (`hub_dataset`)."""
+    records = read_records(source, split)
     # Dev questions are scored, not trained on: keep them even when no answer can be located, so the
     # question set (and the gold answers) are exactly what the official evaluation script sees.
     return _validate(records, source, strict, keep_unlocatable=(split == "dev"))
@@ -86,6 +101,8 @@ def _read_squad_json(path: Path) -> list[tuple[str, dict, dict]]:
         text = raw.decode("utf-8-sig")  # a byte-order mark some editors add is harmless
     except UnicodeDecodeError as exc:
         raise KdqaError(f"{path}: not UTF-8 (invalid byte at offset {exc.start})") from None
+    if not text.strip():
+        raise KdqaError(f"{path}: empty file (expected SQuAD-format JSON)")
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -122,14 +139,13 @@ def _missing_or_wrong(record: dict, name: str, expected: str) -> str:
     return f"'{name}' must be {expected}, got {type(record[name]).__name__} {record[name]!r:.40}"
 
 
-def _read_hub(name: str, split: str) -> list[tuple[str, dict, dict]]:
+def _read_hub(name: str, hub_split: str) -> list[tuple[str, dict, dict]]:
     """The hub's flattened layout (id, title, context, question, answers{text, answer_start})."""
     import datasets
 
     from pipeline.hub import OFFLINE_HELP, is_offline, use_cache_only_if_unreachable
 
     use_cache_only_if_unreachable()
-    hub_split = {"train": "train", "dev": "validation"}.get(split, split)
     try:
         ds = datasets.load_dataset(name, split=hub_split)
     except Exception as exc:  # the hub client raises many types; all mean "could not get it"
@@ -166,27 +182,34 @@ def _locate_answer(context: str, text: str, start: int) -> int | None:
     return best
 
 
+def check_question(where: str, paragraph: dict, qa: dict, seen: dict[str, str]) -> tuple[str, str, str, str]:
+    """The structural checks every question passes, labelled or not: a unique non-empty id, a non-empty
+    context and question. Returns (id, location naming the id, context, question); records the id in `seen`."""
+    qid = qa.get("id")
+    if not isinstance(qid, str):
+        raise KdqaError(f"{where}: {_missing_or_wrong(qa, 'id', 'a string')}")
+    if not qid.strip():
+        raise KdqaError(f"{where}: empty 'id'")
+    where = f"{where} (id {qid})"
+    if qid in seen:
+        raise KdqaError(f"{where}: duplicate id, first seen at {seen[qid]}")
+    seen[qid] = where
+    context, question = paragraph["context"], qa.get("question")
+    if not isinstance(context, str) or not context.strip():
+        raise KdqaError(f"{where}: empty 'context'")
+    if not isinstance(question, str):
+        raise KdqaError(f"{where}: {_missing_or_wrong(qa, 'question', 'a string')}")
+    if not question.strip():
+        raise KdqaError(f"{where}: empty 'question'")
+    return qid, where, context, question
+
+
 def _validate(records, source: str, strict: bool, keep_unlocatable: bool = False) -> tuple[list[Example], DataReport]:
     report = DataReport(source=source)
     examples: list[Example] = []
     seen: dict[str, str] = {}
     for where, paragraph, qa in records:
-        qid = qa.get("id")
-        if not isinstance(qid, str):
-            raise KdqaError(f"{where}: {_missing_or_wrong(qa, 'id', 'a string')}")
-        if not qid.strip():
-            raise KdqaError(f"{where}: empty 'id'")
-        where = f"{where} (id {qid})"
-        if qid in seen:
-            raise KdqaError(f"{where}: duplicate id, first seen at {seen[qid]}")
-        seen[qid] = where
-        context, question = paragraph["context"], qa.get("question")
-        if not isinstance(context, str) or not context.strip():
-            raise KdqaError(f"{where}: empty 'context'")
-        if not isinstance(question, str):
-            raise KdqaError(f"{where}: {_missing_or_wrong(qa, 'question', 'a string')}")
-        if not question.strip():
-            raise KdqaError(f"{where}: empty 'question'")
+        qid, where, context, question = check_question(where, paragraph, qa, seen)
         answers = qa.get("answers", [])
         if not isinstance(answers, list):
             raise KdqaError(f"{where}: 'answers' must be a list")

@@ -14,6 +14,11 @@ Crash safety: shards are computed into a work folder outside the DVC output (`.k
 renamed into place when complete and followed by a small `.done.json` record (rows, sha256). A rerun
 verifies the records and computes only what is missing; when every shard is done the split is moved into
 `data/teacher/{split}/` and the manifest written. Under torchrun, rank r takes shards r, r+N, r+2N, ...
+
+Incremental: every computed shard is also kept in `.kdqa/teacher-cache/`, addressed by its features shard's
+bytes, the teacher, the vocabulary, the precision and the logits format (pipeline/logits_cache.py). A shard
+found there is copied instead of computed, so adding an unlabeled file or more augmented views costs teacher
+time for the new shards only, and the existing logits stay byte for byte the same.
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ from pipeline.models import (
     weights_fingerprint,
 )
 from pipeline.params import Params
-from pipeline.paths import FEATURES_DIR, TEACHER_DIR, TEACHER_WORK_DIR, staged_folder
+from pipeline.logits_cache import LogitsCache
+from pipeline.paths import EXTRA_SPLITS, FEATURES_DIR, TEACHER_CACHE_DIR, TEACHER_DIR, TEACHER_WORK_DIR, staged_folder
 from pipeline.inference import autocast_dtype, precision_name, shard_logits
 from pipeline.progress import progress
 from pipeline.write_errors import writes_into
@@ -142,6 +148,13 @@ def run_split(model, tokenizer, split: str, params: Params, teacher_identity: di
     todo = [p for p in mine if completed_shard(work, p.name, resume_key, expected_rows.get(p.name)) is None]
     if len(todo) < len(mine):
         log.info("%s: resuming, %d of %d shards already done", split, len(mine) - len(todo), len(mine))
+    # Shards whose features this teacher has labelled before (in any run here) are copied, not computed.
+    cache = LogitsCache(TEACHER_CACHE_DIR, {k: v for k, v in fingerprint_parts.items() if k != "features"})
+    features_sha = {e["name"]: e.get("sha256") or sha256_file(features_dir / e["name"]) for e in features_manifest["shards"]}
+    cached = [p for p in todo if reuse_cached(cache, features_sha[p.name], expected_rows[p.name], work / p.name, resume_key)]
+    todo = [p for p in todo if p not in cached]
+    log.info("%s: %d of %d shards to compute, %d copied from the logits cache (%s)%s", split, len(todo), len(mine),
+             len(cached), TEACHER_CACHE_DIR, f" on rank {rank}" if world > 1 else "")
 
     n_rows, started = 0, time.perf_counter()
     todo_rows = sum(expected_rows.get(p.name, 0) for p in todo)
@@ -155,7 +168,8 @@ def run_split(model, tokenizer, split: str, params: Params, teacher_identity: di
             if pending is not None:
                 pending.result()  # at most one shard waiting to be written: bounded memory
             # Writing shard k (compression, fsync) overlaps the teacher's compute on shard k+1.
-            pending = writer.submit(write_logits_shard, work / path.name, ids, start, end, resume_key)
+            pending = writer.submit(write_logits_shard, work / path.name, ids, start, end, resume_key, cache,
+                                    features_sha[path.name])
             n_rows += len(ids)
             bar.update(len(ids))  # tqdm shows features/s
         if pending is not None:
@@ -171,10 +185,24 @@ def run_split(model, tokenizer, split: str, params: Params, teacher_identity: di
     return manifest if rank == 0 else read_json(published)
 
 
-def write_logits_shard(path: Path, ids, start, end, resume_key: dict) -> None:
+def write_logits_shard(path: Path, ids, start, end, resume_key: dict, cache: LogitsCache | None = None,
+                       features_sha256: str | None = None) -> None:
+    """A computed shard into the work folder, its done record, and a copy into the logits cache."""
     write_table_atomic(logits_table(ids, start, end), path, LOGITS_ROW_GROUP,
                        float_columns=("start_logits", "end_logits"))
-    write_json_atomic(done_record_path(path), {"rows": len(ids), "sha256": sha256_file(path), "key": resume_key})
+    digest = sha256_file(path)
+    write_json_atomic(done_record_path(path), {"rows": len(ids), "sha256": digest, "key": resume_key})
+    if cache is not None:
+        cache.put(features_sha256, path, len(ids), digest)
+
+
+def reuse_cached(cache: LogitsCache, features_sha256: str, rows: int, path: Path, resume_key: dict) -> bool:
+    """Copy this shard's logits from the cache into the work folder (with its done record), if there."""
+    record = cache.fetch(features_sha256, rows, path)
+    if record is None:
+        return False
+    write_json_atomic(done_record_path(path), {**record, "key": resume_key, "from_cache": True})
+    return True
 
 
 @writes_into("out_dir")
@@ -197,6 +225,8 @@ def publish_split(split, shards, work: Path, out_dir: Path, resume_key, fingerpr
             "compute": resume_key["compute"],
             "device": device_name(device),
             "features_per_second": round(throughput, 2) if throughput else None,
+            "shards_from_cache": sum(1 for r in records.values() if r.get("from_cache")),
+            "rows_from_cache": sum(r["rows"] for r in records.values() if r.get("from_cache")),
             "rows": sum(r["rows"] for r in records.values()),
             "bytes": sum((staging / n).stat().st_size for n in records),
             "shards": [{"name": n, "rows": r["rows"], "sha256": r["sha256"]} for n, r in records.items()],
@@ -226,7 +256,12 @@ def run_teacher(params: Params) -> None:
     check_sequence_length(model, features_manifest.get("prepare", {}).get("max_seq_len", 0), params.teacher.model)
     model.to(device).eval()
     teacher_identity = {"teacher": weights_fingerprint(model), "vocab": vocab_fingerprint(tokenizer)}
+    # Every split prepare made: train, dev, and the extra rows (unlabeled data, augmented views) if any.
+    extra = [split for split in EXTRA_SPLITS if (FEATURES_DIR / split / "manifest.json").exists()]
     with torch.inference_mode():
-        for split in ("train", "dev"):
+        for split in ("train", "dev", *extra):
             run_split(model, tokenizer, split, params, teacher_identity, device)
+    if distributed.is_main():  # logits of extra rows prepare no longer makes: never trained on by mistake
+        for split in set(EXTRA_SPLITS) - set(extra):
+            shutil.rmtree(TEACHER_DIR / split, ignore_errors=True)
     distributed.destroy()

@@ -118,14 +118,60 @@ def test_accuracy_benchmark_overrides_are_checked():
 
 
 def test_shipped_student_variants_are_valid_student_settings():
+    from bench.accuracy import SPEC_KEYS
     from pipeline.params import StudentParams
 
     known = set(StudentParams.__dataclass_fields__)
-    for shipped in ("accuracy-variants.yaml", "accuracy-6-epochs.yaml"):
+    for shipped in ("accuracy-variants.yaml", "accuracy-6-epochs.yaml", "accuracy-extra-data.yaml"):
         specs = yaml.safe_load((REPO / "bench" / shipped).read_text())
-        assert len({spec["name"] for spec in specs}) == len(specs), shipped
+        names = [spec["name"] for spec in specs]
+        assert len(set(names)) == len(specs), shipped
         for spec in specs:
-            assert set(spec) - {"name"} <= known, (shipped, spec)
+            assert set(spec) - SPEC_KEYS <= known, (shipped, spec)
+            assert {spec.get("compare_to"), spec.get("max_steps_of")} - {None} <= set(names), (shipped, spec)
+
+
+def test_accuracy_benchmark_quick_mode_with_extra_rows(tmp_path):
+    """Extra rows through the benchmark: the logits folder prepares and labels them, students mix them in at equal
+    epochs and at the steps of another student, and the gains table compares each with the one it names."""
+    encoder = tiny.make_model(tmp_path / "encoder", layers=2)
+    data = tiny.make_squad(tmp_path / "squad.json", articles=9, paragraphs=2, questions=3)
+    unlabeled = tiny.make_squad(tmp_path / "unlabeled.json", articles=2, paragraphs=2, questions=3, seed=5)
+    doc = json.loads(unlabeled.read_text())
+    for article in doc["data"]:
+        for paragraph in article["paragraphs"]:
+            for qa in paragraph["qas"]:
+                qa["id"], qa["answers"] = "u-" + qa["id"], []
+    unlabeled.write_text(json.dumps(doc))
+    students = tmp_path / "students.yaml"
+    base = "distillation_weight: 0.5, temperature: 2.0, model: teacher"
+    students.write_text(f'- {{name: "labelled", {base}}}\n'
+                        f'- {{name: "both", {base}, extra_ratio: 1.0, max_steps_of: "labelled", '
+                        'compare_to: "labelled"}\n')
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "DVC_NO_ANALYTICS": "1"}
+    subprocess.run([sys.executable, str(REPO / "bench" / "accuracy.py"), "--quick", "--encoder", str(encoder),
+                    "--student-layers", "0", "--data", str(data), "--out", str(tmp_path / "out"), "--students",
+                    str(students), "--set", "max_steps=null", "--set", f"extra.unlabeled={unlabeled}",
+                    "--set", "extra.augment_views=1"], cwd=tmp_path, env=env, check=True, capture_output=True,
+                   text=True, timeout=600)
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["complete"] and set(results["teacher_logits"]["rows"]) == {"train", "dev", "unlabeled", "augmented"}
+    labelled, both = results["rows"][1:]
+    assert both["steps"] == labelled["steps"]  # capped at the labelled-only student's steps...
+    from bench.accuracy import BASE_STUDENT, planned_steps
+
+    data = tmp_path / "out" / "logits-extra" / "data"
+    settings = {**BASE_STUDENT, "distillation_weight": 0.5, "max_steps": None}
+    assert planned_steps(data, {**settings, **labelled["settings"]}) == labelled["steps"]  # the plan is the student's
+    assert planned_steps(data, {**settings, **both["settings"], "max_steps": None}) > both["steps"]  # extra rows: more
+    (gain,) = results["extra_data"]
+    assert gain["model"] == both["model"] and gain["against"] == labelled["model"]
+    assert set(gain["ci95"]) == {"f1_gain", "forced_f1_gain"}
+    assert set(gain["met"]) == {"f1_gain", "forced_f1_gain", "share_of_teacher_forced", "f1_minus_teacher"}
+    assert "Extra rows (unlabeled data, augmented views)" in (tmp_path / "out" / "results.md").read_text()
+    # The students without extra rows read the same labelled shards: train's features are the teacher's own.
+    for name in ("teacher", "logits-extra"):
+        assert (tmp_path / "out" / name / "data" / "features" / "train" / "manifest.json").is_file()
 
 
 def test_has_answer_auc_equals_the_pairwise_definition():

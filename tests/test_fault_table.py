@@ -396,7 +396,7 @@ ROWS = [
     Row("teacher: stale staging and temporaries are cleaned", ("teacher",),
         stale_staging("data/teacher/.dev.partial", "data/teacher/.train.partial"), ("up to date",), exit_code=0),
     Row("student: stale model staging and checkpoint staging are cleaned", ("student",),
-        stale_staging("models/.student.partial", "checkpoints/student.partial"), ("saved student",), exit_code=0),
+        stale_staging("models/.student.partial", "checkpoints/.student.partial"), ("saved student",), exit_code=0),
     # --- case 3: stored logits or a model that do not belong to the features ---
     Row("evaluate: teacher dev logits of other features", ("evaluate",), stale_dev_logits,
         ("data/teacher/dev", "teacher logits were computed for features", "kdqa teacher"), keeps=()),
@@ -431,7 +431,7 @@ ROWS = [
     Row("prepare: is_impossible with answers counted", ("prepare",), contradictory_labels,
         ("1 marked impossible despite answers",), exit_code=0),
     # --- case 8: a failed or interrupted student keeps the previous run's curves ---
-    Row("student: interrupted keeps the previous curves", ("student",), nth_call_fails("pipeline.student", "distillation_loss", 7, KeyboardInterrupt),
+    Row("student: interrupted keeps the previous curves", ("student",), nth_call_fails("pipeline.training", "distillation_loss", 7, KeyboardInterrupt),
         ("interrupted",), exit_code=130, keeps=(CHECKPOINTS,)),
     # --- case 9: params ---
     Row("--params at a folder", ("--params", "data", "prepare"), None, ("data: is a folder",)),

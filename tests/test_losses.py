@@ -150,3 +150,51 @@ def test_loss_in_bfloat16_inputs_is_close_to_float32():
     assert bf.total.dtype == torch.float32
     total, _, _ = reference_loss(ss, se, ts, te, starts, ends, spans, 2.0, 0.5)
     assert bf.total.item() == pytest.approx(total, rel=5e-2)
+
+
+def reference_masked_loss(ss, se, ts, te, starts, ends, spans, temperature, weight):
+    """KD as the mean over every row; CE as the mean over rows with a label (>= 0) only; 0 when none."""
+    cls = np.zeros_like(starts)  # any valid label: only the KD of this call is used
+    _, kd, _ = reference_loss(ss, se, ts, te, cls, cls, spans, temperature, weight)
+    rows = [i for i in range(len(spans)) if starts[i] >= 0]
+    ce = 0.0
+    if rows:
+        pick = lambda a: a[rows]  # noqa: E731
+        _, _, ce = reference_loss(pick(ss), pick(se), pick(ts), pick(te), starts[rows], ends[rows],
+                                  [spans[i] for i in rows], temperature, weight)
+    return weight * temperature**2 * kd + (1 - weight) * ce, kd, ce
+
+
+@pytest.mark.parametrize("labelled_rows", [[0, 2], [1], [0, 1, 2], []])
+def test_rows_without_labels_take_the_kd_part_only(labelled_rows):
+    """NO_LABEL rows: in the KL (mean over all rows), out of the CE (mean over labelled rows only)."""
+    from pipeline.features import NO_LABEL
+
+    spans, ss, se, ts, te, starts, ends = make_batch(seed=6)
+    starts, ends = starts.copy(), ends.copy()
+    for row in range(len(spans)):
+        if row not in labelled_rows:
+            starts[row] = ends[row] = NO_LABEL
+    parts, s_start, s_end = kdqa_loss(spans, ss, se, ts, te, starts, ends, 3.0, 0.5, requires_grad=True)
+    total, kd, ce = reference_masked_loss(ss, se, ts, te, starts, ends, spans, 3.0, 0.5)
+    assert parts.labelled.item() == len(labelled_rows)
+    assert parts.kd.item() == pytest.approx(kd, rel=1e-4, abs=1e-6)
+    assert parts.ce.item() == pytest.approx(ce, rel=1e-4, abs=1e-6)
+    assert parts.total.item() == pytest.approx(total, rel=1e-4, abs=1e-6)
+    assert (ce > 1e-3) == bool(labelled_rows)  # a real CE wherever some row has a label
+    parts.total.backward()
+    assert torch.isfinite(s_start.grad).all() and torch.isfinite(s_end.grad).all()
+
+
+def test_unlabelled_rows_get_no_gradient_from_the_hard_labels():
+    """With weight 0 (CE only) a NO_LABEL row's logits get exactly zero gradient; labelled rows do not."""
+    from pipeline.features import NO_LABEL
+
+    spans, ss, se, ts, te, starts, ends = make_batch(seed=7)
+    starts, ends = starts.copy(), ends.copy()
+    starts[1] = ends[1] = NO_LABEL
+    parts, s_start, s_end = kdqa_loss(spans, ss, se, ts, te, starts, ends, 2.0, 0.0, requires_grad=True)
+    parts.total.backward()
+    for grad in (s_start.grad, s_end.grad):
+        assert torch.all(grad[1] == 0)
+        assert grad[0].abs().sum() > 0 and grad[2].abs().sum() > 0
