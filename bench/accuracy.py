@@ -114,6 +114,7 @@ def split_by_article(source: Path, out: Path, questions_per_article: int | None)
 
 # What each stage leaves behind: a finished-stage record is only trusted while its output is still there.
 STAGE_OUTPUT = {"prepare": "data/features/train/manifest.json", "student": "models/student/config.json",
+                "align": "data/aligned/manifest.json",
                 "teacher": "data/teacher/train/manifest.json", "evaluate": "metrics/eval.json"}
 CHECKPOINT_EVERY = 100  # steps; an interrupted fine-tune or student resumes from its last checkpoint
 

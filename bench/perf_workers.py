@@ -17,7 +17,9 @@ and reads RESULT.json. CONFIG.json names the worker (`teacher`, `student`, `stag
     offline  - teacher logits streamed from the Parquet shards (ours);
     online   - the teacher loaded in the same process, run forward (no_grad) on every batch;
     hard     - hard labels only, no teacher at all.
-  All three see the same batches in the same order (same shards, same seed).
+  All three see the same batches in the same order (same shards, same seed). `precision` and
+  `group_by_length` (default: the stage's defaults) set the step's autocast and the batch plan; the result
+  counts the epoch's padding.
 - `stage`: the real student stage, `pipeline.student.run_student`, in a prepared work folder (for peak
   memory at 1x and 10x the training data).
 """
@@ -63,24 +65,35 @@ def cpu_seconds(who=resource.RUSAGE_SELF) -> float:
 
 
 class PeakSampler:
-    """Highest RSS of this process, and of it plus its children (DataLoader workers), sampled in a thread.
+    """Highest RSS of a process (default: this one), and of it plus its children (DataLoader workers), sampled
+    in a thread.
 
     The kernel's ru_maxrss gives exact lifetime peaks; this sampler gives the peak within a window (an
     epoch) and the sum over the process tree. Summed RSS counts pages shared after fork() once per
-    process, so the tree figure is an upper bound. Uses psutil when installed, /proc/self/statm otherwise
-    (then the tree figure is unavailable).
+    process, so the tree figure is an upper bound. Uses psutil when installed, /proc/PID/statm otherwise
+    (then the tree figure is unavailable). `unique=True` also samples the process's RSS plus its children's
+    USS (the pages only they map; what they share with the parent is in its RSS already): the tree's footprint
+    without double counting, every 10th sample only, since reading smaps costs milliseconds of CPU that the
+    measured processes would otherwise have. (Not PSS: that also splits shared libraries with unrelated
+    processes, so it shrinks when other programs load the same torch.)
     """
 
-    def __init__(self, interval: float = 0.05):
+    UNIQUE_EVERY = 10
+
+    def __init__(self, interval: float = 0.05, pid: int | None = None, unique: bool = False):
         self.interval = interval
+        self.pid = pid or os.getpid()
+        self.unique = unique
+        self.samples = 0
         self.peak_self = 0
         self.peak_tree = 0
+        self.peak_tree_unique = 0
         self._stop = threading.Event()
         self._thread = None
         try:
             import psutil
 
-            self._proc = psutil.Process()
+            self._proc = psutil.Process(self.pid)
         except ImportError:
             self._proc = None
 
@@ -88,17 +101,30 @@ class PeakSampler:
         if self._proc is not None:
             import psutil
 
-            rss = self._proc.memory_info().rss
+            try:
+                rss = self._proc.memory_info().rss
+                children = self._proc.children(recursive=True)
+            except psutil.Error:  # another process that has exited
+                return
             tree = rss
-            for child in self._proc.children(recursive=True):
+            for child in children:
                 try:
                     tree += child.memory_info().rss
                 except psutil.Error:
                     pass
             self.peak_tree = max(self.peak_tree, tree)
+            if self.unique and self.samples % self.UNIQUE_EVERY == 0:
+                footprint = rss
+                for child in children:
+                    try:
+                        footprint += child.memory_full_info().uss
+                    except psutil.Error:
+                        pass
+                self.peak_tree_unique = max(self.peak_tree_unique, footprint)
+            self.samples += 1
         else:
             try:
-                pages = int(Path("/proc/self/statm").read_text().split()[1])
+                pages = int(Path(f"/proc/{self.pid}/statm").read_text().split()[1])
             except (OSError, IndexError, ValueError):
                 return
             rss = pages * os.sysconf("SC_PAGE_SIZE")
@@ -120,7 +146,9 @@ class PeakSampler:
             self._thread.join()
         self._sample()
         return {"sampled_peak_rss_mb": round(self.peak_self / MB, 1),
-                "sampled_peak_tree_rss_mb": round(self.peak_tree / MB, 1) if self._proc is not None else None}
+                "sampled_peak_tree_rss_mb": round(self.peak_tree / MB, 1) if self._proc is not None else None,
+                **({"sampled_peak_tree_unique_mb": round(self.peak_tree_unique / MB, 1) if self._proc is not None
+                    else None} if self.unique else {})}
 
 
 def setup_torch(threads: int):
@@ -242,11 +270,11 @@ def teacher_worker(cfg: dict) -> dict:
     params = Params()
     params.teacher.batch_size = max_batch
     params.teacher.max_tokens_per_batch = max_tokens
-    key_parts = {"teacher": weights_fingerprint(model), "vocab": vocab_fingerprint(tokenizer)}
+    teacher_identity = {"teacher": weights_fingerprint(model), "vocab": vocab_fingerprint(tokenizer)}
 
     def stage(folder: Path):
         with chdir(folder):
-            return run_split(model, tokenizer, "train", params, key_parts, device)
+            return run_split(model, tokenizer, "train", params, teacher_identity, device)
 
     configurations = {
         # ours: the teacher stage itself (read features shard, compute, write logits shard overlapped)
@@ -306,16 +334,19 @@ def student_worker(cfg: dict) -> dict:
     from torch.utils.data import DataLoader
     from transformers import get_linear_schedule_with_warmup
 
+    from pipeline.inference import autocast_dtype, precision_name
     from pipeline.models import keep_layers, load_qa_model, load_tokenizer
     from pipeline.params import StudentParams
     from pipeline.stream import ShardStream, find_shard_pairs, verify_alignment
-    from pipeline.training import build_optimizer, train_step
+    from pipeline.training import build_optimizer, train_step, training_dtype
 
     mode = cfg["mode"]
     assert mode in ("offline", "online", "hard"), mode
     settings = StudentParams()  # the reference loss settings: temperature 5, distillation weight 1
     if mode == "hard":
         settings.distillation_weight = 0.0
+    settings.precision = cfg.get("precision", settings.precision)
+    settings.group_by_length = cfg.get("group_by_length", settings.group_by_length)
     work = Path(cfg["work"])
     sampler = PeakSampler().start()
 
@@ -332,14 +363,15 @@ def student_worker(cfg: dict) -> dict:
     pairs = find_shard_pairs(work / FEATURES_DIR / "train",
                              work / TEACHER_DIR / "train" if mode == "offline" else None)
     verify_alignment(pairs)
-    stream = ShardStream(pairs, cfg["batch_size"], cfg["seed"], pad, pad_to_multiple_of=settings.pad_to_multiple_of)
+    stream = ShardStream(pairs, cfg["batch_size"], cfg["seed"], pad, pad_to_multiple_of=settings.pad_to_multiple_of,
+                         group_by_length=settings.group_by_length)
     steps = stream.steps_in_epoch(0)
     optimizer = build_optimizer(student, cfg["learning_rate"], settings.weight_decay, device)
     warmup_steps = cfg["warmup_steps"]
     scheduler = get_linear_schedule_with_warmup(optimizer, int(settings.warmup * steps), steps + warmup_steps)
     sync(torch, device)
     load_s = time.perf_counter() - t0
-    use_bf16 = device.type == "cuda"
+    teacher_dtype = autocast_dtype(device, "auto")  # online: the teacher stage's default precision
     steps_taken = 0
 
     def step(batch) -> None:
@@ -348,7 +380,8 @@ def student_worker(cfg: dict) -> dict:
         if teacher is not None:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             inputs = {k: batch[k] for k in ("input_ids", "token_type_ids", "attention_mask")}
-            with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            with torch.no_grad(), torch.autocast(device_type=device.type, dtype=teacher_dtype or torch.bfloat16,
+                                                 enabled=teacher_dtype is not None):
                 t_out = teacher(**inputs)
             batch["teacher_start"], batch["teacher_end"] = t_out.start_logits, t_out.end_logits
         train_step(student, batch, optimizer, scheduler, settings, steps_taken, device)
@@ -368,7 +401,7 @@ def student_worker(cfg: dict) -> dict:
     loader = DataLoader(stream, batch_size=None, num_workers=cfg["num_workers"], pin_memory=device.type == "cuda",
                         generator=torch.Generator().manual_seed(cfg["seed"]))
     cpu0, children0 = cpu_seconds(), cpu_seconds(resource.RUSAGE_CHILDREN)
-    waits, computes, features = [], [], 0
+    waits, computes, features, real_tokens, padded_tokens = [], [], 0, 0, 0
     t = time.perf_counter()
     it = iter(loader)
     while True:
@@ -383,6 +416,8 @@ def student_worker(cfg: dict) -> dict:
         if device.type != "cuda":  # per-step compute time only where it costs no extra sync
             computes.append(time.perf_counter() - tc)
         features += len(batch["input_ids"])
+        real_tokens += int(batch["attention_mask"].sum())
+        padded_tokens += batch["attention_mask"].numel()
     sync(torch, device)
     epoch_s = time.perf_counter() - t
     del it, loader
@@ -393,6 +428,9 @@ def student_worker(cfg: dict) -> dict:
         "mode": mode, "learning_rate": cfg["learning_rate"], "device": device_name(torch, device),
         "steps": len(waits), "features": features, "batch_size": cfg["batch_size"],
         "num_workers": cfg["num_workers"], "student_layers": list(cfg["student_layers"]),
+        "precision": precision_name(training_dtype(device, settings.precision)),
+        "group_by_length": settings.group_by_length,
+        "padding_fraction": 1 - real_tokens / padded_tokens if padded_tokens else None,
         "load_s": load_s, "warmup_steps": warmup_steps, "warmup_s": warmup_s,
         "epoch_s": epoch_s,
         "run_s": load_s + epoch_s,  # a one-epoch run after interpreter start: models, data plan, the epoch

@@ -48,14 +48,20 @@ DEFAULT_DATA = ROOT.parent / "shared" / "data" / "squad2-sample.json"
 DEFAULT_OUT = ROOT / "bench" / "out" / "performance"
 SWEEP_LEARNING_RATES = [1e-5, 3e-5, 5e-5, 1e-4]
 TARGETS = {"teacher_speedup": 2.0, "offline_vs_online": 0.6, "streaming_overhead": 0.03,
-           "memory_growth_10x": 0.10, "shard_vs_fp16": 0.5}
+           "memory_growth_10x": 0.10, "shard_vs_fp16": 0.5, "student_step_speedup": 1.5}
+# Row 2b: the student step in each precision and batch plan (offline mode, one learning rate); the first is
+# the step before `student.precision` and `student.group_by_length` existed, the reference of the ratios.
+STEP_VARIANTS = {"float32, random batches": ("float32", False), "bfloat16, random batches": ("bfloat16", False),
+                 "float32, grouped by length": ("float32", True), "bfloat16, grouped by length": ("bfloat16", True)}
 
 # Sizes: `full` is the reported benchmark; `quick` is a smoke test. shard_size None =
 # params.yaml's default (4000 features), as in production: every main-set shard is much larger than a batch.
 FULL = {"examples": 100, "shard_size": None, "batch_size": 16, "warmup_steps": 1, "sweep_runs": 4, "hard_runs": 3,
+        "variant_runs": 2,
         "teacher_repeats": 2, "scale_examples": None, "scale_shard_size": 500, "scale_batch_size": 32,
         "scale_factor": 10, "scale_hidden": 32}
 QUICK = {"examples": 8, "shard_size": 4, "batch_size": 4, "warmup_steps": 1, "sweep_runs": 1, "hard_runs": 1,
+         "variant_runs": 1,
          "teacher_repeats": 1, "scale_examples": 60, "scale_shard_size": 40, "scale_batch_size": 32,
          "scale_factor": 10, "scale_hidden": 32}
 
@@ -389,6 +395,16 @@ def run(args) -> dict:
             if i < (sizes["hard_runs"] if mode == "hard" else sizes["sweep_runs"]):
                 runs[mode].append(runner(f"student-{mode}-lr{lr:g}", {**student_cfg, "mode": mode, "learning_rate": lr}))
 
+    # --- 2b. the student step per precision and batch plan, interleaved in rotating order ---
+    variant_runs = {name: [] for name in STEP_VARIANTS}
+    names = list(STEP_VARIANTS)
+    for i in range(sizes["variant_runs"]):
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            precision, grouped = STEP_VARIANTS[name]
+            variant_runs[name].append(runner(f"student-{precision}-{'grouped' if grouped else 'random'}", {
+                **student_cfg, "mode": "offline", "learning_rate": 3e-5, "precision": precision,
+                "group_by_length": grouped}))
+
     # --- 5. the real student stage at 1x and 10x the data ---
     scale_examples = examples if not sizes["scale_examples"] else examples[: sizes["scale_examples"]]
     scale1, scale_model = work / "scale-1x", make_scale_model(work / "scale-model", tokenizer, teacher_dir,
@@ -423,7 +439,7 @@ def run(args) -> dict:
                      "scale_batch_size": sizes["scale_batch_size"], "teacher_repeats": sizes["teacher_repeats"],
                      "scale_features_1x": stage["1x"]["features"], "scale_factor": factor,
                      "scale_shard_size": sizes["scale_shard_size"]},
-        "teacher": teacher, "shards": shards, "student_runs": runs, "stage": stage,
+        "teacher": teacher, "shards": shards, "student_runs": runs, "step_variant_runs": variant_runs, "stage": stage,
     }
     results["summary"] = summarise(results, sizes["sweep_runs"])
     results["wall_s"] = time.perf_counter() - started
@@ -445,9 +461,9 @@ def compute_scale_logits(folder: Path, model_dir: Path, tokenizer, max_batch: in
     model = load_qa_model(str(model_dir)).to(device).eval()
     params = Params()
     params.teacher.batch_size, params.teacher.max_tokens_per_batch = max_batch, max_tokens
-    key_parts = {"teacher": weights_fingerprint(model), "vocab": vocab_fingerprint(tokenizer)}
+    teacher_identity = {"teacher": weights_fingerprint(model), "vocab": vocab_fingerprint(tokenizer)}
     with chdir(folder), torch.inference_mode():
-        run_split(model, tokenizer, "train", params, key_parts, device)
+        run_split(model, tokenizer, "train", params, teacher_identity, device)
 
 
 def machine(torch, threads: int) -> dict:
@@ -467,11 +483,16 @@ def machine(torch, threads: int) -> dict:
         info["memory_gb"] = round(psutil.virtual_memory().total / 1024**3, 1)
     except ImportError:
         pass
+    from pipeline.inference import autocast_dtype, precision_name
+    from pipeline.params import StudentParams
+
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
-        info["precision"] = "students bf16 autocast"
-    else:
-        info["precision"] = "students fp32"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    defaults = StudentParams()
+    info["precision"] = (f"students {precision_name(autocast_dtype(device, defaults.precision))} "
+                         f"(student.precision: {defaults.precision}) with "
+                         f"{'length-grouped' if defaults.group_by_length else 'random'} batches")
     return info
 
 
@@ -533,7 +554,19 @@ def summarise(r: dict, sweep_runs: int) -> dict:
         "stage_memory_growth": {"main": growth("peak_rss_mb"), "worker": growth("worker_peak_rss_mb"),
                                 "tree_sampled": growth("sampled_peak_tree_rss_mb"), "cuda": growth("peak_cuda_mb")},
         "sweep": sweep,
+        "step_variants": step_variants(r["step_variant_runs"]),
     }
+
+
+def step_variants(runs: dict) -> dict:
+    """Per precision and batch plan: the fastest step (and the median), its speed-up over float32 with random
+    batches, the padding share of the epoch's tokens, peak memory (median run)."""
+    base = minimum([x["step_s"] for x in runs["float32, random batches"]])
+    return {name: {"step_s": minimum([x["step_s"] for x in rs]), "median_step_s": median([x["step_s"] for x in rs]),
+                   "speedup": base / minimum([x["step_s"] for x in rs]), "precision": rs[0]["precision"],
+                   "padding_fraction": rs[0]["padding_fraction"], "epoch_cpu_s": minimum([x["epoch_cpu_s"] for x in rs]),
+                   "peak_rss_mb": median([x["peak_rss_mb"] for x in rs]), "runs": len(rs)}
+            for name, rs in runs.items()}
 
 
 # ---------------------------------------------------------------- report
@@ -582,6 +615,7 @@ def verdict(ok) -> str:
 
 def markdown(r: dict) -> str:
     s, st, sm, t, sh = r["summary"], r["settings"], r["summary"]["student"], r["teacher"], r["shards"]
+    sv = s["step_variants"]
     mc = r["machine"]
     precision = t.get("precision", "float32")  # the teacher stage's autocast dtype (`teacher.precision: auto`)
     factor = st["scale_factor"]
@@ -615,6 +649,10 @@ def markdown(r: dict) -> str:
         f"| 2 | student step, s (streamed logits vs hard labels) | {fmt(sm['offline']['step_s'], 3)} | "
         f"{fmt(sm['hard']['step_s'], 3)} | {pct(s['streaming_overhead_step'])} | <= +3% | "
         f"{verdict(s['streaming_overhead_step'] <= TARGETS['streaming_overhead'])} |",
+        f"| 2b | student step, s: bfloat16 + grouped batches vs float32 + random batches | "
+        f"{fmt(sv['bfloat16, grouped by length']['step_s'], 3)} | {fmt(sv['float32, random batches']['step_s'], 3)} | "
+        f"{sv['bfloat16, grouped by length']['speedup']:.2f}x faster | >= 1.5x | "
+        f"{verdict(sv['bfloat16, grouped by length']['speedup'] >= TARGETS['student_step_speedup'])} |",
         f"| 3 | student peak RSS, MB (main process) | {fmt(sm['offline']['peak_rss_mb'], 0)} (offline) | "
         f"{fmt(sm['online']['peak_rss_mb'], 0)} (online) | {sm['offline']['peak_rss_mb'] / sm['online']['peak_rss_mb']:.2f}x | – | |",
         f"| 4 | logits shard size, bytes/feature | {fmt(sh['bytes_per_feature'], 0)} | "
@@ -677,6 +715,20 @@ def markdown(r: dict) -> str:
         "*step s* = (epoch - first batch) / (steps - 1); *data wait* = time the "
         "training loop waited on the DataLoader after the first batch; *first batch* = worker start + first shard "
         "read and decode.",
+        "",
+        "## 2b. Student step: precision and batch plan",
+        "",
+        "Offline mode, one learning rate (3e-05); each variant a fresh process, one warm-up step, one timed epoch, "
+        f"{sv['float32, random batches']['runs']} run(s) each in rotating order; the fastest run's step (median in "
+        "results.json). *Padding* = the share of the epoch's batch tokens that are padding (widths rounded to "
+        "`student.pad_to_multiple_of`). float32 with random batches is the step before `student.precision` and "
+        "`student.group_by_length`.",
+        "",
+        "| precision, batches | autocast | step s | median step s | speed-up | padding | epoch CPU s | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|",
+        *[f"| {name} | {x['precision']} | {fmt(x['step_s'], 3)} | {fmt(x['median_step_s'], 3)} | {x['speedup']:.2f}x | "
+          f"{fmt(100 * x['padding_fraction'] if x['padding_fraction'] is not None else None)}% | "
+          f"{fmt(x['epoch_cpu_s'])} | {fmt(x['peak_rss_mb'], 0)} |" for name, x in sv.items()],
         "",
         "## 4. Logits shards",
         "",

@@ -49,3 +49,21 @@ def pad_logits(rows: list[np.ndarray], width: int) -> torch.Tensor:
     for i, r in enumerate(rows):
         out[i, : len(r)] = r
     return torch.from_numpy(out)
+
+
+def length_grouped_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator,
+                           group_batches: int) -> list[np.ndarray]:
+    """Row indices cut into batches of rows of similar length, the batches in random order.
+
+    A random permutation of the rows is cut into groups of `group_batches` batches; each group is sorted by
+    length and cut into batches; then all batches are shuffled. Which rows meet in a batch still changes every
+    epoch (the groups are random), only their lengths are alike, so little of a batch is padding. As with
+    consecutive slices of a permutation, only the last batch can be short: the same number of batches."""
+    order = rng.permutation(len(lengths))
+    span = batch_size * group_batches
+    batches = []
+    for lo in range(0, len(order), span):
+        group = order[lo : lo + span]
+        group = group[np.argsort(-lengths[group], kind="stable")]
+        batches += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]

@@ -48,14 +48,16 @@ def _rng_state() -> dict:
 
 @writes_into("folder")
 def save_checkpoint(folder: Path, ckpt: Checkpoint, model, optimizer, scheduler, rank: int,
-                    curves: tuple[Path, ...] = ()) -> None:
-    """Rank 0 writes weights, optimizer and copies of `curves`; every rank writes its own RNG state."""
+                    curves: tuple[Path, ...] = (), scaler=None) -> None:
+    """Rank 0 writes weights, optimizer (and float16's gradient scaler) and copies of `curves`; every rank
+    writes its own RNG state."""
     staging = begin_staging(folder) if rank == 0 else staging_path(folder)
     distributed.barrier()
     torch.save(_rng_state(), staging / f"rng-rank{rank}.pt")
     if rank == 0:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, staging / "model.safetensors")
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, staging / "optimizer.pt")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    **({"scaler": scaler.state_dict()} if scaler is not None else {})}, staging / "optimizer.pt")
         for curve in curves:
             if curve.is_file():
                 (staging / CURVES_DIR).mkdir(exist_ok=True)
@@ -104,8 +106,9 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def load_checkpoint(folder: Path, key: dict, resume: str, model, optimizer, scheduler, rank: int) -> Checkpoint | None:
-    """Restore a matching checkpoint into model/optimizer/scheduler/RNG; None means start from scratch."""
+def load_checkpoint(folder: Path, key: dict, resume: str, model, optimizer, scheduler, rank: int,
+                    scaler=None) -> Checkpoint | None:
+    """Restore a matching checkpoint into model/optimizer/scheduler(/scaler)/RNG; None means start from scratch."""
     found = _latest_complete(folder) if resume != "never" else None
     if found is None:
         if resume == "require":
@@ -131,6 +134,8 @@ def load_checkpoint(folder: Path, key: dict, resume: str, model, optimizer, sche
         opt = torch.load(found / "optimizer.pt", map_location="cpu", weights_only=True)
         optimizer.load_state_dict(opt["optimizer"])
         scheduler.load_state_dict(opt["scheduler"])
+        if scaler is not None:  # same key, so same precision: a float16 checkpoint has its scaler
+            scaler.load_state_dict(opt["scaler"])
         rng = torch.load(rng_path, map_location="cpu", weights_only=True)
     except Exception as exc:  # safetensors, torch's unpickler and load_state_dict raise many types
         detail = (str(exc).strip().splitlines() or [""])[0]

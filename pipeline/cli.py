@@ -18,7 +18,7 @@ import click
 
 from pipeline import __version__
 from pipeline.errors import KdqaError
-from pipeline.paths import STUDENT_MODEL_DIR
+from pipeline.paths import EXPORT_DIR, STUDENT_MODEL_DIR
 
 log = logging.getLogger("kdqa")
 
@@ -88,7 +88,7 @@ Exit codes:
 
 @click.group(cls=KdqaGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES)
 @click.option("--params", "params_path", default="params.yaml", show_default=True, type=click.Path(),
-              help="Parameters file (sections data, prepare, teacher, student, evaluate).")
+              help="Parameters file (sections data, prepare, teacher, student, evaluate, export).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors; no progress bars.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging, including transformers' own.")
 @click.version_option(__version__, prog_name="kdqa")
@@ -96,7 +96,8 @@ Exit codes:
 def cli(ctx, params_path, quiet, verbose):
     """Offline knowledge distillation for extractive QA (SQuAD 2.0).
 
-    Stages, in order (or run them all with `dvc repro`): prepare -> teacher -> student -> evaluate.
+    Stages, in order (or run them all with `dvc repro`): prepare -> teacher -> align -> student -> evaluate, and
+    export (after student: ONNX float32 and int8 for serving).
     Every stage reads params.yaml (or --params FILE) and writes paths relative to the working directory.
     `kdqa COMMAND --help` says what each command reads and writes.
     """
@@ -115,7 +116,7 @@ def prepare(ctx, strict):
     """Tokenize train/dev data into feature shards under data/features/.
 
     \b
-    Reads:  data.train, data.dev, data.unlabeled (hub names or SQuAD JSON), prepare.*, teacher.model's tokenizer
+    Reads:  data.train, data.dev, data.unlabeled (SQuAD JSON, or hub name[:split]), prepare.*, teacher.model's tokenizer
     Writes: data/features/{train,dev}/part-NNNNN.parquet + manifest.json,
             data/features/unlabeled/ (data.unlabeled), data/features/augmented/ (prepare.augment_views),
             data/features/dev_examples.parquet, data/features/report.json
@@ -159,6 +160,27 @@ def teacher(ctx):
         run_teacher(params)
 
 
+@cli.command(short_help="Map the teacher's logits onto the student's tokenizer and windows (data/aligned/).")
+@click.pass_context
+def align(ctx):
+    """Carry the teacher's logits onto the student's own features when its tokenizer or windows differ.
+
+    \b
+    Reads:  data/features/train, data/teacher/train, data.*, prepare.*, student.model (its tokenizer),
+            student.max_seq_len, student.doc_stride
+    Writes: data/aligned/manifest.json; when the student's tokenizer or windows differ from the teacher's,
+            also data/aligned/features/{train,dev}/ (the student's own features) and
+            data/aligned/teacher/train/ (the teacher's targets over the student's tokens)
+
+    The teacher is not run again: its logits go through character offsets onto the student's tokens.
+    """
+    from pipeline.align import run_align
+
+    params = _load(ctx, "data", "prepare", "student")
+    with _stage("align", params):
+        run_align(params)
+
+
 @cli.command(short_help="Train the student on the stored logits; save models/student/.")
 @click.option("--resume/--no-resume", default=None,
               help="--resume: continue from the checkpoint (error if none); --no-resume: start over. "
@@ -169,6 +191,7 @@ def student(ctx, resume):
 
     \b
     Reads:  data/features/train (and dev, for the model card's scores), data/teacher/train, student.*;
+            a student of another tokenizer or windows: data/aligned/ instead (`kdqa align` first)
             with student.extra_ratio > 0, the unlabeled/augmented splits' features and logits too
     Writes: models/student/ (safetensors weights, tokenizer, README.md model card, kdqa_training.json),
             logs/student/train.tsv and eval.tsv (curves for `dvc plots`),
@@ -194,7 +217,8 @@ def evaluate(ctx, model_dir):
     """Score a model (and the teacher's stored logits) on the dev set with official SQuAD 2.0 metrics.
 
     \b
-    Reads:  --model (default models/student), data/features/dev, data/features/dev_examples.parquet,
+    Reads:  --model (default models/student), data/features/dev (data/aligned/features/dev for a model of
+            the tokenizer `kdqa align` made them for), data/features/dev_examples.parquet,
             data/teacher/dev (if present), evaluate.*
     Writes: metrics/eval.json, metrics/teacher.json (teacher, same post-processing),
             results/predictions.json, results/na_probs.json, results/forced_predictions.json
@@ -206,21 +230,49 @@ def evaluate(ctx, model_dir):
         run_evaluate(params, Path(model_dir))
 
 
+@cli.command(short_help="Export the student to ONNX (float32, int8), checked on dev.")
+@click.option("--model", "model_dir", default=str(STUDENT_MODEL_DIR), show_default=True,
+              type=click.Path(path_type=Path), help="Model to export.")
+@click.option("--out", "out_dir", default=str(EXPORT_DIR), show_default=True, type=click.Path(path_type=Path),
+              help="Folder to write.")
+@click.pass_context
+def export(ctx, model_dir, out_dir):
+    """Export a model to ONNX for serving: float32 and (export.int8) dynamic int8, scored on dev first.
+
+    \b
+    Reads:  --model (default models/student), data/features/dev, data/features/dev_examples.parquet,
+            export.*, evaluate.* (post-processing, as `kdqa evaluate`)
+    Writes: models/student-onnx/ (--out: model.onnx, model-int8.onnx, config.json, tokenizer, README.md,
+            kdqa_export.json), metrics/export.json (EM/F1 per precision beside the PyTorch model's)
+
+    Fails, publishing nothing, if the float32 model's logits differ from PyTorch's by more than float
+    rounding, or if the int8 model's dev F1 is more than export.max_f1_drop below the PyTorch model's.
+    """
+    from pipeline.export import run_export
+
+    params = _load(ctx, "export")
+    with _stage("export", params):
+        run_export(params, model_dir, out_dir)
+
+
 @cli.command(short_help="Answer one question about one passage with any QA model.")
 @click.option("--model", required=True, help="Model directory or hub name (any extractive QA model).")
 @click.option("--question", required=True)
 @click.option("--context", required=True, help="The passage; long ones are read in overlapping windows.")
 @click.option("--null-threshold", default=0.0, show_default=True, type=float,
               help="Answer \"no answer\" when null score - best span score exceeds this.")
+@click.option("--precision", type=click.Choice(["float32", "int8"]), default=None,
+              help="Which model of an ONNX export (`kdqa export`) to run [default: float32].")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of text.")
-def predict(model, question, context, null_threshold, as_json):
+def predict(model, question, context, null_threshold, precision, as_json):
     """Answer one question about one passage; prints the answer and its score, or "no answer".
 
-    Reads only --model (a directory or hub name); params.yaml is not used.
+    Reads only --model (a directory or hub name, or an ONNX export folder, run with ONNX Runtime);
+    params.yaml is not used.
     """
     from pipeline.qa import QuestionAnswerer
 
-    answer = QuestionAnswerer(model, null_threshold=null_threshold)(question, context)
+    answer = QuestionAnswerer(model, null_threshold=null_threshold, precision=precision)(question, context)
     if as_json:
         click.echo(json.dumps({"answer": answer.text, "score": answer.score,
                                "no_answer_probability": answer.no_answer_probability, "best_span": answer.span_text}))

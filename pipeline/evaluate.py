@@ -113,6 +113,7 @@ def run_evaluate(params, model_dir: Path = STUDENT_MODEL_DIR) -> dict:
     from pipeline import distributed
     from pipeline.fingerprints import check_model_vocabulary, check_teacher_logits
     from pipeline.models import load_qa_model, load_tokenizer
+    from pipeline.student_data import evaluation_features
 
     from pipeline.shards import verify_shards
 
@@ -125,7 +126,13 @@ def run_evaluate(params, model_dir: Path = STUDENT_MODEL_DIR) -> dict:
     if model_dir == STUDENT_MODEL_DIR and not model_dir.exists():
         raise KdqaError(f"{model_dir}: no model there yet (run `kdqa student`, or give --model a model folder)")
     tokenizer = load_tokenizer(str(model_dir))
-    check_model_vocabulary(tokenizer, str(model_dir), features_manifest, features_dir)
+    # A student of another tokenizer or other windows reads its own dev features (`kdqa align`); the teacher's
+    # scores stay on the teacher's.
+    student_features = evaluation_features(tokenizer)
+    student_manifest = features_manifest
+    if student_features != features_dir:
+        student_manifest = verify_shards(student_features, "kdqa align")
+    check_model_vocabulary(tokenizer, str(model_dir), student_manifest, student_features)
     device = distributed.device()
     model = load_qa_model(str(model_dir)).to(device)
 
@@ -134,7 +141,7 @@ def run_evaluate(params, model_dir: Path = STUDENT_MODEL_DIR) -> dict:
         teacher_metrics = score_logit_shards(features_dir, teacher_dir, params)
         log.info("teacher on dev: EM %.2f F1 %.2f (forced span F1 %.2f)", teacher_metrics["exact"],
                  teacher_metrics["f1"], teacher_metrics.get("HasAns_f1_forced", float("nan")))
-    metrics, preds, na_probs, forced = evaluate_model(model, tokenizer.pad_token_id, features_dir, params, device)
+    metrics, preds, na_probs, forced = evaluate_model(model, tokenizer.pad_token_id, student_features, params, device)
     outputs = {PREDICTIONS: preds, NA_PROBS: na_probs,
                FORCED_PREDICTIONS: forced, EVAL_METRICS: metrics}
     if has_teacher:

@@ -39,5 +39,5 @@ def check_model_vocabulary(tokenizer, name: str, features_manifest: dict, featur
         raise KdqaError(
             f"{name}: its tokenizer differs from the one {features_dir} was prepared with "
             f"({features_manifest.get('tokenizer')}): the token ids would mean other words to it; evaluate a model "
-            "that shares that tokenizer, or run `kdqa prepare` with this model's tokenizer"
+            "that shares that tokenizer, or give it features of its own: `kdqa align` with student.model set to it"
         )

@@ -6,6 +6,7 @@ logits for the same features.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ INFERENCE_COLUMNS = ["feature_id", "input_ids", "token_type_ids", "context_start
 PRECISIONS = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}
 
 
+@functools.cache  # asked on every training step
 def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX: the CPU multiplies bfloat16 in hardware (elsewhere it is emulated, and slower)."""
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu, private but long-standing
@@ -59,9 +61,10 @@ def length_aware_batches(lengths: np.ndarray, max_batch: int, max_tokens: int) -
 @torch.inference_mode()
 def model_logits(model, input_ids: list[np.ndarray], token_type_ids: list[np.ndarray], context_start, context_end,
                  pad_token_id: int, device: torch.device, max_batch: int, max_tokens: int,
-                 dtype: torch.dtype | None | str = "default"):
+                 dtype: torch.dtype | None | str = "default", logits_dtype: torch.dtype = torch.float16):
     """Start/end logits (float16, real tokens only) for each feature, in the given order. dtype: the autocast
-    dtype (None = float32); "default" = `default_autocast(device)`."""
+    dtype (None = float32); "default" = `default_autocast(device)`. logits_dtype: float32 to compare models
+    at full precision (the ONNX export's check)."""
     lengths = np.fromiter((len(x) for x in input_ids), dtype=np.int64, count=len(input_ids))
     start_out: list = [None] * len(input_ids)
     end_out: list = [None] * len(input_ids)
@@ -73,7 +76,7 @@ def model_logits(model, input_ids: list[np.ndarray], token_type_ids: list[np.nda
         with torch.autocast(device_type=device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             out = model(**inputs)
         # One device->host copy per batch (both heads stacked, already float16): the only sync.
-        both = torch.stack([out.start_logits, out.end_logits]).to(torch.float16).cpu().numpy()
+        both = torch.stack([out.start_logits, out.end_logits]).to(logits_dtype).cpu().numpy()
         for j, row in enumerate(rows):
             n = lengths[row]
             start_out[row] = both[0, j, :n]
@@ -82,7 +85,7 @@ def model_logits(model, input_ids: list[np.ndarray], token_type_ids: list[np.nda
 
 
 def shard_logits(model, features_path: Path, pad_token_id: int, device: torch.device, max_batch: int, max_tokens: int,
-                 dtype: torch.dtype | None | str = "default"):
+                 dtype: torch.dtype | None | str = "default", logits_dtype: torch.dtype = torch.float16):
     """(feature ids, start logits, end logits) for one features shard, in the shard's row order."""
     table = read_table(features_path, columns=INFERENCE_COLUMNS)
     start, end = model_logits(
@@ -91,6 +94,6 @@ def shard_logits(model, features_path: Path, pad_token_id: int, device: torch.de
         list_column_to_numpy(table.column("token_type_ids"), np.int64),
         table.column("context_start").to_numpy(),
         table.column("context_end").to_numpy(),
-        pad_token_id, device, max_batch, max_tokens, dtype,
+        pad_token_id, device, max_batch, max_tokens, dtype, logits_dtype,
     )
     return table.column("feature_id").to_pylist(), start, end

@@ -9,7 +9,7 @@ import numpy as np
 
 from pipeline.errors import KdqaError
 from pipeline.features import NO_LABEL
-from pipeline.paths import FEATURES_DIR
+from pipeline.paths import ALIGNED_FEATURES_DIR, ALIGNED_TARGETS_DIR, FEATURES_DIR
 from pipeline.shards import features_fingerprint, list_column_to_numpy, list_shards, read_json, read_table, shard_rows
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,9 @@ def inspect_folder(folder: Path, features_dir: Path | None = None) -> dict:
     is_logits = "start_logits" in read_table(shards[0]).column_names
     if not is_logits:
         return info
-    features_dir = features_dir or FEATURES_DIR / folder.name
+    if features_dir is None:  # aligned targets sit beside the student's own features, logits beside prepare's
+        aligned = folder.resolve().parent == ALIGNED_TARGETS_DIR.resolve()
+        features_dir = (ALIGNED_FEATURES_DIR if aligned else FEATURES_DIR) / folder.name
     if not list_shards(features_dir):
         return info
     made_for = manifest.get("fingerprint_parts", {}).get("features")
@@ -56,8 +58,9 @@ def inspect_folder(folder: Path, features_dir: Path | None = None) -> dict:
                                                                    "start_position", "end_position"])
         if logits.column("feature_id") != features.column("feature_id"):
             raise KdqaError(f"{shard}: feature ids do not match {features_dir / shard.name}")
-        starts = list_column_to_numpy(logits.column("start_logits"), np.float32)
-        ends = list_column_to_numpy(logits.column("end_logits"), np.float32)
+        # Aligned targets hold NaN where no teacher window saw a token: no mass there.
+        starts = [np.nan_to_num(x, nan=-np.inf) for x in list_column_to_numpy(logits.column("start_logits"), np.float32)]
+        ends = [np.nan_to_num(x, nan=-np.inf) for x in list_column_to_numpy(logits.column("end_logits"), np.float32)]
         context_start, context_end = (features.column(c).to_numpy() for c in ("context_start", "context_end"))
         gold_start, gold_end = (features.column(c).to_numpy() for c in ("start_position", "end_position"))
         for i in range(len(starts)):

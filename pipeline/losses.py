@@ -61,15 +61,18 @@ def distillation_loss(
     teacher_end: torch.Tensor | None,
     temperature: float,
     weight: float,
+    teacher_mask: torch.Tensor | None = None,
 ) -> LossParts:
-    """The student's loss; with weight 0 (or no teacher logits) it is plain supervised fine-tuning."""
+    """The student's loss; with weight 0 (or no teacher logits) it is plain supervised fine-tuning.
+    `teacher_mask` (aligned targets only): False where the teacher has no value; left out of the KL."""
     ce = (masked_ce(student_start, start_positions, answer_mask) + masked_ce(student_end, end_positions, answer_mask)) / 2
     labelled = (start_positions != NO_LABEL).sum()
     if weight == 0 or teacher_start is None:
         return LossParts(total=ce, kd=torch.zeros_like(ce), ce=ce, labelled=labelled)
+    kd_mask = answer_mask if teacher_mask is None else answer_mask & teacher_mask
     kd = (
-        masked_kl(student_start, teacher_start, answer_mask, temperature)
-        + masked_kl(student_end, teacher_end, answer_mask, temperature)
+        masked_kl(student_start, teacher_start, kd_mask, temperature)
+        + masked_kl(student_end, teacher_end, kd_mask, temperature)
     ) / 2
     total = weight * temperature**2 * kd + (1 - weight) * ce
     return LossParts(total=total, kd=kd, ce=ce, labelled=labelled)

@@ -78,8 +78,9 @@ def check_sequence_length(model, max_seq_len: int, name: str) -> None:
                         f"prepare.max_seq_len {max_seq_len}; lower it and run `kdqa prepare` again")
 
 
-def check_position_table(name: str, max_seq_len: int, trust_remote_code: bool = False) -> None:
-    """Before features are written: `prepare.max_seq_len` must fit the model's position table (its config)."""
+def check_position_table(name: str, max_seq_len: int, trust_remote_code: bool = False,
+                         key: str = "prepare.max_seq_len") -> None:
+    """Before features are written: `max_seq_len` (params `key`) must fit the model's position table (its config)."""
     from transformers import AutoConfig
 
     try:
@@ -88,8 +89,8 @@ def check_position_table(name: str, max_seq_len: int, trust_remote_code: bool = 
         return  # no readable config: the teacher stage, which loads the model, reports it
     limit = getattr(config, "max_position_embeddings", None)
     if isinstance(limit, int) and max_seq_len > limit:
-        raise KdqaError(f"params: prepare.max_seq_len {max_seq_len} is longer than {name} reads ({limit} positions); "
-                        f"lower prepare.max_seq_len to at most {limit}")
+        raise KdqaError(f"params: {key} {max_seq_len} is longer than {name} reads ({limit} positions); "
+                        f"lower {key} to at most {limit}")
 
 
 def vocab_fingerprint(tokenizer) -> str:

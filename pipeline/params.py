@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DataParams:
-    # A datasets-hub name (split `train` / `validation`) or a path to a SQuAD-format JSON file.
+    # A path to a SQuAD-format JSON file, or a datasets-hub name: `squad_v2` (split train / validation) or
+    # `squad_v2:SPLIT` with datasets' split syntax, e.g. `squad_v2:train[:2%]` for the first 2% of train.
     train: str = "squad_v2"
     dev: str = "squad_v2"
     # Question + context pairs only the teacher labels (their answers, if any, are ignored): SQuAD-format JSON
@@ -64,6 +65,10 @@ class TeacherParams:
 class StudentParams:
     model: str = "prajjwal1/bert-medium"
     init_layers: list[int] | None = None  # build the student from these layers of `model` (DistilBERT-style)
+    # The student's own windows (null: the teacher's, prepare.*). With them or a tokenizer other than the
+    # teacher's, `kdqa align` carries the teacher's logits onto the student's features (pipeline/align.py).
+    max_seq_len: int | None = None
+    doc_stride: int | None = None
     batch_size: int = 6  # per process
     epochs: int = 2
     learning_rate: float = 3e-5
@@ -76,6 +81,12 @@ class StudentParams:
     # Batch width rounded up to a multiple of this many tokens: few distinct shapes keep the training
     # process's memory flat (bench/performance.py measures it) and suit tensor cores; 1 = exact.
     pad_to_multiple_of: int = 8
+    # Rows of similar length share a batch (random groups of rows sorted by length, batches in random order):
+    # far less padding to compute on than random batches of SQuAD windows (bench/performance.py).
+    group_by_length: bool = True
+    # auto = bfloat16 autocast where the hardware computes it (CUDA, AVX512-BF16/AMX CPUs), else float32; or
+    # bfloat16 | float16 (CUDA only: needs a gradient scaler) | float32. Weights and optimizer stay float32.
+    precision: str = "auto"
     seed: int = 42
     max_steps: int | None = None  # optional cap on optimizer steps, for quick runs
     checkpoint_every: int = 2000  # steps between resumable checkpoints, plus one after the last step (0: none)
@@ -99,12 +110,20 @@ class EvaluateParams:
 
 
 @dataclass
+class ExportParams:
+    int8: bool = True  # also write model-int8.onnx (dynamic quantisation); float32 model.onnx is always written
+    opset: int = 20  # ONNX opset of the exported graph (torch's exporter implements 18 and up)
+    max_f1_drop: float = 1.0  # the stage fails if the int8 model's dev F1 is this much below the PyTorch student's
+
+
+@dataclass
 class Params:
     data: DataParams = field(default_factory=DataParams)
     prepare: PrepareParams = field(default_factory=PrepareParams)
     teacher: TeacherParams = field(default_factory=TeacherParams)
     student: StudentParams = field(default_factory=StudentParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    export: ExportParams = field(default_factory=ExportParams)
 
 
 # Allowed range of each numeric knob, inclusive (None: unbounded); below or above it a stage cannot run or
@@ -119,12 +138,14 @@ _RANGES = {
     "student.temperature": (0, None, True), "student.distillation_weight": (0, 1), "student.dropout": (0, 1),
     "student.max_steps": (1, None), "student.checkpoint_every": (0, None), "student.log_every": (0, None),
     "student.eval_every": (0, None), "student.num_workers": (0, None), "student.seed": (0, None),
-    "student.pad_to_multiple_of": (1, None),
+    "student.pad_to_multiple_of": (1, None), "student.max_seq_len": (8, None), "student.doc_stride": (1, None),
     "evaluate.n_best": (1, None), "evaluate.max_answer_len": (1, None), "evaluate.batch_size": (1, None),
+    "export.opset": (18, None), "export.max_f1_drop": (0, None),
 }
 
 
-_CHOICES = {"teacher.precision": ("auto", "bfloat16", "float16", "float32")}
+_CHOICES = {"teacher.precision": ("auto", "bfloat16", "float16", "float32"),
+            "student.precision": ("auto", "bfloat16", "float16", "float32")}
 # Knobs that are lists of distinct strings, with the allowed values (None: any non-empty string).
 _STRING_LISTS = {"data.unlabeled": None, "prepare.augment_kinds": AUGMENT_KINDS, "student.extra_splits": EXTRA_SPLITS}
 
@@ -201,8 +222,8 @@ def load_params(path: str | Path = "params.yaml", sections: tuple[str, ...] = ()
         if str(path) != "params.yaml":
             raise KdqaError(f"{path}: params file not found")
         if sections:
-            log.warning("%s not found: every setting is its default (the reference configuration of kdqa's own "
-                        "params.yaml); %s", path, _defaults(sections))
+            log.warning("%s not found: every setting is its default (the values of kdqa's own params.yaml); %s",
+                        path, _defaults(sections))
         return Params()
     if path.is_dir():
         raise KdqaError(f"{path}: is a folder; --params takes a YAML file (e.g. params.yaml)")

@@ -28,6 +28,11 @@ TEACHER_DIR = Path("data/teacher")  # one folder of logits per features split, +
 TEACHER_WORK_DIR = Path(".kdqa/teacher-work")  # finished shards of an unfinished run, outside the DVC output
 TEACHER_CACHE_DIR = Path(".kdqa/teacher-cache")  # every logits shard computed here, by content (logits_cache.py)
 
+# align: a student's own features and the teacher's targets on them (when its tokenizer or windows differ)
+ALIGNED_DIR = Path("data/aligned")  # manifest.json; features/{train,dev}/ and teacher/train/ when aligned
+ALIGNED_FEATURES_DIR = ALIGNED_DIR / "features"  # {train,dev}: tokenized with the student's tokenizer and windows
+ALIGNED_TARGETS_DIR = ALIGNED_DIR / "teacher"  # train: the teacher's targets over the student's tokens
+
 # student
 STUDENT_MODEL_DIR = Path("models/student")
 CHECKPOINT_DIR = Path("checkpoints/student")
@@ -41,6 +46,10 @@ RESULTS_DIR = Path("results")
 PREDICTIONS = RESULTS_DIR / "predictions.json"
 NA_PROBS = RESULTS_DIR / "na_probs.json"
 FORCED_PREDICTIONS = RESULTS_DIR / "forced_predictions.json"
+
+# export
+EXPORT_DIR = Path("models/student-onnx")  # ONNX float32 + int8, tokenizer, model card, kdqa_export.json
+EXPORT_METRICS = METRICS_DIR / "export.json"  # dev scores per precision beside the PyTorch student's
 
 
 def staging_path(final: Path) -> Path:

@@ -19,27 +19,43 @@ import tempfile
 from pathlib import Path
 
 from pipeline.errors import KdqaError
+from pipeline.paths import (
+    ALIGNED_DIR,
+    CHECKPOINT_DIR,
+    DEV_EXAMPLES,
+    FEATURES_DIR,
+    EXPORT_DIR,
+    METRICS_DIR,
+    RESULTS_DIR,
+    STUDENT_LOG_DIR,
+    STUDENT_MODEL_DIR,
+    TEACHER_DIR,
+    TEACHER_WORK_DIR,
+    staging_path,
+)
 from pipeline.write_errors import describe, existing_parent
 
 log = logging.getLogger(__name__)
 
-FEATURES, TEACHER, WORK = Path("data/features"), Path("data/teacher"), Path(".kdqa/teacher-work")
-MODEL, CHECKPOINTS, LOGS = Path("models/student"), Path("checkpoints/student"), Path("logs/student")
-METRICS, RESULTS = Path("metrics"), Path("results")
-
-# The folders each stage writes into (it replaces the ones it publishes whole by renaming a staging folder).
+# The folders each stage writes into.
 OUTPUTS = {
-    "prepare": (FEATURES / "train", FEATURES / "dev", FEATURES),
-    "teacher": (TEACHER / "train", TEACHER / "dev", WORK / "train", WORK / "dev"),
-    "student": (MODEL, CHECKPOINTS, LOGS),
-    "evaluate": (METRICS, RESULTS),
+    "prepare": (FEATURES_DIR / "train", FEATURES_DIR / "dev", FEATURES_DIR),
+    "teacher": (TEACHER_DIR / "train", TEACHER_DIR / "dev", TEACHER_WORK_DIR / "train", TEACHER_WORK_DIR / "dev"),
+    "align": (ALIGNED_DIR,),
+    "student": (STUDENT_MODEL_DIR, CHECKPOINT_DIR, STUDENT_LOG_DIR),
+    "evaluate": (METRICS_DIR, RESULTS_DIR),
+    "export": (EXPORT_DIR, METRICS_DIR),
 }
-# Staging folders beside them: `.NAME.partial` (features, logits, model) and `NAME.partial` (checkpoint).
-STAGING = {
-    "prepare": (FEATURES / ".train.partial", FEATURES / ".dev.partial"),
-    "teacher": (TEACHER / ".train.partial", TEACHER / ".dev.partial"),
-    "student": (MODEL.with_name(f".{MODEL.name}.partial"), CHECKPOINTS.with_name(f"{CHECKPOINTS.name}.partial")),
+# The ones it writes whole, through a staging folder (paths.staged_folder). Only the staging (`.NAME.partial`)
+# is a leftover: a `.NAME.old` may be the one complete copy left by a crash mid-swap (a checkpoint resumes
+# from it), so it is never touched here.
+STAGED = {
+    "prepare": (FEATURES_DIR / "train", FEATURES_DIR / "dev"),
+    "teacher": (TEACHER_DIR / "train", TEACHER_DIR / "dev"),
+    "align": (ALIGNED_DIR,),
+    "student": (STUDENT_MODEL_DIR, CHECKPOINT_DIR),
     "evaluate": (),
+    "export": (EXPORT_DIR,),
 }
 LOGITS_BYTES_PER_TOKEN = 4  # float16 start + end logit per token, stored as they are (noise barely compresses)
 TRAINING_BYTES_PER_PARAMETER = 4  # float32 weights; AdamW keeps two more copies in the checkpoint
@@ -47,7 +63,7 @@ TRAINING_BYTES_PER_PARAMETER = 4  # float32 weights; AdamW keeps two more copies
 
 def remove_stale_staging(stage: str) -> None:
     """Staging folders and temporary files of the stage's outputs: leftovers of a run that died."""
-    for staging in STAGING[stage]:
+    for staging in map(staging_path, STAGED[stage]):
         if staging.exists():
             log.info("%s: removing what a crashed run left", staging)
             shutil.rmtree(staging, ignore_errors=True)
@@ -115,18 +131,22 @@ def outputs_ready(stage: str, params):
 def space_needed(stage: str, params) -> dict[Path, int]:
     """About what the stage will write, per folder, in bytes: a check for a disk that is plainly too full, not
     a guarantee (0 where it cannot be known beforehand)."""
-    if stage == "prepare":  # features take about as many bytes as the SQuAD JSON (measured: 0.55-0.75x)
-        return {FEATURES: sum(_file_size(s) for s in (params.data.train, params.data.dev))}
+    if stage == "prepare":  # features take fewer bytes than the SQuAD JSON they come from
+        return {FEATURES_DIR: sum(_file_size(s) for s in (params.data.train, params.data.dev))}
     if stage == "teacher":  # logits go to the work folder, then are copied into data/teacher
-        tokens = sum(_tokens(FEATURES / split) for split in ("train", "dev") if not _logits_current(split))
+        tokens = sum(_tokens(FEATURES_DIR / split) for split in ("train", "dev") if not _logits_current(split))
         logits = LOGITS_BYTES_PER_TOKEN * tokens
-        return {WORK: max(0, logits - _bytes_in(WORK)), TEACHER: logits}
+        return {TEACHER_WORK_DIR: max(0, logits - _bytes_in(TEACHER_WORK_DIR)), TEACHER_DIR: logits}
+    if stage == "align":  # the student's own features and targets: about as large as the teacher's, at most
+        return {ALIGNED_DIR: _bytes_in(FEATURES_DIR) + _bytes_in(TEACHER_DIR / "train")}
     if stage == "student":  # the model, and a checkpoint (weights + two AdamW moments) twice while it is swapped
         model = TRAINING_BYTES_PER_PARAMETER * _parameters(params.student.model)
-        checkpoints = max(0, 6 * model - _bytes_in(CHECKPOINTS)) if params.student.checkpoint_every else 0
-        return {MODEL: model, CHECKPOINTS: checkpoints}
+        checkpoints = max(0, 6 * model - _bytes_in(CHECKPOINT_DIR)) if params.student.checkpoint_every else 0
+        return {STUDENT_MODEL_DIR: model, CHECKPOINT_DIR: checkpoints}
     if stage == "evaluate":  # predictions: smaller than the dev examples they answer
-        return {RESULTS: _file_size(str(FEATURES / "dev_examples.parquet"))}
+        return {RESULTS_DIR: _file_size(str(DEV_EXAMPLES))}
+    if stage == "export":  # the float32 graph about the size of the weights, the int8 one about a quarter of it
+        return {EXPORT_DIR: int((1 + params.export.int8 / 4) * _bytes_in(STUDENT_MODEL_DIR))}
     return {}
 
 
@@ -135,8 +155,8 @@ def _logits_current(split: str) -> bool:
     from pipeline.shards import read_json
 
     try:
-        published = read_json(TEACHER / split / "manifest.json").get("fingerprint_parts", {}).get("features")
-        return published == read_json(FEATURES / split / "manifest.json").get("fingerprint")
+        published = read_json(TEACHER_DIR / split / "manifest.json").get("fingerprint_parts", {}).get("features")
+        return published == read_json(FEATURES_DIR / split / "manifest.json").get("fingerprint")
     except (KdqaError, AttributeError):
         return False
 

@@ -115,16 +115,17 @@ def write_dev_examples(examples: list[Example], path: Path) -> None:
     write_table_atomic(table, path, row_group_size=10000)
 
 
-def check_window(params: Params, tokenizer) -> None:
-    """Windows must leave room for context beyond the overlap, even next to the longest allowed question."""
+def check_window(params: Params, tokenizer, section: str = "prepare") -> None:
+    """Windows must leave room for context beyond the overlap, even next to the longest allowed question.
+    `section`: where the user set these windows (the student's own: `student`)."""
     settings = params.prepare
     specials = tokenizer.num_special_tokens_to_add(pair=True)
     room = settings.max_seq_len - settings.max_query_len - specials
     if room <= settings.doc_stride:
         raise KdqaError(
-            f"params: prepare.doc_stride ({settings.doc_stride}) must be less than the context room of a window, "
-            f"max_seq_len - max_query_len - {specials} special tokens = {room}; lower doc_stride or "
-            "max_query_len, or raise max_seq_len"
+            f"params: {section}.doc_stride ({settings.doc_stride}) must be less than the context room of a window, "
+            f"{section}.max_seq_len - prepare.max_query_len - {specials} special tokens = {room}; lower doc_stride "
+            "or max_query_len, or raise max_seq_len"
         )
 
 

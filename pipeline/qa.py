@@ -2,7 +2,8 @@
 
 transformers 5 removed the extractive `question-answering` pipeline; this is kdqa's replacement, built on
 the same windowing (`features.py`) and post-processing (`postprocess.py`) that the evaluation uses, so an
-answer here is exactly what `kdqa evaluate` would score.
+answer here is exactly what `kdqa evaluate` would score. Given an ONNX export folder (`kdqa export`) it
+runs that with ONNX Runtime instead, through the same windowing, batching and post-processing.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pipeline.errors import KdqaError
 from pipeline.features import context_token_counts, tokenize_examples
 from pipeline.inference import model_logits
 from pipeline.models import load_qa_model, load_tokenizer
+from pipeline.onnx_model import is_export, load_onnx_qa_model
 from pipeline.postprocess import WindowLogits, predict_example
 from pipeline.squad_data import Example
 
@@ -38,10 +40,19 @@ NO_ANSWER = Answer("", float("-inf"), 1.0, "")  # what answer_many gives a pair 
 class QuestionAnswerer:
     def __init__(self, model: str, device: str | None = None, max_seq_len: int = 384, doc_stride: int = 128,
                  max_query_len: int = 64, n_best: int = 20, max_answer_len: int = 30, null_threshold: float = 0.0,
-                 batch_size: int = 32, trust_remote_code: bool = False):
+                 batch_size: int = 32, trust_remote_code: bool = False, precision: str | None = None,
+                 threads: int | None = None):
+        """precision, threads: for ONNX exports only (float32 or int8, default float32; ONNX Runtime threads,
+        default one per physical core)."""
+        if is_export(model):
+            self.model = load_onnx_qa_model(model, precision or "float32", threads).to(device or "cpu")
+            self.device = torch.device("cpu")
+        elif precision not in (None, "float32") or threads is not None:
+            raise KdqaError(f"{model}: precision and threads apply to ONNX exports (`kdqa export`), not to PyTorch models")
+        else:
+            self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            self.model = load_qa_model(model, trust_remote_code).to(self.device).eval()
         self.tokenizer = load_tokenizer(model, trust_remote_code)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = load_qa_model(model, trust_remote_code).to(self.device).eval()
         # Never ask for more positions than the model has (small models often have fewer than 384).
         max_seq_len = min(max_seq_len, getattr(self.model.config, "max_position_embeddings", max_seq_len))
         self.max_seq_len, self.doc_stride = max_seq_len, min(doc_stride, max_seq_len // 2)

@@ -46,6 +46,17 @@ LOGITS_SCHEMA = pa.schema(
     ]
 )
 
+# The teacher's targets aligned onto a student's own features (pipeline/alignment.py): the logits columns
+# hold log-probabilities (NaN where no teacher window saw the position), plus what the alignment kept.
+ALIGNED_SCHEMA = pa.schema(
+    [
+        *LOGITS_SCHEMA,
+        ("start_covered", pa.float32()),
+        ("end_covered", pa.float32()),
+        ("teacher_windows", pa.int16()),
+    ]
+)
+
 SHARD_PATTERN = re.compile(r"^part-\d{5}\.parquet$")
 
 FORMATS_FILE = Path(__file__).with_name("formats.yaml")
@@ -184,6 +195,20 @@ def logits_table(feature_ids: list[str], start: list[np.ndarray], end: list[np.n
             "end_logits": list_array(end, pa.float16()),
         },
         schema=LOGITS_SCHEMA,
+    )
+
+
+def aligned_table(feature_ids: list[str], targets: list) -> pa.Table:
+    """Rows of ALIGNED_SCHEMA from `alignment.AlignedTargets`, one per feature."""
+    logits = logits_table(feature_ids, [t.start for t in targets], [t.end for t in targets])
+    return pa.table(
+        {
+            **{name: logits.column(name) for name in logits.column_names},
+            "start_covered": pa.array([t.start_covered for t in targets], type=pa.float32()),
+            "end_covered": pa.array([t.end_covered for t in targets], type=pa.float32()),
+            "teacher_windows": pa.array([t.teacher_windows for t in targets], type=pa.int16()),
+        },
+        schema=ALIGNED_SCHEMA,
     )
 
 

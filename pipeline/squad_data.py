@@ -69,15 +69,23 @@ def is_local_file(source: str) -> bool:
     return source.endswith(".json") or Path(source).exists()
 
 
+def hub_dataset(source: str, split: str) -> tuple[str, str]:
+    """(dataset name, split spec) of a hub source: `squad_v2` reads the split named after the stage's split
+    (train, validation for dev); `squad_v2:train[:2%]` reads that split spec (datasets' split slicing)."""
+    name, _, spec = source.partition(":")
+    return name, spec or {"train": "train", "dev": "validation"}.get(split, split)
+
+
 def read_records(source: str, split: str) -> list[tuple[str, dict, dict]]:
-    """(record location, paragraph, qa) triples of a SQuAD-format JSON path or a datasets-hub name."""
+    """(record location, paragraph, qa) triples of a SQuAD-format JSON path, or of a datasets-hub name with an
+    optional split spec (`hub_dataset`)."""
     if is_local_file(source):
         return _read_squad_json(Path(source))
-    return _read_hub(source, split)
+    return _read_hub(*hub_dataset(source, split))
 
 
 def load_examples(source: str, split: str, strict: bool = False) -> tuple[list[Example], DataReport]:
-    """Examples of one split: `source` is a SQuAD-format JSON path or a datasets-hub name."""
+    """Examples of one split: `source` is a SQuAD-format JSON path or a datasets-hub name (`hub_dataset`)."""
     records = read_records(source, split)
     # Dev questions are scored, not trained on: keep them even when no answer can be located, so the
     # question set (and the gold answers) are exactly what the official evaluation script sees.
@@ -131,14 +139,13 @@ def _missing_or_wrong(record: dict, name: str, expected: str) -> str:
     return f"'{name}' must be {expected}, got {type(record[name]).__name__} {record[name]!r:.40}"
 
 
-def _read_hub(name: str, split: str) -> list[tuple[str, dict, dict]]:
+def _read_hub(name: str, hub_split: str) -> list[tuple[str, dict, dict]]:
     """The hub's flattened layout (id, title, context, question, answers{text, answer_start})."""
     import datasets
 
     from pipeline.hub import OFFLINE_HELP, is_offline, use_cache_only_if_unreachable
 
     use_cache_only_if_unreachable()
-    hub_split = {"train": "train", "dev": "validation"}.get(split, split)
     try:
         ds = datasets.load_dataset(name, split=hub_split)
     except Exception as exc:  # the hub client raises many types; all mean "could not get it"

@@ -2,7 +2,8 @@
 
 The student never holds the dataset in memory: each DataLoader worker reads whole shard pairs, checks that
 their feature ids agree row for row, shuffles the rows of the shard (seeded by seed, epoch and shard) and
-yields batches padded to their longest feature. Shard order is reshuffled every epoch with the same seed
+yields batches padded to their longest feature; with `group_by_length`, rows of similar length share a batch
+and the batches come in random order. Shard order is reshuffled every epoch with the same seed
 on every rank; under DDP each rank takes a disjoint slice of that order. Extra shards (rows only the teacher
 labelled) join the labelled ones epoch by epoch, as pipeline/mixing.py plans.
 """
@@ -17,10 +18,16 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pipeline.batching import pad_batch, pad_logits
+from pipeline.batching import length_grouped_batches, pad_batch, pad_logits
 from pipeline.errors import KdqaError
 from pipeline.mixing import extra_quota, extra_shards_by_epoch
 from pipeline.shards import list_column_to_numpy, list_shards, read_table, shard_rows
+
+LOGITS_COLUMNS = ["feature_id", "start_logits", "end_logits"]  # aligned shards add per-feature diagnostics
+# group_by_length sorts groups of this many batches of random rows by length: enough to remove nearly all the
+# padding that sorting a whole shard would (padding fractions: bench/performance.py), small enough that rows
+# still meet different partners every epoch.
+GROUP_BATCHES = 32
 
 TRAIN_COLUMNS = ["feature_id", "input_ids", "token_type_ids", "context_start", "context_end",
                  "start_position", "end_position"]
@@ -74,12 +81,13 @@ class ShardStream(IterableDataset):
 
     def __init__(self, pairs: list[ShardPair], batch_size: int, seed: int, pad_token_id: int,
                  rank: int = 0, world_size: int = 1, pad_to_multiple_of: int = 1, max_width: int | None = None,
-                 extra: list[ShardPair] = (), extra_ratio: float = 0.0):
+                 group_by_length: bool = False, extra: list[ShardPair] = (), extra_ratio: float = 0.0):
         # `pairs` are the labelled shards, every epoch; `extra` (teacher-labelled rows) join about
         # `extra_ratio` rows per labelled row each epoch, as whole shards (pipeline/mixing.py).
         self.labelled_shards = len(pairs)
         self.pairs = list(pairs) + list(extra)
         self.extra_quota = extra_quota(sum(p.rows for p in pairs), extra_ratio)
+        self.group_by_length = group_by_length
         self.pad_to_multiple_of, self.max_width = pad_to_multiple_of, max_width  # batch width rounding
         self.batch_size = batch_size
         self.seed = seed
@@ -119,7 +127,7 @@ class ShardStream(IterableDataset):
     def shard_batches(self, shard_index: int):
         pair = self.pairs[shard_index]
         features = read_table(pair.features_path, columns=TRAIN_COLUMNS)
-        logits = read_table(pair.logits_path) if pair.logits_path is not None else None
+        logits = read_table(pair.logits_path, columns=LOGITS_COLUMNS) if pair.logits_path is not None else None
         if logits is not None:
             check_feature_ids(pair, features.column("feature_id"), logits.column("feature_id"))
         input_ids = list_column_to_numpy(features.column("input_ids"), np.int64)
@@ -135,9 +143,14 @@ class ShardStream(IterableDataset):
                 if len(ids) != len(ts):
                     raise KdqaError(f"{pair.logits_path}: row {row} has {len(ts)} logits for {len(ids)} tokens")
 
-        order = np.random.default_rng([self.seed, self.epoch, shard_index]).permutation(pair.rows)
-        for lo in range(0, pair.rows, self.batch_size):
-            rows = order[lo : lo + self.batch_size]
+        rng = np.random.default_rng([self.seed, self.epoch, shard_index])
+        if self.group_by_length:
+            lengths = np.fromiter((len(x) for x in input_ids), dtype=np.int64, count=len(input_ids))
+            plan = length_grouped_batches(lengths, self.batch_size, rng, GROUP_BATCHES)
+        else:
+            order = rng.permutation(pair.rows)
+            plan = [order[lo : lo + self.batch_size] for lo in range(0, pair.rows, self.batch_size)]
+        for rows in plan:
             batch = pad_batch([input_ids[i] for i in rows], [token_types[i] for i in rows],
                               context_start[rows], context_end[rows], self.pad_token_id,
                               self.pad_to_multiple_of, self.max_width)
@@ -145,9 +158,19 @@ class ShardStream(IterableDataset):
             batch["end_positions"] = torch.from_numpy(end_positions[rows])
             if logits is not None:
                 width = batch["input_ids"].shape[1]
-                batch["teacher_start"] = pad_logits([t_start[i] for i in rows], width)
-                batch["teacher_end"] = pad_logits([t_end[i] for i in rows], width)
+                batch.update(teacher_targets([t_start[i] for i in rows], [t_end[i] for i in rows], width))
             yield batch
+
+
+def teacher_targets(start: list[np.ndarray], end: list[np.ndarray], width: int) -> dict[str, torch.Tensor]:
+    """The teacher's padded start/end logits; aligned targets (pipeline/alignment.py) hold NaN where no teacher
+    window saw a position, which becomes `teacher_mask` (False there) and a 0 in the logits."""
+    targets = {"teacher_start": pad_logits(start, width), "teacher_end": pad_logits(end, width)}
+    unseen = targets["teacher_start"].isnan() | targets["teacher_end"].isnan()
+    if unseen.any():
+        targets = {k: v.masked_fill(unseen, 0.0) for k, v in targets.items()}
+        targets["teacher_mask"] = ~unseen
+    return targets
 
 
 def verify_alignment(pairs: list[ShardPair]) -> None:

@@ -1,11 +1,12 @@
 """Stage 3, student: train a small QA model on hard labels plus the teacher's streamed logits.
 
-The teacher model is never loaded here: the only teacher input is `data/teacher/train/`, Parquet shards
-of logits whose fingerprint must match the features being trained on. `run_student` is the whole training
-procedure, in three parts: `setup` (check the data, build model, stream, AdamW and the linear warmup/decay
-schedule, resume from a checkpoint), `train` (the loop: `pipeline.training.train_step` on every batch,
-logging, dev curve, checkpoints every `student.checkpoint_every` steps) and `finish` (dev scores, model
-card, save). DDP under torchrun.
+The teacher model is never loaded here: the only teacher input is `data/teacher/train/`, Parquet shards of
+logits whose fingerprint must match the features being trained on (or, for a student of another tokenizer or
+other windows, the teacher's targets that `kdqa align` put on the student's own features: data/aligned/).
+`run_student` is the whole training procedure, in three parts: `setup` (check the data, build model, stream,
+AdamW and the linear warmup/decay schedule, resume from a checkpoint), `train` (the loop:
+`pipeline.training.train_step` on every batch, logging, dev curve, checkpoints every
+`student.checkpoint_every` steps) and `finish` (dev scores, model card, save). DDP under torchrun.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
@@ -21,13 +23,15 @@ from pipeline import __version__, distributed
 from pipeline.checkpoint import Checkpoint, load_checkpoint, remove_checkpoints, restore_curves, save_checkpoint
 from pipeline.errors import KdqaError
 from pipeline.fingerprints import check_teacher_logits
-from pipeline.models import check_sequence_length, keep_layers, load_qa_model, load_tokenizer, vocab_fingerprint
+from pipeline.inference import precision_name
+from pipeline.models import check_sequence_length, keep_layers, load_qa_model, load_tokenizer
 from pipeline.params import Params, StudentParams
 from pipeline.paths import CHECKPOINT_DIR, FEATURES_DIR, STUDENT_LOG_DIR, STUDENT_MODEL_DIR, TEACHER_DIR, staged_folder
 from pipeline.progress import progress
 from pipeline.shards import check_format, verify_shards, write_json_atomic
 from pipeline.stream import ShardStream, find_shard_pairs, verify_alignment
-from pipeline.training import build_optimizer, train_step
+from pipeline.student_data import StudentData, student_data
+from pipeline.training import build_optimizer, grad_scaler, train_step, training_dtype
 from pipeline.training_log import TrainingLog
 from pipeline.write_errors import writing
 
@@ -60,10 +64,11 @@ def build_student(student: StudentParams):
     return model
 
 
-def training_key(params: Params, data_fingerprint: dict) -> dict:
+def training_key(params: Params, data_fingerprint: dict, autocast: torch.dtype | None) -> dict:
     """What a checkpoint must agree on to be resumed: every setting that changes the computation."""
     settings = {k: v for k, v in asdict(params.student).items() if k not in OBSERVATION_KEYS}
     settings["loader_streams"] = max(1, params.student.num_workers)  # batch order: 0 and 1 worker agree
+    settings["autocast"] = precision_name(autocast)  # what `precision: auto` became on this machine
     return {"student": settings, "data": data_fingerprint, "world_size": distributed.world_size()}
 
 
@@ -83,6 +88,8 @@ class Training:
     key: dict  # `training_key`: what a checkpoint must agree on
     train_log: TrainingLog
     device: torch.device
+    dev_features: Path  # the dev features this student reads: the teacher's, or its own (data/aligned)
+    scaler: object = None  # float16 only: the gradient scaler (`pipeline.training.grad_scaler`)
     step: int = 0  # optimizer steps taken (after a resume: the checkpoint's)
     start_epoch: int = 0
     skip_batches: int = 0  # batches of `start_epoch` trained on before the checkpoint
@@ -99,26 +106,33 @@ def run_student(params: Params, resume: str = "auto") -> None:
     distributed.destroy()
 
 
-def check_training_data(student: StudentParams) -> tuple[dict, dict, list, list]:
+def check_training_data(student: StudentParams, data: StudentData) -> tuple[dict, dict, list, list]:
     """Features + (unless the weight is 0) teacher logits, checked before anything trains: (features manifest,
     data fingerprint, labelled shard pairs, extra shard pairs). A truncated or corrupted shard is one error
-    naming it."""
+    naming it. `data`: the teacher's features and logits, or the student's own features and aligned targets
+    (pipeline/align.py)."""
     distil = student.distillation_weight > 0
-    features_manifest, data_fingerprint, pairs = checked_split("train", distil)
+    regenerate = "kdqa prepare" if data.mode == "direct" else "kdqa align"
+    features_manifest, data_fingerprint, pairs = checked_split(
+        data.train_features, data.teacher_targets if distil else None, regenerate)
+    splits = extra_splits(student)
+    if splits and data.mode != "direct":
+        # The extra splits are tokenized for the teacher; `kdqa align` maps only the labelled training set.
+        raise KdqaError(f"student.extra_ratio {student.extra_ratio}: extra rows ({', '.join(splits)}) are not "
+                        "aligned onto a student of another tokenizer or other windows; set student.extra_ratio: 0 "
+                        "or use the teacher's tokenizer and windows")
     extra = []
-    for split in extra_splits(student):
-        _, split_fingerprint, split_pairs = checked_split(split, distil=True)
+    for split in splits:
+        _, split_fingerprint, split_pairs = checked_split(FEATURES_DIR / split, TEACHER_DIR / split, "kdqa prepare")
         data_fingerprint.update({f"{split}_{k}": v for k, v in split_fingerprint.items()})
         extra += split_pairs
     return features_manifest, data_fingerprint, pairs, extra
 
 
-def checked_split(split: str, distil: bool) -> tuple[dict, dict, list]:
+def checked_split(features_dir: Path, logits_dir: Path | None, regenerate: str) -> tuple[dict, dict, list]:
     """One split's verified features (and logits): (manifest, fingerprints of the verified bytes, pairs)."""
-    features_dir = FEATURES_DIR / split
-    logits_dir = TEACHER_DIR / split if distil else None
-    features_manifest = verify_shards(features_dir, "kdqa prepare")
-    check_format(features_manifest.get("features_format"), "features", features_dir, "kdqa prepare")
+    features_manifest = verify_shards(features_dir, regenerate)
+    check_format(features_manifest.get("features_format"), "features", features_dir, regenerate)
     data_fingerprint = {"features": features_manifest["bytes_fingerprint"]}  # of the verified bytes
     if logits_dir is not None:
         data_fingerprint["logits"] = check_teacher_logits(features_dir, data_fingerprint["features"], logits_dir)
@@ -145,20 +159,18 @@ def setup(params: Params, resume: str) -> Training:
     """Checks, model, stream, optimizer and schedule, then the checkpoint to resume from (if any)."""
     student = params.student
     rank, world, device = distributed.rank(), distributed.world_size(), distributed.device()
-    features_manifest, data_fingerprint, pairs, extra = check_training_data(student)
+    autocast = training_dtype(device, student.precision)  # float16 off CUDA: an error before any work
+    scaler = grad_scaler(autocast)
     tokenizer = load_tokenizer(student.model, student.trust_remote_code)
-    if vocab_fingerprint(tokenizer) != features_manifest.get("vocab_fingerprint"):
-        raise KdqaError(
-            f"{student.model}: its tokenizer differs from the teacher's ({features_manifest.get('tokenizer')}): "
-            "student and teacher must share a tokenizer (the same vocabulary, token for token)"
-        )
+    data = student_data(params, tokenizer)  # the teacher's features, or its own aligned ones (`kdqa align`)
+    features_manifest, data_fingerprint, pairs, extra = check_training_data(student, data)
 
     torch.manual_seed(student.seed)
     model = build_student(student).to(device)
     check_sequence_length(model, features_manifest.get("prepare", {}).get("max_seq_len", 0), student.model)
     stream = ShardStream(pairs, student.batch_size, student.seed, tokenizer.pad_token_id, rank, world,
                          student.pad_to_multiple_of, getattr(model.config, "max_position_embeddings", None),
-                         extra=extra, extra_ratio=student.extra_ratio)
+                         student.group_by_length, extra=extra, extra_ratio=student.extra_ratio)
     if extra and rank == 0:
         first = [stream.pairs[stream.labelled_shards + i].rows for i in stream.extra_shards(0)]
         log.info("each epoch: %d labelled rows + about %d extra rows (%d shards in the first epoch, of %d in %s)",
@@ -167,7 +179,7 @@ def setup(params: Params, resume: str) -> Training:
     steps_per_epoch = [stream.steps_in_epoch(epoch) for epoch in range(student.epochs)]
     total_steps = min(sum(steps_per_epoch), student.max_steps or sum(steps_per_epoch))
     if total_steps == 0:
-        raise KdqaError(f"{FEATURES_DIR / 'train'}: no training batches (too few features for {world} processes?)")
+        raise KdqaError(f"{data.train_features}: no training batches (too few features for {world} processes?)")
     if world > 1 and rank == 0:
         warn_unused_batches(stream, student.epochs, world, sum(steps_per_epoch))
     optimizer = build_optimizer(model, student.learning_rate, student.weight_decay, device)
@@ -176,8 +188,8 @@ def setup(params: Params, resume: str) -> Training:
     scheduler = get_linear_schedule_with_warmup(optimizer, int(student.warmup * total_steps), total_steps)
 
     # Resume: weights, optimizer, schedule, RNG and the position in the shard stream.
-    key = training_key(params, data_fingerprint)
-    state = load_checkpoint(CHECKPOINT_DIR, key, resume, model, optimizer, scheduler, rank)
+    key = training_key(params, data_fingerprint, autocast)
+    state = load_checkpoint(CHECKPOINT_DIR, key, resume, model, optimizer, scheduler, rank, scaler)
     if state:
         log.info("resuming from %s at step %d (epoch %d, batch %d); loss: w=%s T=%s", CHECKPOINT_DIR, state.step,
                  state.epoch, state.batch_in_epoch, student.distillation_weight, student.temperature)
@@ -186,7 +198,7 @@ def setup(params: Params, resume: str) -> Training:
     train_log = TrainingLog(STUDENT_LOG_DIR, resume_step=state.step if state else None, enabled=rank == 0)
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     run = Training(params, model, ddp_model, tokenizer, stream, optimizer, scheduler, steps_per_epoch, total_steps,
-                   key, train_log, device)
+                   key, train_log, device, data.dev_features, scaler)
     if state:
         run.step, run.start_epoch, run.skip_batches = state.step, state.epoch, state.batch_in_epoch
     return run
@@ -221,7 +233,8 @@ def train(run: Training) -> tuple[float, tuple]:
                 break
             if epoch == run.start_epoch and batch_index < run.skip_batches:
                 continue  # already trained on before the checkpoint we resumed from
-            loss = train_step(run.ddp_model, batch, run.optimizer, run.scheduler, student, run.step, run.device)
+            loss = train_step(run.ddp_model, batch, run.optimizer, run.scheduler, student, run.step, run.device,
+                              run.scaler)
             run.step += 1
             seen_features += len(batch["input_ids"])
             bar.update(1)
@@ -240,12 +253,13 @@ def train(run: Training) -> tuple[float, tuple]:
             if student.checkpoint_every and step % student.checkpoint_every == 0 and step < run.total_steps:
                 save_checkpoint(CHECKPOINT_DIR, Checkpoint(step, epoch, batch_index + 1, run.key), run.model,
                                 run.optimizer, run.scheduler, rank,
-                                curves=(STUDENT_LOG_DIR / "train.tsv", STUDENT_LOG_DIR / "eval.tsv"))
+                                curves=(STUDENT_LOG_DIR / "train.tsv", STUDENT_LOG_DIR / "eval.tsv"), scaler=run.scaler)
     bar.close()
     if student.checkpoint_every and run.step != resumed_at:
         # The finished training, resumable: a failure while scoring or saving the model loses none of it.
         save_checkpoint(CHECKPOINT_DIR, Checkpoint(run.step, student.epochs, 0, run.key), run.model, run.optimizer,
-                        run.scheduler, rank, curves=(STUDENT_LOG_DIR / "train.tsv", STUDENT_LOG_DIR / "eval.tsv"))
+                        run.scheduler, rank, curves=(STUDENT_LOG_DIR / "train.tsv", STUDENT_LOG_DIR / "eval.tsv"),
+                        scaler=run.scaler)
     seconds = time.perf_counter() - started
     log.info("trained %d steps in %.1fs (%.1f features/s per process)", run.step, seconds,
              seen_features / max(seconds, 1e-9))
@@ -255,7 +269,7 @@ def train(run: Training) -> tuple[float, tuple]:
 def dev_scores(run: Training) -> dict:
     from pipeline.evaluate import evaluate_model
 
-    metrics, *_ = evaluate_model(run.model, run.tokenizer.pad_token_id, FEATURES_DIR / "dev", CARD_EVALUATION,
+    metrics, *_ = evaluate_model(run.model, run.tokenizer.pad_token_id, run.dev_features, CARD_EVALUATION,
                                  run.device)
     return metrics
 
@@ -277,7 +291,7 @@ def finish(run: Training, seconds: float, last_eval: tuple) -> None:
     dev_metrics = None
     if last_eval[0] == run.step:  # the curve's last point is the final model: no second pass over dev
         dev_metrics = last_eval[1]
-    elif (FEATURES_DIR / "dev").is_dir():  # the card reports the same dev scores `kdqa evaluate` computes
+    elif run.dev_features.is_dir():  # the card reports the same dev scores `kdqa evaluate` computes
         dev_metrics = dev_scores(run)
         run.train_log.log_eval(run.step, f1=dev_metrics["f1"], exact=dev_metrics["exact"],
                                f1_forced=dev_metrics.get("HasAns_f1_forced"))

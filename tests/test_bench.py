@@ -41,6 +41,17 @@ def test_performance_benchmark_quick_mode(tiny_assets, tmp_path):
         runs = results["student_runs"][mode]
         assert runs and all(r["steps"] > 0 and r["epoch_s"] > 0 and r["peak_rss_mb"] > 0 for r in runs)
         assert {r["features"] for r in runs} == {teacher["features"]}  # every mode trains on all features
+    # 2b. the step per precision and batch plan: every variant trained the same features, in its own precision
+    variants = results["step_variant_runs"]
+    assert list(variants) == list(summary["step_variants"]) and len(variants) == 4
+    for name, rs in variants.items():
+        assert rs and all(r["features"] == teacher["features"] and r["step_s"] > 0 for r in rs)
+        assert rs[0]["precision"] == name.split(",")[0] and rs[0]["group_by_length"] == ("grouped" in name)
+        assert 0 <= rs[0]["padding_fraction"] < 1
+    for precision in ("float32", "bfloat16"):
+        grouped = variants[f"{precision}, grouped by length"][0]["padding_fraction"]
+        assert grouped <= variants[f"{precision}, random batches"][0]["padding_fraction"]
+    assert summary["step_variants"]["float32, random batches"]["speedup"] == 1.0
     for key in ("offline_vs_online_epoch", "streaming_overhead_step", "teacher_speedup", "shard_vs_fp16_dense"):
         assert isinstance(summary[key], float)
     # 4. shards
@@ -55,7 +66,8 @@ def test_performance_benchmark_quick_mode(tiny_assets, tmp_path):
     sweep = summary["sweep"]
     assert sweep["offline_total_s"] > sweep["teacher_run_s"] > 0 and sweep["online_total_s"] > 0
 
-    for row in ("teacher throughput", "student epoch", "student step", "peak RSS", "shard size", "10x vs 1x", "sweep"):
+    for row in ("teacher throughput", "student epoch", "student step", "peak RSS", "shard size", "10x vs 1x", "sweep",
+                "2b. Student step: precision and batch plan"):
         assert row in markdown
     assert not (out / "work").exists()  # scratch removed unless --keep-work
 

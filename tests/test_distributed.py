@@ -294,8 +294,10 @@ def test_student_ddp_matches_one_process_and_resumes(reference, assets, tmp_path
     groups8 = [None] * n
     for k in range(n):
         groups8[order8[k]] = [order16[2 * k], order16[2 * k + 1]]
+    # float32: bfloat16 autocast (the `auto` default on CPUs that have it) rounds batches of 8 and 2 x 4 apart
+    # by more than the float32 noise this comparison allows.
     settings = dict(student__epochs=1, student__learning_rate=3e-3, student__dropout=0.0, student__seed=seed,
-                    student__num_workers=0, student__log_every=1)
+                    student__num_workers=0, student__log_every=1, student__precision="float32")
 
     one = tmp_path / "one"
     write_layout(one, reference / "data", groups8, 4)

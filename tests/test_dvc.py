@@ -22,7 +22,7 @@ from conftest import REPO_ROOT
 
 # Outputs of the stages that must not rerun, and of those that must.
 UPSTREAM = ["data/features/train/part-00000.parquet", "data/features/dev_examples.parquet",
-            "data/teacher/train/part-00000.parquet", "data/teacher/train/manifest.json"]
+            "data/teacher/train/part-00000.parquet", "data/teacher/train/manifest.json", "data/aligned/manifest.json"]
 DOWNSTREAM = ["models/student/model.safetensors", "metrics/eval.json", "results/predictions.json"]
 
 
@@ -113,7 +113,7 @@ def test_outputs_of_stages_run_by_hand_stay_out_of_git(dvc_repo):
 def test_dvc_repro_then_student_change_skips_prepare_and_teacher(dvc_repo):
     repo, first = dvc_repo.path, dvc_repo.first_repro
     env, dvc = dvc_repo.env, [sys.executable, "-m", "dvc"]
-    for stage in ("prepare", "teacher", "student", "evaluate"):
+    for stage in ("prepare", "teacher", "align", "student", "evaluate", "export"):
         assert f"Running stage '{stage}'" in first, first
     assert (repo / "dvc.lock").is_file()
     assert sh(dvc + ["status", "--json"], repo, env).strip() in ("{}", "")
@@ -128,10 +128,10 @@ def test_dvc_repro_then_student_change_skips_prepare_and_teacher(dvc_repo):
     assert "params.yaml" in json.dumps(status["student"])  # {"changed deps": {"params.yaml": {"student": ...}}}
 
     second = sh(dvc + ["repro"], repo, env)
-    for stage in ("prepare", "teacher"):
+    for stage in ("prepare", "teacher", "align"):
         assert f"Stage '{stage}' didn't change, skipping" in second, second
         assert f"Running stage '{stage}'" not in second, second
-    for stage in ("student", "evaluate"):
+    for stage in ("student", "evaluate", "export"):
         assert f"Running stage '{stage}'" in second, second
     assert mtimes(repo, UPSTREAM) == before_up  # prepare and teacher outputs untouched
     after_down = mtimes(repo, DOWNSTREAM)
@@ -142,6 +142,7 @@ def test_dvc_repro_then_student_change_skips_prepare_and_teacher(dvc_repo):
     metrics = json.loads(sh(dvc + ["metrics", "show", "--json"], repo, env))
     shown = json.dumps(metrics)
     assert '"f1"' in shown and '"exact"' in shown and "metrics/eval.json" in shown
+    assert "metrics/export.json" in shown and '"onnx_int8"' in shown
 
 
 # The code prepare and teacher run; neither stage lists it in dvc.yaml (pipeline/formats.yaml stands for it).
@@ -173,7 +174,8 @@ def test_upgrades_rerun_prepare_and_teacher_only_when_their_format_version_chang
         assert set(changed) == {"teacher"} and "logits_format" in json.dumps(changed), changed
         formats.write_text(originals[formats].replace("features_format: 1", "features_format: 2"))
         changed = status()
-        assert set(changed) == {"prepare"} and "features_format" in json.dumps(changed), changed
+        # align tokenizes the student's own features with the same code
+        assert set(changed) == {"prepare", "align"} and "features_format" in json.dumps(changed), changed
     finally:
         for path, text in originals.items():
             path.write_text(text)
@@ -296,6 +298,25 @@ def test_dvc_experiments_and_a_queued_sweep_reuse_the_teacher_logits(dvc_repo):
     (loss,) = diff["Loss (total, KD part, CE part)"]
     assert sorted(loss["revisions"]) == [first, second]
     assert {v["rev"] for v in loss["content"]["data"]["values"]} == {first, second}
+
+
+def test_a_student_of_other_windows_reruns_the_alignment_never_the_teacher(dvc_repo):
+    """Issue 17: another student tokenizer or other windows rerun `align` (then student, evaluate); prepare and
+    the teacher come back from the cache."""
+    repo = dvc_repo.path
+    upstream = mtimes(repo, UPSTREAM[:-1])  # features and teacher logits; the aligned manifest changes
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["student"].update(max_seq_len=32, doc_stride=8)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    assert set(json.loads(dvc_repo.dvc("status", "--json"))) == {"align", "student"}
+    out = dvc_repo.dvc("repro")
+    for stage in ("prepare", "teacher"):
+        assert f"Stage '{stage}' didn't change, skipping" in out, out
+    for stage in ("align", "student", "evaluate"):
+        assert f"Running stage '{stage}'" in out, out
+    assert mtimes(repo, UPSTREAM[:-1]) == upstream
+    assert json.loads((repo / "data/aligned/manifest.json").read_text())["mode"] == "aligned"
+    assert json.loads(dvc_repo.dvc("status", "--json")) == {}
 
 
 def test_adding_an_unlabeled_file_reruns_the_teacher_for_its_shards_only(dvc_repo):

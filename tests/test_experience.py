@@ -12,7 +12,7 @@ import yaml
 
 from conftest import INPUTS, chdir, copy_run, make_run_dir, run_cli
 
-COMMANDS = ["prepare", "teacher", "student", "evaluate", "predict", "inspect"]
+COMMANDS = ["prepare", "teacher", "student", "evaluate", "export", "predict", "inspect"]
 
 
 # --- terminal manners ---
@@ -40,7 +40,9 @@ def test_help_of_kdqa_and_of_every_command(tmp_path):
                            "student": ["data/features/train", "data/teacher/train", "models/student",
                                        "logs/student/train.tsv", "student.*"],
                            "evaluate": ["models/student", "data/teacher/dev", "metrics/eval.json",
-                                        "metrics/teacher.json", "results/predictions.json"]}.items():
+                                        "metrics/teacher.json", "results/predictions.json"],
+                           "export": ["models/student", "data/features/dev", "export.*", "models/student-onnx",
+                                      "metrics/export.json"]}.items():
         assert "Reads:" in helps[command] and "Writes:" in helps[command], helps[command]
         for path in paths:
             assert path in helps[command], (command, path)

@@ -93,7 +93,7 @@ def test_student_that_cannot_save_keeps_a_final_checkpoint_and_the_rerun_finishe
     assert result.exit_code == 0, result.output
     assert f"resuming from checkpoints/student at step {TOTAL_STEPS}" in result.stderr
     assert_same_as_reference(ws, reference)
-    assert not list((ws / "checkpoints").glob("student*"))
+    assert not list((ws / "checkpoints").glob("*student*"))
 
 
 def test_failed_checkpoint_write_loses_at_most_checkpoint_every_steps(world, tmp_path, monkeypatch, reference):
@@ -104,7 +104,7 @@ def test_failed_checkpoint_write_loses_at_most_checkpoint_every_steps(world, tmp
     monkeypatch.setattr(checkpoint, "save_file", failing_on_call(3, checkpoint.save_file))  # the checkpoint of step 15
     assert_one_line_error(kdqa(ws, "-q", "student"), "checkpoints/student", ENOSPC)
     assert checkpoint_step(ws) == 10
-    assert not (ws / "checkpoints/student.partial").exists()  # the failed one's staging is gone at once
+    assert not (ws / "checkpoints/.student.partial").exists()  # the failed one's staging is gone at once
 
     monkeypatch.undo()
     result = kdqa(ws, "student")
@@ -117,7 +117,7 @@ def test_failed_checkpoint_write_loses_at_most_checkpoint_every_steps(world, tmp
 def test_unwritable_output_is_found_before_training(world, tmp_path, monkeypatch, folder):
     import tempfile
 
-    import pipeline.student as student
+    import pipeline.training as training
 
     ws = clone(world, tmp_path / "ws")
     write_params(world, ws, **STUDENT, student__checkpoint_every=5)
@@ -131,7 +131,7 @@ def test_unwritable_output_is_found_before_training(world, tmp_path, monkeypatch
         return original_mkstemp(*a, dir=dir, **k)
 
     monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
-    monkeypatch.setattr(student, "distillation_loss", lambda *a, **k: steps.append(1))
+    monkeypatch.setattr(training, "distillation_loss", lambda *a, **k: steps.append(1))
     assert_one_line_error(kdqa(ws, "-q", "student"), folder, "Read-only file system", "nothing was done yet")
     assert not steps, "training started before the outputs were checked"
     assert not any((ws / d).exists() for d in ("models/student", "checkpoints/student", "logs/student/train.tsv"))
@@ -263,12 +263,12 @@ def test_killed_student_before_its_first_row_keeps_the_previous_curves(world, fi
 
 
 def test_failed_student_puts_the_previous_curves_back(world, finished_student, tmp_path, monkeypatch):
-    import pipeline.student as student
+    import pipeline.training as training
 
     ws = Path(shutil.copytree(finished_student, tmp_path / "ws"))
     before = curves(ws)
     write_params(world, ws, **STUDENT, student__learning_rate=5e-4)
-    monkeypatch.setattr(student, "distillation_loss", failing_on_call(6, student.distillation_loss))
+    monkeypatch.setattr(training, "distillation_loss", failing_on_call(6, training.distillation_loss))
     assert_one_line_error(kdqa(ws, "-q", "student"), ENOSPC)  # the curve had 5 new rows by then
     assert curves(ws) == before
 
@@ -308,7 +308,8 @@ def test_space_estimates(world, tmp_path):
     import pyarrow.parquet as pq
 
     from pipeline.params import Params
-    from pipeline.preflight import CHECKPOINTS, MODEL, TEACHER, WORK, space_needed
+    from pipeline.paths import CHECKPOINT_DIR, STUDENT_MODEL_DIR, TEACHER_DIR, TEACHER_WORK_DIR
+    from pipeline.preflight import space_needed
 
     ws = clone(world, tmp_path / "ws")
     params = Params()
@@ -320,7 +321,7 @@ def test_space_estimates(world, tmp_path):
     with safe_open(str(world.student / "model.safetensors"), framework="pt") as f:
         parameters = sum(f.get_tensor(k).numel() for k in f.keys())
     with chdir(ws):
-        assert space_needed("teacher", params) == {WORK: 0, TEACHER: 0}  # logits up to date: nothing to write
+        assert space_needed("teacher", params) == {TEACHER_WORK_DIR: 0, TEACHER_DIR: 0}  # logits up to date: nothing to write
         shutil.rmtree("data/teacher")
-        assert space_needed("teacher", params) == {WORK: 4 * tokens, TEACHER: 4 * tokens}
-        assert space_needed("student", params) == {MODEL: 4 * parameters, CHECKPOINTS: 24 * parameters}
+        assert space_needed("teacher", params) == {TEACHER_WORK_DIR: 4 * tokens, TEACHER_DIR: 4 * tokens}
+        assert space_needed("student", params) == {STUDENT_MODEL_DIR: 4 * parameters, CHECKPOINT_DIR: 24 * parameters}

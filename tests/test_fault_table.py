@@ -396,7 +396,7 @@ ROWS = [
     Row("teacher: stale staging and temporaries are cleaned", ("teacher",),
         stale_staging("data/teacher/.dev.partial", "data/teacher/.train.partial"), ("up to date",), exit_code=0),
     Row("student: stale model staging and checkpoint staging are cleaned", ("student",),
-        stale_staging("models/.student.partial", "checkpoints/student.partial"), ("saved student",), exit_code=0),
+        stale_staging("models/.student.partial", "checkpoints/.student.partial"), ("saved student",), exit_code=0),
     # --- case 3: stored logits or a model that do not belong to the features ---
     Row("evaluate: teacher dev logits of other features", ("evaluate",), stale_dev_logits,
         ("data/teacher/dev", "teacher logits were computed for features", "kdqa teacher"), keeps=()),
@@ -422,7 +422,7 @@ ROWS = [
     # --- case 6: one run of a stage per folder ---
     *[Row(f"{stage}: lock held by a running {stage}", (stage,), lock_held(stage),
           (f".kdqa/locks/{stage}.lock", f"`kdqa {stage}` is already running in this folder", "pid {pid}"))
-      for stage in ("prepare", "teacher", "student", "evaluate")],
+      for stage in ("prepare", "teacher", "student", "evaluate", "export")],
     Row("teacher: lock of a dead run is taken over", ("teacher",), stale_lock("teacher"),
         ("taking over the lock of pid {pid}", "up to date"), exit_code=0),
     # --- case 7 ---
@@ -431,7 +431,7 @@ ROWS = [
     Row("prepare: is_impossible with answers counted", ("prepare",), contradictory_labels,
         ("1 marked impossible despite answers",), exit_code=0),
     # --- case 8: a failed or interrupted student keeps the previous run's curves ---
-    Row("student: interrupted keeps the previous curves", ("student",), nth_call_fails("pipeline.student", "distillation_loss", 7, KeyboardInterrupt),
+    Row("student: interrupted keeps the previous curves", ("student",), nth_call_fails("pipeline.training", "distillation_loss", 7, KeyboardInterrupt),
         ("interrupted",), exit_code=130, keeps=(CHECKPOINTS,)),
     # --- case 9: params ---
     Row("--params at a folder", ("--params", "data", "prepare"), None, ("data: is a folder",)),
@@ -465,6 +465,13 @@ ROWS = [
                                 lambda m: m["fingerprint_parts"].update(features="0123456789abcdef")),
         ("logits were computed for other features than data/features/train", "features_match"), exit_code=0),
     Row("inspect: no shards", ("inspect", "data/nowhere"), None, ("data/nowhere", "no part-NNNNN.parquet shards")),
+    Row("export: no model", ("export",), remove("models/student"), ("models/student", "kdqa student")),
+    Row("export: damaged dev features", ("export",), damage("data/features/dev/part-00000.parquet"),
+        ("data/features/dev/part-00000.parquet", "kdqa prepare")),
+    Row("export: models/ read-only, found before exporting", ("export",), read_only("models/student-onnx"),
+        ("models/student-onnx", EROFS, "nothing was done yet")),
+    Row("export: disk full writing the int8 model", ("export",), nth_call_fails("pipeline.export", "quantize_int8", 1),
+        ("models/student-onnx", ENOSPC)),
     Row("predict --model: folder that does not exist", ("predict", "--model", "no/such/./folder", "--question",
                                                        "who?", "--context", CTX), None, ("no/such/./folder",)),
 ]

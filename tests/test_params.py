@@ -21,3 +21,12 @@ def test_params_yaml_holds_exactly_the_dataclass_defaults():
             found = shipped[section][key]
             assert found == default and type(found) is type(default), f"{section}.{key}: {found!r} vs {default!r}"
     assert load_params(REPO_ROOT / "params.yaml") == Params()  # what a stage reads
+
+
+def test_first_run_preset_sets_every_key_and_loads():
+    """presets/first-run.yaml is a whole params file (DVC needs every key its stages list) that kdqa accepts."""
+    preset_path = REPO_ROOT / "presets" / "first-run.yaml"
+    preset = yaml.safe_load(preset_path.read_text(encoding="utf-8"))
+    defaults = dataclasses.asdict(Params())
+    assert {s: set(v) for s, v in preset.items()} == {s: set(v) for s, v in defaults.items()}
+    assert load_params(preset_path).student.init_layers == preset["student"]["init_layers"]

