@@ -232,8 +232,8 @@ def align_splits(params: Params, tokenizer, parts: dict, staging: Path) -> dict:
                     parts["teacher_logits"])
     dev_out = staging / ALIGNED.dev_features.relative_to(ALIGNED_DIR)
     dev_out.mkdir(parents=True)
-    tokenize_into(dev_out, loaded["dev"], tokenizer, student_params, "dev",
-                  {**base, "split": "dev", "source": params.data.dev})
+    tokenize_into(dev_out, [loaded["dev"]], tokenizer, student_params, "dev",
+                  {**base, "split": "dev", "source": params.data.dev}, total=len(loaded["dev"]))
     target_bytes = sum(p.stat().st_size for p in list_shards(targets_out))
     log.info("aligned %d student features in %.1fs (%d pieced from two teacher windows or more, mean covered "
              "mass %.4f, %.0f bytes/feature of targets)", stats.features, stats.seconds, stats.pieced,
