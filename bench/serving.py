@@ -107,8 +107,11 @@ def file_bytes(folder: Path, pattern: str) -> int:
     return sum(p.stat().st_size for p in folder.glob(pattern))
 
 
-def label(spec: str) -> str:
-    return spec if spec in (*SHAPES, *MINILM, "none") else Path(spec).name
+def pair_title(pair: str) -> str:
+    teacher, student = pair.split(":", 1)
+    def name(spec):
+        return f"{spec} (random weights)" if spec in (*SHAPES, *MINILM) else f"`{spec}`"
+    return f"student {name(student)}" + ("" if teacher == "none" else f", teacher {name(teacher)}")
 
 
 def rows_for_pair(pair: str, work: Path, threads: int, seq: dict) -> list[dict]:
@@ -121,13 +124,14 @@ def rows_for_pair(pair: str, work: Path, threads: int, seq: dict) -> list[dict]:
     rows = []
     if teacher_spec != "none":
         teacher, teacher_trained = model_folder(teacher_spec, work)
-        rows.append({"row": f"teacher {label(teacher_spec)}, PyTorch float32", "trained": teacher_trained,
+        rows.append({"row": "teacher, PyTorch float32", "trained": teacher_trained,
                      "bytes": file_bytes(teacher, "*.safetensors"),
                      "qa": QuestionAnswerer(str(teacher), device="cpu", **seq)})
-    rows.append({"row": f"student {label(student_spec)}, PyTorch float32", "trained": trained,
-                 "bytes": file_bytes(student, "*.safetensors"), "qa": QuestionAnswerer(str(student), device="cpu", **seq)})
+    rows.append({"row": "student, PyTorch float32", "trained": trained,
+                 "bytes": file_bytes(student, "*.safetensors"),
+                 "qa": QuestionAnswerer(str(student), device="cpu", **seq)})
     for precision, name in (("float32", "model.onnx"), ("int8", "model-int8.onnx")):
-        rows.append({"row": f"student {label(student_spec)}, ONNX Runtime {precision}", "trained": trained,
+        rows.append({"row": f"student, ONNX Runtime {precision}", "trained": trained,
                      "bytes": file_bytes(exported, name),
                      "qa": QuestionAnswerer(str(exported), precision=precision, threads=threads, **seq)})
     return rows
@@ -146,7 +150,8 @@ def measure(rows: list[dict], questions: list, size: dict) -> None:
             started = time.perf_counter()
             row["qa"](*pair)
             row["latency_s"].append(time.perf_counter() - started)
-    chunks = [pairs[i : i + size["batch"]] for i in range(0, min(len(pairs), size["throughput_questions"]), size["batch"])]
+    n = min(len(pairs), size["throughput_questions"])
+    chunks = [pairs[i : i + size["batch"]] for i in range(0, n, size["batch"])]
     for i, chunk in enumerate(chunks):
         print(f"throughput: batch {i + 1} of {len(chunks)}", file=sys.stderr, flush=True)
         for row in rows[i % len(rows):] + rows[: i % len(rows)]:
@@ -160,15 +165,16 @@ def summarise(rows: list[dict], questions: list) -> list[dict]:
 
     scored = questions[: len(rows[0]["answers"])]
     golds = {ex.id: ex.gold_texts for ex in scored}
-    reference = next(r for r in rows if r["row"].startswith("student") and "PyTorch" in r["row"])
+    reference = next(r for r in rows if r["row"] == "student, PyTorch float32")
     out = []
     for row in rows:
         preds = {ex.id: a.text for ex, a in zip(scored, row["answers"])}
-        metrics = squad_v2_metrics(golds, preds, {ex.id: a.no_answer_probability for ex, a in zip(scored, row["answers"])})
+        na_probs = {ex.id: a.no_answer_probability for ex, a in zip(scored, row["answers"])}
+        metrics = squad_v2_metrics(golds, preds, na_probs)
         metrics.update(forced_span_metrics(golds, {ex.id: a.span_text for ex, a in zip(scored, row["answers"])}))
         latency_ms = 1000 * np.array(row["latency_s"])
         same = [a.text == b.text and a.span_text == b.span_text for a, b in zip(row["answers"], reference["answers"])]
-        student_row = row["row"].startswith("student")
+        student_row = row["row"].startswith("student, ONNX")
         out.append({
             "row": row["row"], "trained_weights": row["trained"], "file_bytes": row["bytes"],
             "file_mib": round(row["bytes"] / 2**20, 1),
@@ -179,17 +185,17 @@ def summarise(rows: list[dict], questions: list) -> list[dict]:
             "exact": round(metrics["exact"], 2), "f1": round(metrics["f1"], 2),
             "forced_span_f1": round(metrics.get("HasAns_f1_forced", float("nan")), 2),
             "same_answers_as_pytorch_student": [sum(same), len(same)] if student_row else None,
-            "largest_score_difference_from_pytorch_student": round(max(
-                abs(a.score - b.score) for a, b in zip(row["answers"], reference["answers"])), 6) if student_row else None,
+            "largest_score_difference_from_pytorch_student": round(max(abs(a.score - b.score) for a, b in zip(
+                row["answers"], reference["answers"])), 6) if student_row else None,
         })
     return out
 
 
 def goals(table: list[dict]) -> dict:
     """The issue's goals for one pair, from its rows (teacher row optional)."""
-    by = {("teacher" if r["row"].startswith("teacher") else r["row"].rsplit(" ", 1)[-1]): r for r in table}
-    pytorch = next(r for r in table if r["row"].startswith("student") and "PyTorch" in r["row"])
-    int8, f32 = by["int8"], by["float32"]
+    by = {r["row"]: r for r in table}
+    pytorch, f32, int8 = (by[f"student, {name}"] for name in ("PyTorch float32", "ONNX Runtime float32",
+                                                               "ONNX Runtime int8"))
     same, total = f32["same_answers_as_pytorch_student"]
     out = {
         "int8_speedup_batch1_p50": round(pytorch["latency_ms"]["p50"] / int8["latency_ms"]["p50"], 2),
@@ -201,16 +207,18 @@ def goals(table: list[dict]) -> dict:
         "onnx_float32_speedup_batch1_p50": round(pytorch["latency_ms"]["p50"] / f32["latency_ms"]["p50"], 2),
     }
     out["verdicts"] = {
-        "int8 >= 3x faster than PyTorch float32 student (batch 1, p50)": out["int8_speedup_batch1_p50"] >= GOALS["int8_speedup_batch1"],
+        "int8 >= 3x faster than PyTorch float32 student (batch 1, p50)":
+            out["int8_speedup_batch1_p50"] >= GOALS["int8_speedup_batch1"],
         "int8 F1 drop <= 0.5": (out["int8_f1_drop"] <= GOALS["int8_f1_drop"]) if pytorch["trained_weights"] else None,
         "int8 file <= 0.3x float32": out["int8_size_share_of_onnx_float32"] <= GOALS["int8_size_share"],
         "ONNX float32 answers identical, scores within 1e-3": same == total and
             out["float32_largest_score_difference"] <= GOALS["float32_score_difference"],
     }
-    if "teacher" in by:
-        teacher = by["teacher"]
-        out["teacher_over_student_int8_latency_p50"] = round(teacher["latency_ms"]["p50"] / int8["latency_ms"]["p50"], 2)
-        out["teacher_over_student_pytorch_latency_p50"] = round(teacher["latency_ms"]["p50"] / pytorch["latency_ms"]["p50"], 2)
+    if "teacher, PyTorch float32" in by:
+        teacher = by["teacher, PyTorch float32"]
+        p50 = teacher["latency_ms"]["p50"]
+        out["teacher_over_student_int8_latency_p50"] = round(p50 / int8["latency_ms"]["p50"], 2)
+        out["teacher_over_student_pytorch_latency_p50"] = round(p50 / pytorch["latency_ms"]["p50"], 2)
         out["student_int8_over_teacher_throughput"] = round(int8["throughput_qps"] / teacher["throughput_qps"], 2)
     return out
 
@@ -222,27 +230,31 @@ def markdown(results: dict) -> str:
              f"Load average (1 min) {results['load_average'][0]} at start, {results['load_average'][1]} at end.",
              f"Command: `{results['command']}`", ""]
     for pair in results["pairs"]:
-        lines += [f"### {pair['pair']}", "",
+        lines += [f"### {pair_title(pair['pair'])}", "",
                   "| row | file MiB | p50 ms | p95 ms | p99 ms | questions/s at batch " + str(results["batch"]) +
                   " | EM | F1 | forced span F1 | same answers as PyTorch student |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in pair["rows"]:
             scores = (f"{r['exact']:.2f} | {r['f1']:.2f} | {r['forced_span_f1']:.2f}" if r["trained_weights"]
                       else "(random weights) | – | –")
-            same = "–" if r["same_answers_as_pytorch_student"] is None else "{} of {}".format(*r["same_answers_as_pytorch_student"])
+            same = r["same_answers_as_pytorch_student"]
+            same = "–" if same is None else f"{same[0]} of {same[1]}"
             lines.append(f"| {r['row']} | {r['file_mib']} | {r['latency_ms']['p50']} | {r['latency_ms']['p95']} | "
                          f"{r['latency_ms']['p99']} | {r['throughput_qps']} | {scores} | {same} |")
         g = pair["goals"]
         lines += ["", "| goal | measured | |", "| --- | --- | --- |"]
         figures = {"int8 >= 3x faster than PyTorch float32 student (batch 1, p50)": f"{g['int8_speedup_batch1_p50']}x",
-                   "int8 F1 drop <= 0.5": f"{g['int8_f1_drop']:+.2f} F1" if g["int8_f1_drop_meaningful"] else "random weights",
+                   "int8 F1 drop <= 0.5":
+                       f"{g['int8_f1_drop']:+.2f} F1" if g["int8_f1_drop_meaningful"] else "random weights",
                    "int8 file <= 0.3x float32": f"{g['int8_size_share_of_onnx_float32']}x",
                    "ONNX float32 answers identical, scores within 1e-3":
                        f"{g['float32_same_answers']}, largest difference {g['float32_largest_score_difference']:.2g}"}
         for goal, verdict in g["verdicts"].items():
-            lines.append(f"| {goal} | {figures[goal]} | {'–' if verdict is None else '**met**' if verdict else '**missed**'} |")
+            mark = "–" if verdict is None else "**met**" if verdict else "**missed**"
+            lines.append(f"| {goal} | {figures[goal]} | {mark} |")
         if "teacher_over_student_int8_latency_p50" in g:
-            lines.append(f"| teacher float32 / student int8 latency (batch 1, p50) | {g['teacher_over_student_int8_latency_p50']}x | |")
+            lines.append("| teacher float32 / student int8 latency (batch 1, p50) | "
+                         f"{g['teacher_over_student_int8_latency_p50']}x | |")
             lines.append(f"| teacher float32 / student PyTorch float32 latency (batch 1, p50) | "
                          f"{g['teacher_over_student_pytorch_latency_p50']}x | |")
         lines.append("")
@@ -277,7 +289,9 @@ def main(argv=None) -> dict:
     seq = {"max_seq_len": args.max_seq_len, "doc_stride": args.doc_stride, "batch_size": size["batch"]}
     results = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                "command": shlex.join(["python", "-m", "bench.serving", *(argv if argv is not None else sys.argv[1:])]),
-               "machine": machine(torch, args.threads), "threads": args.threads, "onnxruntime": onnxruntime.__version__,
+               # (machine() also describes the training precision of bench.performance: not of this benchmark)
+               "machine": {k: v for k, v in machine(torch, args.threads).items() if k != "precision"},
+               "threads": args.threads, "onnxruntime": onnxruntime.__version__,
                "data": str(args.data), "questions": len(questions), "batch": size["batch"], "settings": size,
                "pairs": []}
     for pair in args.pair or DEFAULT_PAIRS:
