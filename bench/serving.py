@@ -140,12 +140,15 @@ def measure(rows: list[dict], questions: list, size: dict) -> None:
         row["qa"].answer_many(pairs[: size["warmup"]])
         row["latency_s"], row["batch_s"], row["answers"] = [], [], []
     for i, pair in enumerate(pairs[: size["latency_questions"]]):
+        if i % 10 == 0:
+            print(f"latency: question {i + 1} of {size['latency_questions']}", file=sys.stderr, flush=True)
         for row in rows[i % len(rows):] + rows[: i % len(rows)]:  # rotating order
             started = time.perf_counter()
             row["qa"](*pair)
             row["latency_s"].append(time.perf_counter() - started)
     chunks = [pairs[i : i + size["batch"]] for i in range(0, min(len(pairs), size["throughput_questions"]), size["batch"])]
     for i, chunk in enumerate(chunks):
+        print(f"throughput: batch {i + 1} of {len(chunks)}", file=sys.stderr, flush=True)
         for row in rows[i % len(rows):] + rows[: i % len(rows)]:
             started = time.perf_counter()
             row["answers"] += row["qa"].answer_many(chunk)

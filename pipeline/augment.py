@@ -107,6 +107,8 @@ def sentences_view(ex: Example, others: list[str], rng: random.Random) -> Exampl
     for i in range(len(spans)):
         if i not in block and rng.random() >= DROP_PROBABILITY:
             units.append([i])
+    if not units:  # an unanswerable question, every sentence dropped: keep one, a paragraph is never empty
+        units.append([rng.randrange(len(spans))])
     rng.shuffle(units)
     order = [i for unit in units for i in unit]
     if order == list(range(len(spans))):  # nothing dropped or moved: drop one sentence the answer is not in

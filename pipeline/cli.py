@@ -116,7 +116,8 @@ def prepare(ctx, strict):
     """Tokenize train/dev data into feature shards under data/features/.
 
     \b
-    Reads:  data.train, data.dev, data.unlabeled (SQuAD JSON, or hub name[:split]), prepare.*, teacher.model's tokenizer
+    Reads:  data.train, data.dev, data.unlabeled (SQuAD JSON, or hub name[:split]), prepare.*,
+            teacher.model's tokenizer
     Writes: data/features/{train,dev}/part-NNNNN.parquet + manifest.json,
             data/features/unlabeled/ (data.unlabeled), data/features/augmented/ (prepare.augment_views),
             data/features/dev_examples.parquet, data/features/report.json
@@ -191,7 +192,7 @@ def student(ctx, resume):
 
     \b
     Reads:  data/features/train (and dev, for the model card's scores), data/teacher/train, student.*;
-            a student of another tokenizer or windows: data/aligned/ instead (`kdqa align` first)
+            a student of another tokenizer or windows: data/aligned/ instead (`kdqa align` first);
             with student.extra_ratio > 0, the unlabeled/augmented splits' features and logits too
     Writes: models/student/ (safetensors weights, tokenizer, README.md model card, kdqa_training.json),
             logs/student/train.tsv and eval.tsv (curves for `dvc plots`),

@@ -10,8 +10,9 @@ windowing and post-processing as `kdqa evaluate` (its `evaluate.*` settings), be
 - int8 may lose at most `export.max_f1_drop` F1 against the PyTorch student, or the stage fails.
 
 `models/student-onnx/` is written to a staging folder and swapped into place, and `metrics/export.json`
-written, only when both checks pass; a failed check names its figures in the error. The manifest (`kdqa_export.json`, see
-`pipeline.onnx_model`) records the student it came from, so a stale export is refused when loaded.
+written, only when both checks pass; a failed check names its figures in the error. The manifest
+(`kdqa_export.json`, see `pipeline.onnx_model`) records the student it came from, so a stale export is
+refused when loaded.
 """
 
 from __future__ import annotations
@@ -36,12 +37,12 @@ from pipeline.models import load_qa_model, load_tokenizer, vocab_fingerprint
 from pipeline.onnx_model import INPUT_NAMES, MANIFEST, ONNX_FILES, OUTPUT_NAMES, OnnxQAModel, student_fingerprint
 from pipeline.paths import DEV_EXAMPLES, EXPORT_DIR, EXPORT_METRICS, FEATURES_DIR, STUDENT_MODEL_DIR, staged_folder
 from pipeline.progress import progress
+from pipeline.student_data import evaluation_features
 from pipeline.shards import fingerprint_of, list_shards, sha256_file, shard_rows, verify_shards, write_json_atomic
 from pipeline.write_errors import writing
 
 log = logging.getLogger(__name__)
 
-DEV_FEATURES = FEATURES_DIR / "dev"
 # Float32 ONNX Runtime and PyTorch differ by reordered float sums (~1e-6 on a logit); a graph that computes
 # something else differs by whole units.
 FLOAT32_TOLERANCE = 1e-3
@@ -100,9 +101,9 @@ def quantize_int8(source: Path, path: Path) -> None:
         quantize_dynamic(source, path, weight_type=QuantType.QInt8, per_channel=True)
 
 
-def dev_logits(model, pad_token_id: int, batch_size: int, name: str) -> dict:
+def dev_logits(model, features_dir: Path, pad_token_id: int, batch_size: int, name: str) -> dict:
     """{shard name: (feature ids, start, end)} over the dev features, float32 logits, on the CPU."""
-    shards, logits = list_shards(DEV_FEATURES), {}
+    shards, logits = list_shards(features_dir), {}
     with progress(total=sum(shard_rows(p) for p in shards), desc=f"check {name}", unit="feat") as bar:
         for shard in shards:
             logits[shard.name] = shard_logits(model, shard, pad_token_id, torch.device("cpu"), batch_size, 1 << 30,
@@ -111,7 +112,7 @@ def dev_logits(model, pad_token_id: int, batch_size: int, name: str) -> dict:
     return logits
 
 
-def predictions(logits: dict, params, rounded: bool):
+def predictions(logits: dict, features_dir: Path, params, rounded: bool):
     """predict_split over stored logits; rounded=True rounds them to float16 first, exactly as `kdqa evaluate`
     does (so the PyTorch figures equal metrics/eval.json's)."""
     def lookup(shard: Path):
@@ -120,7 +121,7 @@ def predictions(logits: dict, params, rounded: bool):
             start, end = [s.astype(np.float16) for s in start], [e.astype(np.float16) for e in end]
         return ids, start, end
 
-    return predict_split(DEV_FEATURES, lookup, params, DEV_EXAMPLES)
+    return predict_split(features_dir, lookup, params, DEV_EXAMPLES)
 
 
 def max_difference(a: dict, b: dict) -> float:
@@ -138,17 +139,19 @@ def same_answers(a, b) -> int:
     return sum(preds_a[q] == preds_b[q] and forced_a[q] == forced_b[q] for q in preds_a)
 
 
-def accuracy_gate(student, onnx_models: dict, pad_token_id: int, params) -> dict:
+def accuracy_gate(student, onnx_models: dict, features_dir: Path, pad_token_id: int, params) -> dict:
     """Scores of the PyTorch student and each exported model on dev, and how closely they agree."""
     batch = params.evaluate.batch_size
-    reference = dev_logits(student, pad_token_id, batch, "PyTorch")
-    reference_answers = predictions(reference, params, rounded=False)
-    metrics = {"questions": len(reference_answers[0]), "pytorch": score(*predictions(reference, params, True))}
+    reference = dev_logits(student, features_dir, pad_token_id, batch, "PyTorch")
+    reference_answers = predictions(reference, features_dir, params, rounded=False)
+    metrics = {"questions": len(reference_answers[0]),
+               "pytorch": score(*predictions(reference, features_dir, params, True))}
     for precision, model in onnx_models.items():
-        logits = dev_logits(model, pad_token_id, batch, f"ONNX {precision}")
-        metrics[f"onnx_{precision}"] = score(*predictions(logits, params, True))
+        logits = dev_logits(model, features_dir, pad_token_id, batch, f"ONNX {precision}")
+        metrics[f"onnx_{precision}"] = score(*predictions(logits, features_dir, params, True))
         metrics[f"{precision}_max_logit_difference"] = max_difference(reference, logits)
-        metrics[f"{precision}_same_answers"] = same_answers(reference_answers, predictions(logits, params, False))
+        metrics[f"{precision}_same_answers"] = same_answers(reference_answers,
+                                                            predictions(logits, features_dir, params, False))
         metrics[f"{precision}_f1_drop"] = round(metrics["pytorch"]["f1"] - metrics[f"onnx_{precision}"]["f1"], 4)
         # Span quality apart from when to abstain: F1 alone can rise while the spans get worse.
         metrics[f"{precision}_forced_f1_drop"] = round(metrics["pytorch"].get("HasAns_f1_forced", 0.0)
@@ -193,7 +196,8 @@ def write_manifest(staging: Path, model_dir: Path, out_dir: Path, tokenizer, exp
     manifest = {"kdqa_version": __version__, "fingerprint": fingerprint_of(parts), "fingerprint_parts": parts,
                 "source": source, "files": files, "opset": export.opset,
                 "exporter": f"torch.onnx (torch.export-based) in torch {torch.__version__}",
-                "quantizer": f"onnxruntime.quantization.quantize_dynamic (QInt8) in onnxruntime {onnxruntime.__version__}",
+                "quantizer": "onnxruntime.quantization.quantize_dynamic (QInt8, per channel) in onnxruntime "
+                             f"{onnxruntime.__version__}",
                 "gate": {k: v for k, v in gate.items() if not isinstance(v, dict)}}
     write_json_atomic(staging / MANIFEST, manifest)
     return manifest
@@ -202,11 +206,14 @@ def write_manifest(staging: Path, model_dir: Path, out_dir: Path, tokenizer, exp
 def run_export(params, model_dir: Path = STUDENT_MODEL_DIR, out_dir: Path = EXPORT_DIR) -> dict:
     from pipeline.export_card import write_export_card
 
-    features_manifest = verify_shards(DEV_FEATURES, "kdqa prepare")
     if model_dir == STUDENT_MODEL_DIR and not model_dir.exists():
         raise KdqaError(f"{model_dir}: no model there yet (run `kdqa student`, or give --model a model folder)")
     tokenizer = load_tokenizer(str(model_dir))
-    check_model_vocabulary(tokenizer, str(model_dir), features_manifest, DEV_FEATURES)
+    # A student of another tokenizer or other windows is checked on its own dev features (`kdqa align`).
+    features_dir = evaluation_features(tokenizer)
+    made_by = "kdqa prepare" if features_dir == FEATURES_DIR / "dev" else "kdqa align"
+    features_manifest = verify_shards(features_dir, made_by)  # a damaged shard: one error, never skewed scores
+    check_model_vocabulary(tokenizer, str(model_dir), features_manifest, features_dir)
     student = load_qa_model(str(model_dir)).eval()
     check_architecture(student, str(model_dir))
 
@@ -216,7 +223,7 @@ def run_export(params, model_dir: Path = STUDENT_MODEL_DIR, out_dir: Path = EXPO
         write_model_files(student, tokenizer, staging, params.export, str(model_dir))
         onnx_models = {p: OnnxQAModel(staging / n, student.config) for p, n in ONNX_FILES.items()
                        if (staging / n).exists()}
-        metrics = accuracy_gate(student, onnx_models, tokenizer.pad_token_id, params)
+        metrics = accuracy_gate(student, onnx_models, features_dir, tokenizer.pad_token_id, params)
         metrics["max_f1_drop"] = params.export.max_f1_drop
         metrics["mib"] = file_sizes(model_dir, staging)
         log_gate(metrics)
@@ -245,7 +252,7 @@ def log_gate(metrics: dict) -> None:
                      m.get("HasAns_f1_forced", float("nan")))
     for precision in ("float32", "int8"):
         if f"{precision}_same_answers" in metrics:
-            log.info("%s: largest logit difference from PyTorch %.2g, same answers on %d of %d questions, F1 drop %.2f, "
-                     "forced span F1 drop %.2f", precision, metrics[f"{precision}_max_logit_difference"],
+            log.info("%s: largest logit difference from PyTorch %.2g, same answers on %d of %d questions, "
+                     "F1 drop %.2f, forced span F1 drop %.2f", precision, metrics[f"{precision}_max_logit_difference"],
                      metrics[f"{precision}_same_answers"], metrics["questions"], metrics[f"{precision}_f1_drop"],
                      metrics[f"{precision}_forced_f1_drop"])

@@ -77,8 +77,9 @@ def verify_export(folder: Path, precision: str = "float32", student: Path | None
     if student is not None:
         found = student_fingerprint(Path(student))
         if found != source.get("fingerprint"):
-            raise KdqaError(f"{folder}: stale export: made from a student with fingerprint {source.get('fingerprint')}, "
-                            f"but {student} now holds {found}; run `kdqa export` (or `dvc repro export`)")
+            raise KdqaError(f"{folder}: stale export: made from a student with fingerprint "
+                            f"{source.get('fingerprint')}, but {student} now holds {found}; run `kdqa export` "
+                            "(or `dvc repro export`)")
     return manifest
 
 
@@ -134,5 +135,6 @@ def load_onnx_qa_model(folder: str | Path, precision: str = "float32", threads: 
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=False)  # an export kdqa wrote: no code
     except Exception as exc:
-        raise KdqaError(f"{folder / 'config.json'}: unreadable ({type(exc).__name__}); run `kdqa export` again") from None
+        raise KdqaError(f"{folder / 'config.json'}: unreadable ({type(exc).__name__}); "
+                        "run `kdqa export` again") from None
     return OnnxQAModel(folder / manifest["files"][precision]["name"], config, threads)

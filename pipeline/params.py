@@ -30,7 +30,7 @@ class DataParams:
     train: str = "squad_v2"
     dev: str = "squad_v2"
     # Question + context pairs only the teacher labels (their answers, if any, are ignored): SQuAD-format JSON
-    # paths or hub names (split `train`). Their rows form the `unlabeled` split (docs/extra-data.md).
+    # paths or hub names (split `train`, or `name:SPLIT`). Their rows form the `unlabeled` split (docs/extra-data.md).
     unlabeled: list[str] = field(default_factory=list)
 
 

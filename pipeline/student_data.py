@@ -21,17 +21,19 @@ from pipeline.shards import output_format, read_json
 
 def student_plan(params: Params, tokenizer, features_manifest: dict) -> dict:
     """What the student's data must be: `mode` direct (the teacher's features) or aligned, and what decides it."""
-    teacher_windows = features_manifest.get("prepare", {})
+    # The windows the features were made with (a manifest that does not record them: prepare.*'s).
+    recorded = features_manifest.get("prepare", {})
+    teacher_len = recorded.get("max_seq_len", params.prepare.max_seq_len)
+    teacher_stride = recorded.get("doc_stride", params.prepare.doc_stride)
     s = params.student
     plan = {
         "student_vocab": vocab_fingerprint(tokenizer),
         "teacher_vocab": features_manifest.get("vocab_fingerprint"),
-        "max_seq_len": s.max_seq_len or teacher_windows.get("max_seq_len", params.prepare.max_seq_len),
-        "doc_stride": s.doc_stride or teacher_windows.get("doc_stride", params.prepare.doc_stride),
+        "max_seq_len": s.max_seq_len or teacher_len,
+        "doc_stride": s.doc_stride or teacher_stride,
     }
-    same = (plan["student_vocab"] == plan["teacher_vocab"]
-            and plan["max_seq_len"] == teacher_windows.get("max_seq_len")
-            and plan["doc_stride"] == teacher_windows.get("doc_stride"))
+    same = (plan["student_vocab"] == plan["teacher_vocab"] and plan["max_seq_len"] == teacher_len
+            and plan["doc_stride"] == teacher_stride)
     return {"mode": "direct" if same else "aligned", **plan}
 
 

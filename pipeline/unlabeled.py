@@ -1,10 +1,10 @@
 """Unlabeled data: question + context pairs in SQuAD format that only the teacher labels.
 
-`data.unlabeled` lists SQuAD-format JSON files (or datasets-hub names, split `train`). Their answers are
-never read: a file may have none at all, and where it has some they are only counted (`answers_ignored`
-in report.json), so a labelled file can serve as unlabeled data without its labels leaking in. The usual
-structural checks apply (ids, contexts, questions); ids must also be unique across every data source, since
-feature ids (and so the teacher's logits) are keyed by them.
+`data.unlabeled` lists SQuAD-format JSON files or datasets-hub names (split `train`, or `name:SPLIT` as for
+data.train). Their answers are never read: a file may have none at all, and where it has some they are
+only counted (`answers_ignored` in report.json), so a labelled file can serve as unlabeled data without its
+labels leaking in. The usual structural checks apply (ids, contexts, questions); ids must also be unique
+across every data source, since feature ids (and so the teacher's logits) are keyed by them.
 """
 
 from __future__ import annotations

@@ -184,3 +184,22 @@ def test_kdqa_inspect_reads_aligned_targets_against_the_students_own_features(ru
     info = json.loads(run_cli(["inspect", "data/aligned/teacher/train", "--json"], run_copy).output)
     assert info["rows"] == len(rows(run_copy / "data/aligned/features/train", ["feature_id"])["feature_id"])
     assert 0 <= info["teacher_start_accuracy"] <= 100 and info["start_entropy_mean"] > 0
+
+
+def test_features_whose_manifest_records_no_windows_count_as_the_teachers(run_copy):
+    """A features manifest without `prepare` (hand-made, or from an older kdqa): null student windows are the
+    teacher's, so a student of the teacher's tokenizer needs no alignment."""
+    from contextlib import chdir
+
+    from pipeline.models import load_tokenizer
+    from pipeline.params import load_params
+    from pipeline.student_data import student_plan
+
+    manifest = read_json(run_copy / "data/features/train/manifest.json")
+    del manifest["prepare"]
+    with chdir(run_copy):
+        params = load_params()
+        tokenizer = load_tokenizer(params.student.model)
+        assert student_plan(params, tokenizer, manifest)["mode"] == "direct"
+        params.student.max_seq_len = params.prepare.max_seq_len // 2
+        assert student_plan(params, tokenizer, manifest)["mode"] == "aligned"

@@ -143,6 +143,17 @@ def test_unanswerable_question_keeps_no_answer_only_where_no_sentence_is_added()
     assert report.remap_failed == 0
 
 
+def test_a_view_is_never_empty():
+    """Unanswerable questions have no sentence that must stay: a cut keeps at least one (seen empty on real data)."""
+    exs = [example(f"q{i}", ARTICLE[2], None) for i in range(60)]  # two sentences, both free to drop
+    views, _ = views_of(exs, views=1, kinds=["sentences"])
+    assert len(views) == 60
+    original = {ARTICLE[2][a:b] for a, b in split_sentences(ARTICLE[2])}
+    for view in views:
+        sentences = {view.context[a:b] for a, b in split_sentences(view.context)}
+        assert view.context.strip() and sentences <= original and view.is_impossible and view.labelled
+
+
 def test_views_are_deterministic_per_example_and_rotate_kinds():
     exs = [example(f"q{i}", ARTICLE[i % 2], ["the old castle", "the river"][i % 2]) for i in range(8)]
     views, report = views_of(exs, views=3, seed=5)

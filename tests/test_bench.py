@@ -140,3 +140,37 @@ def test_student_benchmark_times_the_stages_own_train_step(prepared_run, tiny_as
         "threads": 1, "mode": "offline", "work": str(prepared_run), "teacher_model": str(tiny_assets.teacher),
         "student_layers": [0], "seed": 1, "batch_size": 4, "learning_rate": 1e-3, "warmup_steps": 1, "num_workers": 0})
     assert result["steps"] > 1 and taken == list(range(1 + result["steps"]))  # the warm-up step, then the epoch
+
+
+def test_extra_data_benchmark_quick_mode(tmp_path):
+    """bench/extra_data.py end to end on tiny models: every teacher run reports what it computed and copied, the
+    increments copy every earlier shard byte for byte, and the 3x student streams more steps."""
+    import tiny
+
+    encoder = tiny.make_model(tmp_path / "encoder", layers=2)
+    data = tiny.make_squad(tmp_path / "squad.json", articles=9, paragraphs=2, questions=3)
+    unlabeled = tiny.make_squad(tmp_path / "unlabeled.json", articles=3, paragraphs=2, questions=3, seed=4)
+    doc = json.loads(unlabeled.read_text())
+    for article in doc["data"]:
+        for paragraph in article["paragraphs"]:
+            for qa in paragraph["qas"]:
+                qa["id"], qa["answers"] = "u-" + qa["id"], []
+    unlabeled.write_text(json.dumps(doc))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "DVC_NO_ANALYTICS": "1"}
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "extra_data.py"), "--quick", "--encoder",
+                           str(encoder), "--data", str(data), "--unlabeled", str(unlabeled), "--out", str(tmp_path / "out")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    labelled, unlabeled_run, views, scratch = results["teacher_runs"]
+    assert labelled["shards_copied"] == 0 and scratch["shards_copied"] == 0
+    # Each increment computes only the new split's shards and copies all the earlier ones, byte for byte.
+    assert unlabeled_run["shards_copied"] == labelled["shards_computed"]
+    assert unlabeled_run["shards_computed"] == unlabeled_run["splits"]["unlabeled"]["shards"]
+    assert views["shards_computed"] == views["splits"]["augmented"]["shards"]
+    assert views["rows"] == scratch["rows"] and scratch["shards_computed"] == sum(
+        r["shards_computed"] for r in (labelled, unlabeled_run, views))
+    assert all(r["earlier_shards_byte_identical"] for r in (labelled, unlabeled_run, views))
+    one, three = results["students"]
+    assert three["steps"] > one["steps"] and one["peak_rss_mib"] > 0 and three["peak_rss_mib"] > 0
+    assert "| teacher run |" in (tmp_path / "out" / "results.md").read_text()

@@ -300,25 +300,6 @@ def test_dvc_experiments_and_a_queued_sweep_reuse_the_teacher_logits(dvc_repo):
     assert {v["rev"] for v in loss["content"]["data"]["values"]} == {first, second}
 
 
-def test_a_student_of_other_windows_reruns_the_alignment_never_the_teacher(dvc_repo):
-    """Issue 17: another student tokenizer or other windows rerun `align` (then student, evaluate); prepare and
-    the teacher come back from the cache."""
-    repo = dvc_repo.path
-    upstream = mtimes(repo, UPSTREAM[:-1])  # features and teacher logits; the aligned manifest changes
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["student"].update(max_seq_len=32, doc_stride=8)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    assert set(json.loads(dvc_repo.dvc("status", "--json"))) == {"align", "student"}
-    out = dvc_repo.dvc("repro")
-    for stage in ("prepare", "teacher"):
-        assert f"Stage '{stage}' didn't change, skipping" in out, out
-    for stage in ("align", "student", "evaluate"):
-        assert f"Running stage '{stage}'" in out, out
-    assert mtimes(repo, UPSTREAM[:-1]) == upstream
-    assert json.loads((repo / "data/aligned/manifest.json").read_text())["mode"] == "aligned"
-    assert json.loads(dvc_repo.dvc("status", "--json")) == {}
-
-
 def test_adding_an_unlabeled_file_reruns_the_teacher_for_its_shards_only(dvc_repo):
     """Extra data on a finished run: prepare and teacher rerun, the teacher computes only the new file's shards
     (the rest come from .kdqa/teacher-cache, byte for byte), and the student trains on the new rows."""
@@ -342,3 +323,22 @@ def test_adding_an_unlabeled_file_reruns_the_teacher_for_its_shards_only(dvc_rep
     assert f"unlabeled: {new} of {new} shards to compute, 0 copied" in out, out
     assert {p.name: p.read_bytes() for p in sorted((repo / "data/teacher/train").glob("part-*.parquet"))} == before
     assert "extra rows" in out and dvc_repo.dvc("status", "--json").strip() in ("{}", "")
+
+
+def test_a_student_of_other_windows_reruns_the_alignment_never_the_teacher(dvc_repo):
+    """Issue 17: another student tokenizer or other windows rerun `align` (then student, evaluate); prepare and
+    the teacher come back from the cache."""
+    repo = dvc_repo.path
+    upstream = mtimes(repo, UPSTREAM[:-1])  # features and teacher logits; the aligned manifest changes
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["student"].update(max_seq_len=32, doc_stride=8)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    assert set(json.loads(dvc_repo.dvc("status", "--json"))) == {"align", "student"}
+    out = dvc_repo.dvc("repro")
+    for stage in ("prepare", "teacher"):
+        assert f"Stage '{stage}' didn't change, skipping" in out, out
+    for stage in ("align", "student", "evaluate"):
+        assert f"Running stage '{stage}'" in out, out
+    assert mtimes(repo, UPSTREAM[:-1]) == upstream
+    assert json.loads((repo / "data/aligned/manifest.json").read_text())["mode"] == "aligned"
+    assert json.loads(dvc_repo.dvc("status", "--json")) == {}

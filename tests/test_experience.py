@@ -12,7 +12,7 @@ import yaml
 
 from conftest import INPUTS, chdir, copy_run, make_run_dir, run_cli
 
-COMMANDS = ["prepare", "teacher", "student", "evaluate", "export", "predict", "inspect"]
+COMMANDS = ["prepare", "teacher", "align", "student", "evaluate", "export", "predict", "inspect"]
 
 
 # --- terminal manners ---
@@ -37,6 +37,8 @@ def test_help_of_kdqa_and_of_every_command(tmp_path):
         helps[command] = result.output
     # What each stage reads and writes.
     for command, paths in {"prepare": ["data/features"], "teacher": ["data/features", "data/teacher"],
+                           "align": ["data/teacher/train", "student.model", "data/aligned/features",
+                                     "data/aligned/teacher/train"],
                            "student": ["data/features/train", "data/teacher/train", "models/student",
                                        "logs/student/train.tsv", "student.*"],
                            "evaluate": ["models/student", "data/teacher/dev", "metrics/eval.json",

@@ -241,3 +241,16 @@ def test_export_params_defaults_are_params_yaml_and_checked(tmp_path):
         (tmp_path / "p.yaml").write_text(yaml.safe_dump({"export": bad}))
         with pytest.raises(KdqaError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
             load_params(tmp_path / "p.yaml")
+
+
+def test_a_student_of_another_tokenizer_is_checked_on_its_own_dev_features(run_copy):
+    """After `kdqa align`, the export's check reads the student's own dev features, as `kdqa evaluate` does."""
+    tiny.make_model(run_copy / "inputs/char-student", layers=1, seed=1, vocab=tiny.CHARACTER_VOCAB)
+    params = yaml.safe_load((run_copy / "params.yaml").read_text())
+    params["student"].update(model="./inputs/char-student", max_seq_len=64, doc_stride=16, epochs=1, max_steps=2)
+    (run_copy / "params.yaml").write_text(yaml.safe_dump(params))
+    for stage in ("align", "student", "evaluate", "export"):
+        run_cli(["-q", stage], run_copy)
+    metrics = json.loads((run_copy / "metrics/export.json").read_text())
+    assert metrics["pytorch"] == json.loads((run_copy / "metrics/eval.json").read_text())
+    assert metrics["float32_same_answers"] == metrics["questions"]

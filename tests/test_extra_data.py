@@ -265,3 +265,14 @@ def test_unlabeled_answers_are_ignored_and_counted(extra_copy):
 def test_bad_extra_data_params(extra_copy, key, value, fragment):
     set_params(extra_copy, **{key: value})
     assert_one_line_error(kdqa(extra_copy, "-q", "prepare"), "params.yaml", fragment)
+
+
+def test_extra_rows_with_an_aligned_student_are_refused(extra_copy):
+    """`kdqa align` carries only train's targets onto a student's own windows: extra rows cannot come along."""
+    run = extra_copy
+    set_params(run, student__max_seq_len=40, student__doc_stride=8)
+    run_cli(["-q", "align"], run)
+    assert_one_line_error(kdqa(run, "-q", "student"), "student.extra_ratio", "not aligned")
+    set_params(run, student__extra_ratio=0.0)
+    result = kdqa(run, "-q", "student")
+    assert result.exit_code == 0, result.output
