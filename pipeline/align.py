@@ -218,7 +218,8 @@ def align_splits(params: Params, tokenizer, parts: dict, staging: Path) -> dict:
     check_position_table(params.student.model, parts["max_seq_len"], params.student.trust_remote_code,
                          key="student.max_seq_len (null: prepare.max_seq_len)")
     base = {"kdqa_version": __version__, "tokenizer": params.student.model, "vocab_fingerprint": parts["student_vocab"],
-            "prepare": {k: v for k, v in vars(student_windows).items() if k != "strict"}}
+            "prepare": {k: v for k, v in vars(student_windows).items()
+                        if k != "strict" and not k.startswith("augment_")}}  # as prepare's manifest_base
     loaded = {split: load_examples(source, split, strict=params.prepare.strict)[0]
               for split, source in (("train", params.data.train), ("dev", params.data.dev))}
     for split, source in (("train", params.data.train), ("dev", params.data.dev)):

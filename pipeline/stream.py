@@ -86,7 +86,7 @@ class ShardStream(IterableDataset):
         # `extra_ratio` rows per labelled row each epoch, as whole shards (pipeline/mixing.py).
         self.labelled_shards = len(pairs)
         self.pairs = list(pairs) + list(extra)
-        self.extra_quota = extra_quota(sum(p.rows for p in pairs), extra_ratio)
+        self.extra_quota = extra_quota(sum(p.rows for p in pairs), extra_ratio) if extra else 0
         self.group_by_length = group_by_length
         self.pad_to_multiple_of, self.max_width = pad_to_multiple_of, max_width  # batch width rounding
         self.batch_size = batch_size

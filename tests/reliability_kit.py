@@ -85,8 +85,10 @@ def write_params(world: World, ws: Path, **overrides) -> Path:
 
 
 def clone(world: World, dst: Path) -> Path:
-    """A private copy of the prepared workspace (params.yaml + data/)."""
-    shutil.copytree(world.workspace, dst)
+    """A private copy of the prepared workspace (params.yaml + data/). Not .kdqa/: with the teacher's logits
+    cache there, a test that deletes data/teacher would get its logits copied back instead of computed."""
+    shutil.copytree(world.workspace, dst,
+                    ignore=lambda folder, names: [".kdqa"] if Path(folder) == world.workspace else [])
     return dst
 
 

@@ -333,6 +333,7 @@ def hub_name(**overrides):
 
 ENOSPC, EROFS, EACCES, EDQUOT = (os.strerror(e) for e in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT))
 TEACHER_WORK, CHECKPOINTS = ".kdqa/teacher-work", "checkpoints/"
+LOGITS_CACHE = ".kdqa/teacher-cache"  # every computed logits shard is kept there too, on purpose
 CTX = "The tower was built by Alice in the old city."
 
 ROWS = [
@@ -363,12 +364,12 @@ ROWS = [
         ("data/features", "free on this disk", "larger disk")),
     Row("teacher: disk full writing a logits shard", ("teacher",),
         then(drop_teacher_logits, parquet_write_fails(errno.ENOSPC, "teacher-work", nth=3)),
-        (".kdqa/teacher-work/train/part-00002.parquet", ENOSPC), keeps=(TEACHER_WORK,)),
+        (".kdqa/teacher-work/train/part-00002.parquet", ENOSPC), keeps=(TEACHER_WORK, LOGITS_CACHE)),
     Row("teacher: quota exceeded writing a done record", ("teacher",),
         then(drop_teacher_logits, json_write_fails(errno.EDQUOT, "part-00001.parquet.done.json")),
-        ("part-00001.parquet.done.json", EDQUOT), keeps=(TEACHER_WORK,)),
+        ("part-00001.parquet.done.json", EDQUOT), keeps=(TEACHER_WORK, LOGITS_CACHE)),
     Row("teacher: disk full while publishing", ("teacher",), then(drop_teacher_logits, publish_copy_fails),
-        ("data/teacher/train", ENOSPC), keeps=(TEACHER_WORK,)),
+        ("data/teacher/train", ENOSPC), keeps=(TEACHER_WORK, LOGITS_CACHE)),
     Row("teacher: data/teacher not writable", ("teacher",), read_only("data/teacher", errno.EACCES),
         ("data/teacher", EACCES, "permissions")),
     Row("teacher: not enough free space", ("teacher",), then(drop_teacher_logits, little_free_space),
