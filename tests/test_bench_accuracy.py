@@ -122,7 +122,8 @@ def test_shipped_student_variants_are_valid_student_settings():
     from pipeline.params import StudentParams
 
     known = set(StudentParams.__dataclass_fields__)
-    for shipped in ("accuracy-variants.yaml", "accuracy-6-epochs.yaml", "accuracy-extra-data.yaml"):
+    for shipped in ("accuracy-variants.yaml", "accuracy-6-epochs.yaml", "accuracy-extra-data.yaml",
+                    "accuracy-align.yaml"):
         specs = yaml.safe_load((REPO / "bench" / shipped).read_text())
         names = [spec["name"] for spec in specs]
         assert len(set(names)) == len(specs), shipped
@@ -147,6 +148,9 @@ def test_accuracy_benchmark_quick_mode_with_extra_rows(tmp_path):
     base = "distillation_weight: 0.5, temperature: 2.0, model: teacher"
     students.write_text(f'- {{name: "labelled", {base}}}\n'
                         f'- {{name: "both", {base}, extra_ratio: 1.0, max_steps_of: "labelled", '
+                        'compare_to: "labelled"}\n'
+                        # through `kdqa align`: another tokenizer, from logits made at other windows
+                        f'- {{name: "aligned", {base}, tokenizer: trimmed, teacher_windows: [96, 32], '
                         'compare_to: "labelled"}\n')
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "DVC_NO_ANALYTICS": "1"}
     subprocess.run([sys.executable, str(REPO / "bench" / "accuracy.py"), "--quick", "--encoder", str(encoder),
@@ -156,7 +160,7 @@ def test_accuracy_benchmark_quick_mode_with_extra_rows(tmp_path):
                    text=True, timeout=600)
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["complete"] and set(results["teacher_logits"]["rows"]) == {"train", "dev", "unlabeled", "augmented"}
-    labelled, both = results["rows"][1:]
+    labelled, both, aligned = results["rows"][1:]
     assert both["steps"] == labelled["steps"]  # capped at the labelled-only student's steps...
     from bench.accuracy import BASE_STUDENT, planned_steps
 
@@ -164,10 +168,18 @@ def test_accuracy_benchmark_quick_mode_with_extra_rows(tmp_path):
     settings = {**BASE_STUDENT, "distillation_weight": 0.5, "max_steps": None}
     assert planned_steps(data, {**settings, **labelled["settings"]}) == labelled["steps"]  # the plan is the student's
     assert planned_steps(data, {**settings, **both["settings"], "max_steps": None}) > both["steps"]  # extra rows: more
-    (gain,) = results["extra_data"]
+    gain, aligned_gain = results["extra_data"]
     assert gain["model"] == both["model"] and gain["against"] == labelled["model"]
     assert set(gain["ci95"]) == {"f1_gain", "forced_f1_gain"}
     assert set(gain["met"]) == {"f1_gain", "forced_f1_gain", "share_of_teacher_forced", "f1_minus_teacher"}
+    # The aligned student: its own tokenizer and windows, targets carried from logits made at 96/32 (their own
+    # prepare and teacher stages), compared but not judged by the extra-data goals.
+    assert aligned_gain["model"] == aligned["model"] and aligned_gain["met"] is None
+    assert set(aligned["stages"]) == {"align", "train", "evaluate"}
+    sdir = Path(aligned["workdir"])
+    assert json.loads((sdir / "data" / "aligned" / "manifest.json").read_text())["train"]["features"] > 0
+    logits_96 = tmp_path / "out" / "logits-96-32" / "data" / "features" / "train" / "manifest.json"
+    assert json.loads(logits_96.read_text())["prepare"]["max_seq_len"] == 96
     assert "Extra rows (unlabeled data, augmented views)" in (tmp_path / "out" / "results.md").read_text()
     # The students without extra rows read the same labelled shards: train's features are the teacher's own.
     for name in ("teacher", "logits-extra"):
@@ -331,3 +343,20 @@ def test_scores_carry_the_dev_curve_kdqa_student_logged(tmp_path):
     assert row["f1"] == 51.23 and row["dev_curve"] == [
         {"step": 204.0, "f1": 53.9, "exact": 52.1, "f1_forced": 32.7},
         {"step": 408.0, "f1": 54.4, "exact": 53.0, "f1_forced": 37.3}]
+
+
+def test_trimmed_vocabulary_model_splits_long_words_and_keeps_every_other_id(tmp_path):
+    from transformers import AutoTokenizer
+
+    from bench.accuracy import LONG_WORD, trimmed_vocabulary_model
+
+    model = tiny.make_model(tmp_path / "model", layers=1)
+    trimmed = trimmed_vocabulary_model(model, tmp_path / "trimmed")
+    before, after = AutoTokenizer.from_pretrained(model), AutoTokenizer.from_pretrained(trimmed)
+    assert len(after) == len(before) and (trimmed / "config.json").resolve() == (model / "config.json").resolve()
+    long_word = next(w for w in tiny.WORDS if len(w) > LONG_WORD)
+    short_word = next(w for w in tiny.WORDS if len(w) <= LONG_WORD)
+    assert before.tokenize(long_word) == [long_word] and len(after.tokenize(long_word)) > 1
+    assert after(short_word)["input_ids"] == before(short_word)["input_ids"]  # same ids: the embeddings still fit
+    for piece in after.tokenize(long_word):
+        assert after.convert_tokens_to_ids(piece) == before.convert_tokens_to_ids(piece)
