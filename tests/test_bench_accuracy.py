@@ -123,7 +123,7 @@ def test_shipped_student_variants_are_valid_student_settings():
 
     known = set(StudentParams.__dataclass_fields__)
     for shipped in ("accuracy-variants.yaml", "accuracy-6-epochs.yaml", "accuracy-extra-data.yaml",
-                    "accuracy-align.yaml"):
+                    "accuracy-align.yaml", "accuracy-speed.yaml"):
         specs = yaml.safe_load((REPO / "bench" / shipped).read_text())
         names = [spec["name"] for spec in specs]
         assert len(set(names)) == len(specs), shipped
