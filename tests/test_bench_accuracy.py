@@ -85,14 +85,16 @@ def test_accuracy_benchmark_quick_mode_runs_every_stage(tmp_path):
         return [{k: v for k, v in row.items() if k != "stages"} for row in rows]
 
     assert scores_only(json.loads((out / "results.json").read_text())["rows"]) == scores_only(results["rows"])
-    # A student setting changed: the teacher and its logits are reused, only the students run again.
-    changed = bench("--set", "student_training.learning_rate=0.003")
-    assert changed.count("already done") == 4 and "student-hard: kdqa student" in changed
+    # One student's setting changed: the teacher, its logits and the other students are reused; that one runs again.
+    students.write_text(students.read_text().replace('{name: "hard", distillation_weight: 0.0,',
+                                                     '{name: "hard", learning_rate: 0.003, distillation_weight: 0.0,'))
+    changed = bench("--set", "student_training.learning_rate=0.002")
+    assert changed.count("already done") == 4 + 3 * 2 and "student-hard: kdqa student" in changed
     # A student that fails (a layer the encoder lacks) is reported at once; the students after it still run,
     # the results keep every finished row, and the run ends non-zero naming it.
     students.write_text('- {name: "bad", distillation_weight: 0.0, temperature: 1.0, init_layers: [0, 99]}\n'
                         + students.read_text())
-    failing = subprocess.run(command + ["--set", "student_training.learning_rate=0.003"], cwd=tmp_path, env=env,
+    failing = subprocess.run(command + ["--set", "student_training.learning_rate=0.002"], cwd=tmp_path, env=env,
                              capture_output=True, text=True, timeout=600)
     assert failing.returncode != 0
     assert "FAILED: student 'bad'" in failing.stderr and "1 student(s) failed: bad" in failing.stderr
