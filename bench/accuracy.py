@@ -518,8 +518,9 @@ def main() -> None:
                "spec_name": spec["name"], "compare_to": spec.get("compare_to"),
                "steps": json.loads((sdir / "models" / "student" / "kdqa_training.json").read_text())["steps"],
                # everything else that shapes the student: the goals compare only students that share it
-               "settings": {k: v for k, v in student.items()
-                            if k not in ("model", "distillation_weight", "temperature", "eval_every")}}
+               "settings": {**{k: v for k, v in student.items()
+                               if k not in ("model", "distillation_weight", "temperature", "eval_every")},
+                            **{k: spec[k] for k in ("tokenizer", "teacher_windows") if spec.get(k)}}}
         with lock:
             results["rows"].append(row)
         save()
