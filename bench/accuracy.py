@@ -514,7 +514,6 @@ def main() -> None:
                "distillation_weight": student["distillation_weight"], "temperature": student["temperature"],
                "init": init, "workdir": str(sdir),
                "stages": {**stages, "train": train_stage, "evaluate": eval_stage},
-               "teacher_windows": spec.get("teacher_windows"), "tokenizer": spec.get("tokenizer"),
                "spec_name": spec["name"], "compare_to": spec.get("compare_to"),
                "steps": json.loads((sdir / "models" / "student" / "kdqa_training.json").read_text())["steps"],
                # everything else that shapes the student: the goals compare only students that share it

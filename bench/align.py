@@ -33,36 +33,25 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.accuracy import (  # noqa: E402
+    LONG_WORD,
     DEFAULT_DATA,
     link_data,
     machine_description,
     minilm_dir,
     run_stage,
     split_by_article,
+    trimmed_vocabulary_model,
     write_params,
 )
 from pipeline.shards import write_json_atomic  # noqa: E402
 
 PREPARE = {"max_seq_len": 384, "doc_stride": 128, "max_query_len": 64, "shard_size": 1000, "row_group_size": 500}
-LONG_WORD = 6  # characters: whole words longer than this leave the derived vocabulary
 
 
 def cased_tokenizer(encoder: Path, out: Path) -> Path:
     from transformers import AutoTokenizer
 
     AutoTokenizer.from_pretrained(encoder, do_lower_case=False).save_pretrained(out)
-    return out
-
-
-def trimmed_tokenizer(encoder: Path, out: Path) -> Path:
-    """The encoder's WordPiece vocabulary without its whole words longer than LONG_WORD characters."""
-    from transformers import AutoTokenizer, BertTokenizerFast
-
-    vocab = AutoTokenizer.from_pretrained(encoder).get_vocab()
-    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])
-              if t.startswith(("##", "[")) or len(t) <= LONG_WORD]
-    out.mkdir(parents=True, exist_ok=True)
-    BertTokenizerFast(vocab={t: i for i, t in enumerate(tokens)}, do_lower_case=True).save_pretrained(out)
     return out
 
 
@@ -131,7 +120,7 @@ def main() -> None:
         ("same tokenizer, windows 256/96", {"model": str(encoder), "max_seq_len": 256, "doc_stride": 96}),
         ("same vocabulary used cased", {"model": str(cased_tokenizer(encoder, out / "tokenizers/cased"))}),
         (f"vocabulary without words over {LONG_WORD} characters",
-         {"model": str(trimmed_tokenizer(encoder, out / "tokenizers/trimmed"))}),
+         {"model": str(trimmed_vocabulary_model(encoder, out / "tokenizers/trimmed"))}),
     ]
     for name, student in students:
         sdir = out / ("student-" + "".join(c if c.isalnum() else "-" for c in name))

@@ -40,6 +40,7 @@ for path in (ROOT, ROOT / "bench"):
 from accuracy import DEFAULT_DATA, machine_description, minilm_dir, run_stage, split_by_article  # noqa: E402
 from pipeline.shards import write_json_atomic  # noqa: E402
 
+PARTS = ("incremental", "scratch", "students")  # --parts: what to run; the rest keeps its earlier results
 DEFAULT_UNLABELED = ROOT.parent / "shared" / "data" / "squad2-unlabeled.json"
 PREPARE = {"max_seq_len": 256, "doc_stride": 96, "max_query_len": 48, "shard_size": 1000, "row_group_size": 500}
 STUDENT = {"init_layers": [0], "batch_size": 16, "epochs": 1, "learning_rate": 1.0e-4, "warmup": 0.1,
@@ -96,13 +97,13 @@ def main() -> None:
     ap.add_argument("--encoder", type=Path, default=None, help="encoder directory (default: all-MiniLM-L6-v2)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "extra-data")
     ap.add_argument("--quick", action="store_true", help="a smoke run: 40 questions per article, tiny shards")
-    ap.add_argument("--parts", default="incremental,scratch,students",
+    ap.add_argument("--parts", default=",".join(PARTS),
                     help="comma-separated parts to run (default all); a part left out keeps its results from an "
                          "earlier run in --out")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
-    if parts - {"incremental", "scratch", "students"}:
-        sys.exit(f"--parts {args.parts!r}: choose from incremental, scratch, students")
+    if parts - set(PARTS):
+        sys.exit(f"--parts {args.parts!r}: choose from {', '.join(PARTS)}")
     out = args.out.resolve()
     train, dev = split_by_article(args.data, out / "split", 40 if args.quick else None)
     unlabeled = args.unlabeled.resolve()
@@ -111,7 +112,7 @@ def main() -> None:
     student = {**STUDENT, "model": str(teacher)}
     results = {"machine": machine_description(), "command": " ".join(sys.argv), "teacher_runs": [], "students": []}
     earlier_results = out / "results.json"
-    if parts != {"incremental", "scratch", "students"} and earlier_results.exists():  # keep the parts not rerun
+    if parts != set(PARTS) and earlier_results.exists():  # keep the parts not rerun
         kept = json.loads(earlier_results.read_text())
         results["commands"] = kept.get("commands", [kept["command"]]) + [results["command"]]
         results["teacher_runs"] = [r for r in kept["teacher_runs"]

@@ -152,13 +152,8 @@ def test_extra_data_benchmark_quick_mode(tmp_path):
 
     encoder = tiny.make_model(tmp_path / "encoder", layers=2)
     data = tiny.make_squad(tmp_path / "squad.json", articles=9, paragraphs=2, questions=3)
-    unlabeled = tiny.make_squad(tmp_path / "unlabeled.json", articles=3, paragraphs=2, questions=3, seed=4)
-    doc = json.loads(unlabeled.read_text())
-    for article in doc["data"]:
-        for paragraph in article["paragraphs"]:
-            for qa in paragraph["qas"]:
-                qa["id"], qa["answers"] = "u-" + qa["id"], []
-    unlabeled.write_text(json.dumps(doc))
+    unlabeled = tiny.strip_answers(tiny.make_squad(tmp_path / "squad-u.json", articles=3, paragraphs=2, questions=3, seed=4),
+                                   tmp_path / "unlabeled.json")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "DVC_NO_ANALYTICS": "1"}
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "extra_data.py"), "--quick", "--encoder",
                            str(encoder), "--data", str(data), "--unlabeled", str(unlabeled), "--out", str(tmp_path / "out")],

@@ -12,22 +12,8 @@ from pipeline.features import NO_LABEL, tokenize_examples
 from pipeline.squad_data import load_examples
 from pipeline.unlabeled import UnlabeledReport, check_ids_distinct, count_dev_contexts, load_unlabeled
 
-
-def strip_answers(path, out, id_prefix="u-"):
-    """The same questions with every answer removed (the shared unlabeled file's layout) and fresh ids."""
-    doc = json.loads(path.read_text())
-    for article in doc["data"]:
-        for paragraph in article["paragraphs"]:
-            for qa in paragraph["qas"]:
-                qa["id"] = id_prefix + qa["id"]
-                qa["answers"] = []
-                qa.pop("is_impossible", None)
-    out.write_text(json.dumps(doc))
-    return out
-
-
 def test_file_without_any_answer_loads_as_teacher_only(tmp_path, tiny_assets):
-    path = strip_answers(tiny_assets.train, tmp_path / "unlabeled.json")
+    path = tiny.strip_answers(tiny_assets.train, tmp_path / "unlabeled.json")
     examples, report = load_unlabeled(str(path))
     labelled, _ = load_examples(str(tiny_assets.train), "train")
     assert report.questions == len(examples) == 24 and report.answers_ignored == 0
@@ -59,8 +45,8 @@ def test_features_of_unlabeled_rows_carry_no_label_in_every_window(tmp_path, tin
 def test_id_shared_with_a_labelled_file_names_both_files(tmp_path, tiny_assets):
     labelled, _ = load_examples(str(tiny_assets.train), "train")
     dev, _ = load_examples(str(tiny_assets.dev), "dev")
-    mine = strip_answers(tiny_assets.train, tmp_path / "extra.json")
-    clash = strip_answers(tiny_assets.train, tmp_path / "clash.json", id_prefix="")  # the training ids
+    mine = tiny.strip_answers(tiny_assets.train, tmp_path / "extra.json")
+    clash = tiny.strip_answers(tiny_assets.train, tmp_path / "clash.json", id_prefix="")  # the training ids
     sources = [("data.train (train.json)", labelled), ("data.dev (dev.json)", dev)]
     check_ids_distinct([("data.unlabeled[0] (extra.json)", load_unlabeled(str(mine))[0])], sources)
     with pytest.raises(KdqaError) as err:
@@ -90,7 +76,7 @@ def test_empty_or_broken_unlabeled_file_is_one_clear_error(tmp_path, content, fr
 
 def test_questions_on_dev_paragraphs_are_counted(tmp_path, tiny_assets):
     dev, _ = load_examples(str(tiny_assets.dev), "dev")
-    examples, report = load_unlabeled(str(strip_answers(tiny_assets.dev, tmp_path / "u.json")))
+    examples, report = load_unlabeled(str(tiny.strip_answers(tiny_assets.dev, tmp_path / "u.json")))
     count_dev_contexts(examples, dev, report)
     assert report.contexts_in_dev == len(examples)
     other = UnlabeledReport(source="x")

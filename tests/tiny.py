@@ -126,3 +126,17 @@ def write_params(path: Path, teacher: Path, student: Path, train: Path, dev: Pat
         params[section][name] = value
     path.write_text(yaml.safe_dump(params))
     return path
+
+
+def strip_answers(path: Path, out: Path, id_prefix: str = "u-") -> Path:
+    """The same questions with every answer removed (the shared unlabeled file's layout) and fresh ids."""
+    doc = json.loads(path.read_text())
+    for article in doc["data"]:
+        for paragraph in article["paragraphs"]:
+            for qa in paragraph["qas"]:
+                qa["id"] = id_prefix + qa["id"]
+                qa["answers"] = []
+                qa.pop("is_impossible", None)
+    out.write_text(json.dumps(doc))
+    return out
+
