@@ -3,11 +3,12 @@
 When `student.model`'s tokenizer has the vocabulary data/features was tokenized with and the student's windows
 (`student.max_seq_len`, `student.doc_stride`; null: the teacher's) are the teacher's, there is nothing to do:
 `data/aligned/manifest.json` says `direct`, and the student trains on data/features and data/teacher as it
-would without this stage (pipeline/student_data.py decides). Otherwise the stage tokenizes train and dev with
-the student's tokenizer and windows into `data/aligned/features/{train,dev}/`, and writes for every student
-training feature the teacher's start/end targets over the student's tokens into `data/aligned/teacher/train/`
+would without this stage (pipeline/student_data.py decides). Otherwise the stage tokenizes train, dev and the
+extra splits the teacher labelled (unlabeled, augmented: their examples made again exactly as prepare made them)
+with the student's tokenizer and windows into `data/aligned/features/<split>/`, and writes for every student
+training feature the teacher's start/end targets over the student's tokens into `data/aligned/teacher/<split>/`
 (same shard names and rows as the features; pipeline/alignment.py says how they are made and stored). The
-student streams those pairs exactly as it streams features and logits.
+student streams those pairs exactly as it streams features and logits, extra rows included.
 
 The whole of data/aligned/ is built in a staging folder and swapped in when complete; the manifest records
 the fingerprint of what it was made from (teacher logits, features, student vocabulary, windows), which the
@@ -19,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,8 +33,9 @@ from pipeline.features import check_contexts_have_tokens, tokenize_examples
 from pipeline.fingerprints import check_teacher_logits
 from pipeline.models import check_position_table, load_tokenizer
 from pipeline.params import Params
-from pipeline.paths import ALIGNED_DIR, FEATURES_DIR, TEACHER_DIR, staged_folder
-from pipeline.prepare import TOKENIZE_CHUNK, check_window, tokenize_into
+from pipeline.paths import ALIGNED_DIR, FEATURES_DIR, TEACHER_DIR, UNLABELED_SPLIT, staged_folder
+from pipeline.augment import AugmentReport
+from pipeline.prepare import TOKENIZE_CHUNK, augmented_runs, check_window, tokenize_into
 from pipeline.progress import progress
 from pipeline.shards import (
     aligned_table,
@@ -53,7 +55,8 @@ from pipeline.shards import (
     write_table_atomic,
 )
 from pipeline.squad_data import Example, load_examples
-from pipeline.student_data import ALIGNED, student_plan
+from pipeline.student_data import ALIGNED, student_plan, teacher_labelled_splits
+from pipeline.unlabeled import load_unlabeled
 from pipeline.write_errors import writing
 
 log = logging.getLogger(__name__)
@@ -105,9 +108,12 @@ class AlignStats:
     seconds: float = 0.0
 
 
-def align_train(examples: list[Example], tokenizer, params: Params, features_out: Path, targets_out: Path,
-                teacher: Iterator[tuple[str, list]], source: str) -> tuple[AlignStats, list[dict]]:
-    """Student train features and their aligned targets, written side by side in shards of `shard_size`."""
+def align_split(split: str, runs: Iterable[list[Example]], total: int, tokenizer, params: Params,
+                features_out: Path, targets_out: Path, teacher: Iterator[tuple[str, list]],
+                source) -> tuple[AlignStats, list[dict]]:
+    """One training split's student features and their aligned targets, written side by side in shards of
+    `shard_size`; `runs`: its examples in the order prepare tokenized them for the teacher (`teacher`: its
+    windows, from `teacher_windows`)."""
     p, stats, started = params.prepare, AlignStats(), time.perf_counter()
     features_out.mkdir(parents=True)
     targets_out.mkdir(parents=True)
@@ -122,33 +128,35 @@ def align_train(examples: list[Example], tokenizer, params: Params, features_out
         features.clear()
         targets.clear()
 
-    with progress(total=len(examples), desc="align train", unit="ex") as bar:
-        for ex, own in student_features(tokenizer, examples, params):
-            example_id, windows = next(teacher, (None, None))
-            if example_id != ex.id:
-                raise KdqaError(f"{FEATURES_DIR / 'train'}: holds example {example_id!r} where {source} has "
-                                f"{ex.id!r}: the data changed since `kdqa prepare`; run it (and `kdqa teacher`) again")
-            aligned = align_example(windows, [(Window.of(f), len(f["input_ids"])) for f in own])
-            for feature, target in zip(own, aligned):
-                features.append(feature)
-                targets.append(target)
-                stats.features += 1
-                stats.pieced += target.teacher_windows > 1
-                stats.covered += (target.start_covered + target.end_covered) / 2
-                if len(features) == p.shard_size:
-                    flush()
-            bar.update(1)
+    changed = "the data changed since `kdqa prepare`; run it (and `kdqa teacher`) again"
+    with progress(total=total, desc=f"align {split}", unit="ex") as bar:
+        for examples in runs:
+            for ex, own in student_features(tokenizer, examples, params):
+                example_id, windows = next(teacher, (None, None))
+                if example_id != ex.id:
+                    raise KdqaError(f"{FEATURES_DIR / split}: holds example {example_id!r} where {source} has "
+                                    f"{ex.id!r}: {changed}")
+                aligned = align_example(windows, [(Window.of(f), len(f["input_ids"])) for f in own])
+                for feature, target in zip(own, aligned):
+                    features.append(feature)
+                    targets.append(target)
+                    stats.features += 1
+                    stats.pieced += target.teacher_windows > 1
+                    stats.covered += (target.start_covered + target.end_covered) / 2
+                    if len(features) == p.shard_size:
+                        flush()
+                bar.update(1)
     if features:
         flush()
     leftover = next(teacher, None)
     if leftover is not None:
-        raise KdqaError(f"{FEATURES_DIR / 'train'}: holds example {leftover[0]!r} that {source} does not: "
-                        "the data changed since `kdqa prepare`; run it (and `kdqa teacher`) again")
+        raise KdqaError(f"{FEATURES_DIR / split}: holds example {leftover[0]!r} that {source} does not: {changed}")
     stats.seconds = time.perf_counter() - started
     return stats, shards
 
 
-def write_manifests(features_out: Path, targets_out: Path, shards: list[dict], base: dict, teacher_fp: str) -> None:
+def write_manifests(split: str, features_out: Path, targets_out: Path, shards: list[dict], base: dict,
+                    teacher_fp: str) -> None:
     """The features manifest (as prepare writes it) and the targets manifest (as the teacher writes it)."""
     for entry in shards:
         entry["sha256"] = sha256_file(features_out / entry["name"])
@@ -161,7 +169,7 @@ def write_manifests(features_out: Path, targets_out: Path, shards: list[dict], b
     target_shards = [{"name": e["name"], "rows": e["rows"], "sha256": sha256_file(targets_out / e["name"])}
                      for e in shards]
     write_json_atomic(targets_out / "manifest.json", {
-        "kdqa_version": __version__, "split": "train", "fingerprint": fingerprint_of(parts),
+        "kdqa_version": __version__, "split": split, "fingerprint": fingerprint_of(parts),
         "fingerprint_parts": parts, "rows": rows,
         "bytes": sum((targets_out / e["name"]).stat().st_size for e in shards), "shards": target_shards,
     })
@@ -176,8 +184,10 @@ def is_current(parts: dict) -> bool:
         if read_json(path).get("fingerprint_parts") != parts:
             return False
         if parts["mode"] == "aligned":
-            for folder in (ALIGNED.train_features, ALIGNED.dev_features, ALIGNED.teacher_targets):
-                verify_shards(folder, "kdqa align")
+            for split in ("train", *parts["extra_splits"]):
+                for folder in ALIGNED.split(split):
+                    verify_shards(folder, "kdqa align")
+            verify_shards(ALIGNED.dev_features, "kdqa align")
     except KdqaError as exc:
         log.warning("%s; aligning again", exc)
         return False
@@ -193,6 +203,12 @@ def run_align(params: Params) -> None:
     parts = {**student_plan(params, tokenizer, features_manifest), "features": features_manifest["bytes_fingerprint"]}
     if parts["mode"] == "aligned":
         parts["teacher_logits"] = check_teacher_logits(features_dir, parts["features"], logits_dir)
+        parts["extra_splits"] = {}
+        for split in teacher_labelled_splits():  # what the student may mix in: carried onto its tokens as well
+            manifest = verify_shards(FEATURES_DIR / split, "kdqa prepare")
+            parts["extra_splits"][split] = {"features": manifest["bytes_fingerprint"], "teacher_logits":
+                                            check_teacher_logits(FEATURES_DIR / split, manifest["bytes_fingerprint"],
+                                                                 TEACHER_DIR / split)}
         parts["max_query_len"] = params.prepare.max_query_len
         parts["aligned_format"] = output_format("aligned")
     if is_current(parts):
@@ -202,7 +218,7 @@ def run_align(params: Params) -> None:
                 "fingerprint": fingerprint_of(parts), "fingerprint_parts": parts}
     with writing(ALIGNED_DIR), staged_folder(ALIGNED_DIR) as staging:
         if parts["mode"] == "aligned":
-            manifest["train"] = align_splits(params, tokenizer, parts, staging)
+            manifest.update(align_splits(params, tokenizer, parts, staging))  # per split: what was aligned
         else:
             log.info("student %s shares the teacher's tokenizer and windows: it trains on %s and %s as they are",
                      s.model, FEATURES_DIR, TEACHER_DIR)
@@ -210,7 +226,8 @@ def run_align(params: Params) -> None:
 
 
 def align_splits(params: Params, tokenizer, parts: dict, staging: Path) -> dict:
-    """Student features of train and dev, and the train features' aligned targets, under `staging`."""
+    """Student features of train, of the extra splits the teacher labelled (unlabeled, augmented) and of dev, and
+    the training splits' aligned targets, under `staging`. Returns what was aligned, per training split."""
     student_windows = dataclasses.replace(params.prepare, max_seq_len=parts["max_seq_len"],
                                           doc_stride=parts["doc_stride"])
     student_params = dataclasses.replace(params, prepare=student_windows)
@@ -220,25 +237,53 @@ def align_splits(params: Params, tokenizer, parts: dict, staging: Path) -> dict:
     base = {"kdqa_version": __version__, "tokenizer": params.student.model, "vocab_fingerprint": parts["student_vocab"],
             "prepare": {k: v for k, v in vars(student_windows).items()
                         if k != "strict" and not k.startswith("augment_")}}  # as prepare's manifest_base
+    data = params.data
     loaded = {split: load_examples(source, split, strict=params.prepare.strict)[0]
-              for split, source in (("train", params.data.train), ("dev", params.data.dev))}
-    for split, source in (("train", params.data.train), ("dev", params.data.dev)):
-        check_contexts_have_tokens(tokenizer, loaded[split], source)
-    features_out = staging / ALIGNED.train_features.relative_to(ALIGNED_DIR)
-    targets_out = staging / ALIGNED.teacher_targets.relative_to(ALIGNED_DIR)
-    stats, shards = align_train(loaded["train"], tokenizer, student_params, features_out, targets_out,
-                                teacher_windows(FEATURES_DIR / "train", TEACHER_DIR / "train"), params.data.train)
-    write_manifests(features_out, targets_out, shards,
-                    {**base, "split": "train", "source": params.data.train, "examples": len(loaded["train"])},
-                    parts["teacher_logits"])
+              for split, source in (("train", data.train), ("dev", data.dev))}
+    splits = {"train": ([loaded["train"]], len(loaded["train"]), data.train, {}, parts["teacher_logits"])}
+    for split, made in parts["extra_splits"].items():
+        splits[split] = extra_split_runs(split, params, loaded["train"]) + (made["teacher_logits"],)
+    for split, (runs, _, source, _, _) in splits.items():
+        if split in ("train", UNLABELED_SPLIT):  # augmented views are cut from train's contexts
+            for examples in runs:
+                check_contexts_have_tokens(tokenizer, examples, source)
+    check_contexts_have_tokens(tokenizer, loaded["dev"], data.dev)
+    summary = {}
+    for split, (runs, total, source, extra_keys, teacher_fp) in splits.items():
+        student_data = ALIGNED.split(split)
+        features_out, targets_out = (staging / path.relative_to(ALIGNED_DIR) for path in student_data)
+        teacher = teacher_windows(FEATURES_DIR / split, TEACHER_DIR / split)
+        stats, shards = align_split(split, runs, total, tokenizer, student_params, features_out, targets_out,
+                                    teacher, source)
+        write_manifests(split, features_out, targets_out, shards,
+                        {**base, **extra_keys, "split": split, "source": source, "examples": total}, teacher_fp)
+        target_bytes = sum(p.stat().st_size for p in list_shards(targets_out))
+        log.info("%s: aligned %d student features in %.1fs (%d pieced from two teacher windows or more, mean "
+                 "covered mass %.4f, %.0f bytes/feature of targets)", split, stats.features, stats.seconds,
+                 stats.pieced, stats.covered / max(stats.features, 1), target_bytes / max(stats.features, 1))
+        summary[split] = {"features": stats.features, "seconds": round(stats.seconds, 2), "pieced": stats.pieced,
+                          "mean_covered": round(stats.covered / max(stats.features, 1), 6),
+                          "target_bytes_per_feature": round(target_bytes / max(stats.features, 1), 1)}
     dev_out = staging / ALIGNED.dev_features.relative_to(ALIGNED_DIR)
     dev_out.mkdir(parents=True)
     tokenize_into(dev_out, [loaded["dev"]], tokenizer, student_params, "dev",
-                  {**base, "split": "dev", "source": params.data.dev}, total=len(loaded["dev"]))
-    target_bytes = sum(p.stat().st_size for p in list_shards(targets_out))
-    log.info("aligned %d student features in %.1fs (%d pieced from two teacher windows or more, mean covered "
-             "mass %.4f, %.0f bytes/feature of targets)", stats.features, stats.seconds, stats.pieced,
-             stats.covered / max(stats.features, 1), target_bytes / max(stats.features, 1))
-    return {"features": stats.features, "seconds": round(stats.seconds, 2), "pieced": stats.pieced,
-            "mean_covered": round(stats.covered / max(stats.features, 1), 6),
-            "target_bytes_per_feature": round(target_bytes / max(stats.features, 1), 1)}
+                  {**base, "split": "dev", "source": data.dev}, total=len(loaded["dev"]))
+    return summary
+
+
+def extra_split_runs(split: str, params: Params, train: list[Example]) -> tuple[Iterable[list[Example]], int, object, dict]:
+    """An extra split's examples as prepare made them: (runs, examples, source, manifest keys). Unlabeled: one run
+    per file of data.unlabeled; augmented: one run per view number, made again from train (deterministic)."""
+    data = params.data
+    if split == UNLABELED_SPLIT:
+        if not data.unlabeled:
+            raise KdqaError(f"{FEATURES_DIR / split}: made from unlabeled files data.unlabeled no longer lists: "
+                            "run `kdqa prepare` (and `kdqa teacher`) again")
+        runs = [load_unlabeled(source)[0] for source in data.unlabeled]
+        return runs, sum(map(len, runs)), list(data.unlabeled), {}
+    if not params.prepare.augment_views:
+        raise KdqaError(f"{FEATURES_DIR / split}: made from augmented views, but prepare.augment_views is 0: "
+                        "run `kdqa prepare` (and `kdqa teacher`) again")
+    settings = {k: v for k, v in vars(params.prepare).items() if k.startswith("augment_")}
+    total = params.prepare.augment_views * len(train)
+    return augmented_runs(train, params, AugmentReport()), total, data.train, {"augment": settings}

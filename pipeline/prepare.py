@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -208,9 +208,7 @@ def write_extra_splits(params: Params, tokenizer, train: list[Example], unlabele
         shutil.rmtree(FEATURES_DIR / AUGMENTED_SPLIT, ignore_errors=True)
         return None
     report = AugmentReport()
-    # One view number at a time in memory: each is a list of about as many examples as train.
-    runs = (list(make_views(train, view, settings.augment_seed, settings.augment_kinds, report))
-            for view in range(settings.augment_views))
+    runs = augmented_runs(train, params, report)
     base = manifest_base(AUGMENTED_SPLIT, data.train, params, tokenizer)
     base["augment"] = {k: v for k, v in vars(settings).items() if k.startswith("augment_")}
     summary = write_feature_shards(runs, tokenizer, params, FEATURES_DIR / AUGMENTED_SPLIT, base)
@@ -220,6 +218,14 @@ def write_extra_splits(params: Params, tokenizer, train: list[Example], unlabele
             "the change exactly)", report.views, ", ".join(f"{k} {n}" for k, n in report.by_kind.items()),
             report.labelled, report.teacher_only, report.remap_failed)
     return report.to_dict()
+
+
+def augmented_runs(train: list[Example], params: Params, report: AugmentReport) -> Iterator[list[Example]]:
+    """The augmented split's examples, one run per view number, one run in memory at a time (each is about as
+    many examples as train). Deterministic: `kdqa align` makes them again, in the same order, for its student."""
+    settings = params.prepare
+    for view in range(settings.augment_views):
+        yield list(make_views(train, view, settings.augment_seed, settings.augment_kinds, report))
 
 
 def log_split(split: str, summary: dict) -> None:

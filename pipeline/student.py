@@ -26,7 +26,7 @@ from pipeline.fingerprints import check_teacher_logits
 from pipeline.inference import precision_name
 from pipeline.models import check_sequence_length, keep_layers, load_qa_model, load_tokenizer
 from pipeline.params import Params, StudentParams
-from pipeline.paths import CHECKPOINT_DIR, FEATURES_DIR, STUDENT_LOG_DIR, STUDENT_MODEL_DIR, TEACHER_DIR, staged_folder
+from pipeline.paths import CHECKPOINT_DIR, FEATURES_DIR, STUDENT_LOG_DIR, STUDENT_MODEL_DIR, staged_folder
 from pipeline.progress import progress
 from pipeline.shards import check_format, verify_shards, write_json_atomic
 from pipeline.stream import ShardStream, find_shard_pairs, verify_alignment
@@ -115,15 +115,10 @@ def check_training_data(student: StudentParams, data: StudentData) -> tuple[dict
     regenerate = "kdqa prepare" if data.mode == "direct" else "kdqa align"
     features_manifest, data_fingerprint, pairs = checked_split(
         data.train_features, data.teacher_targets if distil else None, regenerate)
-    splits = extra_splits(student)
-    if splits and data.mode != "direct":
-        # The extra splits are tokenized for the teacher; `kdqa align` maps only the labelled training set.
-        raise KdqaError(f"student.extra_ratio {student.extra_ratio}: extra rows ({', '.join(splits)}) are not "
-                        "aligned onto a student of another tokenizer or other windows; set student.extra_ratio: 0 "
-                        "or use the teacher's tokenizer and windows")
     extra = []
-    for split in splits:
-        _, split_fingerprint, split_pairs = checked_split(FEATURES_DIR / split, TEACHER_DIR / split, "kdqa prepare")
+    for split in extra_splits(student):  # the student's own features and aligned targets when aligned
+        features_dir, targets_dir = data.split(split)
+        _, split_fingerprint, split_pairs = checked_split(features_dir, targets_dir, regenerate)
         data_fingerprint.update({f"{split}_{k}": v for k, v in split_fingerprint.items()})
         extra += split_pairs
     return features_manifest, data_fingerprint, pairs, extra

@@ -15,7 +15,7 @@ from pathlib import Path
 from pipeline.errors import KdqaError
 from pipeline.models import vocab_fingerprint
 from pipeline.params import Params
-from pipeline.paths import ALIGNED_DIR, ALIGNED_FEATURES_DIR, ALIGNED_TARGETS_DIR, FEATURES_DIR, TEACHER_DIR
+from pipeline.paths import ALIGNED_DIR, ALIGNED_FEATURES_DIR, ALIGNED_TARGETS_DIR, EXTRA_SPLITS, FEATURES_DIR, TEACHER_DIR
 from pipeline.shards import output_format, read_json
 
 
@@ -45,10 +45,26 @@ class StudentData:
     dev_features: Path
     regenerate: str  # the command that rebuilds them
 
+    def split(self, name: str) -> tuple[Path, Path]:
+        """(features, teacher targets) of a training split: train, or an extra split (unlabeled, augmented)."""
+        return self.train_features.parent / name, self.teacher_targets.parent / name
+
 
 DIRECT = StudentData("direct", FEATURES_DIR / "train", TEACHER_DIR / "train", FEATURES_DIR / "dev", "kdqa teacher")
 ALIGNED = StudentData("aligned", ALIGNED_FEATURES_DIR / "train", ALIGNED_TARGETS_DIR / "train",
                       ALIGNED_FEATURES_DIR / "dev", "kdqa align")
+
+
+def teacher_labelled_splits() -> dict[str, dict]:
+    """The extra splits prepare made and the teacher labelled, with the fingerprints of both (as their manifests
+    record them): what `kdqa align` carries onto a student's tokens besides train."""
+    found = {}
+    for split in EXTRA_SPLITS:
+        features, logits = FEATURES_DIR / split / "manifest.json", TEACHER_DIR / split / "manifest.json"
+        if features.exists():
+            found[split] = {"features": read_json(features).get("fingerprint"),
+                            "teacher_logits": read_json(logits).get("fingerprint") if logits.exists() else None}
+    return found
 
 
 def student_data(params: Params, tokenizer) -> StudentData:
@@ -71,7 +87,7 @@ def student_data(params: Params, tokenizer) -> StudentData:
     logits = read_json(teacher_manifest).get("fingerprint") if teacher_manifest.exists() else None
     expected = {**{k: plan[k] for k in ("mode", "student_vocab", "max_seq_len", "doc_stride")},
                 "features": features_manifest.get("fingerprint"), "teacher_logits": logits,
-                "aligned_format": output_format("aligned")}
+                "extra_splits": teacher_labelled_splits(), "aligned_format": output_format("aligned")}
     stale = sorted(k for k, v in expected.items() if made_for.get(k) != v)
     if stale:
         raise KdqaError(f"{ALIGNED_DIR}: made for another {', '.join(stale)} than this student's; {why}: run "

@@ -70,7 +70,7 @@ def test_the_stage_reads_the_teachers_windows_across_shards_in_order(run_copy):
     """Aligning onto the teacher's own tokenizer and windows gives back the teacher's logits, row for row."""
     from contextlib import chdir
 
-    from pipeline.align import align_train, teacher_windows
+    from pipeline.align import align_split, teacher_windows
     from pipeline.models import load_tokenizer
     from pipeline.params import load_params
     from pipeline.squad_data import load_examples
@@ -84,7 +84,7 @@ def test_the_stage_reads_the_teachers_windows_across_shards_in_order(run_copy):
         params = load_params()
         examples, _ = load_examples(params.data.train, "train")
         tokenizer = load_tokenizer(params.teacher.model)
-        stats, _ = align_train(examples, tokenizer, params, run_copy / "f", run_copy / "t",
+        stats, _ = align_split("train", [examples], len(examples), tokenizer, params, run_copy / "f", run_copy / "t",
                                teacher_windows(run_copy / "resharded/features/train", run_copy / "resharded/teacher/train"),
                                params.data.train)
     assert stats.pieced == 0 and stats.covered == pytest.approx(stats.features)

@@ -331,8 +331,7 @@ def test_a_student_of_other_windows_reruns_the_alignment_never_the_teacher(dvc_r
     repo = dvc_repo.path
     upstream = mtimes(repo, UPSTREAM[:-1])  # features and teacher logits; the aligned manifest changes
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    # extra_ratio 0: the unlabeled rows an earlier test added are not aligned (an aligned student refuses them)
-    params["student"].update(max_seq_len=32, doc_stride=8, extra_ratio=0.0)
+    params["student"].update(max_seq_len=32, doc_stride=8)  # the unlabeled rows an earlier test added come along
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     assert set(json.loads(dvc_repo.dvc("status", "--json"))) == {"align", "student"}
     out = dvc_repo.dvc("repro")

@@ -267,12 +267,58 @@ def test_bad_extra_data_params(extra_copy, key, value, fragment):
     assert_one_line_error(kdqa(extra_copy, "-q", "prepare"), "params.yaml", fragment)
 
 
-def test_extra_rows_with_an_aligned_student_are_refused(extra_copy):
-    """`kdqa align` carries only train's targets onto a student's own windows: extra rows cannot come along."""
+def rows_by_example(folder: Path) -> dict[str, list[int]]:
+    """Example id -> start positions of its features, in shard order."""
+    out: dict[str, list[int]] = {}
+    for path in sorted(folder.glob("part-*.parquet")):
+        for row in pq.read_table(path, columns=["example_id", "start_position"]).to_pylist():
+            out.setdefault(row["example_id"], []).append(row["start_position"])
+    return out
+
+
+def test_an_aligned_student_gets_the_extra_rows_on_its_own_windows(extra_copy):
+    """Issues 14 and 17 together: `kdqa align` carries the unlabeled and augmented splits' logits onto the
+    student's own windows as well, and the student mixes them in exactly as it mixes the teacher's."""
+    from pipeline.mixing import extra_quota, extra_shards_by_epoch
+
     run = extra_copy
-    set_params(run, student__max_seq_len=40, student__doc_stride=8)
+    set_params(run, student__max_seq_len=24, student__doc_stride=6, student__epochs=2, student__extra_ratio=1.0)
     run_cli(["-q", "align"], run)
-    assert_one_line_error(kdqa(run, "-q", "student"), "student.extra_ratio", "not aligned")
-    set_params(run, student__extra_ratio=0.0)
+    aligned = run / "data/aligned"
+    manifest = json.loads((aligned / "manifest.json").read_text())
+    for split in ("train", "unlabeled", "augmented"):
+        teacher, student = rows_by_example(run / "data/features" / split), rows_by_example(aligned / "features" / split)
+        assert list(student) == list(teacher)  # every example, in prepare's order (views made again identically)
+        assert sum(map(len, student.values())) > sum(map(len, teacher.values()))  # shorter windows: more rows
+        # Hard labels where, and only where, the teacher's features had them (teacher-only views stay so).
+        assert ({e for e, starts in student.items() if set(starts) == {NO_LABEL}}
+                == {e for e, starts in teacher.items() if set(starts) == {NO_LABEL}})
+        assert manifest[split]["mean_covered"] == pytest.approx(1.0)
+        targets = json.loads((aligned / "teacher" / split / "manifest.json").read_text())
+        assert targets["split"] == split and targets["rows"] == manifest[split]["features"]
+    assert set(rows_by_example(aligned / "features/unlabeled")["u-a0p0q0"]) == {NO_LABEL}
+
+    result = kdqa(run, "student")
+    assert result.exit_code == 0, result.output
+    shard_rows = lambda split: [s["rows"] for s in json.loads(  # noqa: E731
+        (aligned / "features" / split / "manifest.json").read_text())["shards"]]
+    train_rows, extra_rows = shard_rows("train"), shard_rows("unlabeled") + shard_rows("augmented")
+    plan = extra_shards_by_epoch(extra_rows, extra_quota(sum(train_rows), 1.0), seed=1, epochs=2)
+    batches = lambda rows: sum(-(-r // 4) for r in rows)  # noqa: E731  (batch_size 4)
+    assert steps_taken(run) == 2 * batches(train_rows) + sum(batches([extra_rows[i] for i in p]) for p in plan)
+
+
+def test_extra_splits_made_after_the_alignment_make_it_stale(extra_copy):
+    """Aligned targets made before the teacher labelled more rows are refused, naming `kdqa align`."""
+    run = extra_copy
+    set_params(run, student__max_seq_len=40, student__doc_stride=8, prepare__augment_views=0, student__extra_ratio=1.0)
+    run_cli(["-q", "prepare"], run)
+    run_cli(["-q", "teacher"], run)
+    run_cli(["-q", "align"], run)
+    set_params(run, prepare__augment_views=1)
+    run_cli(["-q", "prepare"], run)
+    run_cli(["-q", "teacher"], run)
+    assert_one_line_error(kdqa(run, "-q", "student"), "data/aligned", "extra_splits", "kdqa align")
+    run_cli(["-q", "align"], run)
     result = kdqa(run, "-q", "student")
     assert result.exit_code == 0, result.output
