@@ -498,13 +498,17 @@ def main() -> None:
         elif spec.get("tokenizer"):
             sys.exit(f"student {spec['name']!r}: tokenizer {spec['tokenizer']!r}: only 'trimmed' is known")
         src, scfg, src_logits = logits_at(spec["teacher_windows"]) if spec.get("teacher_windows") else (ldir, cfg, t_logits)
-        write_params(sdir, scfg, train, dev, teacher_model, student)
+        aligns = bool(spec.get("tokenizer") or student.get("max_seq_len") or student.get("doc_stride"))
+        # kdqa align makes the extra splits' examples again from data.unlabeled and prepare.augment_*: a student it
+        # aligns reads the extra settings its logits folder was prepared with (a user's one params.yaml does too).
+        write_params(sdir, scfg, train, dev, teacher_model, student,
+                     extra=extra if aligns and src == ldir and ldir.name == "logits-extra" else None)
         link_data(src, sdir)
         upstream = (src_logits["key"],)
         # Another tokenizer or other windows than the logits were made with: the student's own features and the
         # teacher's distributions carried onto them (kdqa align), from the same logits.
         stages = {}
-        if spec.get("tokenizer") or student.get("max_seq_len") or student.get("doc_stride"):
+        if aligns:
             stages["align"] = run_stage(sdir, "align", upstream=upstream)
             upstream = (stages["align"]["key"],)
         train_stage = run_stage(sdir, "student", upstream=upstream)

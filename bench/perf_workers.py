@@ -18,8 +18,9 @@ and reads RESULT.json. CONFIG.json names the worker (`teacher`, `student`, `stag
     online   - the teacher loaded in the same process, run forward (no_grad) on every batch;
     hard     - hard labels only, no teacher at all.
   All three see the same batches in the same order (same shards, same seed). `precision` and
-  `group_by_length` (default: the stage's defaults) set the step's autocast and the batch plan; the result
-  counts the epoch's padding.
+  `group_by_length` (default: the stage's defaults) set the step's autocast and the batch plan, and
+  `keep_freed_memory: false` leaves glibc's allocator as it comes instead of as the stages set it; the
+  result counts the epoch's padding and the page faults of its steps.
 - `stage`: the real student stage, `pipeline.student.run_student`, in a prepared work folder (for peak
   memory at 1x and 10x the training data).
 """
@@ -401,6 +402,7 @@ def student_worker(cfg: dict) -> dict:
     loader = DataLoader(stream, batch_size=None, num_workers=cfg["num_workers"], pin_memory=device.type == "cuda",
                         generator=torch.Generator().manual_seed(cfg["seed"]))
     cpu0, children0 = cpu_seconds(), cpu_seconds(resource.RUSAGE_CHILDREN)
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     waits, computes, features, real_tokens, padded_tokens = [], [], 0, 0, 0
     t = time.perf_counter()
     it = iter(loader)
@@ -420,6 +422,7 @@ def student_worker(cfg: dict) -> dict:
         padded_tokens += batch["attention_mask"].numel()
     sync(torch, device)
     epoch_s = time.perf_counter() - t
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0  # this process's: the training loop
     del it, loader
     epoch_memory = epoch_sampler.stop()
     import statistics
@@ -429,7 +432,8 @@ def student_worker(cfg: dict) -> dict:
         "steps": len(waits), "features": features, "batch_size": cfg["batch_size"],
         "num_workers": cfg["num_workers"], "student_layers": list(cfg["student_layers"]),
         "precision": precision_name(training_dtype(device, settings.precision)),
-        "group_by_length": settings.group_by_length,
+        "group_by_length": settings.group_by_length, "freed_memory_kept": cfg["freed_memory_kept"],
+        "minor_faults_per_step": faults / len(waits) if waits else None,
         "padding_fraction": 1 - real_tokens / padded_tokens if padded_tokens else None,
         "load_s": load_s, "warmup_steps": warmup_steps, "warmup_s": warmup_s,
         "epoch_s": epoch_s,
@@ -473,6 +477,10 @@ WORKERS = {"teacher": teacher_worker, "student": student_worker, "stage": stage_
 def main(argv: list[str]) -> int:
     config_path, result_path = Path(argv[0]), Path(argv[1])
     cfg = json.loads(config_path.read_text())
+    # As every stage does (pipeline/cli.py), unless the configuration measures glibc's default handling.
+    from pipeline.allocator import keep_freed_memory
+
+    cfg["freed_memory_kept"] = keep_freed_memory() if cfg.get("keep_freed_memory", True) else False
     result = WORKERS[cfg["worker"]](cfg)
     result_path.write_text(json.dumps(result, indent=2))
     return 0

@@ -13,6 +13,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -20,10 +21,13 @@ from pipeline import __version__
 from pipeline.errors import KdqaError
 from pipeline.paths import EXPORT_DIR, STUDENT_MODEL_DIR
 
+if TYPE_CHECKING:  # imported lazily at run time: `kdqa --help` stays fast
+    from pipeline.params import Params
+
 log = logging.getLogger("kdqa")
 
 
-def _load(ctx, *sections: str) -> "Params":  # noqa: F821
+def _load(ctx, *sections: str) -> Params:
     """params.yaml (or --params); `sections`: the ones this stage reads (a missing one gets a warning)."""
     from pipeline.params import load_params
 
@@ -33,9 +37,11 @@ def _load(ctx, *sections: str) -> "Params":  # noqa: F821
 @contextlib.contextmanager
 def _stage(stage: str, params):
     """One run of `stage` in this folder at a time, its outputs checked writable with room to spare first."""
+    from pipeline.allocator import keep_freed_memory
     from pipeline.preflight import outputs_ready
     from pipeline.stage_lock import stage_lock
 
+    keep_freed_memory()  # a stage's steps reuse their freed buffers instead of faulting fresh pages in
     with stage_lock(stage), outputs_ready(stage, params):
         yield
 
