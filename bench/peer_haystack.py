@@ -74,7 +74,11 @@ def distil(config_path: Path, result_path: Path) -> None:
 
 
 def convert(farm_dir: Path, out_dir: Path) -> None:
-    """The trained FARM model as a transformers BertForQuestionAnswering, logits checked against Haystack's."""
+    """The trained FARM model as a transformers BertForQuestionAnswering, logits checked against Haystack's.
+
+    Haystack's QA head divides its logits by `temperature_for_confidence`, a parameter its optimizer trains
+    along with the rest (it leaves 1.0 during distillation); `convert_to_transformers` drops it, so it is folded
+    into the converted head's weights here: the transformers model gives Haystack's own logits."""
     import torch
     from haystack.nodes import FARMReader
 
@@ -87,6 +91,9 @@ def convert(farm_dir: Path, out_dir: Path) -> None:
     with torch.no_grad():
         farm_logits = model(input_ids=ids, segment_ids=segments, padding_mask=mask)[0]  # [batch, tokens, 2]
         hf = model.convert_to_transformers()[0].eval()
+        temperature = float(model.prediction_heads[0].temperature_for_confidence)
+        hf.qa_outputs.weight.div_(temperature)
+        hf.qa_outputs.bias.div_(temperature)
         out = hf(input_ids=ids, token_type_ids=segments, attention_mask=mask)
     diff = max(float((farm_logits[..., 0] - out.start_logits).abs().max()),
                float((farm_logits[..., 1] - out.end_logits).abs().max()))

@@ -432,7 +432,7 @@ def student_worker(cfg: dict) -> dict:
         "steps": len(waits), "features": features, "batch_size": cfg["batch_size"],
         "num_workers": cfg["num_workers"], "student_layers": list(cfg["student_layers"]),
         "precision": precision_name(training_dtype(device, settings.precision)),
-        "group_by_length": settings.group_by_length, "freed_memory_kept": cfg["freed_memory_kept"],
+        "group_by_length": settings.group_by_length, "freed_memory_kept": cfg.get("freed_memory_kept"),  # set by main()
         "minor_faults_per_step": faults / len(waits) if waits else None,
         "padding_fraction": 1 - real_tokens / padded_tokens if padded_tokens else None,
         "load_s": load_s, "warmup_steps": warmup_steps, "warmup_s": warmup_s,

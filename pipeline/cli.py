@@ -173,11 +173,12 @@ def align(ctx):
     """Carry the teacher's logits onto the student's own features when its tokenizer or windows differ.
 
     \b
-    Reads:  data/features/, data/teacher/ (train and any unlabeled/augmented split), data.*, prepare.*,
-            student.model (its tokenizer), student.max_seq_len, student.doc_stride
+    Reads:  data/features/, data/teacher/train (and unlabeled/, augmented/ where prepare made them), data.*,
+            prepare.*, student.model (its tokenizer), student.max_seq_len, student.doc_stride
     Writes: data/aligned/manifest.json; when the student's tokenizer or windows differ from the teacher's,
-            also data/aligned/features/<split>/ (the student's own features of train, dev and the extra
-            splits) and data/aligned/teacher/<split>/ (the teacher's targets over the student's tokens)
+            also data/aligned/features/{train,dev,...}/ (the student's own features, extra splits included)
+            and data/aligned/teacher/train/ (and unlabeled/, augmented/: the teacher's targets over the
+            student's tokens)
 
     The teacher is not run again: its logits go through character offsets onto the student's tokens.
     """
