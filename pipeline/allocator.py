@@ -5,7 +5,9 @@ step. glibc's default serves large blocks with mmap and unmaps them when freed, 
 the next step gets fresh pages from the kernel, each one faulted in and zero-filled. That kernel work is
 a large share of a CPU student's step (docs/results.md, the student step; `python -m bench.performance`
 measures the step both ways). With mmap off for large blocks and trimming off, freed buffers are reused
-in place; peak memory is the same, the process just does not shrink between steps.
+in place, and the process does not shrink between steps. Between phases whose buffers differ in size (training
+steps, then an evaluation at another batch size), `release_freed_memory` hands the free pages back, so that the
+peak is that of the larger phase rather than both together.
 
 Called by every stage (pipeline/cli.py) and by the benchmarks that mirror a stage; never on import, so an
 application that imports kdqa as a library keeps its own allocator settings.
@@ -39,3 +41,15 @@ def keep_freed_memory() -> bool:
     kept = mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, NEVER_TRIM) == 1
     log.debug("glibc malloc: freed memory %s", "kept for reuse" if kept else "handling unchanged (mallopt failed)")
     return kept
+
+
+def release_freed_memory() -> None:
+    """Hand the pages of every free block back to the kernel (glibc malloc_trim); elsewhere nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -262,10 +262,13 @@ def train(run: Training) -> tuple[float, tuple]:
 
 
 def dev_scores(run: Training) -> dict:
+    from pipeline.allocator import release_freed_memory
     from pipeline.evaluate import evaluate_model
 
+    release_freed_memory()  # the training steps' free buffers, before evaluation's (other sizes) are allocated
     metrics, *_ = evaluate_model(run.model, run.tokenizer.pad_token_id, run.dev_features, CARD_EVALUATION,
                                  run.device)
+    release_freed_memory()  # and evaluation's, before training's come back
     return metrics
 
 

@@ -39,3 +39,29 @@ def test_freed_buffers_are_reused_without_page_faults():
     pages = (64 << 20) // 4096
     assert faults_after_the_first_round("default") >= 4 * pages * 0.9  # unmapped when freed: faulted in again
     assert faults_after_the_first_round("kept") < pages // 4  # the same pages, reused
+
+
+# With freed memory kept, free a 64 MiB buffer, then release: print resident MiB before and after the release.
+RELEASE = """
+import ctypes
+from pipeline.allocator import keep_freed_memory, release_freed_memory
+def resident_mib():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) // 1024
+assert keep_freed_memory()
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+buffer = libc.malloc(64 << 20)
+ctypes.memset(buffer, 1, 64 << 20)
+after = libc.malloc(1 << 10)  # so that the freed buffer is inside the heap, not at its top
+libc.free(buffer)
+kept = resident_mib()
+release_freed_memory()
+print(kept, resident_mib())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator settings")
+def test_release_hands_kept_pages_back():
+    out = subprocess.run([sys.executable, "-c", RELEASE], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    kept, released = map(int, out.stdout.split())
+    assert kept - released >= 60  # the free 64 MiB block's pages, returned by malloc_trim
