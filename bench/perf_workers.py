@@ -19,8 +19,8 @@ and reads RESULT.json. CONFIG.json names the worker (`teacher`, `student`, `stag
     hard     - hard labels only, no teacher at all.
   All three see the same batches in the same order (same shards, same seed). `precision` and
   `group_by_length` (default: the stage's defaults) set the step's autocast and the batch plan, and
-  `keep_freed_memory: false` leaves glibc's allocator as it comes instead of as the stages set it; the
-  result counts the epoch's padding and the page faults of its steps.
+  `keep_freed_memory: true` has glibc keep freed memory for reuse (pipeline/allocator.py, KDQA_MALLOC=keep);
+  the result counts the epoch's padding and the page faults of its steps.
 - `stage`: the real student stage, `pipeline.student.run_student`, in a prepared work folder (for peak
   memory at 1x and 10x the training data).
 """
@@ -477,10 +477,10 @@ WORKERS = {"teacher": teacher_worker, "student": student_worker, "stage": stage_
 def main(argv: list[str]) -> int:
     config_path, result_path = Path(argv[0]), Path(argv[1])
     cfg = json.loads(config_path.read_text())
-    # As every stage does (pipeline/cli.py), unless the configuration measures glibc's default handling.
+    # As every stage does (pipeline/cli.py: KDQA_MALLOC, default off), unless the configuration asks for the setting.
     from pipeline.allocator import keep_freed_memory
 
-    cfg["freed_memory_kept"] = keep_freed_memory() if cfg.get("keep_freed_memory", True) else False
+    cfg["freed_memory_kept"] = keep_freed_memory("keep" if cfg.get("keep_freed_memory") else None)
     result = WORKERS[cfg["worker"]](cfg)
     result_path.write_text(json.dumps(result, indent=2))
     return 0

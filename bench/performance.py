@@ -50,16 +50,16 @@ SWEEP_LEARNING_RATES = [1e-5, 3e-5, 5e-5, 1e-4]
 TARGETS = {"teacher_speedup": 2.0, "offline_vs_online": 0.6, "streaming_overhead": 0.03,
            "memory_growth_10x": 0.10, "shard_vs_fp16": 0.5, "student_step_speedup": 1.5}
 # Row 2b: the student step in each precision, batch plan and allocator setting (offline mode, one learning rate);
-# the first is the step before `student.precision`, `student.group_by_length` and pipeline/allocator.py existed
-# (the reference of the ratios), DEFAULT_STEP the stage's defaults. "freed memory kept": glibc keeps freed buffers
-# for reuse (pipeline.allocator.keep_freed_memory, which every stage calls) instead of unmapping them.
+# the first is the step before `student.precision` and `student.group_by_length` existed (the reference of the
+# ratios), DEFAULT_STEP the stage's defaults. "freed memory kept": glibc keeps freed buffers for reuse instead of
+# unmapping them (pipeline/allocator.py; opt-in with KDQA_MALLOC=keep).
 STEP_VARIANTS = {"float32, random batches": ("float32", False, False),
                  "bfloat16, random batches": ("bfloat16", False, False),
                  "float32, grouped by length": ("float32", True, False),
                  "bfloat16, grouped by length": ("bfloat16", True, False),
                  "float32, random batches, freed memory kept": ("float32", False, True),
                  "bfloat16, grouped by length, freed memory kept": ("bfloat16", True, True)}
-DEFAULT_STEP = "bfloat16, grouped by length, freed memory kept"
+DEFAULT_STEP = "bfloat16, grouped by length"
 
 # Sizes: `full` is the reported benchmark; `quick` is a smoke test. shard_size None =
 # params.yaml's default (4000 features), as in production: every main-set shard is much larger than a batch.
@@ -731,10 +731,10 @@ def markdown(r: dict) -> str:
         "Offline mode, one learning rate (3e-05); each variant a fresh process, one warm-up step, one timed epoch, "
         f"{sv['float32, random batches']['runs']} run(s) each in rotating order; the fastest run's step (median in "
         "results.json). *Padding* = the share of the epoch's batch tokens that are padding (widths rounded to "
-        "`student.pad_to_multiple_of`). float32 with random batches is the step before `student.precision`, "
-        "`student.group_by_length` and the stages' allocator setting; *freed memory kept*: glibc reuses freed "
-        "buffers instead of returning them to the kernel (pipeline/allocator.py); *minor faults*: pages the kernel "
-        "faulted in per step.",
+        "`student.pad_to_multiple_of`). float32 with random batches is the step before `student.precision` and "
+        "`student.group_by_length`; *freed memory kept*: glibc reuses freed buffers instead of returning them to "
+        "the kernel (pipeline/allocator.py, opt-in: KDQA_MALLOC=keep); *minor faults*: pages the kernel faulted in "
+        "per step.",
         "",
         "| precision, batches, allocator | autocast | step s | median step s | speed-up | padding | epoch CPU s "
         "| minor faults per step | peak RSS MB |",

@@ -1,13 +1,15 @@
-"""Keep freed memory in the process instead of handing it back to the operating system (glibc on Linux).
+"""Optionally keep freed memory in the process instead of handing it back to the kernel (glibc on Linux).
 
 A training or inference step on the CPU frees and allocates the same large activation buffers again at every
 step. glibc's default serves large blocks with mmap and unmaps them when freed, and trims the top of its heap:
-the next step gets fresh pages from the kernel, each one faulted in and zero-filled. That kernel work is
-a large share of a CPU student's step (docs/results.md, the student step; `python -m bench.performance`
-measures the step both ways). With mmap off for large blocks and trimming off, freed buffers are reused
-in place, and the process does not shrink between steps. Between phases whose buffers differ in size (training
-steps, then an evaluation at another batch size), `release_freed_memory` hands the free pages back, so that the
-peak is that of the larger phase rather than both together.
+the next step gets fresh pages from the kernel, each one faulted in and zero-filled. `KDQA_MALLOC=keep` turns
+both off for kdqa's stages, so freed buffers are reused in place: fewer page faults and a faster CPU step, but a
+process that keeps its free blocks, whose sizes change from batch to batch (length-grouped batches), so its
+peak resident memory grows. It is off by default because that memory is a certain cost and the time gained
+varies from run to run (docs/results.md, the student step; `python -m bench.performance` measures the step both
+ways). `KDQA_MALLOC=one-arena` also keeps every thread on one malloc arena. Between phases whose buffers
+differ in size (training steps, then an evaluation at another batch size), `release_freed_memory` hands the free
+pages back.
 
 Called by every stage (pipeline/cli.py) and by the benchmarks that mirror a stage; never on import, so an
 application that imports kdqa as a library keeps its own allocator settings.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import sys
 
 log = logging.getLogger(__name__)
@@ -24,12 +27,21 @@ log = logging.getLogger(__name__)
 # mallopt parameters (glibc malloc.h)
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
+M_ARENA_MAX = -8
 NEVER_TRIM = 2**31 - 1  # mallopt takes an int
 
 
-def keep_freed_memory() -> bool:
-    """Tell glibc to keep freed memory for reuse; True when it took effect (glibc only; elsewhere nothing)."""
-    if not sys.platform.startswith("linux"):
+POLICIES = ("default", "keep", "one-arena")
+
+
+def keep_freed_memory(policy: str | None = None) -> bool:
+    """Apply `policy` (None: the KDQA_MALLOC environment variable, else "default", glibc as it comes); True when
+    freed memory is now kept for reuse (glibc only; elsewhere nothing happens)."""
+    policy = policy or os.environ.get("KDQA_MALLOC") or "default"
+    if policy not in POLICIES:
+        log.warning("KDQA_MALLOC=%s: not one of %s; glibc's allocator left as it is", policy, ", ".join(POLICIES))
+        return False
+    if policy == "default" or not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL(None)  # the C library this process already runs on
@@ -39,6 +51,8 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     kept = mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, NEVER_TRIM) == 1
+    if policy == "one-arena":
+        kept = kept and mallopt(M_ARENA_MAX, 1) == 1
     log.debug("glibc malloc: freed memory %s", "kept for reuse" if kept else "handling unchanged (mallopt failed)")
     return kept
 

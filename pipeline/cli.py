@@ -41,7 +41,7 @@ def _stage(stage: str, params):
     from pipeline.preflight import outputs_ready
     from pipeline.stage_lock import stage_lock
 
-    keep_freed_memory()  # a stage's steps reuse their freed buffers instead of faulting fresh pages in
+    keep_freed_memory()  # KDQA_MALLOC=keep: a stage's steps reuse freed buffers (faster on CPU, more memory)
     with stage_lock(stage), outputs_ready(stage, params):
         yield
 
