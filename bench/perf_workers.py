@@ -354,7 +354,10 @@ def student_worker(cfg: dict) -> dict:
     t0 = time.perf_counter()
     torch.manual_seed(cfg["seed"])
     pad = load_tokenizer(cfg["teacher_model"]).pad_token_id
-    student = load_qa_model(cfg.get("student_model") or cfg["teacher_model"], hidden_dropout_prob=settings.dropout)
+    settings.attention_dropout = cfg.get("attention_dropout", settings.attention_dropout)
+    dropouts = {"hidden_dropout_prob": settings.dropout, **({"attention_probs_dropout_prob": settings.attention_dropout}
+                                                            if settings.attention_dropout is not None else {})}
+    student = load_qa_model(cfg.get("student_model") or cfg["teacher_model"], **dropouts)
     if not cfg.get("student_model"):  # cut from the teacher
         keep_layers(student, list(cfg["student_layers"]))
     student.to(device).train()
@@ -433,6 +436,7 @@ def student_worker(cfg: dict) -> dict:
         "num_workers": cfg["num_workers"], "student_layers": list(cfg["student_layers"]),
         "precision": precision_name(training_dtype(device, settings.precision)),
         "group_by_length": settings.group_by_length, "freed_memory_kept": cfg.get("freed_memory_kept"),  # set by main()
+        "attention_dropout": settings.attention_dropout,
         "minor_faults_per_step": faults / len(waits) if waits else None,
         "padding_fraction": 1 - real_tokens / padded_tokens if padded_tokens else None,
         "load_s": load_s, "warmup_steps": warmup_steps, "warmup_s": warmup_s,

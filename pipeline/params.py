@@ -78,6 +78,9 @@ class StudentParams:
     temperature: float = 5.0
     distillation_weight: float = 1.0  # w in w*T^2*KL + (1-w)*CE; 0 is plain supervised fine-tuning
     dropout: float = 0.1  # hidden (and embeddings) dropout of the student
+    # Dropout on the attention probabilities (null: the model's own, 0.1 in BERT). On a CPU PyTorch's fused
+    # attention kernel takes no dropout, so a training step with it keeps every attention matrix; 0 lets it run.
+    attention_dropout: float | None = None
     # Batch width rounded up to a multiple of this many tokens: few distinct shapes keep the training
     # process's memory flat (bench/performance.py measures it) and suit tensor cores; 1 = exact.
     pad_to_multiple_of: int = 8
@@ -136,6 +139,7 @@ _RANGES = {
     "student.batch_size": (1, None), "student.epochs": (1, None), "student.learning_rate": (0, None, True),
     "student.weight_decay": (0, None), "student.warmup": (0, 1), "student.max_grad_norm": (0, None, True),
     "student.temperature": (0, None, True), "student.distillation_weight": (0, 1), "student.dropout": (0, 1),
+    "student.attention_dropout": (0, 1),
     "student.max_steps": (1, None), "student.checkpoint_every": (0, None), "student.log_every": (0, None),
     "student.eval_every": (0, None), "student.num_workers": (0, None), "student.seed": (0, None),
     "student.pad_to_multiple_of": (1, None), "student.max_seq_len": (8, None), "student.doc_stride": (1, None),

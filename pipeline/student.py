@@ -56,6 +56,8 @@ def build_student(student: StudentParams):
         config = AutoConfig.from_pretrained(student.model, trust_remote_code=student.trust_remote_code)
         if hasattr(config, "hidden_dropout_prob"):
             overrides["hidden_dropout_prob"] = student.dropout  # BERT applies it to the embeddings too
+        if student.attention_dropout is not None and hasattr(config, "attention_probs_dropout_prob"):
+            overrides["attention_probs_dropout_prob"] = student.attention_dropout
     except Exception:
         pass  # load_qa_model below reports the problem with the model path in one line
     model = load_qa_model(student.model, student.trust_remote_code, **overrides)

@@ -151,3 +151,29 @@ def test_checkpoints_do_not_cross_precisions():
     assert training_key(params, {}, torch.bfloat16) != training_key(params, {}, None)
     params.student.precision = "bfloat16"
     assert training_key(params, {}, torch.bfloat16) != training_key(Params(), {}, torch.bfloat16)
+
+
+def test_attention_dropout_zero_lets_the_fused_cpu_attention_kernel_train(tiny_assets):
+    """student.attention_dropout reaches the model (null keeps the model's own), and at 0 PyTorch's fused (flash)
+    CPU attention runs the training step, which it refuses with dropout: the reason the knob exists."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from pipeline.params import StudentParams
+    from pipeline.student import build_student
+
+    own = build_student(StudentParams(model=str(tiny_assets.teacher))).config.attention_probs_dropout_prob
+    assert own > 0
+    off = build_student(StudentParams(model=str(tiny_assets.teacher), attention_dropout=0.0))
+    assert off.config.attention_probs_dropout_prob == 0.0
+    q = torch.randn(2, 2, 8, 4, requires_grad=True)
+    mask = torch.ones(2, 1, 8, 8, dtype=torch.bool)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        F.scaled_dot_product_attention(q, q, q, attn_mask=mask, dropout_p=0.0).sum().backward()
+        try:
+            F.scaled_dot_product_attention(q, q, q, attn_mask=mask, dropout_p=own)
+            fused_takes_dropout = True
+        except RuntimeError:
+            fused_takes_dropout = False
+    assert not fused_takes_dropout
