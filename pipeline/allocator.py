@@ -34,6 +34,18 @@ NEVER_TRIM = 2**31 - 1  # mallopt takes an int
 POLICIES = ("default", "keep", "one-arena")
 
 
+def glibc():
+    """This process's C library when it is glibc on Linux (the tunables below are glibc's), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)  # the C library this process already runs on
+        libc.gnu_get_libc_version  # glibc only: musl and others have other malloc tunables
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
 def keep_freed_memory(policy: str | None = None) -> bool:
     """Apply `policy` (None: the KDQA_MALLOC environment variable, else "default", glibc as it comes); True when
     freed memory is now kept for reuse (glibc only; elsewhere nothing happens)."""
@@ -41,14 +53,10 @@ def keep_freed_memory(policy: str | None = None) -> bool:
     if policy not in POLICIES:
         log.warning("KDQA_MALLOC=%s: not one of %s; glibc's allocator left as it is", policy, ", ".join(POLICIES))
         return False
-    if policy == "default" or not sys.platform.startswith("linux"):
+    libc = glibc() if policy != "default" else None
+    if libc is None:
         return False
-    try:
-        libc = ctypes.CDLL(None)  # the C library this process already runs on
-        libc.gnu_get_libc_version  # glibc: musl and others have other malloc tunables
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
+    mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     kept = mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, NEVER_TRIM) == 1
     if policy == "one-arena":
@@ -59,11 +67,6 @@ def keep_freed_memory(policy: str | None = None) -> bool:
 
 def release_freed_memory() -> None:
     """Hand the pages of every free block back to the kernel (glibc malloc_trim); elsewhere nothing."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version
+    libc = glibc()
+    if libc is not None:
         libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
