@@ -399,6 +399,8 @@ def student_worker(cfg: dict) -> dict:
     sync(torch, device)
     warmup_s = time.perf_counter() - t
 
+    if cfg.get("profile_steps"):
+        return profile_steps(torch, device, stream, step, cfg)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     epoch_sampler = PeakSampler().start()
@@ -451,6 +453,37 @@ def student_worker(cfg: dict) -> dict:
         "epoch_peak_tree_rss_mb": epoch_memory["sampled_peak_tree_rss_mb"],
         **memory_report(torch, device, sampler),
     }
+
+
+def profile_steps(torch, device, stream, step, cfg: dict) -> dict:
+    """Where a step's time goes: torch.profiler over `profile_steps` steps (after the warm-up), the operators
+    with the most self time on the device (CUDA) or the CPU, and the steps' wall time with and without it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    n = cfg["profile_steps"]
+    batches = list(islice(iter(stream), n))  # read first: the profile holds the step alone, not the loader
+    sync(torch, device)
+    t = time.perf_counter()
+    for batch in batches:
+        step(batch)
+    sync(torch, device)
+    plain_s = (time.perf_counter() - t) / len(batches)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for batch in batches:
+            step(batch)
+        sync(torch, device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    # The kernels alone: an operator's self device time repeats its kernels' (summing both counts them twice).
+    device_total = (sum(e.self_device_time_total for e in events if e.device_type != torch.autograd.DeviceType.CPU)
+                    if device.type == "cuda" else None)
+    return {"mode": cfg["mode"], "steps": len(batches), "step_s": plain_s, "device": device_name(torch, device),
+            "kernel_s_per_step": device_total / 1e6 / len(batches) if device_total is not None else None,
+            "self_cpu_s_per_step": sum(e.self_cpu_time_total for e in events) / 1e6 / len(batches),
+            "top": [{"name": e.key, "calls_per_step": e.count / len(batches),
+                     "self_device_ms_per_step": e.self_device_time_total / 1e3 / len(batches),
+                     "self_cpu_ms_per_step": e.self_cpu_time_total / 1e3 / len(batches)} for e in events[:20]]}
 
 
 # ---------------------------------------------------------------- the real student stage

@@ -311,9 +311,11 @@ def shard_sizes(logits_dir: Path, max_seq_len: int, mean_length: float, scratch:
 
 def run(args) -> dict:
     sizes = dict(QUICK if args.quick else FULL)
-    for key in ("examples", "batch_size", "sweep_runs", "hard_runs"):
+    for key in ("examples", "batch_size", "sweep_runs", "hard_runs", "variant_runs"):
         if getattr(args, key, None) is not None:
             sizes[key] = getattr(args, key)
+    if args.profile_only:
+        sizes["teacher_repeats"] = 1
     out = Path(args.out).resolve()  # the stage workers run inside work folders: every path they get is absolute
     work = out / "work"
     shutil.rmtree(work, ignore_errors=True)
@@ -390,11 +392,13 @@ def run(args) -> dict:
     # --- 4. shard size ---
     shards = shard_sizes(main / "data" / "teacher" / "train", args.max_seq_len, teacher["mean_length"], work / "scratch")
 
+    if args.profile_only:
+        return profile_only(args, torch, runner, teacher, layers, student_dir, student_cfg_base(common, layers, sizes,
+                            student_dir, num_workers), summary, data_path, started, load_start)
+
     # --- 2, 3, 6. student runs: a learning-rate sweep per mode, interleaved and in rotating order so that
     # drifting machine load hits every mode alike ---
-    student_cfg = {**common, "worker": "student", "student_layers": layers, "batch_size": sizes["batch_size"],
-                   "student_model": str(student_dir) if student_dir else None,
-                   "seed": 42, "warmup_steps": sizes["warmup_steps"], "num_workers": num_workers}
+    student_cfg = student_cfg_base(common, layers, sizes, student_dir, num_workers)
     runs = {"offline": [], "online": [], "hard": []}
     n_runs = max(sizes["sweep_runs"], sizes["hard_runs"])
     modes = ["offline", "online", "hard"]
@@ -405,8 +409,9 @@ def run(args) -> dict:
                 runs[mode].append(runner(f"student-{mode}-lr{lr:g}", {**student_cfg, "mode": mode, "learning_rate": lr}))
 
     # --- 2b. the student step per precision and batch plan, interleaved in rotating order ---
-    variant_runs = {name: [] for name in STEP_VARIANTS}
-    names = list(STEP_VARIANTS)
+    # The glibc allocator setting shapes host memory alone: on CUDA the kept-memory variants measure nothing new.
+    names = [name for name, (_, _, kept, _) in STEP_VARIANTS.items() if not (cuda and kept)]
+    variant_runs = {name: [] for name in names}
     for i in range(sizes["variant_runs"]):
         for name in names[i % len(names):] + names[: i % len(names)]:
             precision, grouped, kept, attention_dropout = STEP_VARIANTS[name]
@@ -415,6 +420,11 @@ def run(args) -> dict:
             variant_runs[name].append(runner(label, {
                 **student_cfg, "mode": "offline", "learning_rate": 3e-5, "precision": precision,
                 "group_by_length": grouped, "keep_freed_memory": kept, "attention_dropout": attention_dropout}))
+
+    # --- 2c. where a step's time goes: the streamed-logits step and the hard-label step under torch.profiler ---
+    profiles = {mode: runner(f"profile-{mode}", {**student_cfg, "mode": mode, "learning_rate": 3e-5,
+                                                 "profile_steps": args.profile_steps})
+                for mode in ("offline", "hard")} if args.profile_steps else {}
 
     # --- 5. the real student stage at 1x and 10x the data ---
     scale_examples = examples if not sizes["scale_examples"] else examples[: sizes["scale_examples"]]
@@ -450,7 +460,8 @@ def run(args) -> dict:
                      "scale_batch_size": sizes["scale_batch_size"], "teacher_repeats": sizes["teacher_repeats"],
                      "scale_features_1x": stage["1x"]["features"], "scale_factor": factor,
                      "scale_shard_size": sizes["scale_shard_size"]},
-        "teacher": teacher, "shards": shards, "student_runs": runs, "step_variant_runs": variant_runs, "stage": stage,
+        "teacher": teacher, "shards": shards, "student_runs": runs, "step_variant_runs": variant_runs, "profiles": profiles,
+        "stage": stage,
     }
     results["summary"] = summarise(results, sizes["sweep_runs"])
     results["wall_s"] = time.perf_counter() - started
@@ -475,6 +486,48 @@ def compute_scale_logits(folder: Path, model_dir: Path, tokenizer, max_batch: in
     teacher_identity = {"teacher": weights_fingerprint(model), "vocab": vocab_fingerprint(tokenizer)}
     with chdir(folder), torch.inference_mode():
         run_split(model, tokenizer, "train", params, teacher_identity, device)
+
+
+def student_cfg_base(common: dict, layers: list, sizes: dict, student_dir, num_workers: int) -> dict:
+    return {**common, "worker": "student", "student_layers": layers, "batch_size": sizes["batch_size"],
+            "student_model": str(student_dir) if student_dir else None,
+            "seed": 42, "warmup_steps": sizes["warmup_steps"], "num_workers": num_workers}
+
+
+def profile_only(args, torch, runner, teacher: dict, layers: list, student_dir, student_cfg: dict, summary: dict,
+                 data_path: Path, started: float, load_start) -> dict:
+    """`--profile-only`: the streamed-logits step against the hard-label step and where each spends its time,
+    without the rest of the benchmark (one epoch run and one profile per mode, after the teacher stage)."""
+    runs = {mode: runner(f"student-{mode}", {**student_cfg, "mode": mode, "learning_rate": 3e-5})
+            for mode in ("offline", "hard")}
+    profiles = {mode: runner(f"profile-{mode}", {**student_cfg, "mode": mode, "learning_rate": 3e-5,
+                                                 "profile_steps": args.profile_steps or 20})
+                for mode in ("offline", "hard")}
+    return {"profile_only": True, "machine": machine(torch, args.threads),
+            "settings": {"data": str(data_path), "main_set_features": summary["features"], "shapes": args.shapes,
+                         "student_layers": layers, "student_model": str(student_dir) if student_dir else None,
+                         "max_seq_len": args.max_seq_len, "doc_stride": args.doc_stride,
+                         "student_batch_size": student_cfg["batch_size"]},
+            "teacher": teacher, "student_runs": runs, "profiles": profiles,
+            "streaming_overhead_step": runs["offline"]["step_s"] / runs["hard"]["step_s"] - 1,
+            "wall_s": time.perf_counter() - started,
+            "load_average": {"start": load_start, "end": os.getloadavg()}}
+
+
+def markdown_profile_only(r: dict) -> str:
+    mc, st, runs = r["machine"], r["settings"], r["student_runs"]
+    dev = mc.get("gpu") or f"{mc['cpu']}, {mc['cores']} cores"
+    lines = [f"# kdqa performance benchmark (profile only)", "",
+             f"- **Machine:** {dev}; torch {mc['torch']}, {mc['precision']}; wall time {r['wall_s'] / 60:.1f} min.",
+             f"- **Data:** {st['main_set_features']} features of `{Path(st['data']).name}`, max_seq_len "
+             f"{st['max_seq_len']}, doc_stride {st['doc_stride']}; student batch {st['student_batch_size']}; shapes "
+             f"{st['shapes']}.", "",
+             "| mode | steps | epoch s | step s | data wait s | padding | peak CUDA MB |", "|---|---|---|---|---|---|---|",
+             *[f"| {mode} | {x['steps']} | {fmt(x['epoch_s'], 2)} | {fmt(x['step_s'], 4)} | {fmt(x['data_wait_s'], 2)} | "
+               f"{fmt(100 * x['padding_fraction'])}% | {fmt(x.get('peak_cuda_mb'), 0)} |" for mode, x in runs.items()],
+             "", f"Streaming overhead over hard labels, per step: {pct(r['streaming_overhead_step'])} (one run each).", "",
+             *profile_lines(r["profiles"])]
+    return "\n".join(lines)
 
 
 def machine(torch, threads: int) -> dict:
@@ -747,6 +800,7 @@ def markdown(r: dict) -> str:
           f"{fmt(x['epoch_cpu_s'])} | {fmt(x.get('minor_faults_per_step'), 0)} | {fmt(x['peak_rss_mb'], 0)} |"
           for name, x in sv.items()],
         "",
+        *profile_lines(r.get("profiles") or {}),
         "## 4. Logits shards",
         "",
         "| | bytes/feature | vs float16 dense |",
@@ -801,6 +855,41 @@ def markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
+def profile_lines(profiles: dict) -> list[str]:
+    """Section 2c: the operators a streamed-logits step and a hard-label step spend their time in."""
+    if not profiles:
+        return []
+    first = profiles["offline"]
+    where = "cpu" if first.get("kernel_s_per_step", first.get("self_device_s_per_step")) is None else "device"
+    lines = ["## 2c. Where a step's time goes (torch.profiler)", "",
+             f"Offline (streamed logits) and hard-label steps, {profiles['offline']['steps']} steps each after the "
+             "warm-up, batches read before the profile (the loader is not in it). *step s*: the same steps unprofiled.",
+             ""]
+    for mode, x in profiles.items():
+        if where == "cpu":
+            lines.append(f"- {mode}: step {fmt(x['step_s'], 4)} s; self CPU time {fmt(x['self_cpu_s_per_step'], 4)} s per step")
+        elif "kernel_s_per_step" in x:
+            lines.append(f"- {mode}: step {fmt(x['step_s'], 4)} s; GPU kernels {fmt(x['kernel_s_per_step'], 4)} s per step "
+                         f"(the GPU busy {100 * x['kernel_s_per_step'] / x['step_s']:.0f}% of the step: the rest is host time)")
+        else:  # results written before kernels were told apart: operators and kernels summed, each kernel twice
+            busy = x["self_device_s_per_step"]
+            lines.append(f"- {mode}: step {fmt(x['step_s'], 4)} s; self device time of operators and kernels together "
+                         f"{fmt(busy, 4)} s per step (counts each kernel under its operator too: the GPU is busy at "
+                         f"most {100 * busy / x['step_s']:.0f}% of the step, the rest is host time)")
+    names = {mode: {e["name"]: e for e in x["top"]} for mode, x in profiles.items()}
+    top = list(dict.fromkeys(e["name"] for x in profiles.values() for e in x["top"]))
+    lines += ["", f"| operator | offline: self {where} ms/step | calls/step | hard: self {where} ms/step | calls/step |",
+              "|---|---|---|---|---|"]
+    for name in top:
+        cells = []
+        for mode in ("offline", "hard"):
+            e = names[mode].get(name)
+            cells += [fmt(e[f"self_{where}_ms_per_step"], 3) if e else "–", fmt(e["calls_per_step"], 1) if e else "–"]
+        short = name if len(name) <= 70 else name[:67] + "..."  # CUDA kernels' names run to hundreds of characters
+        lines.append(f"| `{short}` | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def default_threads() -> int:
     return max(1, min(8, (os.cpu_count() or 2) - 1))
 
@@ -824,11 +913,17 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, help="student batch size")
     p.add_argument("--sweep-runs", type=int, help="runs per mode (4 = the sweep fully measured)")
     p.add_argument("--hard-runs", type=int, help="hard-label runs")
+    p.add_argument("--variant-runs", type=int, help="runs per student-step variant (row 2b)")
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="profile this many steps of the streamed-logits and the hard-label student (torch.profiler; "
+                        "section 2c); 0: no profile")
     p.add_argument("--max-seq-len", type=int, default=384)
     p.add_argument("--doc-stride", type=int, default=128)
     p.add_argument("--max-query-len", type=int, default=64)
     p.add_argument("--teacher-batch-size", type=int, help="default 64 on CPU, 128 on CUDA")
     p.add_argument("--max-tokens-per-batch", type=int, help="default 2048 on CPU, 32768 on CUDA")
+    p.add_argument("--profile-only", action="store_true",
+                   help="only the teacher stage, one streamed-logits and one hard-label epoch, and their profiles")
     p.add_argument("--keep-work", action="store_true", help="keep the work folder (shards, run logs)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
@@ -843,7 +938,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    text = markdown(results)
+    text = markdown_profile_only(results) if results.get("profile_only") else markdown(results)
     (out / "results.md").write_text(text)
     print(text)
     return 0

@@ -21,7 +21,8 @@ def test_performance_benchmark_quick_mode(tiny_assets, tmp_path):
     # A relative --out from another directory: the stage workers change directory, so every path must hold.
     command = [sys.executable, "-m", "bench.performance", "--quick", "--out", "out",
                "--data", str(tiny_assets.train), "--teacher-model", str(tiny_assets.teacher), "--student-layers", "0",
-               "--max-seq-len", "48", "--doc-stride", "16", "--max-query-len", "12", "--threads", "1"]
+               "--max-seq-len", "48", "--doc-stride", "16", "--max-query-len", "12", "--threads", "1",
+               "--profile-steps", "2"]
     proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
@@ -69,8 +70,14 @@ def test_performance_benchmark_quick_mode(tiny_assets, tmp_path):
     sweep = summary["sweep"]
     assert sweep["offline_total_s"] > sweep["teacher_run_s"] > 0 and sweep["online_total_s"] > 0
 
+    # 2c. the profile: both modes, the same steps, the operators of a BERT step among the top ones
+    profiles = results["profiles"]
+    assert set(profiles) == {"offline", "hard"}
+    for x in profiles.values():
+        assert x["steps"] == 2 and x["step_s"] > 0 and x["self_cpu_s_per_step"] > 0
+        assert any(e["name"] in ("aten::mm", "aten::addmm", "aten::bmm") for e in x["top"])
     for row in ("teacher throughput", "student epoch", "student step", "peak RSS", "shard size", "10x vs 1x", "sweep",
-                "2b. Student step: precision and batch plan"):
+                "2b. Student step: precision and batch plan", "2c. Where a step's time goes"):
         assert row in markdown
     assert not (out / "work").exists()  # scratch removed unless --keep-work
 
