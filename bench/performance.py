@@ -517,7 +517,7 @@ def profile_only(args, torch, runner, teacher: dict, layers: list, student_dir, 
 def markdown_profile_only(r: dict) -> str:
     mc, st, runs = r["machine"], r["settings"], r["student_runs"]
     dev = mc.get("gpu") or f"{mc['cpu']}, {mc['cores']} cores"
-    lines = [f"# kdqa performance benchmark (profile only)", "",
+    lines = ["# kdqa performance benchmark (profile only)", "",
              f"- **Machine:** {dev}; torch {mc['torch']}, {mc['precision']}; wall time {r['wall_s'] / 60:.1f} min.",
              f"- **Data:** {st['main_set_features']} features of `{Path(st['data']).name}`, max_seq_len "
              f"{st['max_seq_len']}, doc_stride {st['doc_stride']}; student batch {st['student_batch_size']}; shapes "
