@@ -193,11 +193,12 @@ def write_kdqa_params(work: Path, job: dict, train: Path, dev: Path, teacher: Pa
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def run_kdqa(job: dict, out: Path, train: Path, dev: Path, teacher: Path, student_init: Path) -> dict:
+def run_kdqa(job: dict, out: Path, train: Path, dev: Path, teacher: Path, student_init: Path,
+             student_settings: dict | None = None) -> dict:
     work = out / "kdqa"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    write_kdqa_params(work, job, train, dev, teacher, {"model": str(student_init)})
+    write_kdqa_params(work, job, train, dev, teacher, {"model": str(student_init), **(student_settings or {})})
     env = kdqa_env()
     stages = {stage: measure([sys.executable, "-m", "pipeline", stage], work, work / f"{stage}.log", env)
               for stage in ("prepare", "teacher", "student")}
@@ -321,7 +322,9 @@ def markdown(r: dict) -> str:
         f"{job['doc_stride']} (each tool's own meaning: Haystack's windows step by it, kdqa's overlap by it), "
         f"max_query_len {job['max_query_len']}, lr {job['learning_rate']:g}, warmup {job['warmup']:g}, "
         f"distillation weight {job['distillation_weight']:g}, temperature {job['temperature']:g}."
-        + (f" Peer: {', '.join(p['packages'])}." if p.get("packages") else " Peer: skipped."),
+        + (f" Peer: {', '.join(p['packages'])}." if p.get("packages") else " Peer: skipped.")
+        + (" kdqa alone: " + ", ".join(f"student.{k}: {v}" for k, v in r["kdqa_student_settings"].items()) + "."
+           if r.get("kdqa_student_settings") else ""),
         "",
         "| measure | kdqa | Haystack v1 | kdqa / Haystack | goal | |",
         "|---|---|---|---|---|---|",
@@ -381,8 +384,10 @@ def run(args) -> dict:
     results = {"mode": "quick" if args.quick else "full", "job": job, "data": str(data), "teacher": str(teacher),
                "train_questions": count_questions(train), "dev_questions": count_questions(dev),
                "machine": f"{cpu_name()}, {machine_description()}"}
+    kdqa_student = student_overrides(args.kdqa_student)
+    results["kdqa_student_settings"] = kdqa_student
     progress("kdqa: prepare, teacher, student")
-    results["kdqa"] = run_kdqa(job, out, train, dev, teacher, student_init)
+    results["kdqa"] = run_kdqa(job, out, train, dev, teacher, student_init, kdqa_student)
     peer = None
     if not (args.quick or args.skip_peer):
         progress("Haystack v1: distil_prediction_layer_from")
@@ -394,6 +399,19 @@ def run(args) -> dict:
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(markdown(results))
     return results
+
+
+def student_overrides(pairs: list[str]) -> dict:
+    """`--kdqa-student KEY=VALUE`: student.* settings of kdqa's job that the peer has no counterpart for."""
+    from pipeline.params import StudentParams
+
+    settings = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in StudentParams.__dataclass_fields__:
+            sys.exit(f"--kdqa-student {pair!r}: expected KEY=VALUE with KEY a student.* setting")
+        settings[key] = yaml.safe_load(value)
+    return settings
 
 
 def cpu_name() -> str:
@@ -414,6 +432,8 @@ def parse_args(argv=None):
     ap.add_argument("--skip-peer", action="store_true", help="run only kdqa's job")
     ap.add_argument("--teacher-model", help="a QA model folder as the teacher (default: MiniLM-L6 fine-tuned here)")
     ap.add_argument("--peer-venv", help="the peer's virtualenv (default: OUT/venv; created when missing)")
+    ap.add_argument("--kdqa-student", action="append", default=[], metavar="KEY=VALUE",
+                    help="a student.* setting for kdqa's job alone (one the peer lacks), e.g. attention_dropout=0")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help=f"change one job setting ({', '.join(JOB)}), e.g. --set epochs=1")
     return ap.parse_args(argv)

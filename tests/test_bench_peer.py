@@ -24,7 +24,8 @@ def test_peer_benchmark_quick_mode_runs_the_kdqa_job(tiny_assets, tmp_path):
     data = tiny.make_squad(tmp_path / "squad.json", articles=9, paragraphs=1, questions=3, seed=0)  # 7 train, 2 held out
     proc = run_python(["-m", "bench.peer", "--quick", "--data", str(data), "--teacher-model", str(tiny_assets.teacher),
                        "--out", "out", "--set", "student_layers=[0]", "--set", "max_seq_len=48",
-                       "--set", "doc_stride=16", "--set", "max_query_len=12"], cwd=tmp_path)
+                       "--set", "doc_stride=16", "--set", "max_query_len=12",
+                       "--kdqa-student", "attention_dropout=0"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     markdown = (tmp_path / "out" / "results.md").read_text()
@@ -49,6 +50,10 @@ def test_peer_benchmark_quick_mode_runs_the_kdqa_job(tiny_assets, tmp_path):
     assert 0 <= kdqa["scores"]["f1"] <= 100
     init = tmp_path / "out" / "models" / "student-init"
     assert json.loads((init / "config.json").read_text())["num_hidden_layers"] == 1
+    # A kdqa-only setting reaches kdqa's params.yaml and the report's header.
+    params = (tmp_path / "out" / "kdqa" / "params.yaml").read_text()
+    assert "attention_dropout: 0" in params and "kdqa alone: student.attention_dropout: 0" in markdown
+    assert results["kdqa_student_settings"] == {"attention_dropout": 0}
     for row in ("whole KD job, wall s", "peak RSS of the job's largest process", "training features"):
         assert row in markdown
 
