@@ -105,6 +105,9 @@ class QuestionAnswerer:
             np.array([f["context_start"] for f in features]),
             np.array([f["context_end"] for f in features]),
             self.tokenizer.pad_token_id, self.device, self.batch_size, 1 << 30,
+            # float32: an answer's score as the model computed it (float16 is the shards' storage format; its
+            # rounding would put two backends' equal scores a whole float16 step apart)
+            logits_dtype=torch.float32,
         )
         windows: dict[str, list[WindowLogits]] = {ex.id: [] for ex in examples}
         for feature, start_logits, end_logits in zip(features, start, end):

@@ -98,7 +98,7 @@ def test_question_answerer_on_the_export_gives_the_pytorch_answers(exported_run)
     expected, got = pytorch.answer_many(QUESTIONS), onnx.answer_many(QUESTIONS)
     for want, have in zip(expected, got):
         assert have.text == want.text and have.span_text == want.span_text
-        assert have.score == pytest.approx(want.score, abs=1e-3)
+        assert have.score == pytest.approx(want.score, abs=1e-4)  # float32 scores: only summation order differs
         assert have.no_answer_probability == pytest.approx(want.no_answer_probability, abs=1e-3)
     for (question, context), answer in zip(QUESTIONS, int8.answer_many(QUESTIONS)):
         assert answer.span_text and answer.span_text in context and answer.text in ("", answer.span_text)
