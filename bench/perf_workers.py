@@ -399,8 +399,6 @@ def student_worker(cfg: dict) -> dict:
     sync(torch, device)
     warmup_s = time.perf_counter() - t
 
-    if cfg.get("profile_steps"):
-        return profile_steps(torch, device, stream, step, cfg)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     epoch_sampler = PeakSampler().start()
@@ -432,7 +430,7 @@ def student_worker(cfg: dict) -> dict:
     epoch_memory = epoch_sampler.stop()
     import statistics
 
-    return {
+    result = {
         "mode": mode, "learning_rate": cfg["learning_rate"], "device": device_name(torch, device),
         "steps": len(waits), "features": features, "batch_size": cfg["batch_size"],
         "num_workers": cfg["num_workers"], "student_layers": list(cfg["student_layers"]),
@@ -453,10 +451,13 @@ def student_worker(cfg: dict) -> dict:
         "epoch_peak_tree_rss_mb": epoch_memory["sampled_peak_tree_rss_mb"],
         **memory_report(torch, device, sampler),
     }
+    if cfg.get("profile_steps"):  # after the timed epoch, in the same process (no second model load)
+        result["profile"] = profile_steps(torch, device, stream, step, cfg)
+    return result
 
 
 def profile_steps(torch, device, stream, step, cfg: dict) -> dict:
-    """Where a step's time goes: torch.profiler over `profile_steps` steps (after the warm-up), the operators
+    """Where a step's time goes: torch.profiler over `profile_steps` steps (after the timed epoch), the operators
     with the most self time on the device (CUDA) or the CPU, and the steps' wall time with and without it."""
     from torch.profiler import ProfilerActivity, profile
 

@@ -406,7 +406,10 @@ def run(args) -> dict:
         lr = SWEEP_LEARNING_RATES[i % len(SWEEP_LEARNING_RATES)]
         for mode in modes[i % 3:] + modes[: i % 3]:
             if i < (sizes["hard_runs"] if mode == "hard" else sizes["sweep_runs"]):
-                runs[mode].append(runner(f"student-{mode}-lr{lr:g}", {**student_cfg, "mode": mode, "learning_rate": lr}))
+                # 2c: the first streamed-logits and hard-label runs also profile steps after their timed epoch
+                profile = args.profile_steps if i == 0 and mode != "online" else 0
+                runs[mode].append(runner(f"student-{mode}-lr{lr:g}", {**student_cfg, "mode": mode, "learning_rate": lr,
+                                                                      "profile_steps": profile}))
 
     # --- 2b. the student step per precision and batch plan, interleaved in rotating order ---
     # The glibc allocator setting shapes host memory alone: on CUDA the kept-memory variants measure nothing new.
@@ -422,9 +425,7 @@ def run(args) -> dict:
                 "group_by_length": grouped, "keep_freed_memory": kept, "attention_dropout": attention_dropout}))
 
     # --- 2c. where a step's time goes: the streamed-logits step and the hard-label step under torch.profiler ---
-    profiles = {mode: runner(f"profile-{mode}", {**student_cfg, "mode": mode, "learning_rate": 3e-5,
-                                                 "profile_steps": args.profile_steps})
-                for mode in ("offline", "hard")} if args.profile_steps else {}
+    profiles = {mode: runs[mode][0]["profile"] for mode in ("offline", "hard")} if args.profile_steps else {}
 
     # --- 5. the real student stage at 1x and 10x the data ---
     scale_examples = examples if not sizes["scale_examples"] else examples[: sizes["scale_examples"]]
@@ -497,12 +498,11 @@ def student_cfg_base(common: dict, layers: list, sizes: dict, student_dir, num_w
 def profile_only(args, torch, runner, teacher: dict, layers: list, student_dir, student_cfg: dict, summary: dict,
                  data_path: Path, started: float, load_start) -> dict:
     """`--profile-only`: the streamed-logits step against the hard-label step and where each spends its time,
-    without the rest of the benchmark (one epoch run and one profile per mode, after the teacher stage)."""
-    runs = {mode: runner(f"student-{mode}", {**student_cfg, "mode": mode, "learning_rate": 3e-5})
+    without the rest of the benchmark (one run per mode after the teacher stage: an epoch, then the profile)."""
+    runs = {mode: runner(f"student-{mode}", {**student_cfg, "mode": mode, "learning_rate": 3e-5,
+                                             "profile_steps": args.profile_steps or 20})
             for mode in ("offline", "hard")}
-    profiles = {mode: runner(f"profile-{mode}", {**student_cfg, "mode": mode, "learning_rate": 3e-5,
-                                                 "profile_steps": args.profile_steps or 20})
-                for mode in ("offline", "hard")}
+    profiles = {mode: run.pop("profile") for mode, run in runs.items()}
     return {"profile_only": True, "machine": machine(torch, args.threads),
             "settings": {"data": str(data_path), "main_set_features": summary["features"], "shapes": args.shapes,
                          "student_layers": layers, "student_model": str(student_dir) if student_dir else None,
@@ -862,8 +862,8 @@ def profile_lines(profiles: dict) -> list[str]:
     first = profiles["offline"]
     where = "cpu" if first.get("kernel_s_per_step", first.get("self_device_s_per_step")) is None else "device"
     lines = ["## 2c. Where a step's time goes (torch.profiler)", "",
-             f"Offline (streamed logits) and hard-label steps, {profiles['offline']['steps']} steps each after the "
-             "warm-up, batches read before the profile (the loader is not in it). *step s*: the same steps unprofiled.",
+             f"Offline (streamed logits) and hard-label steps, {profiles['offline']['steps']} steps each on batches "
+             "read before the profile (the loader is not in it). *step s*: the same steps unprofiled.",
              ""]
     for mode, x in profiles.items():
         if where == "cpu":
