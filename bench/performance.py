@@ -394,7 +394,8 @@ def run(args) -> dict:
 
     if args.profile_only:
         return profile_only(args, torch, runner, teacher, layers, student_dir, student_cfg_base(common, layers, sizes,
-                            student_dir, num_workers), summary, data_path, started, load_start)
+                            student_dir, num_workers), summary, data_path, started, load_start, teacher_dir,
+                            teacher_layers)
 
     # --- 2, 3, 6. student runs: a learning-rate sweep per mode, interleaved and in rotating order so that
     # drifting machine load hits every mode alike ---
@@ -496,7 +497,7 @@ def student_cfg_base(common: dict, layers: list, sizes: dict, student_dir, num_w
 
 
 def profile_only(args, torch, runner, teacher: dict, layers: list, student_dir, student_cfg: dict, summary: dict,
-                 data_path: Path, started: float, load_start) -> dict:
+                 data_path: Path, started: float, load_start, teacher_dir: Path, teacher_layers: int) -> dict:
     """`--profile-only`: the streamed-logits step against the hard-label step and where each spends its time,
     without the rest of the benchmark (one run per mode after the teacher stage: an epoch, then the profile)."""
     runs = {mode: runner(f"student-{mode}", {**student_cfg, "mode": mode, "learning_rate": 3e-5,
@@ -507,7 +508,10 @@ def profile_only(args, torch, runner, teacher: dict, layers: list, student_dir, 
             "settings": {"data": str(data_path), "main_set_features": summary["features"], "shapes": args.shapes,
                          "student_layers": layers, "student_model": str(student_dir) if student_dir else None,
                          "max_seq_len": args.max_seq_len, "doc_stride": args.doc_stride,
-                         "student_batch_size": student_cfg["batch_size"]},
+                         "student_batch_size": student_cfg["batch_size"], "teacher_model": str(teacher_dir),
+                         "teacher_layers": teacher_layers, "teacher_parameters": parameter_count(teacher_dir),
+                         "student_parameters": parameter_count(student_dir or teacher_dir, layers),
+                         "qa_head": "randomly initialised (timing only)"},
             "teacher": teacher, "student_runs": runs, "profiles": profiles,
             "streaming_overhead_step": runs["offline"]["step_s"] / runs["hard"]["step_s"] - 1,
             "wall_s": time.perf_counter() - started,
@@ -521,7 +525,10 @@ def markdown_profile_only(r: dict) -> str:
              f"- **Machine:** {dev}; torch {mc['torch']}, {mc['precision']}; wall time {r['wall_s'] / 60:.1f} min.",
              f"- **Data:** {st['main_set_features']} features of `{Path(st['data']).name}`, max_seq_len "
              f"{st['max_seq_len']}, doc_stride {st['doc_stride']}; student batch {st['student_batch_size']}; shapes "
-             f"{st['shapes']}.", "",
+             f"{st['shapes']}."]
+    if "teacher_layers" in st:  # results written before the models were recorded lack it
+        lines.append(f"- **Models:** {models_line(st)}.")
+    lines += ["",
              "| mode | steps | epoch s | step s | data wait s | padding | peak CUDA MB |", "|---|---|---|---|---|---|---|",
              *[f"| {mode} | {x['steps']} | {fmt(x['epoch_s'], 2)} | {fmt(x['step_s'], 4)} | {fmt(x['data_wait_s'], 2)} | "
                f"{fmt(100 * x['padding_fraction'])}% | {fmt(x.get('peak_cuda_mb'), 0)} |" for mode, x in runs.items()],

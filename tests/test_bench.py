@@ -83,7 +83,8 @@ def test_performance_benchmark_quick_mode(tiny_assets, tmp_path):
 
 
 def test_reference_shapes_build_a_separate_student(tiny_assets, tmp_path, monkeypatch):
-    """--shapes reference: random teacher and student of given shapes; the student runs are the student model's."""
+    """--shapes reference: random teacher and student of given shapes; the student runs are the student model's.
+    Run as --profile-only (the teacher stage, one streamed-logits and one hard-label run, their profiles)."""
     from bench import performance
 
     tiny_shape = {"layers": 2, "hidden": 32, "heads": 2, "intermediate": 64, "name": "tiny teacher shape"}
@@ -91,19 +92,22 @@ def test_reference_shapes_build_a_separate_student(tiny_assets, tmp_path, monkey
     monkeypatch.setitem(performance.REFERENCE_SHAPES, "student",
                         {**tiny_shape, "layers": 1, "hidden": 16, "name": "tiny student shape"})
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
-    # Row 2b's reference and the defaults only (the others are the quick mode test's)
-    monkeypatch.setattr(performance, "STEP_VARIANTS", {name: performance.STEP_VARIANTS[name] for name in
-                                                       ("float32, random batches", performance.DEFAULT_STEP)})
     args = performance.parse_args(["--quick", "--shapes", "reference", "--out", str(tmp_path / "out"),
                                    "--data", str(tiny_assets.train), "--teacher-model", str(tiny_assets.teacher),
                                    "--max-seq-len", "48", "--doc-stride", "16", "--max-query-len", "12",
-                                   "--threads", "1", "--sweep-runs", "1", "--hard-runs", "1"])
+                                   "--threads", "1", "--profile-only", "--profile-steps", "2"])
     results = performance.run(args)
     st = results["settings"]
     assert st["teacher_layers"] == 2 and st["student_layers"] == [0]  # all of the 1-layer student model
     assert st["student_parameters"] < st["teacher_parameters"]
-    assert "tiny student shape (1 x 16)" in performance.markdown(results)
-    assert all(r["steps"] > 0 for mode in ("offline", "online", "hard") for r in results["student_runs"][mode])
+    markdown = performance.markdown_profile_only(results)
+    assert "tiny student shape (1 x 16)" in markdown and "2c. Where a step's time goes" in markdown
+    runs = results["student_runs"]
+    assert set(runs) == {"offline", "hard"} and all(r["steps"] > 0 for r in runs.values())
+    assert {r["features"] for r in runs.values()} == {results["teacher"]["features"]}
+    assert set(results["profiles"]) == {"offline", "hard"}
+    assert all(p["steps"] == 2 and p["step_s"] > 0 for p in results["profiles"].values())
+    assert results["streaming_overhead_step"] == runs["offline"]["step_s"] / runs["hard"]["step_s"] - 1
 
 
 def test_parameter_count_matches_the_model(tiny_assets):
