@@ -336,8 +336,9 @@ def student_worker(cfg: dict) -> dict:
     from transformers import get_linear_schedule_with_warmup
 
     from pipeline.inference import autocast_dtype, precision_name
-    from pipeline.models import keep_layers, load_qa_model, load_tokenizer
+    from pipeline.models import load_qa_model, load_tokenizer
     from pipeline.params import StudentParams
+    from pipeline.student import build_student
     from pipeline.stream import ShardStream, find_shard_pairs, verify_alignment
     from pipeline.training import build_optimizer, train_step, training_dtype
 
@@ -355,11 +356,10 @@ def student_worker(cfg: dict) -> dict:
     torch.manual_seed(cfg["seed"])
     pad = load_tokenizer(cfg["teacher_model"]).pad_token_id
     settings.attention_dropout = cfg.get("attention_dropout", settings.attention_dropout)
-    dropouts = {"hidden_dropout_prob": settings.dropout, **({"attention_probs_dropout_prob": settings.attention_dropout}
-                                                            if settings.attention_dropout is not None else {})}
-    student = load_qa_model(cfg.get("student_model") or cfg["teacher_model"], **dropouts)
-    if not cfg.get("student_model"):  # cut from the teacher
-        keep_layers(student, list(cfg["student_layers"]))
+    # Built as the student stage builds it (dropouts, the cut from the teacher's layers).
+    settings.model = cfg.get("student_model") or cfg["teacher_model"]
+    settings.init_layers = None if cfg.get("student_model") else list(cfg["student_layers"])
+    student = build_student(settings)
     student.to(device).train()
     teacher = None
     if mode == "online":
