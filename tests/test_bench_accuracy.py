@@ -125,7 +125,8 @@ def test_shipped_student_variants_are_valid_student_settings():
 
     known = set(StudentParams.__dataclass_fields__)
     for shipped in ("accuracy-variants.yaml", "accuracy-6-epochs.yaml", "accuracy-extra-data.yaml",
-                    "accuracy-align.yaml", "accuracy-speed.yaml"):
+                    "accuracy-align.yaml", "accuracy-speed.yaml", "accuracy-extra-data-gpu.yaml",
+                    "accuracy-extra-data-long.yaml"):
         specs = yaml.safe_load((REPO / "bench" / shipped).read_text())
         names = [spec["name"] for spec in specs]
         assert len(set(names)) == len(specs), shipped

@@ -27,7 +27,7 @@ def test_serving_benchmark_quick_mode(tiny_assets, tmp_path):
     (pair,) = results["pairs"]
     rows = {r["row"]: r for r in pair["rows"]}
     assert list(rows) == ["teacher, PyTorch float32", "student, PyTorch float32", "student, ONNX Runtime float32",
-                          "student, ONNX Runtime int8"]
+                          "student, ONNX Runtime int8", "student, ONNX Runtime int8, SkipLayerNormalization fused"]
     quick = results["settings"]
     for row in rows.values():
         assert row["latency_questions"] == quick["latency_questions"]
