@@ -7,8 +7,11 @@ both off for kdqa's stages, so freed buffers are reused in place: fewer page fau
 process that keeps its free blocks, whose sizes change from batch to batch (length-grouped batches), so its
 peak resident memory grows. It is off by default because that memory is a certain cost and the time gained
 varies from run to run (docs/results.md, the student step; `python -m bench.performance` measures the step both
-ways). `KDQA_MALLOC=one-arena` also keeps every thread on one malloc arena. Between phases whose buffers
-differ in size (training steps, then an evaluation at another batch size), `release_freed_memory` hands the free
+ways). `KDQA_MALLOC=one-arena` also keeps every thread on one malloc arena. `KDQA_MALLOC=release` does the
+opposite of keep: glibc's mmap threshold is fixed (it otherwise rises to the size of the largest block freed, so
+that later blocks of that size come from its heap and stay resident when freed), so every large buffer is unmapped
+as soon as it is freed: the lowest peak, paid for with a page fault per page of every large buffer. Between
+phases whose buffers differ in size (training steps, then an evaluation at another batch size), `release_freed_memory` hands the free
 pages back.
 
 Called by every stage (pipeline/cli.py) and by the benchmarks that mirror a stage; never on import, so an
@@ -28,10 +31,12 @@ log = logging.getLogger(__name__)
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
 M_ARENA_MAX = -8
+M_MMAP_THRESHOLD = -3
 NEVER_TRIM = 2**31 - 1  # mallopt takes an int
+RELEASE_THRESHOLD = 1 << 20  # "release": blocks of 1 MiB and more are mapped for themselves, unmapped when freed
 
 
-POLICIES = ("default", "keep", "one-arena")
+POLICIES = ("default", "keep", "one-arena", "release")
 
 
 def glibc():
@@ -58,6 +63,11 @@ def keep_freed_memory(policy: str | None = None) -> bool:
         return False
     mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    if policy == "release":  # the opposite of keep: large blocks always come from (and go back to) the kernel
+        fixed = mallopt(M_MMAP_THRESHOLD, RELEASE_THRESHOLD) == 1
+        log.debug("glibc malloc: blocks of %d bytes and more %s", RELEASE_THRESHOLD,
+                  "mapped and unmapped on their own" if fixed else "handled as before (mallopt failed)")
+        return False
     kept = mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, NEVER_TRIM) == 1
     if policy == "one-arena":
         kept = kept and mallopt(M_ARENA_MAX, 1) == 1

@@ -30,8 +30,8 @@ ONNX_FILES = {"float32": "model.onnx", "int8": "model-int8.onnx"}
 INPUT_NAMES = ("input_ids", "token_type_ids", "attention_mask")
 OUTPUT_NAMES = ("start_logits", "end_logits")
 # ONNX Runtime fuses each residual Add + LayerNormalization into its SkipLayerNormalization kernel when it loads a
-# model; on x86 CPUs that kernel runs several times slower than the two plain ops it replaces (bench/README.md,
-# serving: `python -m bench.serving --skip-layer-norm-probe`), so the fusion is left out.
+# model; on x86 CPUs that kernel runs several times slower than the two plain ops it replaces (bench.serving's
+# "SkipLayerNormalization fused" row measures the difference), so the fusion is left out.
 DISABLED_OPTIMIZERS = ["SkipLayerNormFusion"]
 
 

@@ -65,3 +65,34 @@ def test_release_hands_kept_pages_back():
     out = subprocess.run([sys.executable, "-c", RELEASE], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
     kept, released = map(int, out.stdout.split())
     assert kept - released >= 60  # the free 64 MiB block's pages, returned by malloc_trim
+
+
+# Free an 8 MiB block (glibc then raises its mmap threshold past 8 MiB), then fill and free a 4 MiB one with a small
+# block after it (so it is not the top of the heap, which glibc trims): print the resident MiB it leaves behind.
+LEFT_BEHIND = """
+import ctypes, sys
+from pipeline.allocator import keep_freed_memory
+def resident_mib():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) / 1024
+assert not keep_freed_memory(sys.argv[1])
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+libc.free(libc.malloc(8 << 20))
+before = resident_mib()
+buffer = libc.malloc(4 << 20)
+ctypes.memset(buffer, 1, 4 << 20)
+after = libc.malloc(1 << 10)
+libc.free(buffer)
+print(resident_mib() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator settings")
+def test_release_policy_gives_large_freed_blocks_back_at_once():
+    def left_behind(setting: str) -> float:
+        out = subprocess.run([sys.executable, "-c", LEFT_BEHIND, setting], cwd=REPO_ROOT, capture_output=True,
+                             text=True, check=True)
+        return float(out.stdout)
+
+    assert left_behind("default") >= 3.5  # glibc's own rule: now served from its heap, and kept there
+    assert left_behind("release") < 1  # mapped for itself, unmapped when freed
