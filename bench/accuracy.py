@@ -755,6 +755,8 @@ def extra_data_gains(results: dict) -> list[dict]:
                     "f1_minus_teacher": round(row["f1"] - teacher["f1"], 2)}
         gains.append({"model": row["model"], "against": base["model"], "steps": row.get("steps"),
                       "against_steps": base.get("steps"), **measured, "ci95": gain_intervals(row, row, base),
+                      # the student against the teacher, paired the same way: is a small difference noise?
+                      "teacher_ci95": gain_intervals(row, row, teacher),
                       # issue 14's goals judge students with extra rows; other comparisons (alignment) only report
                       "met": ({k: measured[k] >= goal for k, goal in EXTRA_GOALS.items()}
                               if row.get("settings", {}).get("extra_ratio") else None)})
@@ -769,14 +771,15 @@ def extra_data_lines(gains: list[dict]) -> list[str]:
              "views) are judged against the same recipe on the labelled rows (goals: F1 >= +2, forced span F1 >= +5, "
              ">= 95% of the teacher's forced span F1, F1 >= the teacher's):",
              "", "| student | against | steps | F1 gain (95%) | forced span F1 gain (95%) | forced / teacher's "
-             "| F1 - teacher's |", "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| F1 - teacher's (95%) |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for g in gains:
         ci, met = g["ci95"], g["met"] or dict.fromkeys(EXTRA_GOALS)
         lines.append(f"| {g['model']} | {g['against']} | {g['steps']} vs {g['against_steps']} "
                      f"| {g['f1_gain']:+.2f} ({interval(ci.get('f1_gain'))}) {word[met['f1_gain']]} "
                      f"| {g['forced_f1_gain']:+.2f} ({interval(ci.get('forced_f1_gain'))}) {word[met['forced_f1_gain']]} "
                      f"| {100 * g['share_of_teacher_forced']:.0f}% {word[met['share_of_teacher_forced']]} "
-                     f"| {g['f1_minus_teacher']:+.2f} {word[met['f1_minus_teacher']]} |")
+                     f"| {g['f1_minus_teacher']:+.2f} ({interval(g.get('teacher_ci95', {}).get('f1_gain'))}) "
+                     f"{word[met['f1_minus_teacher']]} |")
     return lines
 
 

@@ -169,6 +169,9 @@ def test_accuracy_benchmark_quick_mode_with_extra_rows(tmp_path):
     gain, aligned_gain = results["extra_data"]
     assert gain["model"] == both["model"] and gain["against"] == labelled["model"]
     assert set(gain["ci95"]) == {"f1_gain", "forced_f1_gain"}
+    assert set(gain["teacher_ci95"]) == {"f1_gain", "forced_f1_gain"}  # the student against the teacher, paired
+    lo, hi = gain["teacher_ci95"]["f1_gain"]
+    assert lo - 0.02 <= gain["f1_minus_teacher"] <= hi + 0.02  # (the scores are rounded to 0.01)
     assert set(gain["met"]) == {"f1_gain", "forced_f1_gain", "share_of_teacher_forced", "f1_minus_teacher"}
     # The aligned student: its own tokenizer and windows, targets carried from logits made at 96/32 (their own
     # prepare and teacher stages), compared but not judged by the extra-data goals.
