@@ -16,7 +16,8 @@ qa("Who wrote it?", "It was written by Ada Lovelace in 1843.")
 or `kdqa predict --model {path} [--precision int8] --question ... --context ...`. Any ONNX runtime can run
 the files directly: inputs `input_ids`, `token_type_ids`, `attention_mask` (int64, [batch, sequence]),
 outputs `start_logits`, `end_logits` (float32, [batch, sequence]); tokenize with the tokenizer in this
-folder and post-process the spans as kdqa does (`pipeline/postprocess.py`)."""
+folder and post-process the spans as kdqa does (`pipeline/postprocess.py`). With ONNX Runtime, load them with
+`disabled_optimizers=["SkipLayerNormFusion"]`, as kdqa does: that fused kernel is slower on x86 CPUs."""
 
 
 def _rows(manifest: dict, metrics: dict) -> str:
