@@ -11,8 +11,8 @@ ways). `KDQA_MALLOC=one-arena` also keeps every thread on one malloc arena. `KDQ
 opposite of keep: glibc's mmap threshold is fixed (it otherwise rises to the size of the largest block freed, so
 that later blocks of that size come from its heap and stay resident when freed), so every large buffer is unmapped
 as soon as it is freed: the lowest peak, paid for with a page fault per page of every large buffer. Between
-phases whose buffers differ in size (training steps, then an evaluation at another batch size), `release_freed_memory` hands the free
-pages back.
+phases whose buffers differ in size (training steps, then an evaluation at another batch size),
+`release_freed_memory` hands the free pages back.
 
 Called by every stage (pipeline/cli.py) and by the benchmarks that mirror a stage; never on import, so an
 application that imports kdqa as a library keeps its own allocator settings.
@@ -21,6 +21,7 @@ application that imports kdqa as a library keeps its own allocator settings.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import sys
@@ -39,6 +40,7 @@ RELEASE_THRESHOLD = 1 << 20  # "release": blocks of 1 MiB and more are mapped fo
 POLICIES = ("default", "keep", "one-arena", "release")
 
 
+@functools.cache  # looked up once: release_freed_memory runs every few training steps
 def glibc():
     """This process's C library when it is glibc on Linux (the tunables below are glibc's), else None."""
     if not sys.platform.startswith("linux"):

@@ -32,7 +32,7 @@ OUTPUT_NAMES = ("start_logits", "end_logits")
 # ONNX Runtime fuses each residual Add + LayerNormalization into its SkipLayerNormalization kernel when it loads a
 # model; on x86 CPUs that kernel runs several times slower than the two plain ops it replaces (bench.serving's
 # "SkipLayerNormalization fused" row measures the difference), so the fusion is left out.
-DISABLED_OPTIMIZERS = ["SkipLayerNormFusion"]
+DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 
 
 def is_export(name: str | Path) -> bool:
@@ -93,7 +93,7 @@ class OnnxQAModel:
     training = False
 
     def __init__(self, path: Path, config, threads: int | None = None,
-                 disabled_optimizers: list[str] | tuple = tuple(DISABLED_OPTIMIZERS)):
+                 disabled_optimizers: tuple[str, ...] = DISABLED_OPTIMIZERS):
         import onnxruntime as ort
 
         options = ort.SessionOptions()

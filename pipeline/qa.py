@@ -74,11 +74,10 @@ class QuestionAnswerer:
         # (punctuation alone gives tokens, whitespace, control and zero-width characters give none). Tokenising
         # every context here would read each one twice: a noticeable share of a batch-1 answer.
         unsure = [i for i, c in enumerate(contexts) if not any(ch.isalnum() for ch in c)]
-        n_tokens = [1] * len(contexts)
-        for i, n in zip(unsure, context_token_counts(self.tokenizer, [contexts[i] for i in unsure]) if unsure else []):
-            n_tokens[i] = n
+        counted = dict(zip(unsure, context_token_counts(self.tokenizer, [contexts[i] for i in unsure]))) if unsure else {}
         problems = []
-        for (question, _), n_tokens in zip(pairs, n_tokens):
+        for i, (question, _) in enumerate(pairs):
+            n_tokens = counted.get(i, 1)
             if not isinstance(question, str) or not question.strip():
                 problems.append("the question is empty")
             elif n_tokens == 0:

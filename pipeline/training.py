@@ -7,12 +7,9 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import sys
-
 import torch
 
+from pipeline.allocator import release_freed_memory
 from pipeline.errors import KdqaError
 from pipeline.inference import autocast_dtype
 from pipeline.losses import LossParts, distillation_loss
@@ -22,12 +19,6 @@ from pipeline.params import StudentParams
 # creeps up with the number of steps. Handing them back every few steps keeps it nearly flat, at a cost too
 # small to see in the step time (bench/performance.py measures the growth at 1x and 10x the data).
 RELEASE_MEMORY_EVERY = 10
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform.startswith("linux") else None
-
-
-def release_freed_memory() -> None:
-    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
-        _LIBC.malloc_trim(0)
 
 
 def build_optimizer(model, learning_rate: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
