@@ -393,9 +393,12 @@ def student_worker(cfg: dict) -> dict:
 
     # Warm-up steps on the first batches (read in-process), the same in every mode; then the timed epoch.
     stream.epoch = 0
+    seen_widths = set()  # batch widths this process has trained on: the first step at a new width also builds
+    # its kernels' plans (cuDNN attention on CUDA, oneDNN primitives on CPU), a cost a long job pays once per width
     t = time.perf_counter()
     for batch in islice(iter(stream), warmup_steps):
         step(batch)
+        seen_widths.add(batch["input_ids"].shape[1])
     sync(torch, device)
     warmup_s = time.perf_counter() - t
 
@@ -407,6 +410,7 @@ def student_worker(cfg: dict) -> dict:
     cpu0, children0 = cpu_seconds(), cpu_seconds(resource.RUSAGE_CHILDREN)
     faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     waits, computes, features, real_tokens, padded_tokens = [], [], 0, 0, 0
+    step_times, first_sight = [], []  # per step: loader wait + step (no extra sync: on a GPU, host time)
     t = time.perf_counter()
     it = iter(loader)
     while True:
@@ -420,6 +424,10 @@ def student_worker(cfg: dict) -> dict:
         step(batch)
         if device.type != "cuda":  # per-step compute time only where it costs no extra sync
             computes.append(time.perf_counter() - tc)
+        width = batch["input_ids"].shape[1]
+        step_times.append(time.perf_counter() - tw)
+        first_sight.append(width not in seen_widths)
+        seen_widths.add(width)
         features += len(batch["input_ids"])
         real_tokens += int(batch["attention_mask"].sum())
         padded_tokens += batch["attention_mask"].numel()
@@ -430,6 +438,10 @@ def student_worker(cfg: dict) -> dict:
     epoch_memory = epoch_sampler.stop()
     import statistics
 
+    # Steps at a width seen before (the loop's steady state once every width has its plans) against steps at a
+    # width met for the first time; the first batch (loader start-up) is in neither.
+    seen = [x for x, new in zip(step_times[1:], first_sight[1:]) if not new]
+    fresh = [x for x, new in zip(step_times[1:], first_sight[1:]) if new]
     result = {
         "mode": mode, "learning_rate": cfg["learning_rate"], "device": device_name(torch, device),
         "steps": len(waits), "features": features, "batch_size": cfg["batch_size"],
@@ -444,8 +456,11 @@ def student_worker(cfg: dict) -> dict:
         "run_s": load_s + epoch_s,  # a one-epoch run after interpreter start: models, data plan, the epoch
         "first_batch_wait_s": waits[0] if waits else None,  # worker start + first shard read and decode
         "data_wait_s": sum(waits[1:]),  # time the training loop waited on the loader after the first batch
-        "step_s": (epoch_s - waits[0]) / max(len(waits) - 1, 1) if waits else None,  # steady state, incl. waits
+        "step_s": (epoch_s - waits[0]) / max(len(waits) - 1, 1) if waits else None,  # incl. waits
         "median_step_compute_s": statistics.median(computes) if computes else None,
+        "widths": len(seen_widths), "first_sight_steps": len(fresh),
+        "seen_width_step_s": statistics.mean(seen) if seen else None,
+        "first_sight_step_s": statistics.mean(fresh) if fresh else None,
         "epoch_cpu_s": cpu_seconds() - cpu0 + cpu_seconds(resource.RUSAGE_CHILDREN) - children0,
         "epoch_peak_rss_mb": epoch_memory["sampled_peak_rss_mb"],
         "epoch_peak_tree_rss_mb": epoch_memory["sampled_peak_tree_rss_mb"],

@@ -42,6 +42,9 @@ def test_performance_benchmark_quick_mode(tiny_assets, tmp_path):
         runs = results["student_runs"][mode]
         assert runs and all(r["steps"] > 0 and r["epoch_s"] > 0 and r["peak_rss_mb"] > 0 for r in runs)
         assert {r["features"] for r in runs} == {teacher["features"]}  # every mode trains on all features
+        for r in runs:  # every step after the first is at a width seen before or at a new one, never both
+            assert 1 <= r["widths"] and 0 <= r["first_sight_steps"] <= min(r["widths"], r["steps"] - 1)
+            assert (r["seen_width_step_s"] is None) == (r["first_sight_steps"] == r["steps"] - 1)
     # 2b. the step per precision and batch plan: every variant trained the same features, in its own precision
     variants = results["step_variant_runs"]
     assert list(variants) == list(summary["step_variants"]) and len(variants) == 7
@@ -108,6 +111,7 @@ def test_reference_shapes_build_a_separate_student(tiny_assets, tmp_path, monkey
     assert set(results["profiles"]) == {"offline", "hard"}
     assert all(p["steps"] == 2 and p["step_s"] > 0 for p in results["profiles"].values())
     assert results["streaming_overhead_step"] == runs["offline"]["step_s"] / runs["hard"]["step_s"] - 1
+    assert "width seen" in markdown
 
 
 def test_parameter_count_matches_the_model(tiny_assets):
