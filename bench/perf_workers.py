@@ -284,7 +284,8 @@ def teacher_worker(cfg: dict) -> dict:
         "plain": lambda rep: plain_loop(list(range(n))),
         # ours, compute only (no Parquet I/O): pipeline.inference.model_logits on the in-memory features
         "compute": lambda rep: model_logits(model, input_ids, token_types, context_start, context_end, pad, device,
-                                            max_batch, max_tokens, ours_dtype),
+                                            max_batch, max_tokens, ours_dtype,
+                                            multiple=Params().teacher.pad_to_multiple_of),
     }
     order = ["compute", "stage", "plain"]
     if ours_dtype is not None:  # the plain loop in our precision: the length-aware batching's share alone

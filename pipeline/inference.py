@@ -61,17 +61,19 @@ def length_aware_batches(lengths: np.ndarray, max_batch: int, max_tokens: int) -
 @torch.inference_mode()
 def model_logits(model, input_ids: list[np.ndarray], token_type_ids: list[np.ndarray], context_start, context_end,
                  pad_token_id: int, device: torch.device, max_batch: int, max_tokens: int,
-                 dtype: torch.dtype | None | str = "default", logits_dtype: torch.dtype = torch.float16):
+                 dtype: torch.dtype | None | str = "default", logits_dtype: torch.dtype = torch.float16,
+                 multiple: int = 1):
     """Start/end logits (float16, real tokens only) for each feature, in the given order. dtype: the autocast
     dtype (None = float32); "default" = `default_autocast(device)`. logits_dtype: float32 to compare models
-    at full precision (the ONNX export's check)."""
+    at full precision (the ONNX export's check). multiple: batch widths rounded up to it (`pad_batch`)."""
     lengths = np.fromiter((len(x) for x in input_ids), dtype=np.int64, count=len(input_ids))
     start_out: list = [None] * len(input_ids)
     end_out: list = [None] * len(input_ids)
     dtype = default_autocast(device) if dtype == "default" else dtype
     for rows in length_aware_batches(lengths, max_batch, max_tokens):
         batch = pad_batch([input_ids[i] for i in rows], [token_type_ids[i] for i in rows],
-                          context_start[rows], context_end[rows], pad_token_id)
+                          context_start[rows], context_end[rows], pad_token_id, multiple,
+                          max_width=getattr(model.config, "max_position_embeddings", None))
         inputs = {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "token_type_ids", "attention_mask")}
         with torch.autocast(device_type=device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             out = model(**inputs)
@@ -85,7 +87,8 @@ def model_logits(model, input_ids: list[np.ndarray], token_type_ids: list[np.nda
 
 
 def shard_logits(model, features_path: Path, pad_token_id: int, device: torch.device, max_batch: int, max_tokens: int,
-                 dtype: torch.dtype | None | str = "default", logits_dtype: torch.dtype = torch.float16):
+                 dtype: torch.dtype | None | str = "default", logits_dtype: torch.dtype = torch.float16,
+                 multiple: int = 1):
     """(feature ids, start logits, end logits) for one features shard, in the shard's row order."""
     table = read_table(features_path, columns=INFERENCE_COLUMNS)
     start, end = model_logits(
@@ -94,6 +97,6 @@ def shard_logits(model, features_path: Path, pad_token_id: int, device: torch.de
         list_column_to_numpy(table.column("token_type_ids"), np.int64),
         table.column("context_start").to_numpy(),
         table.column("context_end").to_numpy(),
-        pad_token_id, device, max_batch, max_tokens, dtype, logits_dtype,
+        pad_token_id, device, max_batch, max_tokens, dtype, logits_dtype, multiple,
     )
     return table.column("feature_id").to_pylist(), start, end

@@ -54,6 +54,10 @@ class TeacherParams:
     model: str = "deepset/bert-large-uncased-whole-word-masking-squad2"
     batch_size: int = 128  # upper bound on features per batch
     max_tokens_per_batch: int = 32768  # length-aware batches are capped by padded tokens too
+    # Batch width rounded up to a multiple of this many tokens. Length-aware batches would otherwise bring a new
+    # width almost every batch, and each new width costs kernel plans (cuDNN attention on CUDA) and, in bfloat16
+    # on CPU, memory that stays (docs/faq.md). Like the batch sizes, it changes speed, not the logits' meaning.
+    pad_to_multiple_of: int = 8
     nproc: int = 1  # processes under torchrun; not a dependency of the stage (output is identical)
     # auto = bfloat16 where the hardware computes it (CUDA, AVX512-BF16/AMX CPUs), else float32; or one of
     # bfloat16 | float16 | float32. Part of the logits' fingerprint.
@@ -136,6 +140,7 @@ _RANGES = {
     "prepare.shard_size": (1, None), "prepare.row_group_size": (1, None),
     "prepare.augment_views": (0, None), "prepare.augment_seed": (0, None), "student.extra_ratio": (0, None),
     "teacher.batch_size": (1, None), "teacher.max_tokens_per_batch": (1, None), "teacher.nproc": (1, None),
+    "teacher.pad_to_multiple_of": (1, None),
     "student.batch_size": (1, None), "student.epochs": (1, None), "student.learning_rate": (0, None, True),
     "student.weight_decay": (0, None), "student.warmup": (0, 1), "student.max_grad_norm": (0, None, True),
     "student.temperature": (0, None, True), "student.distillation_weight": (0, 1), "student.dropout": (0, 1),

@@ -164,7 +164,8 @@ def run_split(model, tokenizer, split: str, params: Params, teacher_identity: di
         pending = None
         for path in todo:
             ids, start, end = shard_logits(model, path, tokenizer.pad_token_id, device,
-                                           params.teacher.batch_size, params.teacher.max_tokens_per_batch, dtype)
+                                           params.teacher.batch_size, params.teacher.max_tokens_per_batch, dtype,
+                                           multiple=params.teacher.pad_to_multiple_of)
             if pending is not None:
                 pending.result()  # at most one shard waiting to be written: bounded memory
             # Writing shard k (compression, fsync) overlaps the teacher's compute on shard k+1.

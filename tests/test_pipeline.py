@@ -205,6 +205,25 @@ def test_teacher_logits_match_a_direct_forward_pass(prepared_run):
         np.testing.assert_allclose(t["end_logits"], out.end_logits[0].numpy(), atol=2e-2, rtol=1e-2)
 
 
+def test_rounded_batch_widths_leave_each_rows_logits_unchanged(prepared_run):
+    """teacher.pad_to_multiple_of pads batches further; the rows' logits (real tokens only) stay the same."""
+    import torch
+    from transformers import AutoModelForQuestionAnswering
+
+    from pipeline.inference import shard_logits
+
+    model = AutoModelForQuestionAnswering.from_pretrained(prepared_run / INPUTS / "teacher").eval()
+    shard = sorted((prepared_run / "data/features/dev").glob("part-*.parquet"))[0]
+    lengths = [len(x) for x in pq.read_table(shard, columns=["input_ids"]).column("input_ids").to_pylist()]
+    exact = shard_logits(model, shard, 0, torch.device("cpu"), 4, 1 << 20, dtype=None, logits_dtype=torch.float32)
+    rounded = shard_logits(model, shard, 0, torch.device("cpu"), 4, 1 << 20, dtype=None, logits_dtype=torch.float32,
+                           multiple=16)
+    assert exact[0] == rounded[0] and any(n % 16 for n in lengths)  # some batches do get wider
+    for n, a, b in zip(lengths + lengths, exact[1] + exact[2], rounded[1] + rounded[2]):
+        assert len(a) == len(b) == n
+        np.testing.assert_allclose(a, b, atol=1e-4)
+
+
 def set_param(run: Path, section: str, key: str, value) -> None:
     params = yaml.safe_load((run / "params.yaml").read_text())
     params[section][key] = value
