@@ -738,8 +738,9 @@ EXTRA_GOALS = {"f1_gain": 2.0, "forced_f1_gain": 5.0, "share_of_teacher_forced":
 
 
 def extra_data_gains(results: dict) -> list[dict]:
-    """Each student with `compare_to`: its gains over that student (95% paired-bootstrap intervals), its steps
-    and that student's, and its forced span F1 and F1 against the teacher's."""
+    """Each student with `compare_to` or with extra rows: its gains over the student it names (95% paired-bootstrap
+    intervals; none without `compare_to`), its steps and that student's, and its forced span F1 and F1 against
+    the teacher's (the F1 difference with its interval too)."""
     rows = results["rows"]
     if not (rows and rows[0]["model"].startswith("teacher")):
         return []
@@ -747,19 +748,21 @@ def extra_data_gains(results: dict) -> list[dict]:
     gains = []
     for row in rows[1:]:
         base = by_name.get(row.get("compare_to"))
-        if base is None:
+        extra_rows = bool(row.get("settings", {}).get("extra_ratio"))
+        if base is None and not extra_rows:
             continue
-        measured = {"f1_gain": round(row["f1"] - base["f1"], 2),
-                    "forced_f1_gain": round(row["HasAns_f1_forced"] - base["HasAns_f1_forced"], 2),
+        measured = {"f1_gain": round(row["f1"] - base["f1"], 2) if base else None,
+                    "forced_f1_gain": round(row["HasAns_f1_forced"] - base["HasAns_f1_forced"], 2) if base else None,
                     "share_of_teacher_forced": round(row["HasAns_f1_forced"] / max(teacher["HasAns_f1_forced"], 1e-9), 3),
                     "f1_minus_teacher": round(row["f1"] - teacher["f1"], 2)}
-        gains.append({"model": row["model"], "against": base["model"], "steps": row.get("steps"),
-                      "against_steps": base.get("steps"), **measured, "ci95": gain_intervals(row, row, base),
+        gains.append({"model": row["model"], "against": base["model"] if base else None, "steps": row.get("steps"),
+                      "against_steps": base.get("steps") if base else None, **measured,
+                      "ci95": gain_intervals(row, row, base) if base else {},
                       # the student against the teacher, paired the same way: is a small difference noise?
                       "teacher_ci95": gain_intervals(row, row, teacher),
                       # issue 14's goals judge students with extra rows; other comparisons (alignment) only report
-                      "met": ({k: measured[k] >= goal for k, goal in EXTRA_GOALS.items()}
-                              if row.get("settings", {}).get("extra_ratio") else None)})
+                      "met": ({k: None if measured[k] is None else measured[k] >= goal for k, goal in EXTRA_GOALS.items()}
+                              if extra_rows else None)})
     return gains
 
 
@@ -767,17 +770,23 @@ def extra_data_lines(gains: list[dict]) -> list[str]:
     if not gains:
         return []
     word = {True: "met", False: "**missed**", None: ""}
-    lines = ["", "Students against the student their spec names (`compare_to`). Extra rows (unlabeled data, augmented "
-             "views) are judged against the same recipe on the labelled rows (goals: F1 >= +2, forced span F1 >= +5, "
-             ">= 95% of the teacher's forced span F1, F1 >= the teacher's):",
+    lines = ["", "Students against the student their spec names (`compare_to`; students with extra rows and none: against "
+             "the teacher only). Extra rows (unlabeled data, augmented views) are judged against the same recipe on the "
+             "labelled rows (goals: F1 >= +2, forced span F1 >= +5, >= 95% of the teacher's forced span F1, F1 >= the "
+             "teacher's):",
              "", "| student | against | steps | F1 gain (95%) | forced span F1 gain (95%) | forced / teacher's "
              "| F1 - teacher's (95%) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    def gain(g, key):
+        if g[key] is None:
+            return "–"
+        return f"{g[key]:+.2f} ({interval(g['ci95'].get(key))}) {word[g['met'] and g['met'][key]]}"
+
     for g in gains:
-        ci, met = g["ci95"], g["met"] or dict.fromkeys(EXTRA_GOALS)
-        lines.append(f"| {g['model']} | {g['against']} | {g['steps']} vs {g['against_steps']} "
-                     f"| {g['f1_gain']:+.2f} ({interval(ci.get('f1_gain'))}) {word[met['f1_gain']]} "
-                     f"| {g['forced_f1_gain']:+.2f} ({interval(ci.get('forced_f1_gain'))}) {word[met['forced_f1_gain']]} "
-                     f"| {100 * g['share_of_teacher_forced']:.0f}% {word[met['share_of_teacher_forced']]} "
+        met = g["met"] or dict.fromkeys(EXTRA_GOALS)
+        steps = f"{g['steps']} vs {g['against_steps']}" if g["against"] else f"{g['steps']}"
+        lines.append(f"| {g['model']} | {g['against'] or '– (the teacher only)'} | {steps} "
+                     f"| {gain(g, 'f1_gain')} | {gain(g, 'forced_f1_gain')} "
+                     f"| {100 * g['share_of_teacher_forced']:.1f}% {word[met['share_of_teacher_forced']]} "
                      f"| {g['f1_minus_teacher']:+.2f} ({interval(g.get('teacher_ci95', {}).get('f1_gain'))}) "
                      f"{word[met['f1_minus_teacher']]} |")
     return lines

@@ -126,7 +126,7 @@ def test_shipped_student_variants_are_valid_student_settings():
     known = set(StudentParams.__dataclass_fields__)
     for shipped in ("accuracy-variants.yaml", "accuracy-6-epochs.yaml", "accuracy-extra-data.yaml",
                     "accuracy-align.yaml", "accuracy-speed.yaml", "accuracy-extra-data-gpu.yaml",
-                    "accuracy-extra-data-long.yaml"):
+                    "accuracy-extra-data-long.yaml", "accuracy-extra-data-seeds.yaml"):
         specs = yaml.safe_load((REPO / "bench" / shipped).read_text())
         names = [spec["name"] for spec in specs]
         assert len(set(names)) == len(specs), shipped
@@ -185,6 +185,25 @@ def test_accuracy_benchmark_quick_mode_with_extra_rows(tmp_path):
     # The students without extra rows read the same labelled shards: train's features are the teacher's own.
     for name in ("teacher", "logits-extra"):
         assert (tmp_path / "out" / name / "data" / "features" / "train" / "manifest.json").is_file()
+
+
+def test_students_with_extra_rows_and_no_comparison_are_judged_against_the_teacher():
+    """A student with extra rows but no `compare_to` (e.g. another seed) still gets its F1 and forced span F1
+    against the teacher's; a student with neither is not in the table."""
+    from bench.accuracy import extra_data_gains, extra_data_lines
+
+    def row(model, f1, forced, **settings):
+        return {"model": model, "spec_name": model, "f1": f1, "HasAns_f1_forced": forced, "steps": 3213,
+                "settings": settings}
+
+    results = {"rows": [row("teacher: t", 56.89, 51.15), row("seed 15", 57.78, 49.45, extra_ratio=1.0),
+                        row("labelled only", 54.0, 38.0, extra_ratio=0.0)]}
+    (gain,) = extra_data_gains(results)
+    assert gain["model"] == "seed 15" and gain["against"] is None and gain["f1_gain"] is None
+    assert gain["f1_minus_teacher"] == 0.89 and gain["share_of_teacher_forced"] == 0.967
+    assert gain["met"] == {"f1_gain": None, "forced_f1_gain": None, "share_of_teacher_forced": True,
+                           "f1_minus_teacher": True}
+    assert "| seed 15 | – (the teacher only) | 3213 | – | – | 96.7% met | +0.89 (–) met |" in extra_data_lines([gain])
 
 
 def test_has_answer_auc_equals_the_pairwise_definition():
