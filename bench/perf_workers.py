@@ -19,7 +19,7 @@ and reads RESULT.json. CONFIG.json names the worker (`teacher`, `student`, `stag
     hard     - hard labels only, no teacher at all.
   All three see the same batches in the same order (same shards, same seed). `precision` and
   `group_by_length` (default: the stage's defaults) set the step's autocast and the batch plan, and
-  `keep_freed_memory: true` has glibc keep freed memory for reuse (pipeline/allocator.py, KDQA_MALLOC=keep);
+  `malloc` names a KDQA_MALLOC policy for the step (pipeline/allocator.py; None: the stages' default);
   the result counts the epoch's padding and the page faults of its steps.
 - `stage`: the real student stage, `pipeline.student.run_student`, in a prepared work folder (for peak
   memory at 1x and 10x the training data).
@@ -449,6 +449,7 @@ def student_worker(cfg: dict) -> dict:
         "num_workers": cfg["num_workers"], "student_layers": list(cfg["student_layers"]),
         "precision": precision_name(training_dtype(device, settings.precision)),
         "group_by_length": settings.group_by_length, "freed_memory_kept": cfg.get("freed_memory_kept"),  # set by main()
+        "malloc": cfg.get("malloc"),
         "attention_dropout": settings.attention_dropout,
         "minor_faults_per_step": faults / len(waits) if waits else None,
         "padding_fraction": 1 - real_tokens / padded_tokens if padded_tokens else None,
@@ -531,10 +532,12 @@ WORKERS = {"teacher": teacher_worker, "student": student_worker, "stage": stage_
 def main(argv: list[str]) -> int:
     config_path, result_path = Path(argv[0]), Path(argv[1])
     cfg = json.loads(config_path.read_text())
-    # As every stage does (pipeline/cli.py: KDQA_MALLOC, default off), unless the configuration asks for the setting.
-    from pipeline.allocator import keep_freed_memory
+    # As every stage does (pipeline/cli.py: KDQA_MALLOC, else bounded), unless the configuration names a policy.
+    from pipeline.allocator import DEFAULT_POLICY, arrow_on_system_allocator, keep_freed_memory
 
-    cfg["freed_memory_kept"] = keep_freed_memory("keep" if cfg.get("keep_freed_memory") else None)
+    arrow_on_system_allocator()
+    cfg["malloc"] = cfg.get("malloc") or os.environ.get("KDQA_MALLOC") or DEFAULT_POLICY
+    cfg["freed_memory_kept"] = keep_freed_memory(cfg["malloc"])
     result = WORKERS[cfg["worker"]](cfg)
     result_path.write_text(json.dumps(result, indent=2))
     return 0

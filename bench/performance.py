@@ -51,16 +51,18 @@ TARGETS = {"teacher_speedup": 2.0, "offline_vs_online": 0.6, "streaming_overhead
            "memory_growth_10x": 0.10, "shard_vs_fp16": 0.5, "student_step_speedup": 1.5}
 # Row 2b: the student step in each precision, batch plan and allocator setting (offline mode, one learning rate);
 # the first is the step before `student.precision` and `student.group_by_length` existed (the reference of the
-# ratios), DEFAULT_STEP the stage's defaults. "freed memory kept": glibc keeps freed buffers for reuse instead of
-# unmapping them (pipeline/allocator.py; opt-in with KDQA_MALLOC=keep).
+# ratios), DEFAULT_STEP the stage's defaults. The third field is a KDQA_MALLOC policy (pipeline/allocator.py; None:
+# the stages' default, bounded): "freed memory kept" = keep (glibc reuses freed buffers instead of unmapping them),
+# "glibc as it comes" = glibc (its threshold rises and large freed buffers stay resident).
 # "no attention dropout": student.attention_dropout 0, which lets PyTorch's fused attention kernel run on a CPU.
-STEP_VARIANTS = {"float32, random batches": ("float32", False, False, None),
-                 "bfloat16, random batches": ("bfloat16", False, False, None),
-                 "float32, grouped by length": ("float32", True, False, None),
-                 "bfloat16, grouped by length": ("bfloat16", True, False, None),
-                 "float32, random batches, freed memory kept": ("float32", False, True, None),
-                 "bfloat16, grouped by length, freed memory kept": ("bfloat16", True, True, None),
-                 "bfloat16, grouped by length, no attention dropout": ("bfloat16", True, False, 0.0)}
+STEP_VARIANTS = {"float32, random batches": ("float32", False, None, None),
+                 "bfloat16, random batches": ("bfloat16", False, None, None),
+                 "float32, grouped by length": ("float32", True, None, None),
+                 "bfloat16, grouped by length": ("bfloat16", True, None, None),
+                 "float32, random batches, freed memory kept": ("float32", False, "keep", None),
+                 "bfloat16, grouped by length, freed memory kept": ("bfloat16", True, "keep", None),
+                 "bfloat16, grouped by length, glibc as it comes": ("bfloat16", True, "glibc", None),
+                 "bfloat16, grouped by length, no attention dropout": ("bfloat16", True, None, 0.0)}
 DEFAULT_STEP = "bfloat16, grouped by length"
 
 # Sizes: `full` is the reported benchmark; `quick` is a smoke test. shard_size None =
@@ -414,16 +416,16 @@ def run(args) -> dict:
 
     # --- 2b. the student step per precision and batch plan, interleaved in rotating order ---
     # The glibc allocator setting shapes host memory alone: on CUDA the kept-memory variants measure nothing new.
-    names = [name for name, (_, _, kept, _) in STEP_VARIANTS.items() if not (cuda and kept)]
+    names = [name for name, (_, _, malloc, _) in STEP_VARIANTS.items() if not (cuda and malloc)]
     variant_runs = {name: [] for name in names}
     for i in range(sizes["variant_runs"]):
         for name in names[i % len(names):] + names[: i % len(names)]:
-            precision, grouped, kept, attention_dropout = STEP_VARIANTS[name]
-            label = (f"student-{precision}-{'grouped' if grouped else 'random'}{'-kept' if kept else ''}"
+            precision, grouped, malloc, attention_dropout = STEP_VARIANTS[name]
+            label = (f"student-{precision}-{'grouped' if grouped else 'random'}{f'-{malloc}' if malloc else ''}"
                      f"{'-attention-dropout-0' if attention_dropout == 0 else ''}")
             variant_runs[name].append(runner(label, {
                 **student_cfg, "mode": "offline", "learning_rate": 3e-5, "precision": precision,
-                "group_by_length": grouped, "keep_freed_memory": kept, "attention_dropout": attention_dropout}))
+                "group_by_length": grouped, "malloc": malloc, "attention_dropout": attention_dropout}))
 
     # --- 2c. where a step's time goes: the streamed-logits step and the hard-label step under torch.profiler ---
     profiles = {mode: runs[mode][0]["profile"] for mode in ("offline", "hard")} if args.profile_steps else {}
@@ -815,8 +817,10 @@ def markdown(r: dict) -> str:
         f"{sv['float32, random batches']['runs']} run(s) each in rotating order; the fastest run's step (median in "
         "results.json). *Padding* = the share of the epoch's batch tokens that are padding (widths rounded to "
         "`student.pad_to_multiple_of`). float32 with random batches is the step before `student.precision` and "
-        "`student.group_by_length`; *freed memory kept*: glibc reuses freed buffers instead of returning them to "
-        "the kernel (pipeline/allocator.py, opt-in: KDQA_MALLOC=keep); *minor faults*: pages the kernel faulted in "
+        "`student.group_by_length`; allocator (pipeline/allocator.py, KDQA_MALLOC): the stages' default `bounded` "
+        "unless named; *freed memory kept*: `keep`, glibc reuses freed buffers instead of returning them to the "
+        "kernel; *glibc as it comes*: `glibc`, its threshold rises and large freed buffers stay resident; "
+        "*minor faults*: pages the kernel faulted in "
         "per step.",
         "",
         "| precision, batches, allocator | autocast | step s | median step s | speed-up | step s, width seen "

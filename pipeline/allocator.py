@@ -1,18 +1,18 @@
-"""Optionally keep freed memory in the process instead of handing it back to the kernel (glibc on Linux).
+"""How freed memory is handed back to the kernel in kdqa's stages (glibc on Linux): `KDQA_MALLOC`.
 
 A training or inference step on the CPU frees and allocates the same large activation buffers again at every
-step. glibc's default serves large blocks with mmap and unmaps them when freed, and trims the top of its heap:
-the next step gets fresh pages from the kernel, each one faulted in and zero-filled. `KDQA_MALLOC=keep` turns
-both off for kdqa's stages, so freed buffers are reused in place: fewer page faults and a faster CPU step, but a
-process that keeps its free blocks, whose sizes change from batch to batch (length-grouped batches), so its
-peak resident memory grows. It is off by default because that memory is a certain cost and the time gained
-varies from run to run (docs/results.md, the student step; `python -m bench.performance` measures the step both
-ways). `KDQA_MALLOC=one-arena` also keeps every thread on one malloc arena. `KDQA_MALLOC=release` does the
-opposite of keep: glibc's mmap threshold is fixed (it otherwise rises to the size of the largest block freed, so
-that later blocks of that size come from its heap and stay resident when freed), so every large buffer is unmapped
-as soon as it is freed: the lowest peak, paid for with a page fault per page of every large buffer. Between
-phases whose buffers differ in size (training steps, then an evaluation at another batch size),
-`release_freed_memory` hands the free pages back.
+step. glibc serves blocks above its mmap threshold with mmap and unmaps them when freed, but it raises that
+threshold to the size of the largest block freed (up to 32 MiB), so after the first steps most activation
+buffers come from its heap and their pages stay resident between steps, in blocks whose sizes change from
+batch to batch (length-grouped batches): the process's peak grows. kdqa's default, `bounded`, fixes the
+threshold at 4 MiB: blocks that size and larger are mapped for themselves and unmapped as soon as they are freed,
+smaller ones (weights cast to bfloat16, per-head pieces) are reused from the heap. Measured on a CPU training
+step: a lower peak at the same step time (docs/results.md, the student step; the peer job).
+The other policies: `glibc` leaves glibc as it comes; `keep` keeps every freed block for reuse (no mmap, no
+trimming: fewest page faults, the fastest CPU step, the highest peak; `one-arena` also keeps every thread on
+one malloc arena); `release` fixes the threshold at 1 MiB (the lowest peak, paid for with a page fault per page
+of every buffer over 1 MiB, a quarter of the step). Between phases whose buffers differ in size (training steps,
+then an evaluation at another batch size), `release_freed_memory` hands the free pages back.
 
 Called by every stage (pipeline/cli.py) and by the benchmarks that mirror a stage; never on import, so an
 application that imports kdqa as a library keeps its own allocator settings.
@@ -34,10 +34,11 @@ M_MMAP_MAX = -4
 M_ARENA_MAX = -8
 M_MMAP_THRESHOLD = -3
 NEVER_TRIM = 2**31 - 1  # mallopt takes an int
-RELEASE_THRESHOLD = 1 << 20  # "release": blocks of 1 MiB and more are mapped for themselves, unmapped when freed
+# Fixed mmap thresholds: blocks of this size and more are mapped for themselves and unmapped when freed.
+MMAP_THRESHOLDS = {"bounded": 4 << 20, "release": 1 << 20}
 
-
-POLICIES = ("default", "keep", "one-arena", "release")
+POLICIES = ("bounded", "glibc", "keep", "one-arena", "release")
+DEFAULT_POLICY = "bounded"
 
 
 @functools.cache  # looked up once: release_freed_memory runs every few training steps
@@ -54,20 +55,21 @@ def glibc():
 
 
 def keep_freed_memory(policy: str | None = None) -> bool:
-    """Apply `policy` (None: the KDQA_MALLOC environment variable, else "default", glibc as it comes); True when
-    freed memory is now kept for reuse (glibc only; elsewhere nothing happens)."""
-    policy = policy or os.environ.get("KDQA_MALLOC") or "default"
+    """Apply `policy` (None: the KDQA_MALLOC environment variable, else DEFAULT_POLICY); True when freed memory is
+    now kept for reuse (`keep`, `one-arena`). glibc only; elsewhere nothing happens."""
+    policy = policy or os.environ.get("KDQA_MALLOC") or DEFAULT_POLICY
     if policy not in POLICIES:
         log.warning("KDQA_MALLOC=%s: not one of %s; glibc's allocator left as it is", policy, ", ".join(POLICIES))
         return False
-    libc = glibc() if policy != "default" else None
+    libc = glibc() if policy != "glibc" else None
     if libc is None:
         return False
     mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    if policy == "release":  # the opposite of keep: large blocks always come from (and go back to) the kernel
-        fixed = mallopt(M_MMAP_THRESHOLD, RELEASE_THRESHOLD) == 1
-        log.debug("glibc malloc: blocks of %d bytes and more %s", RELEASE_THRESHOLD,
+    if policy in MMAP_THRESHOLDS:  # large blocks always come from (and go back to) the kernel
+        threshold = MMAP_THRESHOLDS[policy]
+        fixed = mallopt(M_MMAP_THRESHOLD, threshold) == 1
+        log.debug("glibc malloc: blocks of %d bytes and more %s", threshold,
                   "mapped and unmapped on their own" if fixed else "handled as before (mallopt failed)")
         return False
     kept = mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, NEVER_TRIM) == 1
@@ -75,6 +77,13 @@ def keep_freed_memory(policy: str | None = None) -> bool:
         kept = kept and mallopt(M_ARENA_MAX, 1) == 1
     log.debug("glibc malloc: freed memory %s", "kept for reuse" if kept else "handling unchanged (mallopt failed)")
     return kept
+
+
+def arrow_on_system_allocator() -> None:
+    """Have Arrow allocate with the C library's malloc (so under the policy above) instead of its bundled mimalloc,
+    which keeps tens of MB of freed memory in every process that has read a shard (the student stage and its
+    loader worker). Only before pyarrow is first imported takes effect; a user's ARROW_DEFAULT_MEMORY_POOL wins."""
+    os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
 
 
 def release_freed_memory() -> None:

@@ -41,7 +41,7 @@ def _stage(stage: str, params):
     from pipeline.preflight import outputs_ready
     from pipeline.stage_lock import stage_lock
 
-    keep_freed_memory()  # KDQA_MALLOC=keep: a stage's steps reuse freed buffers (faster on CPU, more memory)
+    keep_freed_memory()  # KDQA_MALLOC, default bounded: large freed buffers go back to the kernel at once
     with stage_lock(stage), outputs_ready(stage, params):
         yield
 
@@ -314,6 +314,9 @@ def inspect_cmd(folder, features_dir, as_json):
 
 
 def main():
+    from pipeline.allocator import arrow_on_system_allocator
+
+    arrow_on_system_allocator()  # before anything imports pyarrow
     cli(prog_name="kdqa")
 
 

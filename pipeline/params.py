@@ -85,9 +85,11 @@ class StudentParams:
     # Dropout on the attention probabilities (null: the model's own, 0.1 in BERT). On a CPU PyTorch's fused
     # attention kernel takes no dropout, so a training step with it keeps every attention matrix; 0 lets it run.
     attention_dropout: float | None = None
-    # Batch width rounded up to a multiple of this many tokens: few distinct shapes keep the training
-    # process's memory flat (bench/performance.py measures it) and suit tensor cores; 1 = exact.
-    pad_to_multiple_of: int = 8
+    # Batch width rounded up to a multiple of this many tokens, 1 = exact. Few distinct shapes keep the training
+    # process's memory flat: in bfloat16 oneDNN (CPU) keeps kernels per shape, and cuDNN (GPU) builds an
+    # attention plan per shape, slow the first time. Rows in a length-grouped batch are alike in length, so the
+    # extra padding is small (bench/performance.py measures steps and memory).
+    pad_to_multiple_of: int = 32
     # Rows of similar length share a batch (random groups of rows sorted by length, batches in random order):
     # far less padding to compute on than random batches of SQuAD windows (bench/performance.py).
     group_by_length: bool = True

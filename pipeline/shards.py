@@ -215,7 +215,10 @@ def aligned_table(feature_ids: list[str], targets: list) -> pa.Table:
 def read_table(path: Path, columns=None) -> pa.Table:
     """Read a shard, turning any Arrow/Parquet failure into an error that names the file."""
     try:
-        return pq.read_table(path, columns=columns)
+        # One file: ParquetFile reads it directly. pq.read_table would go through pyarrow.dataset, whose code and
+        # thread pools add tens of MB to every process that reads a shard (the student and its loader worker).
+        with pq.ParquetFile(path) as shard:
+            return shard.read(columns=columns)
     except FileNotFoundError:
         raise KdqaError(f"{path}: shard not found") from None
     except (pa.ArrowException, OSError) as exc:

@@ -1,14 +1,19 @@
 """pipeline/allocator.py: with freed memory kept (KDQA_MALLOC=keep), a buffer freed and allocated again is not faulted
-in again; by default glibc is left as it is."""
+in again; by default (bounded) a large freed buffer is handed back at once, which glibc as it comes does not."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import pytest
 
 from conftest import REPO_ROOT
+
+
+def without_kdqa_malloc() -> dict:
+    return {k: v for k, v in os.environ.items() if k != "KDQA_MALLOC"}
 
 # Allocate, fill and free a 64 MiB buffer five times; print the page faults of the last four rounds.
 ROUNDS = """
@@ -30,14 +35,14 @@ print(sum(faults[1:]))
 
 def faults_after_the_first_round(setting: str) -> int:
     out = subprocess.run([sys.executable, "-c", ROUNDS, setting], cwd=REPO_ROOT, capture_output=True, text=True,
-                         check=True)
+                         check=True, env=without_kdqa_malloc())
     return int(out.stdout)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator settings")
 def test_freed_buffers_are_reused_without_page_faults():
     pages = (64 << 20) // 4096
-    assert faults_after_the_first_round("default") >= 4 * pages * 0.9  # unmapped when freed: faulted in again
+    assert faults_after_the_first_round("glibc") >= 4 * pages * 0.9  # unmapped when freed: faulted in again
     assert faults_after_the_first_round("keep") < pages // 4  # the same pages, reused
 
 
@@ -74,7 +79,7 @@ import ctypes, sys
 from pipeline.allocator import keep_freed_memory
 def resident_mib():
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) / 1024
-assert not keep_freed_memory(sys.argv[1])
+assert not keep_freed_memory(sys.argv[1] if len(sys.argv) > 1 else None)
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
 libc.free(libc.malloc(8 << 20))
@@ -88,11 +93,38 @@ print(resident_mib() - before)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator settings")
-def test_release_policy_gives_large_freed_blocks_back_at_once():
-    def left_behind(setting: str) -> float:
-        out = subprocess.run([sys.executable, "-c", LEFT_BEHIND, setting], cwd=REPO_ROOT, capture_output=True,
-                             text=True, check=True)
+def test_bounded_and_release_policies_give_large_freed_blocks_back_at_once():
+    def left_behind(*setting: str) -> float:
+        out = subprocess.run([sys.executable, "-c", LEFT_BEHIND, *setting], cwd=REPO_ROOT, capture_output=True,
+                             text=True, check=True, env=without_kdqa_malloc())
         return float(out.stdout)
 
-    assert left_behind("default") >= 3.5  # glibc's own rule: now served from its heap, and kept there
-    assert left_behind("release") < 1  # mapped for itself, unmapped when freed
+    assert left_behind("glibc") >= 3.5  # glibc's own rule: now served from its heap, and kept there
+    assert left_behind("bounded") < 1  # 4 MiB and more: mapped for itself, unmapped when freed
+    assert left_behind("release") < 1
+    assert left_behind() < 1  # no KDQA_MALLOC: bounded
+
+
+# The command line's entry point, then pyarrow: print the backend of Arrow's default memory pool.
+ARROW_POOL = """
+import sys
+from pipeline.cli import main
+sys.argv = ["kdqa", "--help"]
+try:
+    main()
+except SystemExit:
+    pass
+import pyarrow
+print(pyarrow.default_memory_pool().backend_name)
+"""
+
+
+def test_stages_have_arrow_allocate_with_the_c_library_unless_the_user_chose():
+    def backend(**env: str) -> str:
+        out = subprocess.run([sys.executable, "-c", ARROW_POOL], cwd=REPO_ROOT, capture_output=True, text=True,
+                             check=True, env={**{k: v for k, v in os.environ.items()
+                                                 if k != "ARROW_DEFAULT_MEMORY_POOL"}, **env})
+        return out.stdout.split()[-1]
+
+    assert backend() == "system"
+    assert backend(ARROW_DEFAULT_MEMORY_POOL="mimalloc") == "mimalloc"

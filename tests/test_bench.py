@@ -47,12 +47,13 @@ def test_performance_benchmark_quick_mode(tiny_assets, tmp_path):
             assert (r["seen_width_step_s"] is None) == (r["first_sight_steps"] == r["steps"] - 1)
     # 2b. the step per precision and batch plan: every variant trained the same features, in its own precision
     variants = results["step_variant_runs"]
-    assert list(variants) == list(summary["step_variants"]) and len(variants) == 7
+    assert list(variants) == list(summary["step_variants"]) and len(variants) == 8
     for name, rs in variants.items():
         assert rs and all(r["features"] == teacher["features"] and r["step_s"] > 0 for r in rs)
         assert rs[0]["precision"] == name.split(",")[0] and rs[0]["group_by_length"] == ("grouped" in name)
         # glibc on Linux (CI and this benchmark's machines): the setting takes effect where asked for
         assert rs[0]["freed_memory_kept"] == ("kept" in name) and rs[0]["minor_faults_per_step"] >= 0
+        assert rs[0]["malloc"] == ("keep" if "kept" in name else "glibc" if "glibc" in name else "bounded")
         assert rs[0]["attention_dropout"] == (0.0 if "no attention dropout" in name else None)
         assert 0 <= rs[0]["padding_fraction"] < 1
     for precision in ("float32", "bfloat16"):
