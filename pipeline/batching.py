@@ -12,8 +12,9 @@ import torch
 def answer_mask(context_start, context_end, width: int) -> torch.Tensor:
     """True at CLS and at the context tokens of each row: the only places an answer can start or end."""
     positions = torch.arange(width)
-    first = torch.as_tensor(context_start).unsqueeze(1)  # each row's first and last context token
-    last = torch.as_tensor(context_end).unsqueeze(1)
+    # Each row's first and last context token; copied (a batch's worth), as Arrow's columns are read-only.
+    first = torch.tensor(np.asarray(context_start)).unsqueeze(1)
+    last = torch.tensor(np.asarray(context_end)).unsqueeze(1)
     mask = (positions >= first) & (positions <= last)
     mask[:, 0] = True
     return mask

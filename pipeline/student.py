@@ -41,10 +41,10 @@ log = logging.getLogger(__name__)
 # never depends on `evaluate.*`; `kdqa evaluate` gives the official figures with the user's settings.
 CARD_EVALUATION = Params()
 
-# Knobs that change how a run is observed, not what it computes: a checkpoint stays valid across them.
-# (num_workers is not one: with 2+ workers the DataLoader interleaves their shards, so the batch order
-# differs; 0 and 1 give the same order. `training_key` keeps the part of it that matters.)
-OBSERVATION_KEYS = {"checkpoint_every", "log_every", "eval_every", "num_workers"}
+# Knobs that change how a run is observed or how the same computation runs, not what it computes: a checkpoint
+# stays valid across them. (num_workers is not one: with 2+ workers the DataLoader interleaves their shards, so
+# the batch order differs; 0 and 1 give the same order. `training_key` keeps the part of it that matters.)
+OBSERVATION_KEYS = {"checkpoint_every", "log_every", "eval_every", "num_workers", "gradient_checkpointing"}
 
 
 def build_student(student: StudentParams):
@@ -63,7 +63,24 @@ def build_student(student: StudentParams):
     model = load_qa_model(student.model, student.trust_remote_code, **overrides)
     if student.init_layers:
         keep_layers(model, list(student.init_layers))
+    if student.gradient_checkpointing:
+        enable_gradient_checkpointing(model, student.model)
     return model
+
+
+def enable_gradient_checkpointing(model, name: str) -> None:
+    """Recompute each layer in the backward pass. Non-reentrant: under the same autocast and RNG state (the same
+    dropout masks), and under DDP. transformers 5 calls it activation checkpointing; 4.x gradient checkpointing."""
+    supported = getattr(model, "supports_activation_checkpointing",
+                        getattr(model, "supports_gradient_checkpointing", False))
+    if not supported:
+        raise KdqaError(f"{name}: {type(model).__name__} does not support gradient checkpointing "
+                        "(set student.gradient_checkpointing: false)")
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def training_key(params: Params, data_fingerprint: dict, autocast: torch.dtype | None) -> dict:
@@ -288,6 +305,10 @@ def evaluate_during_training(run: Training, step: int) -> dict | None:
 def finish(run: Training, seconds: float, last_eval: tuple) -> None:
     """Rank 0, after the loop: the final dev scores (for the model card and the curve's last point), the saved
     model, and no checkpoint left to resume."""
+    # Training is over: the optimizer's moments (twice the weights) and the last gradients are dropped before the
+    # final dev pass, whose batches are larger than training's, so that pass does not set the stage's peak memory.
+    run.optimizer.state.clear()
+    run.model.zero_grad(set_to_none=True)
     dev_metrics = None
     if last_eval[0] == run.step:  # the curve's last point is the final model: no second pass over dev
         dev_metrics = last_eval[1]

@@ -181,3 +181,40 @@ def test_attention_dropout_zero_lets_the_fused_cpu_attention_kernel_train(tiny_a
         except RuntimeError:
             fused_takes_dropout = False
     assert not fused_takes_dropout
+
+
+def test_gradient_checkpointing_recomputes_layers_and_learns_the_same(tiny_assets):
+    """student.gradient_checkpointing trades compute for memory only: each layer runs again in the backward pass
+    (under the same dropout masks), and two steps with dropout on leave the weights they leave without it. So a
+    checkpoint resumes across the setting."""
+    import torch
+    from transformers import get_linear_schedule_with_warmup
+
+    from pipeline.params import Params, StudentParams
+    from pipeline.student import build_student, training_key
+    from pipeline.training import build_optimizer, train_step
+
+    def two_steps(checkpointing: bool):
+        settings = StudentParams(model=str(tiny_assets.student), precision="float32", temperature=2.0,
+                                 distillation_weight=0.5, gradient_checkpointing=checkpointing)
+        torch.manual_seed(0)
+        model = build_student(settings).train()
+        assert model.config.hidden_dropout_prob > 0  # dropout on: the recomputation must replay its masks
+        calls = []
+        # inside the layer: transformers checkpoints the layer's forward, so the layer's own hooks run once
+        model.base_model.encoder.layer[0].intermediate.register_forward_hook(lambda *_: calls.append(1))
+        optimizer = build_optimizer(model, 1e-3, 0.01, torch.device("cpu"))
+        scheduler = get_linear_schedule_with_warmup(optimizer, 0, 10)
+        batch = _tiny_batch(model.config.vocab_size)
+        for _ in range(2):
+            train_step(model, batch, optimizer, scheduler, settings, 1, torch.device("cpu"), None)
+        return model, len(calls)
+
+    plain, plain_calls = two_steps(False)
+    recomputed, recomputed_calls = two_steps(True)
+    assert (plain_calls, recomputed_calls) == (2, 4)  # forward, and forward again in each backward
+    for a, b in zip(plain.parameters(), recomputed.parameters()):
+        torch.testing.assert_close(a, b)
+    on = Params()
+    on.student.gradient_checkpointing = True
+    assert training_key(on, {}, None) == training_key(Params(), {}, None)
