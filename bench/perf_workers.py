@@ -532,7 +532,7 @@ WORKERS = {"teacher": teacher_worker, "student": student_worker, "stage": stage_
 def main(argv: list[str]) -> int:
     config_path, result_path = Path(argv[0]), Path(argv[1])
     cfg = json.loads(config_path.read_text())
-    # As every stage does (pipeline/cli.py: KDQA_MALLOC, else bounded), unless the configuration names a policy.
+    # As every stage does (pipeline/cli.py: KDQA_MALLOC, else glibc as it comes), unless the configuration names one.
     from pipeline.allocator import DEFAULT_POLICY, arrow_on_system_allocator, keep_freed_memory
 
     arrow_on_system_allocator()

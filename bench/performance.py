@@ -52,8 +52,8 @@ TARGETS = {"teacher_speedup": 2.0, "offline_vs_online": 0.6, "streaming_overhead
 # Row 2b: the student step in each precision, batch plan and allocator setting (offline mode, one learning rate);
 # the first is the step before `student.precision` and `student.group_by_length` existed (the reference of the
 # ratios), DEFAULT_STEP the stage's defaults. The third field is a KDQA_MALLOC policy (pipeline/allocator.py; None:
-# the stages' default, bounded): "freed memory kept" = keep (glibc reuses freed buffers instead of unmapping them),
-# "glibc as it comes" = glibc (its threshold rises and large freed buffers stay resident).
+# the stages' default, glibc as it comes): "freed memory kept" = keep (glibc reuses freed buffers instead of
+# unmapping them), "mmap threshold 4 MiB" = bounded (buffers of 4 MiB and more unmapped as soon as freed).
 # "no attention dropout": student.attention_dropout 0, which lets PyTorch's fused attention kernel run on a CPU.
 STEP_VARIANTS = {"float32, random batches": ("float32", False, None, None),
                  "bfloat16, random batches": ("bfloat16", False, None, None),
@@ -61,7 +61,7 @@ STEP_VARIANTS = {"float32, random batches": ("float32", False, None, None),
                  "bfloat16, grouped by length": ("bfloat16", True, None, None),
                  "float32, random batches, freed memory kept": ("float32", False, "keep", None),
                  "bfloat16, grouped by length, freed memory kept": ("bfloat16", True, "keep", None),
-                 "bfloat16, grouped by length, glibc as it comes": ("bfloat16", True, "glibc", None),
+                 "bfloat16, grouped by length, mmap threshold 4 MiB": ("bfloat16", True, "bounded", None),
                  "bfloat16, grouped by length, no attention dropout": ("bfloat16", True, None, 0.0)}
 DEFAULT_STEP = "bfloat16, grouped by length"
 
@@ -817,9 +817,9 @@ def markdown(r: dict) -> str:
         f"{sv['float32, random batches']['runs']} run(s) each in rotating order; the fastest run's step (median in "
         "results.json). *Padding* = the share of the epoch's batch tokens that are padding (widths rounded to "
         "`student.pad_to_multiple_of`). float32 with random batches is the step before `student.precision` and "
-        "`student.group_by_length`; allocator (pipeline/allocator.py, KDQA_MALLOC): the stages' default `bounded` "
-        "unless named; *freed memory kept*: `keep`, glibc reuses freed buffers instead of returning them to the "
-        "kernel; *glibc as it comes*: `glibc`, its threshold rises and large freed buffers stay resident; "
+        "`student.group_by_length`; allocator (pipeline/allocator.py, KDQA_MALLOC): glibc as it comes (the stages' "
+        "default) unless named; *freed memory kept*: `keep`, glibc reuses freed buffers instead of returning them "
+        "to the kernel; *mmap threshold 4 MiB*: `bounded`, buffers of 4 MiB and more unmapped as soon as freed; "
         "*minor faults*: pages the kernel faulted in "
         "per step.",
         "",

@@ -3,16 +3,14 @@
 A training or inference step on the CPU frees and allocates the same large activation buffers again at every
 step. glibc serves blocks above its mmap threshold with mmap and unmaps them when freed, but it raises that
 threshold to the size of the largest block freed (up to 32 MiB), so after the first steps most activation
-buffers come from its heap and their pages stay resident between steps, in blocks whose sizes change from
-batch to batch (length-grouped batches): the process's peak grows. kdqa's default, `bounded`, fixes the
-threshold at 4 MiB: blocks that size and larger are mapped for themselves and unmapped as soon as they are freed,
-smaller ones (weights cast to bfloat16, per-head pieces) are reused from the heap. Measured on a CPU training
-step: a lower peak at the same step time (docs/results.md, the student step; the peer job).
-The other policies: `glibc` leaves glibc as it comes; `keep` keeps every freed block for reuse (no mmap, no
-trimming: fewest page faults, the fastest CPU step, the highest peak; `one-arena` also keeps every thread on
-one malloc arena); `release` fixes the threshold at 1 MiB (the lowest peak, paid for with a page fault per page
-of every buffer over 1 MiB, a quarter of the step). Between phases whose buffers differ in size (training steps,
-then an evaluation at another batch size), `release_freed_memory` hands the free pages back.
+buffers come from its heap and stay resident between steps. The default, `glibc`, leaves it so: measured on the
+student stage, the other policies trade step time for memory or memory for step time (docs/results.md, the
+student step). `keep` keeps every freed block for reuse (no mmap, no trimming: fewest page faults, the fastest
+CPU step, the highest peak; `one-arena` also keeps every thread on one malloc arena). `bounded` fixes the
+threshold at 4 MiB and `release` at 1 MiB: blocks that size and larger are mapped for themselves and unmapped as
+soon as they are freed, for a lower peak paid for with a page fault per page of every such buffer at every step.
+Between phases whose buffers differ in size (training steps, then an evaluation at another batch size),
+`release_freed_memory` hands the free pages back.
 
 Called by every stage (pipeline/cli.py) and by the benchmarks that mirror a stage; never on import, so an
 application that imports kdqa as a library keeps its own allocator settings.
@@ -38,7 +36,7 @@ NEVER_TRIM = 2**31 - 1  # mallopt takes an int
 MMAP_THRESHOLDS = {"bounded": 4 << 20, "release": 1 << 20}
 
 POLICIES = ("bounded", "glibc", "keep", "one-arena", "release")
-DEFAULT_POLICY = "bounded"
+DEFAULT_POLICY = "glibc"
 
 
 @functools.cache  # looked up once: release_freed_memory runs every few training steps

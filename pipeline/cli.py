@@ -41,7 +41,7 @@ def _stage(stage: str, params):
     from pipeline.preflight import outputs_ready
     from pipeline.stage_lock import stage_lock
 
-    keep_freed_memory()  # KDQA_MALLOC, default bounded: large freed buffers go back to the kernel at once
+    keep_freed_memory()  # KDQA_MALLOC (pipeline/allocator.py); default: glibc as it comes
     with stage_lock(stage), outputs_ready(stage, params):
         yield
 
