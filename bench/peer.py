@@ -324,7 +324,8 @@ def markdown(r: dict) -> str:
         f"distillation weight {job['distillation_weight']:g}, temperature {job['temperature']:g}."
         + (f" Peer: {', '.join(p['packages'])}." if p.get("packages") else " Peer: skipped.")
         + (" kdqa alone: " + ", ".join(f"student.{k}: {v}" for k, v in r["kdqa_student_settings"].items()) + "."
-           if r.get("kdqa_student_settings") else ""),
+           if r.get("kdqa_student_settings") else "")
+        + (f" kdqa's allocator: KDQA_MALLOC={r['kdqa_malloc']}." if r.get("kdqa_malloc") else ""),
         "",
         "| measure | kdqa | Haystack v1 | kdqa / Haystack | goal | |",
         "|---|---|---|---|---|---|",
@@ -386,6 +387,9 @@ def run(args) -> dict:
                "machine": f"{cpu_name()}, {machine_description()}"}
     kdqa_student = student_overrides(args.kdqa_student)
     results["kdqa_student_settings"] = kdqa_student
+    from pipeline.allocator import DEFAULT_POLICY
+
+    results["kdqa_malloc"] = os.environ.get("KDQA_MALLOC") or DEFAULT_POLICY  # the stages inherit this environment
     progress("kdqa: prepare, teacher, student")
     results["kdqa"] = run_kdqa(job, out, train, dev, teacher, student_init, kdqa_student)
     peer = None
