@@ -516,8 +516,7 @@ def profile_only(args, torch, runner, teacher: dict, layers: list, student_dir, 
                          "qa_head": "randomly initialised (timing only)"},
             "teacher": teacher, "student_runs": runs, "profiles": profiles,
             "streaming_overhead_step": runs["offline"]["step_s"] / runs["hard"]["step_s"] - 1,
-            "streaming_overhead_seen_width_step": runs["offline"]["seen_width_step_s"] / runs["hard"]["seen_width_step_s"] - 1
-            if runs["offline"]["seen_width_step_s"] and runs["hard"]["seen_width_step_s"] else None,
+            "streaming_overhead_seen_width_step": seen_width_overhead(runs["offline"], runs["hard"]),
             "wall_s": time.perf_counter() - started,
             "load_average": {"start": load_start, "end": os.getloadavg()}}
 
@@ -584,6 +583,13 @@ def minimum(values):
     return min(values) if values else None
 
 
+def seen_width_overhead(offline: dict, hard: dict) -> float | None:
+    """Streamed logits over hard labels on steps at widths seen before (None where a run had no such step)."""
+    if not (offline.get("seen_width_step_s") and hard.get("seen_width_step_s")):
+        return None
+    return offline["seen_width_step_s"] / hard["seen_width_step_s"] - 1
+
+
 def summarise(r: dict, sweep_runs: int) -> dict:
     t, runs = r["teacher"], r["student_runs"]
     n = t["features"]
@@ -626,8 +632,7 @@ def summarise(r: dict, sweep_runs: int) -> dict:
         "streaming_overhead_step": m["offline"]["step_s"] / m["hard"]["step_s"] - 1,
         # The same on steps at widths seen before: without the one-off cost of a new width's kernel plans,
         # which a one-epoch run pays on most of its steps and a long job on a few.
-        "streaming_overhead_seen_width_step": m["offline"]["seen_width_step_s"] / m["hard"]["seen_width_step_s"] - 1
-        if m["offline"]["seen_width_step_s"] and m["hard"]["seen_width_step_s"] else None,
+        "streaming_overhead_seen_width_step": seen_width_overhead(m["offline"], m["hard"]),
         "streaming_overhead_epoch": m["offline"]["epoch_s"] / m["hard"]["epoch_s"] - 1,
         "streaming_overhead_epoch_cpu": m["offline"]["epoch_cpu_s"] / m["hard"]["epoch_cpu_s"] - 1,
         "offline_vs_online_epoch_median": m["offline"]["median_epoch_s"] / m["online"]["median_epoch_s"],

@@ -309,8 +309,8 @@ def evaluate_during_training(run: Training, step: int) -> dict | None:
 def finish(run: Training, seconds: float, last_eval: tuple) -> None:
     """Rank 0, after the loop: the final dev scores (for the model card and the curve's last point), the saved
     model, and no checkpoint left to resume."""
-    # Training is over: the optimizer's moments (twice the weights) and the last gradients are dropped before the
-    # final dev pass, whose batches are larger than training's, so that pass does not set the stage's peak memory.
+    # Training is over: the optimizer's moments (twice the weights) and the last step's gradients are dropped
+    # before the final dev pass, so that pass does not set the stage's peak memory.
     run.optimizer.state.clear()
     run.model.zero_grad(set_to_none=True)
     dev_metrics = None
