@@ -357,6 +357,7 @@ def student_worker(cfg: dict) -> dict:
     torch.manual_seed(cfg["seed"])
     pad = load_tokenizer(cfg["teacher_model"]).pad_token_id
     settings.attention_dropout = cfg.get("attention_dropout", settings.attention_dropout)
+    settings.attention = cfg.get("attention", settings.attention)
     # Built as the student stage builds it (dropouts, the cut from the teacher's layers).
     settings.model = cfg.get("student_model") or cfg["teacher_model"]
     settings.init_layers = None if cfg.get("student_model") else list(cfg["student_layers"])
@@ -450,7 +451,7 @@ def student_worker(cfg: dict) -> dict:
         "precision": precision_name(training_dtype(device, settings.precision)),
         "group_by_length": settings.group_by_length, "freed_memory_kept": cfg.get("freed_memory_kept"),  # set by main()
         "malloc": cfg.get("malloc"),
-        "attention_dropout": settings.attention_dropout,
+        "attention_dropout": settings.attention_dropout, "attention": settings.attention,
         "minor_faults_per_step": faults / len(waits) if waits else None,
         "padding_fraction": 1 - real_tokens / padded_tokens if padded_tokens else None,
         "load_s": load_s, "warmup_steps": warmup_steps, "warmup_s": warmup_s,

@@ -49,20 +49,29 @@ DEFAULT_OUT = ROOT / "bench" / "out" / "performance"
 SWEEP_LEARNING_RATES = [1e-5, 3e-5, 5e-5, 1e-4]
 TARGETS = {"teacher_speedup": 2.0, "offline_vs_online": 0.6, "streaming_overhead": 0.03,
            "memory_growth_10x": 0.10, "shard_vs_fp16": 0.5, "student_step_speedup": 1.5}
-# Row 2b: the student step in each precision, batch plan and allocator setting (offline mode, one learning rate);
-# the first is the step before `student.precision` and `student.group_by_length` existed (the reference of the
-# ratios), DEFAULT_STEP the stage's defaults. The third field is a KDQA_MALLOC policy (pipeline/allocator.py; None:
-# the stages' default, glibc as it comes): "freed memory kept" = keep (glibc reuses freed buffers instead of
-# unmapping them), "mmap threshold 4 MiB" = bounded (buffers of 4 MiB and more unmapped as soon as freed).
-# "no attention dropout": student.attention_dropout 0, which lets PyTorch's fused attention kernel run on a CPU.
-STEP_VARIANTS = {"float32, random batches": ("float32", False, None, None),
-                 "bfloat16, random batches": ("bfloat16", False, None, None),
-                 "float32, grouped by length": ("float32", True, None, None),
-                 "bfloat16, grouped by length": ("bfloat16", True, None, None),
-                 "float32, random batches, freed memory kept": ("float32", False, "keep", None),
-                 "bfloat16, grouped by length, freed memory kept": ("bfloat16", True, "keep", None),
-                 "bfloat16, grouped by length, mmap threshold 4 MiB": ("bfloat16", True, "bounded", None),
-                 "bfloat16, grouped by length, no attention dropout": ("bfloat16", True, None, 0.0)}
+# Row 2b: the student step in each precision, batch plan, attention and allocator setting (offline mode, one
+# learning rate); the first is the step before `student.precision`, `student.group_by_length` and
+# `student.attention` existed (the reference of the ratios), DEFAULT_STEP the stage's defaults. Each variant sets
+# student.* keys (absent: the default) and a KDQA_MALLOC policy (pipeline/allocator.py; absent: the stages'
+# default, glibc as it comes): "freed memory kept" = keep (glibc reuses freed buffers instead of unmapping them),
+# "mmap threshold 4 MiB" = bounded (buffers of 4 MiB and more unmapped as soon as freed). "PyTorch's attention":
+# student.attention sdpa (PyTorch's unfused fallback wherever there is attention dropout on a CPU); "no attention
+# dropout": student.attention_dropout 0, which lets PyTorch's fused attention kernel run on a CPU.
+STEP_VARIANTS = {
+    "float32, random batches": {"precision": "float32", "group_by_length": False, "attention": "sdpa"},
+    "bfloat16, random batches": {"precision": "bfloat16", "group_by_length": False},
+    "float32, grouped by length": {"precision": "float32", "group_by_length": True},
+    "bfloat16, grouped by length": {"precision": "bfloat16", "group_by_length": True},
+    "bfloat16, grouped by length, PyTorch's attention": {"precision": "bfloat16", "group_by_length": True,
+                                                         "attention": "sdpa"},
+    "float32, random batches, freed memory kept": {"precision": "float32", "group_by_length": False,
+                                                   "attention": "sdpa", "malloc": "keep"},
+    "bfloat16, grouped by length, freed memory kept": {"precision": "bfloat16", "group_by_length": True,
+                                                       "malloc": "keep"},
+    "bfloat16, grouped by length, mmap threshold 4 MiB": {"precision": "bfloat16", "group_by_length": True,
+                                                          "malloc": "bounded"},
+    "bfloat16, grouped by length, no attention dropout": {"precision": "bfloat16", "group_by_length": True,
+                                                          "attention_dropout": 0.0}}
 DEFAULT_STEP = "bfloat16, grouped by length"
 
 # Sizes: `full` is the reported benchmark; `quick` is a smoke test. shard_size None =
@@ -416,16 +425,14 @@ def run(args) -> dict:
 
     # --- 2b. the student step per precision and batch plan, interleaved in rotating order ---
     # The glibc allocator setting shapes host memory alone: on CUDA the kept-memory variants measure nothing new.
-    names = [name for name, (_, _, malloc, _) in STEP_VARIANTS.items() if not (cuda and malloc)]
+    names = [name for name, variant in STEP_VARIANTS.items() if not (cuda and variant.get("malloc"))]
     variant_runs = {name: [] for name in names}
     for i in range(sizes["variant_runs"]):
         for name in names[i % len(names):] + names[: i % len(names)]:
-            precision, grouped, malloc, attention_dropout = STEP_VARIANTS[name]
-            label = (f"student-{precision}-{'grouped' if grouped else 'random'}{f'-{malloc}' if malloc else ''}"
-                     f"{'-attention-dropout-0' if attention_dropout == 0 else ''}")
-            variant_runs[name].append(runner(label, {
-                **student_cfg, "mode": "offline", "learning_rate": 3e-5, "precision": precision,
-                "group_by_length": grouped, "malloc": malloc, "attention_dropout": attention_dropout}))
+            variant = STEP_VARIANTS[name]
+            label = "student-" + "-".join(name.replace(",", "").replace("'", "").split())
+            variant_runs[name].append(runner(label, {**student_cfg, "mode": "offline", "learning_rate": 3e-5,
+                                                     **variant}))
 
     # --- 2c. where a step's time goes: the streamed-logits step and the hard-label step under torch.profiler ---
     profiles = {mode: runs[mode][0]["profile"] for mode in ("offline", "hard")} if args.profile_steps else {}
@@ -821,14 +828,16 @@ def markdown(r: dict) -> str:
         "Offline mode, one learning rate (3e-05); each variant a fresh process, one warm-up step, one timed epoch, "
         f"{sv['float32, random batches']['runs']} run(s) each in rotating order; the fastest run's step (median in "
         "results.json). *Padding* = the share of the epoch's batch tokens that are padding (widths rounded to "
-        "`student.pad_to_multiple_of`). float32 with random batches is the step before `student.precision` and "
-        "`student.group_by_length`; allocator (pipeline/allocator.py, KDQA_MALLOC): glibc as it comes (the stages' "
+        "`student.pad_to_multiple_of`). float32 with random batches is the step before `student.precision`, "
+        "`student.group_by_length` and `student.attention` (PyTorch's attention throughout); *PyTorch's attention*: "
+        "`student.attention: sdpa` (with attention dropout on a CPU: its unfused fallback), otherwise kdqa's "
+        "(pipeline/attention.py); allocator (pipeline/allocator.py, KDQA_MALLOC): glibc as it comes (the stages' "
         "default) unless named; *freed memory kept*: `keep`, glibc reuses freed buffers instead of returning them "
         "to the kernel; *mmap threshold 4 MiB*: `bounded`, buffers of 4 MiB and more unmapped as soon as freed; "
         "*minor faults*: pages the kernel faulted in "
         "per step.",
         "",
-        "| precision, batches, allocator | autocast | step s | median step s | speed-up | step s, width seen "
+        "| precision, batches, attention, allocator | autocast | step s | median step s | speed-up | step s, width seen "
         "(new-width steps) | padding | epoch CPU s | minor faults per step | peak RSS MB |",
         "|---|---|---|---|---|---|---|---|---|---|",
         *[f"| {name} | {x['precision']} | {fmt(x['step_s'], 3)} | {fmt(x['median_step_s'], 3)} | {x['speedup']:.2f}x | "

@@ -85,6 +85,10 @@ class StudentParams:
     # Dropout on the attention probabilities (null: the model's own, 0.1 in BERT). On a CPU PyTorch's fused
     # attention kernel takes no dropout, so a training step with it keeps every attention matrix; 0 lets it run.
     attention_dropout: float | None = None
+    # auto: PyTorch's SDPA, except where a CPU training step has attention dropout: there kdqa's attention
+    # (pipeline/attention.py) draws the dropout mask 16 bits per element instead of PyTorch's unfused fallback
+    # (same function, its own random draws). sdpa: PyTorch's SDPA everywhere.
+    attention: str = "auto"
     # Keep only each layer's input during the forward pass and recompute the rest in the backward (the same
     # dropout masks, so the same results): less memory per training step for about a third more compute.
     gradient_checkpointing: bool = False
@@ -159,7 +163,8 @@ _RANGES = {
 
 
 _CHOICES = {"teacher.precision": ("auto", "bfloat16", "float16", "float32"),
-            "student.precision": ("auto", "bfloat16", "float16", "float32")}
+            "student.precision": ("auto", "bfloat16", "float16", "float32"),
+            "student.attention": ("auto", "sdpa")}
 # Knobs that are lists of distinct strings, with the allowed values (None: any non-empty string).
 _STRING_LISTS = {"data.unlabeled": None, "prepare.augment_kinds": AUGMENT_KINDS, "student.extra_splits": EXTRA_SPLITS}
 

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipeline import __version__, distributed
+from pipeline.attention import use_dropout_attention
 from pipeline.checkpoint import Checkpoint, load_checkpoint, remove_checkpoints, restore_curves, save_checkpoint
 from pipeline.errors import KdqaError
 from pipeline.fingerprints import check_teacher_logits
@@ -63,6 +64,8 @@ def build_student(student: StudentParams):
     model = load_qa_model(student.model, student.trust_remote_code, **overrides)
     if student.init_layers:
         keep_layers(model, list(student.init_layers))
+    if student.attention == "auto":  # on CUDA, in evaluation and without dropout it runs PyTorch's SDPA itself
+        use_dropout_attention(model, keep_probabilities=student.gradient_checkpointing)
     if student.gradient_checkpointing:
         enable_gradient_checkpointing(model, student.model)
     return model
