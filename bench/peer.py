@@ -395,7 +395,8 @@ def run(args) -> dict:
     peer = None
     if not (args.quick or args.skip_peer):
         progress("Haystack v1: distil_prediction_layer_from")
-        peer = run_peer(job, out, train, teacher, student_init, Path(args.peer_venv or out / "venv"), results["kdqa"])
+        venv = Path(args.peer_venv or out / "venv").resolve()  # its processes run in other folders
+        peer = run_peer(job, out, train, teacher, student_init, venv, results["kdqa"])
     results["haystack"] = peer
     results["summary"] = summary(results["kdqa"], peer)
     results["wall_s"] = time.perf_counter() - started

@@ -7,20 +7,21 @@ matrix, one Mersenne Twister draw per element: most of the step's attention time
 copies of each attention matrix kept for the backward pass (bench/performance.py, row 2b, "PyTorch's attention").
 
 `dropout_attention_forward` computes the same function, softmax(QK^T * scaling + mask) with dropout, then x V,
-with the mask drawn 16 bits per element from 64-bit random words (four elements per draw) and kept as one byte
-per element, and the matrices in the step's own precision (bfloat16 under autocast, as the math path keeps them
-before its products). The dropout probability is rounded to a multiple of 1/65536 (0.1 -> 0.1000061) and the
-kept values are scaled by 1/(1 - that probability), so the expectation is exact. Everything else (inference, CUDA,
-no dropout) goes to PyTorch's SDPA unchanged.
+a few batch rows at a time (`ChunkedDropoutAttention`): each chunk's dropout mask is drawn 16 bits per element
+from 64-bit random words (four elements per draw) of a generator seeded from the call's seed and the chunk, and
+the backward pass recomputes the chunk's probabilities and draws its mask again, so only Q, K and V are kept.
+The matrices stay in the step's precision (bfloat16 under autocast, where the fallback upcasts to float32: on a
+6-layer MiniLM that adds about a tenth to the logits' difference from float32 that autocast makes anyway). The
+dropout probability is rounded to a multiple of 1/65536 (0.1 -> 0.1000061) and kept values are scaled by
+1/(1 - that probability), so the expectation is exact. Everything else (inference, CUDA, no dropout) goes to
+PyTorch's SDPA unchanged.
 """
 
 from __future__ import annotations
 
 import torch
 
-# The names registered with transformers' AttentionInterface: attention matrices recomputed in the backward
-# pass, or kept (under gradient checkpointing).
-NAME, NAME_KEPT = "kdqa_cpu_dropout", "kdqa_cpu_dropout_kept"
+NAME = "kdqa_cpu_dropout"  # the name registered with transformers' AttentionInterface
 
 
 # Batch rows per chunk: about this many attention-matrix elements at a time (a few MB in bfloat16), so a chunk's
@@ -65,17 +66,16 @@ def _rows(mask, i, j):
 
 
 class ChunkedDropoutAttention(torch.autograd.Function):
-    """softmax(QK^T * scaling + mask), dropout, x V, a few batch rows at a time. By default only Q, K, V and the
-    mask are kept for the backward pass, which recomputes each chunk's probabilities and redraws its dropout
-    mask: no attention matrix outlives its chunk (what PyTorch's fused kernel does for attention without
-    dropout). With `keep_probabilities` each chunk's probabilities and mask are kept instead: for gradient
-    checkpointing, which already runs this forward again just before the backward pass, one layer at a time."""
+    """softmax(QK^T * scaling + mask), dropout, x V, a few batch rows at a time. Only Q, K, V and the mask are
+    kept for the backward pass, which recomputes each chunk's probabilities and redraws its dropout mask: no
+    attention matrix outlives its chunk (what PyTorch's fused kernel does for attention without dropout). Under
+    gradient checkpointing as well: keeping them for the recomputed layer instead saved 4% of the training loop's
+    time and cost 4% more peak memory, the one thing checkpointing is for (docs/results.md)."""
 
     @staticmethod
-    def forward(ctx, query, key, value, mask, dropout, scaling, seed, keep_probabilities):
+    def forward(ctx, query, key, value, mask, dropout, scaling, seed):
         rows = chunk_rows(query)
         output = torch.empty_like(query)
-        kept = []
         for i in range(0, query.shape[0], rows):
             j = min(i + rows, query.shape[0])
             probs = _probabilities(query[i:j], key[i:j], _rows(mask, i, j), scaling)
@@ -83,25 +83,20 @@ class ChunkedDropoutAttention(torch.autograd.Function):
             # Scale the [.., length, head_dim] product rather than the [.., length, length] probabilities.
             torch.matmul(torch.where(keep, probs, 0), value[i:j], out=output[i:j])
             output[i:j] *= scale
-            if keep_probabilities:
-                kept += [probs, keep]
-        ctx.save_for_backward(query, key, value, mask, *kept)
+        ctx.save_for_backward(query, key, value, mask)
         ctx.dropout, ctx.scaling, ctx.seed, ctx.scale = dropout, scaling, seed, scale
         return output
 
     @staticmethod
     def backward(ctx, grad_output):
-        query, key, value, mask, *kept = ctx.saved_tensors
+        query, key, value, mask = ctx.saved_tensors
         grad_output = grad_output.to(query.dtype) * ctx.scale
         grads = [torch.empty_like(t) for t in (query, key, value)]
         rows = chunk_rows(query)
-        for n, i in enumerate(range(0, query.shape[0], rows)):
+        for i in range(0, query.shape[0], rows):
             j = min(i + rows, query.shape[0])
-            if kept:
-                probs, keep = kept[2 * n], kept[2 * n + 1]
-            else:
-                probs = _probabilities(query[i:j], key[i:j], _rows(mask, i, j), ctx.scaling)
-                keep, _ = chunk_keep_mask(ctx.seed, i, probs.shape, ctx.dropout)
+            probs = _probabilities(query[i:j], key[i:j], _rows(mask, i, j), ctx.scaling)
+            keep, _ = chunk_keep_mask(ctx.seed, i, probs.shape, ctx.dropout)
             go = grad_output[i:j]
             torch.matmul(torch.where(keep, probs, 0).transpose(-1, -2), go, out=grads[2][i:j])  # dV = P_kept^T dO
             grad_probs = torch.where(keep, torch.matmul(go, value[i:j].transpose(-1, -2)), 0)
@@ -110,11 +105,10 @@ class ChunkedDropoutAttention(torch.autograd.Function):
             grads[0][i:j] *= ctx.scaling
             torch.matmul(grad_scores.transpose(-1, -2), query[i:j], out=grads[1][i:j])  # dK = dS^T Q * scaling
             grads[1][i:j] *= ctx.scaling
-        return grads[0], grads[1], grads[2], None, None, None, None, None
+        return grads[0], grads[1], grads[2], None, None, None, None
 
 
-def dropout_attention(query, key, value, attention_mask, dropout: float, scaling: float,
-                      keep_probabilities: bool = False) -> torch.Tensor:
+def dropout_attention(query, key, value, attention_mask, dropout: float, scaling: float) -> torch.Tensor:
     """softmax(QK^T * scaling + mask), dropout, x V; [batch, heads, length, head_dim] in and out.
     attention_mask: None, boolean (True = attend) or additive, broadcastable to the scores. The dropout masks
     come from a seed drawn from torch's default generator (seeded by student.seed, saved by checkpoints, and
@@ -123,11 +117,11 @@ def dropout_attention(query, key, value, attention_mask, dropout: float, scaling
     seed = int(torch.randint(0, 2**62, (1,)))
     with torch.autocast(query.device.type, enabled=False):
         return ChunkedDropoutAttention.apply(query, key.to(dtype), value.to(dtype), attention_mask, dropout,
-                                             scaling, seed, keep_probabilities)
+                                             scaling, seed)
 
 
 def dropout_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
-                              scaling: float | None = None, keep_probabilities: bool = False, **kwargs):
+                              scaling: float | None = None, **kwargs):
     """transformers' attention-function interface: [batch, length, heads, head_dim] out, no weights."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -137,28 +131,21 @@ def dropout_attention_forward(module, query, key, value, attention_mask, dropout
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    output = dropout_attention(query, key, value, attention_mask, dropout, scaling, keep_probabilities)
+    output = dropout_attention(query, key, value, attention_mask, dropout, scaling)
     return output.transpose(1, 2).contiguous(), None
 
 
-def kept_dropout_attention_forward(*args, **kwargs):
-    return dropout_attention_forward(*args, keep_probabilities=True, **kwargs)
-
-
-def use_dropout_attention(model, keep_probabilities: bool = False) -> bool:
-    """Run `model`'s attention through `dropout_attention_forward` if it runs PyTorch's SDPA now; True if so.
-    keep_probabilities: for a model under gradient checkpointing (see ChunkedDropoutAttention)."""
+def use_dropout_attention(model) -> bool:
+    """Run `model`'s attention through `dropout_attention_forward` if it runs PyTorch's SDPA now; True if so."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
     if getattr(model.config, "_attn_implementation", None) != "sdpa":
         return False
-    name = NAME_KEPT if keep_probabilities else NAME
-    AttentionInterface.register(name, kept_dropout_attention_forward if keep_probabilities
-                                else dropout_attention_forward)
+    AttentionInterface.register(NAME, dropout_attention_forward)
     # The padding mask SDPA gets. transformers builds no mask at all for an attention name it has no mask
     # function for (it assumes the backend masks by itself), which would let every row attend to padding.
-    ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
-    model.set_attn_implementation(name)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
+    model.set_attn_implementation(NAME)
     return True
 

@@ -65,7 +65,7 @@ def build_student(student: StudentParams):
     if student.init_layers:
         keep_layers(model, list(student.init_layers))
     if student.attention == "auto":  # on CUDA, in evaluation and without dropout it runs PyTorch's SDPA itself
-        use_dropout_attention(model, keep_probabilities=student.gradient_checkpointing)
+        use_dropout_attention(model)
     if student.gradient_checkpointing:
         enable_gradient_checkpointing(model, student.model)
     return model

@@ -34,11 +34,10 @@ def qkv(seed=0, shape=(5, 3, 7, 4)):
     return [torch.randn(shape, generator=g, requires_grad=True) for _ in range(3)]
 
 
-@pytest.mark.parametrize("keep_probabilities", [False, True])
 @pytest.mark.parametrize("mask_kind", ["bool", "additive"])
-def test_dropout_attention_equals_the_definition_under_the_same_mask(monkeypatch, mask_kind, keep_probabilities):
-    """Forward and backward against float64 autograd of the definition, chunk by chunk (2 rows of 5 per chunk),
-    with the attention matrices recomputed in the backward pass or kept."""
+def test_dropout_attention_equals_the_definition_under_the_same_mask(monkeypatch, mask_kind):
+    """Forward and backward against float64 autograd of the definition, chunk by chunk (2 rows of 5 per chunk);
+    the backward pass recomputes each chunk's probabilities and redraws its mask."""
     monkeypatch.setattr(attention, "CHUNK_ELEMENTS", 2 * 3 * 7 * 7)
     q, k, v = qkv()
     attend = torch.ones(5, 1, 7, 7, dtype=torch.bool)
@@ -48,7 +47,7 @@ def test_dropout_attention_equals_the_definition_under_the_same_mask(monkeypatch
     mask = attend if mask_kind == "bool" else additive
 
     torch.manual_seed(3)
-    out = dropout_attention(q, k, v, mask, 0.25, 0.5, keep_probabilities)
+    out = dropout_attention(q, k, v, mask, 0.25, 0.5)
     torch.manual_seed(3)
     seed = int(torch.randint(0, 2**62, (1,)))  # the call's seed, drawn from torch's generator
     keep, scale = drawn_mask(seed, (5, 3, 7, 7), 0.25, rows=2)
@@ -65,19 +64,20 @@ def test_dropout_attention_equals_the_definition_under_the_same_mask(monkeypatch
     v2 = v.detach().clone()
     v2[1, :, 5:] += 100.0
     torch.manual_seed(3)
-    torch.testing.assert_close(dropout_attention(q, k, v2, mask, 0.25, 0.5, keep_probabilities), out)
+    torch.testing.assert_close(dropout_attention(q, k, v2, mask, 0.25, 0.5), out)
 
 
-def test_only_the_inputs_are_kept_for_the_backward_pass_unless_asked(monkeypatch):
-    """No attention matrix outlives its chunk by default; kept (for gradient checkpointing) they are bfloat16
-    probabilities and a one-byte mask per chunk (here one batch row), not PyTorch's three float32 copies."""
-    monkeypatch.setattr(attention, "CHUNK_ELEMENTS", 2 * 64 * 64)
+def test_only_the_inputs_are_kept_for_the_backward_pass():
+    """No attention matrix outlives its chunk (PyTorch's fallback keeps three float32 copies of each)."""
+    import torch.nn.functional as F
+
     q, k, v = (t.detach().bfloat16().requires_grad_() for t in qkv(shape=(4, 2, 64, 8)))
-    for keep_probabilities, matrices in ((False, []), (True, [torch.bfloat16, torch.bool] * 4)):
+    for attend, matrices in ((lambda: dropout_attention(q, k, v, None, 0.1, 8 ** -0.5), 0),
+                             (lambda: F.scaled_dot_product_attention(q, k, v, dropout_p=0.1), 3)):
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-            dropout_attention(q, k, v, None, 0.1, 8 ** -0.5, keep_probabilities)
-        assert [t.dtype for t in saved if t.shape[-2:] == (64, 64)] == matrices
+            attend()
+        assert sum(t.shape[-2:] == (64, 64) for t in saved) == matrices
 
 
 def test_dropout_probability_is_kept_on_average_and_rounded_to_one_in_65536():
@@ -149,9 +149,9 @@ def test_a_bert_model_trains_through_it_with_its_padding_masked(monkeypatch):
     assert not calls
 
 
-def test_under_gradient_checkpointing_kept_matrices_give_the_same_gradients():
-    """A checkpointed layer runs its forward again before its backward, under the same random state: the same
-    dropout masks, so the kept-matrices variant learns exactly what the recomputing one does."""
+def test_under_gradient_checkpointing_it_gives_the_same_gradients():
+    """A checkpointed layer runs its forward again before its backward under the same random state: the same
+    call seed, the same dropout masks, the gradients of the plain run."""
     from pipeline.student import enable_gradient_checkpointing
 
     ids = torch.randint(1, 50, (3, 12), generator=torch.Generator().manual_seed(0))
@@ -162,7 +162,7 @@ def test_under_gradient_checkpointing_kept_matrices_give_the_same_gradients():
         model = tiny_bert(attention_dropout=0.3)
         if checkpointed:
             enable_gradient_checkpointing(model, "tiny")
-        assert use_dropout_attention(model, keep_probabilities=checkpointed)
+        assert use_dropout_attention(model)
         model.train()
         torch.manual_seed(5)
         out = model(input_ids=ids, attention_mask=mask)
