@@ -82,8 +82,7 @@ class StudentParams:
     temperature: float = 5.0
     distillation_weight: float = 1.0  # w in w*T^2*KL + (1-w)*CE; 0 is plain supervised fine-tuning
     dropout: float = 0.1  # hidden (and embeddings) dropout of the student
-    # Dropout on the attention probabilities (null: the model's own, 0.1 in BERT). On a CPU PyTorch's fused
-    # attention kernel takes no dropout, so a training step with it keeps every attention matrix; 0 lets it run.
+    # Dropout on the attention probabilities (null: the model's own, 0.1 in BERT).
     attention_dropout: float | None = None
     # auto: PyTorch's SDPA, except where a CPU training step has attention dropout: there kdqa's attention
     # (pipeline/attention.py) draws the dropout mask 16 bits per element instead of PyTorch's unfused fallback

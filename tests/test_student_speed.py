@@ -157,7 +157,8 @@ def test_checkpoints_do_not_cross_precisions():
 
 def test_attention_dropout_zero_lets_the_fused_cpu_attention_kernel_train(tiny_assets):
     """student.attention_dropout reaches the model (null keeps the model's own), and at 0 PyTorch's fused (flash)
-    CPU attention runs the training step, which it refuses with dropout: the reason the knob exists."""
+    CPU attention runs the training step, which it refuses with dropout: the reason for `student.attention`'s
+    own CPU attention (tests/test_attention.py)."""
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
