@@ -86,7 +86,8 @@ class StudentParams:
     attention_dropout: float | None = None
     # auto: PyTorch's SDPA, except where a CPU training step has attention dropout: there kdqa's attention
     # (pipeline/attention.py) draws the dropout mask 16 bits per element instead of PyTorch's unfused fallback
-    # (same function, its own random draws). sdpa: PyTorch's SDPA everywhere.
+    # (same function; its own random draws, probabilities in the step's precision where the fallback uses
+    # float32). sdpa: PyTorch's SDPA everywhere.
     attention: str = "auto"
     # Keep only each layer's input during the forward pass and recompute the rest in the backward (the same
     # dropout masks, so the same results): less memory per training step for about a third more compute.
