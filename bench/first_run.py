@@ -97,14 +97,14 @@ def run(out: Path, threads: int | None, data_dir: Path = DATA) -> dict:
         cpu_seconds[stage] = round(children_cpu_seconds() - cpu_before, 1)
     import torch
 
-    from bench.performance import machine
+    from bench.performance import cpu_words, machine
 
     cpu = machine(torch, threads or torch.get_num_threads())
     features = {split: json.loads((work / "data" / "features" / split / "manifest.json").read_text())["features"]
                 for split in ("train", "dev")}
     return {"date": datetime.date.today().isoformat(), "command": "python -m bench.first_run" +
             (f" --threads {threads}" if threads else ""),
-            "machine": f"{cpu['cpu']}, {cpu['cores']} cores, torch {cpu['torch']}"
+            "machine": f"{cpu_words(cpu)}, {cpu['cores']} cores, torch {cpu['torch']}"
                        f"{f', {threads} threads' if threads else ''}",
             "load_average": {"start": [round(x, 2) for x in load_start], "end": [round(x, 2) for x in os.getloadavg()]},
             "questions": rows, "features": features, "stage_seconds": seconds, "stage_cpu_seconds": cpu_seconds,

@@ -381,10 +381,11 @@ def run(args) -> dict:
     teacher = make_teacher(args, job, out, train, dev, split_key)
     student_init = make_student_init(teacher, job["student_layers"], out)
     from bench.accuracy import machine_description
+    from bench.performance import cpu_identity, cpu_words
 
     results = {"mode": "quick" if args.quick else "full", "job": job, "data": str(data), "teacher": str(teacher),
                "train_questions": count_questions(train), "dev_questions": count_questions(dev),
-               "machine": f"{cpu_name()}, {machine_description()}"}
+               "machine": f"{cpu_words(cpu_identity())}, {machine_description()}"}
     kdqa_student = student_overrides(args.kdqa_student)
     results["kdqa_student_settings"] = kdqa_student
     from pipeline.allocator import DEFAULT_POLICY
@@ -417,16 +418,6 @@ def student_overrides(pairs: list[str]) -> dict:
             sys.exit(f"--kdqa-student {pair!r}: expected KEY=VALUE with KEY a student.* setting")
         settings[key] = yaml.safe_load(value)
     return settings
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def parse_args(argv=None):

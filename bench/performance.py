@@ -530,7 +530,7 @@ def profile_only(args, torch, runner, teacher: dict, layers: list, student_dir, 
 
 def markdown_profile_only(r: dict) -> str:
     mc, st, runs = r["machine"], r["settings"], r["student_runs"]
-    dev = mc.get("gpu") or f"{mc['cpu']}, {mc['cores']} cores"
+    dev = mc.get("gpu") or f"{cpu_words(mc)}, {mc['cores']} cores"
     lines = ["# kdqa performance benchmark (profile only)", "",
              f"- **Machine:** {dev}; torch {mc['torch']}, {mc['precision']}; wall time {r['wall_s'] / 60:.1f} min.",
              f"- **Data:** {st['main_set_features']} features of `{Path(st['data']).name}`, max_seq_len "
@@ -550,16 +550,42 @@ def markdown_profile_only(r: dict) -> str:
     return "\n".join(lines)
 
 
-def machine(torch, threads: int) -> dict:
-    cpu = platform.processor() or platform.machine()
+# The instruction sets CPU kernels choose their code paths by (oneDNN, MKL, ONNX Runtime's MLAS).
+KERNEL_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+
+
+def cpu_words(info: dict) -> str:
+    """"AMD EPYC (family/model 26/2; avx512_vnni, avx512_bf16)" for a results header."""
+    details = [f"family/model {info['cpu_family_model']}"] if info.get("cpu_family_model") else []
+    flags = [f for f in info.get("cpu_kernel_flags", []) if f not in ("avx2", "avx512f")]
+    details += [", ".join(flags)] if flags else []
+    return info["cpu"] + (f" ({'; '.join(details)})" if details else "")
+
+
+def cpu_identity() -> dict:
+    """The CPU's name, family/model numbers and kernel-relevant flags. Cloud VMs often report a bare name
+    ("AMD EPYC") for different generations; family and model tell them apart (AMD family 25: Zen 3/4, 26: Zen 5)
+    and explain why the same benchmark moves between machines of one name."""
+    info = {"cpu": platform.processor() or platform.machine()}
     try:
+        fields = {}
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+            if not line.strip():
+                break  # the first processor describes them all
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
     except OSError:
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": threads, "torch": torch.__version__,
+        return info
+    info["cpu"] = fields.get("model name", info["cpu"])
+    if "cpu family" in fields:
+        info["cpu_family_model"] = f"{fields['cpu family']}/{fields.get('model', '?')}"
+    flags = set(fields.get("flags", "").split())
+    info["cpu_kernel_flags"] = [f for f in KERNEL_FLAGS if f in flags]
+    return info
+
+
+def machine(torch, threads: int) -> dict:
+    info = {**cpu_identity(), "cores": os.cpu_count(), "torch_threads": threads, "torch": torch.__version__,
             "python": platform.python_version(), "platform": platform.platform()}
     try:
         import psutil
@@ -719,7 +745,7 @@ def markdown(r: dict) -> str:
     precision = t.get("precision", "float32")  # the teacher stage's autocast dtype (`teacher.precision: auto`)
     factor = st["scale_factor"]
     s1, sn = r["stage"]["1x"], r["stage"][f"{factor}x"]
-    dev = mc.get("gpu") or f"{mc['cpu']}, {mc['cores']} cores"
+    dev = mc.get("gpu") or f"{cpu_words(mc)}, {mc['cores']} cores"
     growth_main = s["stage_memory_growth"]["main"]
     growth_worker = s["stage_memory_growth"]["worker"]
     growths = [g for g in (growth_main, growth_worker) if g is not None]

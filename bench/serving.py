@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python bench/serving.py` as well as `python -m bench.serving`
     sys.path.insert(0, str(ROOT))
 
-from bench.performance import DEFAULT_DATA, REFERENCE_SHAPES, machine, make_random_bert, minilm_dir  # noqa: E402
+from bench.performance import DEFAULT_DATA, REFERENCE_SHAPES, cpu_words, machine, make_random_bert, minilm_dir  # noqa: E402
 
 DEFAULT_OUT = ROOT / "bench" / "out" / "serving"
 SHAPES = {"bert-large": REFERENCE_SHAPES["teacher"], "bert-medium": REFERENCE_SHAPES["student"]}
@@ -232,7 +232,7 @@ def goals(table: list[dict]) -> dict:
 
 def markdown(results: dict) -> str:
     m = results["machine"]
-    lines = [f"Serving benchmark, {results['date']}: {m['cpu']}, {m['cores']} cores, {results['threads']} thread(s) "
+    lines = [f"Serving benchmark, {results['date']}: {cpu_words(m)}, {m['cores']} cores, {results['threads']} thread(s) "
              f"for torch and ONNX Runtime alike; torch {m['torch']}, onnxruntime {results['onnxruntime']}. "
              f"Load average (1 min) {results['load_average'][0]} at start, {results['load_average'][1]} at end.",
              f"Command: `{results['command']}`", ""]

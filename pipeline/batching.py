@@ -21,11 +21,13 @@ def answer_mask(context_start, context_end, width: int) -> torch.Tensor:
 
 
 def pad_batch(input_ids: list[np.ndarray], token_type_ids: list[np.ndarray], context_start, context_end,
-              pad_token_id: int, multiple: int = 1, max_width: int | None = None) -> dict[str, torch.Tensor]:
+              pad_token_id: int, multiple: int = 1, max_width: int | None = None,
+              with_answer_mask: bool = True) -> dict[str, torch.Tensor]:
     """Model inputs for a list of features, padded to the longest one (not to max_seq_len), rounded up to a
     `multiple` of tokens but not past `max_width` (the model's position table). Rounding keeps the number of
     distinct batch shapes small: in a long training run every new width costs allocator arenas and
-    oneDNN/CUDA kernel caches that are not given back."""
+    oneDNN/CUDA kernel caches that are not given back. with_answer_mask: also the losses' answer mask
+    (inference needs none)."""
     lengths = [len(x) for x in input_ids]
     width = -(-max(lengths) // multiple) * multiple
     if max_width is not None:
@@ -37,12 +39,14 @@ def pad_batch(input_ids: list[np.ndarray], token_type_ids: list[np.ndarray], con
         ids[i, : len(x)] = x
         types[i, : len(t)] = t
         attention[i, : len(x)] = 1
-    return {
+    batch = {
         "input_ids": torch.from_numpy(ids),
         "token_type_ids": torch.from_numpy(types),
         "attention_mask": torch.from_numpy(attention),
-        "answer_mask": answer_mask(np.asarray(context_start), np.asarray(context_end), width),
     }
+    if with_answer_mask:
+        batch["answer_mask"] = answer_mask(np.asarray(context_start), np.asarray(context_end), width)
+    return batch
 
 
 def pad_logits(rows: list[np.ndarray], width: int) -> torch.Tensor:

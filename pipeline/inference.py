@@ -73,7 +73,7 @@ def model_logits(model, input_ids: list[np.ndarray], token_type_ids: list[np.nda
     for rows in length_aware_batches(lengths, max_batch, max_tokens):
         batch = pad_batch([input_ids[i] for i in rows], [token_type_ids[i] for i in rows],
                           context_start[rows], context_end[rows], pad_token_id, multiple,
-                          max_width=getattr(model.config, "max_position_embeddings", None))
+                          max_width=getattr(model.config, "max_position_embeddings", None), with_answer_mask=False)
         inputs = {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "token_type_ids", "attention_mask")}
         with torch.autocast(device_type=device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             out = model(**inputs)

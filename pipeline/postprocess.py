@@ -44,14 +44,15 @@ def best_spans(window: WindowLogits, n_best: int, max_answer_len: int) -> list[t
     end = window.end_logits[lo:hi].astype(np.float32)
     top_start = np.argsort(-start, kind="stable")[:n_best]
     top_end = np.argsort(-end, kind="stable")[:n_best]
-    candidates = []
-    for s in top_start:
-        for e in top_end:
-            if e < s or e - s + 1 > max_answer_len:
-                continue
-            candidates.append((float(start[s] + end[e]), int(s) + lo, int(e) + lo))
-    candidates.sort(key=lambda c: -c[0])
-    return candidates[:n_best]
+    # Every pairing of a top start with a top end (start-major), kept if it is a span of at most
+    # max_answer_len tokens; the best n_best of them by score, ties in that order.
+    s = np.repeat(top_start, len(top_end))
+    e = np.tile(top_end, len(top_start))
+    valid = (e >= s) & (e - s + 1 <= max_answer_len)
+    s, e = s[valid], e[valid]
+    scores = start[s] + end[e]
+    best = np.argsort(-scores, kind="stable")[:n_best]
+    return [(float(scores[i]), int(s[i]) + lo, int(e[i]) + lo) for i in best]
 
 
 def predict_example(windows: list[WindowLogits], context: str, n_best: int, max_answer_len: int,

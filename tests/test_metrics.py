@@ -179,6 +179,28 @@ def test_spans_only_inside_the_context_and_within_max_answer_len():
     assert all(e - s + 1 <= 2 for _, s, e in best_spans(w2, 20, 2))
 
 
+def test_best_spans_are_the_best_pairs_of_top_starts_and_ends():
+    # The definition, written out: every (start, end) from the n_best highest starts and ends inside the
+    # context, end >= start, at most max_answer_len tokens, sorted by score (ties: start-major order).
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        n = int(rng.integers(6, 40))
+        context_start = int(rng.integers(1, n - 2))
+        context_end = int(rng.integers(context_start, n - 1))
+        # Rounded logits: ties between candidates happen and must be broken the same way.
+        start, end = np.round(rng.normal(size=(2, n)), 1).astype(np.float32)
+        offsets = [(k, k + 1) for k in range(context_end - context_start + 1)]
+        w = window(start, end, context_start, context_end, offsets)
+        n_best, max_len = int(rng.integers(1, 8)), int(rng.integers(1, 6))
+        lo, hi = context_start, context_end + 1
+        top_s = np.argsort(-start[lo:hi], kind="stable")[:n_best]
+        top_e = np.argsort(-end[lo:hi], kind="stable")[:n_best]
+        expected = [(float(start[lo:hi][a] + end[lo:hi][b]), int(a) + lo, int(b) + lo)
+                    for a in top_s for b in top_e if a <= b < a + max_len]
+        expected.sort(key=lambda c: -c[0])
+        assert best_spans(w, n_best, max_len) == expected[:n_best], trial
+
+
 def test_null_score_is_min_over_windows_and_answer_iff_margin_above_threshold():
     # window A: CLS 3 + 2 = 5, best span "red" 4 + 4 = 8; window B: CLS 1 + 0 = 1, best span 2 + 1 = 3
     a = window([3, 0, 0, 0, 0, 0, 4, 0], [2, 0, 0, 0, 0, 0, 4, 0], 3, 7,
