@@ -1,7 +1,8 @@
 """Serving benchmark: latency and throughput of the teacher, the student, and the student's ONNX exports.
 
     python -m bench.serving [--quick] [--pair TEACHER:STUDENT ...] [--threads 1] [--data SQUAD.json]
-                            [--latency-questions 100] [--throughput-questions 256] [--out bench/out/serving]
+                            [--latency-questions 100] [--throughput-questions 256] [--max-seq-len 384]
+                            [--doc-stride 128] [--max-query-len 64] [--out bench/out/serving]
 
 Every row answers real dev questions end to end with `QuestionAnswerer` (tokenise, windows, model,
 post-processing), on the CPU, at a fixed thread count (torch and ONNX Runtime alike):
@@ -278,6 +279,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--throughput-questions", type=int, help="0: every question in --data")
     parser.add_argument("--max-seq-len", type=int, default=384)
     parser.add_argument("--doc-stride", type=int, default=128)
+    parser.add_argument("--max-query-len", type=int, default=64, help="question tokens kept (prepare.max_query_len)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     size = dict(QUICK if args.quick else FULL)
@@ -293,7 +295,8 @@ def main(argv=None) -> dict:
     load_start = os.getloadavg()[0]
     questions = dev_questions(args.data, 0 if size["throughput_questions"] == 0 else
                               max(size["latency_questions"], size["throughput_questions"]))
-    seq = {"max_seq_len": args.max_seq_len, "doc_stride": args.doc_stride, "batch_size": size["batch"]}
+    seq = {"max_seq_len": args.max_seq_len, "doc_stride": args.doc_stride, "max_query_len": args.max_query_len,
+           "batch_size": size["batch"]}
     results = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                "command": shlex.join(["python", "-m", "bench.serving", *(argv if argv is not None else sys.argv[1:])]),
                # (machine() also describes the training precision of bench.performance: not of this benchmark)
