@@ -1,7 +1,7 @@
 """Serving benchmark: latency and throughput of the teacher, the student, and the student's ONNX exports.
 
     python -m bench.serving [--quick] [--pair TEACHER:STUDENT ...] [--threads 1] [--data SQUAD.json]
-                            [--latency-questions 100] [--throughput-questions 256] [--max-seq-len 384]
+                            [--latency-questions 100] [--throughput-questions 128] [--max-seq-len 384]
                             [--doc-stride 128] [--max-query-len 64] [--out bench/out/serving]
 
 Every row answers real dev questions end to end with `QuestionAnswerer` (tokenise, windows, model,
