@@ -562,14 +562,14 @@ def cpu_words(info: dict) -> str:
     return info["cpu"] + (f" ({'; '.join(details)})" if details else "")
 
 
-def cpu_identity() -> dict:
+def cpu_identity(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
     """The CPU's name, family/model numbers and kernel-relevant flags. Cloud VMs often report a bare name
     ("AMD EPYC") for different generations; family and model tell them apart (AMD family 25: Zen 3/4, 26: Zen 5)
     and explain why the same benchmark moves between machines of one name."""
     info = {"cpu": platform.processor() or platform.machine()}
     try:
         fields = {}
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in cpuinfo.read_text().splitlines():
             if not line.strip():
                 break  # the first processor describes them all
             key, _, value = line.partition(":")

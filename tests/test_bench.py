@@ -195,7 +195,7 @@ def test_extra_data_benchmark_quick_mode(tmp_path):
     assert "| teacher run |" in (tmp_path / "out" / "results.md").read_text()
 
 
-def test_results_name_the_cpu_generation_and_its_kernel_flags(monkeypatch, tmp_path):
+def test_results_name_the_cpu_generation_and_its_kernel_flags(tmp_path):
     # VMs of one model name ("AMD EPYC") differ by generation; the family/model numbers and the flags the
     # kernels dispatch on are what tell two runs' machines apart.
     from bench import performance
@@ -203,10 +203,9 @@ def test_results_name_the_cpu_generation_and_its_kernel_flags(monkeypatch, tmp_p
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\n"
                        "flags\t\t: fpu avx2 avx512f avx512_vnni avx512_bf16 sse\n\nprocessor\t: 1\nflags\t: amx_tile\n")
-    real_path = performance.Path
-    monkeypatch.setattr(performance, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else real_path(p))
-    info = performance.cpu_identity()
+    info = performance.cpu_identity(cpuinfo)
     assert info == {"cpu": "AMD EPYC", "cpu_family_model": "26/2",
                     "cpu_kernel_flags": ["avx2", "avx512f", "avx512_vnni", "avx512_bf16"]}
     assert performance.cpu_words(info) == "AMD EPYC (family/model 26/2; avx512_vnni, avx512_bf16)"
     assert performance.cpu_words({"cpu": "arm64"}) == "arm64"
+    assert performance.cpu_identity(tmp_path / "absent")["cpu"]  # no /proc/cpuinfo: the platform's name
