@@ -35,14 +35,20 @@ def _load(ctx, *sections: str) -> Params:
 
 
 @contextlib.contextmanager
-def _stage(stage: str, params):
-    """One run of `stage` in this folder at a time, its outputs checked writable with room to spare first."""
+def _stage(stage: str, params, model_dir: Path | None = None):
+    """One run of `stage` in this folder at a time, never beside a stage that writes what it reads (or reads what
+    it writes), its outputs checked writable with room to spare first. `model_dir`: the model it reads in place
+    of models/student (evaluate/export --model)."""
     from pipeline.allocator import keep_freed_memory
     from pipeline.preflight import outputs_ready
-    from pipeline.stage_lock import stage_lock
+    from pipeline.stage_lock import folder_locks, stage_lock
+    from pipeline.stages import STAGES
 
     keep_freed_memory()  # KDQA_MALLOC (pipeline/allocator.py); default: glibc as it comes
-    with stage_lock(stage), outputs_ready(stage, params):
+    reads = STAGES[stage].reads
+    if model_dir is not None:
+        reads = tuple(str(model_dir) if folder == str(STUDENT_MODEL_DIR) else folder for folder in reads)
+    with stage_lock(stage), folder_locks(reads, STAGES[stage].writes, stage), outputs_ready(stage, params):
         yield
 
 
@@ -234,7 +240,7 @@ def evaluate(ctx, model_dir):
     from pipeline.evaluate import run_evaluate
 
     params = _load(ctx, "evaluate")
-    with _stage("evaluate", params):
+    with _stage("evaluate", params, Path(model_dir)):
         run_evaluate(params, Path(model_dir))
 
 
@@ -259,35 +265,102 @@ def export(ctx, model_dir, out_dir):
     from pipeline.export import run_export
 
     params = _load(ctx, "export")
-    with _stage("export", params):
+    with _stage("export", params, model_dir):
         run_export(params, model_dir, out_dir)
 
 
-@cli.command(short_help="Answer one question about one passage with any QA model.")
+@cli.command(short_help="Answer questions about passages with any QA model.")
 @click.option("--model", required=True, help="Model directory or hub name (any extractive QA model).")
-@click.option("--question", required=True)
-@click.option("--context", required=True, help="The passage; long ones are read in overlapping windows.")
+@click.option("--question", default=None, help="The question (one question; or --jsonl for many).")
+@click.option("--context", default=None, help="The passage; long ones are read in overlapping windows.")
+@click.option("--context-file", type=click.Path(allow_dash=True, path_type=Path), default=None,
+              help="Read the passage from this file (UTF-8), or from standard input with '-'.")
+@click.option("--jsonl", "jsonl", type=click.Path(allow_dash=True, path_type=Path), default=None,
+              help="Many questions: a JSON-lines file ('-': standard input), one object per line with "
+                   "\"question\" and \"context\" (and optionally \"id\"); prints one JSON object per line.")
 @click.option("--null-threshold", default=0.0, show_default=True, type=float,
               help="Answer \"no answer\" when null score - best span score exceeds this.")
 @click.option("--precision", type=click.Choice(["float32", "int8"]), default=None,
               help="Which model of an ONNX export (`kdqa export`) to run [default: float32].")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of text.")
-def predict(model, question, context, null_threshold, precision, as_json):
-    """Answer one question about one passage; prints the answer and its score, or "no answer".
+def predict(model, question, context, context_file, jsonl, null_threshold, precision, as_json):
+    """Answer a question about a passage; prints the answer and its score, or "no answer".
 
+    The passage comes from --context, or --context-file (a file, or '-' for standard input: for passages too long
+    for a command line). With --jsonl, many questions at once, each answered on its own line of JSON.
     Reads only --model (a directory or hub name, or an ONNX export folder, run with ONNX Runtime);
     params.yaml is not used.
     """
     from pipeline.qa import QuestionAnswerer
 
-    answer = QuestionAnswerer(model, null_threshold=null_threshold, precision=precision)(question, context)
+    if jsonl is not None:
+        if question is not None or context is not None or context_file is not None:
+            raise click.UsageError("--jsonl gives the questions and passages itself: drop --question/--context")
+        records = _read_jsonl(jsonl)
+    else:
+        if question is None:
+            raise click.UsageError("give --question (or --jsonl FILE for many)")
+        if (context is None) == (context_file is None):
+            raise click.UsageError("give the passage with exactly one of --context or --context-file")
+        records = [{"question": question, "context": context if context is not None else _read_text(context_file)}]
+    qa = QuestionAnswerer(model, null_threshold=null_threshold, precision=precision)
+    if jsonl is not None:
+        answers = qa.answer_many([(r["question"], r["context"]) for r in records])
+        for record, answer in zip(records, answers):
+            click.echo(json.dumps({**({"id": record["id"]} if "id" in record else {}), **_answer_json(answer)}))
+        return
+    answer = qa(records[0]["question"], records[0]["context"])
     if as_json:
-        click.echo(json.dumps({"answer": answer.text, "score": answer.score,
-                               "no_answer_probability": answer.no_answer_probability, "best_span": answer.span_text}))
+        click.echo(json.dumps(_answer_json(answer)))
     elif answer.has_answer:
         click.echo(f"{answer.text}\t(score {answer.score:.2f}, no-answer probability {answer.no_answer_probability:.2f})")
     else:
         click.echo(f"no answer\t(no-answer probability {answer.no_answer_probability:.2f}; best span: {answer.span_text!r})")
+
+
+def _answer_json(answer) -> dict:
+    return {"answer": answer.text, "score": answer.score, "no_answer_probability": answer.no_answer_probability,
+            "best_span": answer.span_text}
+
+
+def _read_text(path: Path) -> str:
+    """A UTF-8 file, or standard input for '-': one KdqaError naming the file when it cannot be read."""
+    name = "standard input" if str(path) == "-" else str(path)
+    try:
+        data = sys.stdin.buffer.read() if str(path) == "-" else path.read_bytes()
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise KdqaError(f"{name}: not UTF-8 (invalid byte at offset {exc.start})") from None
+    except OSError as exc:
+        raise KdqaError(f"{name}: cannot read ({exc.strerror})") from None
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """--jsonl's records, each checked: a JSON object with string "question" and "context" (and "id")."""
+    name = "standard input" if str(path) == "-" else str(path)
+    records = []
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise KdqaError(f"{name}: line {number}: not JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(record, dict):
+            raise KdqaError(f"{name}: line {number}: expected an object with \"question\" and \"context\", "
+                            f"got {type(record).__name__}")
+        for field in ("question", "context"):
+            if not isinstance(record.get(field), str):
+                got = "nothing" if field not in record else type(record[field]).__name__
+                raise KdqaError(f"{name}: line {number}: \"{field}\" must be a string, got {got}")
+        from pipeline.squad_data import check_text
+
+        for field in ("question", "context"):
+            check_text(f"{name}: line {number}", f"\"{field}\"", record[field])
+        records.append(record)
+    if not records:
+        raise KdqaError(f"{name}: no questions (expected one JSON object per line)")
+    return records
 
 
 @cli.command("inspect", short_help="Describe a folder of feature or logits shards.")

@@ -112,7 +112,7 @@ def evaluate_model(model, pad_token_id: int, features_dir: Path, params, device)
 def run_evaluate(params, model_dir: Path = STUDENT_MODEL_DIR) -> dict:
     from pipeline import distributed
     from pipeline.fingerprints import check_model_vocabulary, check_teacher_logits
-    from pipeline.models import load_qa_model, load_tokenizer
+    from pipeline.models import TRAINED, load_qa_model, load_tokenizer
     from pipeline.student_data import evaluation_features
 
     from pipeline.shards import verify_shards
@@ -134,7 +134,7 @@ def run_evaluate(params, model_dir: Path = STUDENT_MODEL_DIR) -> dict:
         student_manifest = verify_shards(student_features, "kdqa align")
     check_model_vocabulary(tokenizer, str(model_dir), student_manifest, student_features)
     device = distributed.device()
-    model = load_qa_model(str(model_dir)).to(device)
+    model = load_qa_model(str(model_dir), purpose=TRAINED).to(device)
 
     if has_teacher:
         # The teacher's scores from its stored dev logits, post-processed exactly like the student's.
@@ -144,9 +144,14 @@ def run_evaluate(params, model_dir: Path = STUDENT_MODEL_DIR) -> dict:
     metrics, preds, na_probs, forced = evaluate_model(model, tokenizer.pad_token_id, student_features, params, device)
     outputs = {PREDICTIONS: preds, NA_PROBS: na_probs,
                FORCED_PREDICTIONS: forced, EVAL_METRICS: metrics}
+    stale = ()
     if has_teacher:
         outputs[TEACHER_METRICS] = teacher_metrics
-    write_jsons_atomic(outputs)  # all replaced together, or (a write failed) none
+    elif TEACHER_METRICS.exists():  # from a run that had the teacher's dev logits: not this run's
+        stale = (TEACHER_METRICS,)
+        log.warning("%s removed: %s has no logits, so this run scored the student only (run `kdqa teacher` "
+                    "for the teacher's scores)", TEACHER_METRICS, teacher_dir)
+    write_jsons_atomic(outputs, remove=stale)  # all replaced together, or (a write failed) none
     log.info("student on dev: EM %.2f F1 %.2f (HasAns F1 %.2f, NoAns F1 %.2f, forced span F1 %.2f)",
              metrics["exact"], metrics["f1"], metrics.get("HasAns_f1", float("nan")),
              metrics.get("NoAns_f1", float("nan")), metrics.get("HasAns_f1_forced", float("nan")))

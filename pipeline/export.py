@@ -33,7 +33,7 @@ from pipeline.errors import KdqaError
 from pipeline.evaluate import predict_split, score
 from pipeline.fingerprints import check_model_vocabulary
 from pipeline.inference import shard_logits
-from pipeline.models import load_qa_model, load_tokenizer, vocab_fingerprint
+from pipeline.models import TRAINED, load_qa_model, load_tokenizer, vocab_fingerprint
 from pipeline.onnx_model import INPUT_NAMES, MANIFEST, ONNX_FILES, OUTPUT_NAMES, OnnxQAModel, student_fingerprint
 from pipeline.paths import DEV_EXAMPLES, EXPORT_DIR, EXPORT_METRICS, FEATURES_DIR, STUDENT_MODEL_DIR, staged_folder
 from pipeline.progress import progress
@@ -227,7 +227,7 @@ def run_export(params, model_dir: Path = STUDENT_MODEL_DIR, out_dir: Path = EXPO
     made_by = "kdqa prepare" if features_dir == FEATURES_DIR / "dev" else "kdqa align"
     features_manifest = verify_shards(features_dir, made_by)  # a damaged shard: one error, never skewed scores
     check_model_vocabulary(tokenizer, str(model_dir), features_manifest, features_dir)
-    student = load_qa_model(str(model_dir)).eval()
+    student = load_qa_model(str(model_dir), purpose=TRAINED).eval()
     check_architecture(student, str(model_dir))
 
     # Swapped into place only if every check passes; a failed check or write leaves the previous export and

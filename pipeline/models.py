@@ -7,11 +7,14 @@ on, so loading a model never executes a pickle or code from the hub.
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 
 from pipeline.errors import KdqaError
 from pipeline.hub import OFFLINE_HELP, is_offline, use_cache_only_if_unreachable
 from pipeline.tokenizer_check import check_tokenizer_files, check_vocabulary, embedding_rows
+
+log = logging.getLogger(__name__)
 
 
 def _looks_local(name: str) -> bool:
@@ -45,8 +48,18 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_qa_model(name: str, trust_remote_code: bool = False, **config_overrides):
-    """An extractive QA model (encoder + start/end head); a bare encoder gets a freshly initialised head."""
+# What a model is for decides what a missing QA head means when it is loaded.
+NEW_HEAD_ALLOWED = "new head allowed"  # a student's starting point: an encoder gets a fresh start/end head
+TRAINED = "trained"  # a teacher, or a model to evaluate, export or serve: its head must come from its weights
+
+
+def load_qa_model(name: str, trust_remote_code: bool = False, purpose: str = NEW_HEAD_ALLOWED, **config_overrides):
+    """An extractive QA model (encoder + start/end head).
+
+    purpose NEW_HEAD_ALLOWED: a bare encoder gets a freshly initialised head (said once, in the log).
+    purpose TRAINED: every tensor must come from the weights; a head that transformers had to initialise at
+    random is refused, since its answers and logits would be noise. Either way weights that are not finite
+    (NaN or infinite: a diverged run) are refused."""
     from transformers import AutoModelForQuestionAnswering
 
     if _looks_local(name):
@@ -59,15 +72,51 @@ def load_qa_model(name: str, trust_remote_code: bool = False, **config_overrides
     else:
         use_cache_only_if_unreachable()
     try:
-        return AutoModelForQuestionAnswering.from_pretrained(
+        model, info = AutoModelForQuestionAnswering.from_pretrained(
             name,
             use_safetensors=True,
             trust_remote_code=trust_remote_code,
             attn_implementation="sdpa",
+            output_loading_info=True,
             **config_overrides,
         )
     except Exception as exc:
         raise KdqaError(f"{name}: could not load model ({_first_line(exc)}){_hub_hint(name)}") from None
+    missing = sorted(info.get("missing_keys") or [])
+    if missing and purpose == TRAINED:
+        shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+        raise KdqaError(f"{name}: not a trained extractive QA model: its weights lack {shown}, which transformers "
+                        "would initialise at random. A teacher (and a model to evaluate, export or serve) must be "
+                        "fine-tuned for extractive QA, with its start/end head (qa_outputs) saved; a plain "
+                        "pretrained encoder can only be a student's starting point")
+    if missing:
+        head = [key for key in missing if key.split(".")[0] in _HEAD_NAMES]
+        other = [key for key in missing if key not in head]
+        if head:
+            log.info("%s: no QA head in its weights (%s): the student starts from the encoder with a new head",
+                     name, ", ".join(head))
+        if other:
+            log.warning("%s: %d weights missing from the checkpoint, initialised at random: %s", name, len(other),
+                        ", ".join(other[:6]))
+    check_finite_weights(model, name)
+    return model
+
+
+# The start/end head's module name in transformers' QA models (BERT, RoBERTa, ELECTRA, DistilBERT, ...).
+_HEAD_NAMES = ("qa_outputs",)
+
+
+def check_finite_weights(model, name: str, consequence: str = "") -> None:
+    """Refuse a model with a NaN or infinite weight: what a diverged training run leaves. Its answers would all
+    be "no answer" and would score like a cautious model."""
+    import torch
+
+    for tensor_name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise KdqaError(f"{name}: weights are not finite ({tensor_name} has {bad} NaN or infinite values of "
+                            f"{tensor.numel()}): a diverged training run{'; ' + consequence if consequence else ''}"
+                            f"{'' if consequence else '; retrain it (lower student.learning_rate)'}")
 
 
 def check_sequence_length(model, max_seq_len: int, name: str) -> None:

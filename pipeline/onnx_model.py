@@ -143,4 +143,24 @@ def load_onnx_qa_model(folder: str | Path, precision: str = "float32", threads: 
     except Exception as exc:
         raise KdqaError(f"{folder / 'config.json'}: unreadable ({type(exc).__name__}); "
                         "run `kdqa export` again") from None
-    return OnnxQAModel(folder / manifest["files"][precision]["name"], config, threads)
+    path = folder / manifest["files"][precision]["name"]
+    check_finite_initializers(path)
+    return OnnxQAModel(path, config, threads)
+
+
+def check_finite_initializers(path: Path) -> None:
+    """Refuse an ONNX model with a NaN or infinite weight (what a diverged run exports), as PyTorch models are
+    refused on loading (`pipeline.models.check_finite_weights`)."""
+    import onnx
+    from onnx import numpy_helper
+
+    try:
+        graph = onnx.load(str(path)).graph
+    except Exception:
+        return  # unreadable: ONNX Runtime says so, naming the file
+    for initializer in graph.initializer:
+        values = numpy_helper.to_array(initializer)
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            raise KdqaError(f"{path}: weights are not finite ({initializer.name} has "
+                            f"{int((~np.isfinite(values)).sum())} NaN or infinite values): exported from a diverged "
+                            "model; retrain the student and run `kdqa export` again")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -169,15 +170,32 @@ _CHOICES = {"teacher.precision": ("auto", "bfloat16", "float16", "float32"),
 _STRING_LISTS = {"data.unlabeled": None, "prepare.augment_kinds": AUGMENT_KINDS, "student.extra_splits": EXTRA_SPLITS}
 
 
-def _check_value(path: Path, key: str, value, default) -> None:
+def default_of(key: str):
+    """The default of `section.name`, e.g. default_of("evaluate.n_best") == 20."""
+    section, name = key.split(".")
+    return getattr(getattr(Params(), section), name)
+
+
+def check_setting(where, name: str, value, key: str | None = None) -> None:
+    """Check one setting by the rules of the params.yaml key `key` (default: `name`), reporting it as `name`
+    at `where`: the one validator of params.yaml and of the Python API (`QuestionAnswerer`'s arguments)."""
+    key = key or name
+    _check_value(where, name, value, default_of(key), rule=key)
+
+
+def _check_value(path, key: str, value, default, rule: str | None = None) -> None:
+    rule = rule or key  # the params key whose rules apply; `key` is the name the message gives
     if value is None and default is not None:
         raise KdqaError(f"{path}: {key} must be set (its default is {default!r}), got null")
+    if isinstance(value, float) and not math.isfinite(value):
+        # YAML's .nan/.inf pass every range comparison; a NaN learning rate or temperature trains a NaN model.
+        raise KdqaError(f"{path}: {key} must be a finite number, got {value!r}")
     if isinstance(default, str) and not isinstance(value, str):
         raise KdqaError(f"{path}: {key} must be a string, got {value!r}")
-    if key in _CHOICES and value not in _CHOICES[key]:
-        raise KdqaError(f"{path}: {key} must be one of {', '.join(_CHOICES[key])}, got {value!r}")
-    if key in _STRING_LISTS:
-        allowed = _STRING_LISTS[key]
+    if rule in _CHOICES and value not in _CHOICES[rule]:
+        raise KdqaError(f"{path}: {key} must be one of {', '.join(_CHOICES[rule])}, got {value!r}")
+    if rule in _STRING_LISTS:
+        allowed = _STRING_LISTS[rule]
         if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
             raise KdqaError(f"{path}: {key} must be a list of {'names' if allowed else 'paths or hub names'}, "
                             f"got {value!r}")
@@ -187,20 +205,35 @@ def _check_value(path: Path, key: str, value, default) -> None:
         twice = [v for i, v in enumerate(value) if v in value[:i]]
         if twice:
             raise KdqaError(f"{path}: {key} lists {twice[0]!r} twice")
-    if key == "student.init_layers" and value is not None:
+    if rule == "student.init_layers" and value is not None:
         if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
             raise KdqaError(f"{path}: {key} must be a list of layer indices (or null), got {value!r}")
-    if key in _RANGES and value is not None:
+    if rule in _RANGES and value is not None:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise KdqaError(f"{path}: {key} must be a number, got {value!r}")
         if (isinstance(default, int) or default is None) and value != int(value):  # max_steps: default None
             raise KdqaError(f"{path}: {key} must be a whole number, got {value!r}")
-        lo, hi, *exclusive = _RANGES[key]
+        lo, hi, *exclusive = _RANGES[rule]
         too_low = value <= lo if exclusive and exclusive[0] else value < lo
         if too_low or (hi is not None and value > hi):
             bound = f"greater than {lo}" if exclusive and exclusive[0] else f"at least {lo}"
             raise KdqaError(f"{path}: {key} must be {bound}{f' and at most {hi}' if hi is not None else ''}, "
                             f"got {value!r}")
+
+
+def check_window(where, max_seq_len: int, doc_stride: int, max_query_len: int, specials: int,
+                 names: tuple[str, str, str] = ("prepare.max_seq_len", "prepare.doc_stride", "prepare.max_query_len"),
+                 ) -> None:
+    """A window must leave room for context beyond the overlap, even next to the longest allowed question:
+    max_seq_len - max_query_len - special tokens > doc_stride. Otherwise the tokenizer cannot advance through
+    a long context (the Rust tokenizer panics). `names`: what the caller calls the three settings."""
+    seq_name, stride_name, query_name = names
+    room = max_seq_len - max_query_len - specials
+    if room <= doc_stride:
+        raise KdqaError(
+            f"{where}: {stride_name} ({doc_stride}) must be less than the context room of a window, "
+            f"{seq_name} - {query_name} - {specials} special tokens = {room}; lower {stride_name} "
+            f"or {query_name}, or raise {seq_name}")
 
 
 def _build_section(cls, values: dict, path: Path, section: str):
@@ -223,7 +256,7 @@ def _build_section(cls, values: dict, path: Path, section: str):
                 raise KdqaError(f"{path}: {section}.{name} must be a number, got {value!r}")
             try:
                 setattr(obj, name, type(default)(value))
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):  # OverflowError: .inf for a whole number
                 raise KdqaError(f"{path}: {section}.{name} must be a number, got {value!r}") from None
             if isinstance(default, int) and getattr(obj, name) != float(value):
                 raise KdqaError(f"{path}: {section}.{name} must be a whole number, got {value!r}")

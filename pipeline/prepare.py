@@ -21,6 +21,7 @@ from pipeline.errors import KdqaError
 from pipeline.features import check_contexts_have_tokens, tokenize_examples
 from pipeline.models import check_position_table, load_tokenizer, vocab_fingerprint
 from pipeline.params import Params
+from pipeline.params import check_window as check_window_sizes
 from pipeline.paths import (
     AUGMENTED_SPLIT,
     DATA_REPORT,
@@ -116,17 +117,12 @@ def write_dev_examples(examples: list[Example], path: Path) -> None:
 
 
 def check_window(params: Params, tokenizer, section: str = "prepare") -> None:
-    """Windows must leave room for context beyond the overlap, even next to the longest allowed question.
+    """Windows must leave room for context beyond the overlap (`pipeline.params.check_window`).
     `section`: where the user set these windows (the student's own: `student`)."""
     settings = params.prepare
-    specials = tokenizer.num_special_tokens_to_add(pair=True)
-    room = settings.max_seq_len - settings.max_query_len - specials
-    if room <= settings.doc_stride:
-        raise KdqaError(
-            f"params: {section}.doc_stride ({settings.doc_stride}) must be less than the context room of a window, "
-            f"{section}.max_seq_len - prepare.max_query_len - {specials} special tokens = {room}; lower doc_stride "
-            "or max_query_len, or raise max_seq_len"
-        )
+    check_window_sizes("params", settings.max_seq_len, settings.doc_stride, settings.max_query_len,
+                       tokenizer.num_special_tokens_to_add(pair=True),
+                       (f"{section}.max_seq_len", f"{section}.doc_stride", "prepare.max_query_len"))
 
 
 def warn_if_dvc_cannot_see(source: str) -> None:

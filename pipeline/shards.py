@@ -107,9 +107,11 @@ def write_json_atomic(path: Path, obj) -> None:
     write_jsons_atomic({path: obj})
 
 
-def write_jsons_atomic(files: dict[Path, object]) -> None:
+def write_jsons_atomic(files: dict[Path, object], remove: tuple[Path, ...] = ()) -> None:
     """JSON files replaced together: every one is written under a temporary name first and only then renamed,
-    so a failed write (a full disk) leaves all of them as they were, never some new and some old."""
+    so a failed write (a full disk) leaves all of them as they were, never some new and some old. `remove`:
+    outputs of an earlier run that this run does not make, deleted once the new files are in place, so no
+    file from another run stays beside them."""
     temporaries = {path: path.with_name(f".{path.name}.tmp-{os.getpid()}") for path in files}
     with _removed_on_failure(*temporaries.values()):
         for path, obj in files.items():
@@ -123,6 +125,9 @@ def write_jsons_atomic(files: dict[Path, object]) -> None:
         for path, tmp in temporaries.items():
             with writing(path):
                 os.replace(tmp, path)
+    for path in remove:
+        with writing(path):
+            path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

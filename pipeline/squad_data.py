@@ -201,7 +201,28 @@ def check_question(where: str, paragraph: dict, qa: dict, seen: dict[str, str]) 
         raise KdqaError(f"{where}: {_missing_or_wrong(qa, 'question', 'a string')}")
     if not question.strip():
         raise KdqaError(f"{where}: empty 'question'")
+    check_text(where, "id", qid)
+    check_text(where, "context", context)
+    check_text(where, "question", question)
+    if isinstance(paragraph.get("title"), str):
+        check_text(where, "title", paragraph["title"])
+    for k, answer in enumerate(qa.get("answers") or []):
+        if isinstance(answer, dict) and isinstance(answer.get("text"), str):
+            check_text(where, f"answers[{k}].text", answer["text"])
     return qid, where, context, question
+
+
+def check_text(where: str, field: str, text: str) -> None:
+    """Text must be Unicode that UTF-8 can encode. JSON's escapes can spell a lone UTF-16 surrogate (half of an
+    emoji's pair, such as "\\ud83d" cut from "\\ud83d\\ude00"): Python reads it into the string, but the
+    tokenizer and Parquet cannot take it. Checked where text enters kdqa: records as a file is read, and the
+    arguments of `QuestionAnswerer`."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise KdqaError(f"{where}: {field} holds a lone UTF-16 surrogate {text[exc.start]!r} at character "
+                        f"{exc.start} (half of a surrogate pair, e.g. a cut emoji), which is not text the tokenizer "
+                        "can read; repair or remove it") from None
 
 
 def _validate(records, source: str, strict: bool, keep_unlocatable: bool = False) -> tuple[list[Example], DataReport]:

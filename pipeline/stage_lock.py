@@ -91,3 +91,62 @@ def stage_lock(stage: str):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Folder locks: no stage rewrites what a running stage reads
+# ---------------------------------------------------------------------------------------------------------
+
+# One lock file per folder of the stage table, never removed: readers share it, so a file unlinked by one
+# reader while another still held it would let a writer lock a new file under the same name.
+FOLDER_LOCK_DIR = Path(".kdqa/folder-locks")
+
+
+def folder_lock_path(folder: str) -> Path:
+    path = Path(os.path.normpath(folder))
+    if path.is_absolute() and path.is_relative_to(Path.cwd()):  # the same folder however it is named
+        path = path.relative_to(Path.cwd())
+    return FOLDER_LOCK_DIR / (str(path).strip("/").replace("/", "--") + ".lock")
+
+
+def _holders(folder: str, role: str) -> str:
+    """The running stages (from their stage locks) that read or write `folder`, for the message."""
+    from pipeline.stages import STAGES
+
+    found = []
+    for path in sorted(LOCK_DIR.glob("*.lock")):
+        owner = _owner(path)
+        stage = STAGES.get(owner.get("stage", ""))
+        if stage and folder in getattr(stage, role):
+            found.append(f"`kdqa {stage.name}` ({_describe(owner)})")
+    return " and ".join(found) or "another kdqa process"
+
+
+@contextlib.contextmanager
+def folder_locks(reads: tuple[str, ...], writes: tuple[str, ...], stage: str):
+    """Shared locks on the folders a stage reads, exclusive ones on those it writes, for the block; a folder
+    that a running stage is writing (or reading, for one this stage writes) stops this stage at once with one
+    line naming that stage. Rank 0 only under torchrun, like the stage lock."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    held = []
+    try:
+        with writing(FOLDER_LOCK_DIR):
+            FOLDER_LOCK_DIR.mkdir(parents=True, exist_ok=True)
+            for folder, exclusive in [*((f, False) for f in reads), *((f, True) for f in writes)]:
+                fd = os.open(folder_lock_path(folder), os.O_RDWR | os.O_CREAT, 0o644)
+                held.append(fd)
+                try:
+                    fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    if exclusive:
+                        raise KdqaError(f"{folder}: in use by {_holders(folder, 'reads')}, which reads it; "
+                                        f"`kdqa {stage}` would rewrite it under that run: wait for it to finish "
+                                        "or stop it, then rerun") from None
+                    raise KdqaError(f"{folder}: being rewritten by {_holders(folder, 'writes')}; `kdqa {stage}` "
+                                    "would read it half-written: wait for that run to finish, then rerun") from None
+        yield
+    finally:
+        for fd in held:
+            os.close(fd)  # closing the descriptor releases its lock

@@ -25,14 +25,14 @@ from pipeline.checkpoint import Checkpoint, load_checkpoint, remove_checkpoints,
 from pipeline.errors import KdqaError
 from pipeline.fingerprints import check_teacher_logits
 from pipeline.inference import precision_name
-from pipeline.models import check_sequence_length, keep_layers, load_qa_model, load_tokenizer
+from pipeline.models import check_finite_weights, check_sequence_length, keep_layers, load_qa_model, load_tokenizer
 from pipeline.params import Params, StudentParams
 from pipeline.paths import CHECKPOINT_DIR, FEATURES_DIR, STUDENT_LOG_DIR, STUDENT_MODEL_DIR, staged_folder
 from pipeline.progress import progress
 from pipeline.shards import check_format, verify_shards, write_json_atomic
 from pipeline.stream import ShardStream, find_shard_pairs, verify_alignment
 from pipeline.student_data import StudentData, student_data
-from pipeline.training import build_optimizer, grad_scaler, train_step, training_dtype
+from pipeline.training import DivergedError, build_optimizer, grad_scaler, train_step, training_dtype
 from pipeline.training_log import TrainingLog
 from pipeline.write_errors import writing
 
@@ -250,8 +250,14 @@ def train(run: Training) -> tuple[float, tuple]:
                 break
             if epoch == run.start_epoch and batch_index < run.skip_batches:
                 continue  # already trained on before the checkpoint we resumed from
-            loss = train_step(run.ddp_model, batch, run.optimizer, run.scheduler, student, run.step, run.device,
-                              run.scaler)
+            try:
+                loss = train_step(run.ddp_model, batch, run.optimizer, run.scheduler, student, run.step, run.device,
+                                  run.scaler)
+            except DivergedError as exc:
+                bar.close()
+                kept = (f"; the last checkpoint ({CHECKPOINT_DIR}) is kept" if (CHECKPOINT_DIR / "state.json").exists()
+                        else "")
+                raise KdqaError(f"{exc}; {STUDENT_MODEL_DIR} is unchanged{kept}") from None
             run.step += 1
             seen_features += len(batch["input_ids"])
             bar.update(1)
@@ -335,6 +341,7 @@ def save_student(model, tokenizer, params: Params, steps: int, seconds: float, d
     """`save_pretrained` model + tokenizer + a model card, swapped into models/student/ whole."""
     from pipeline.model_card import write_model_card
 
+    check_finite_weights(model, "student: the trained model", f"{STUDENT_MODEL_DIR} is unchanged")  # never swapped in
     with staged_folder(STUDENT_MODEL_DIR) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)

@@ -35,6 +35,7 @@ from pipeline import __version__, distributed
 from pipeline.errors import KdqaError
 from pipeline.models import (
     check_sequence_length,
+    TRAINED,
     load_qa_model,
     load_tokenizer,
     vocab_fingerprint,
@@ -253,7 +254,7 @@ def run_teacher(params: Params) -> None:
     if features_manifest.get("vocab_fingerprint") != vocab_fingerprint(tokenizer):
         raise KdqaError(f"{params.teacher.model}: tokenizer differs from the one data/features was prepared with "
                         f"({features_manifest.get('tokenizer')}); run `kdqa prepare` again")
-    model = load_qa_model(params.teacher.model, params.teacher.trust_remote_code)
+    model = load_qa_model(params.teacher.model, params.teacher.trust_remote_code, TRAINED)
     check_sequence_length(model, features_manifest.get("prepare", {}).get("max_seq_len", 0), params.teacher.model)
     model.to(device).eval()
     teacher_identity = {"teacher": weights_fingerprint(model), "vocab": vocab_fingerprint(tokenizer)}

@@ -21,6 +21,30 @@ from pipeline.params import StudentParams
 RELEASE_MEMORY_EVERY = 10
 
 
+# float16 only: the gradient scaler halves its scale at every step whose gradients overflow and skips that step
+# (normal for a few steps at the start: it starts at 2**16). Once it is below 1, the gradients overflow even
+# unscaled: the run has diverged, not the scale.
+MIN_LOSS_SCALE = 1.0
+
+
+class DivergedError(KdqaError):
+    """A training step whose loss or gradients are not finite (NaN or infinite).
+
+    kdqa stops at the first such step in float32 and bfloat16 (bfloat16 has float32's exponent range, so a
+    non-finite value there is divergence, not an overflow that a smaller scale would avoid). In float16 the
+    gradient scaler skips overflowing steps as designed, and kdqa stops when the loss itself is not finite or
+    the scale has collapsed (MIN_LOSS_SCALE). Either way the step's update is never applied."""
+
+    def __init__(self, step: int, what: str, student: StudentParams):
+        self.step = step
+        super().__init__(
+            f"student: step {step}: the {what} {'is' if what == 'loss' else 'are'} not finite (NaN or infinite): "
+            f"training diverged and was stopped "
+            f"before this step's update. Likely cause: student.learning_rate {student.learning_rate:g} (usual: "
+            f"1e-5 to 1e-4; a forgotten minus makes 3e-5 into 3e5), else student.temperature "
+            f"{student.temperature:g} or student.max_grad_norm {student.max_grad_norm:g}")
+
+
 def build_optimizer(model, learning_rate: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
     """AdamW without weight decay on biases and LayerNorm weights. `fused` runs the whole update as one kernel
     (CUDA) or one vectorised loop (CPU) instead of a loop over the tensors, which is a visible part of a small
@@ -70,14 +94,22 @@ def train_step(model, batch: dict, optimizer, scheduler, student: StudentParams,
     optimizer.zero_grad(set_to_none=True)
     if scaler is None:
         loss.total.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), student.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), student.max_grad_norm)
+        # Checked before the weights change, so they stay those of the last finite step. Under DDP the gradient
+        # norm is the same on every rank (gradients are averaged), so all ranks stop at the same step.
+        if not bool(torch.isfinite(torch.stack([loss.total.detach().float(), grad_norm.float()])).all()):
+            raise DivergedError(step + 1, "loss" if not torch.isfinite(loss.total) else "gradients", student)
         optimizer.step()
     else:
+        if not torch.isfinite(loss.total):  # the scaler handles overflowing gradients, not a non-finite loss
+            raise DivergedError(step + 1, "loss", student)
         scaler.scale(loss.total).backward()
         scaler.unscale_(optimizer)  # clip the true gradients
         torch.nn.utils.clip_grad_norm_(model.parameters(), student.max_grad_norm)
         scaler.step(optimizer)  # skipped when a gradient overflowed; the scale then shrinks
         scaler.update()
+        if scaler.get_scale() < MIN_LOSS_SCALE:  # halved at every skipped step: overflow even unscaled
+            raise DivergedError(step + 1, "gradients", student)
     scheduler.step()
     if step % RELEASE_MEMORY_EVERY == 0:
         release_freed_memory()

@@ -265,3 +265,27 @@ def test_a_student_of_another_tokenizer_is_checked_on_its_own_dev_features(run_c
     metrics = json.loads((run_copy / "metrics/export.json").read_text())
     assert metrics["pytorch"] == json.loads((run_copy / "metrics/eval.json").read_text())
     assert metrics["float32_same_answers"] == metrics["questions"]
+
+
+def test_an_export_with_non_finite_weights_is_refused(exported_run, tmp_path):
+    """Reliability 3: an ONNX model with a NaN weight (exported from a diverged model, by hand or an older kdqa)
+    is refused by QuestionAnswerer as a PyTorch one is, even with a manifest that matches its bytes."""
+    import onnx
+    from onnx import numpy_helper
+
+    from pipeline import QuestionAnswerer
+    from pipeline.errors import KdqaError
+    from pipeline.shards import sha256_file
+
+    served = Path(shutil.copytree(exported_run / "models/student-onnx", tmp_path / "served"))
+    model = onnx.load(str(served / "model.onnx"))
+    target = next(i for i in model.graph.initializer if numpy_helper.to_array(i).dtype == np.float32)
+    values = numpy_helper.to_array(target).copy()
+    values.flat[0] = np.nan
+    target.CopyFrom(numpy_helper.from_array(values, target.name))
+    onnx.save(model, str(served / "model.onnx"))
+    manifest = json.loads((served / "kdqa_export.json").read_text())
+    manifest["files"]["float32"]["sha256"] = sha256_file(served / "model.onnx")
+    (served / "kdqa_export.json").write_text(json.dumps(manifest))
+    with pytest.raises(KdqaError, match=f"{target.name} has 1 NaN or infinite values"):
+        QuestionAnswerer(str(served))

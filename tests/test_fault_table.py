@@ -323,6 +323,96 @@ def remove(relative: str):
     return setup
 
 
+# --- Reliability 3 ---
+
+def nan_weights(folder: Path) -> None:
+    """What a diverged run saved: every tensor of the model NaN (the safetensors file rewritten in place)."""
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "model.safetensors"
+    weights = load_file(str(path))
+    save_file({k: v.float().fill_(float("nan")).to(v.dtype) if v.is_floating_point() else v
+               for k, v in weights.items()}, str(path), metadata={"format": "pt"})
+
+
+def diverged_student_model(c: Ctx):
+    nan_weights(c.ws / "models/student")
+
+
+def nan_model_elsewhere(c: Ctx):
+    folder = c.tmp / "nan-model"
+    shutil.copytree(c.ws / "models/student", folder)
+    nan_weights(folder)
+    c.values["model"] = str(folder)
+
+
+def headless(role: str, plain_encoder: bool = False):
+    """`role`'s model without its QA head: the qa_outputs tensors dropped, or (plain_encoder) a bare BertModel
+    saved from the same config, as a pretrained encoder from a hub comes."""
+    def setup(c: Ctx):
+        from safetensors.torch import load_file, save_file
+
+        source = c.world.teacher if role == "teacher" else c.world.student
+        folder = c.tmp / f"{role}-headless"
+        shutil.copytree(source, folder)
+        if plain_encoder:
+            from transformers import BertModel
+
+            BertModel.from_pretrained(str(source)).save_pretrained(folder, safe_serialization=True)
+        else:
+            weights = load_file(str(folder / "model.safetensors"))
+            save_file({k: v for k, v in weights.items() if not k.startswith("qa_outputs")},
+                      str(folder / "model.safetensors"), metadata={"format": "pt"})
+        c.values["model"] = str(folder)
+        write_params(c.world, c.ws, **{**STUDENT, f"{role}__model": str(folder)})
+        if role == "teacher":
+            shutil.rmtree(c.ws / "data/teacher")
+    return setup
+
+
+def data_with_text(split: str, where: str, text: str):
+    """data.`split` with `text` put into the first question's `where` (context, question, answer, title, id)."""
+    def setup(c: Ctx):
+        doc = json.loads((c.world.train if split == "train" else c.world.dev).read_text())
+        article = doc["data"][0]
+        paragraph = article["paragraphs"][0]
+        qa = next(qa for qa in paragraph["qas"] if qa["answers"])
+        if where == "context":
+            paragraph["context"] = paragraph["context"] + text
+        elif where == "question":
+            qa["question"] += text
+        elif where == "answer":
+            qa["answers"][0]["text"] += text
+        elif where == "title":
+            article["title"] += text
+        path = c.ws / f"{split}-text.json"
+        path.write_text(json.dumps(doc))  # json escapes a lone surrogate as \\ud83d: valid JSON
+        write_params(c.world, c.ws, **STUDENT, **{f"data__{split}": str(path)})
+        c.values["id"] = paragraph["qas"][0]["id"] if where in ("context", "title") else qa["id"]
+    return setup
+
+
+def folder_lock_held(stage: str):
+    """A running `stage`: its stage lock and its folder locks held by this process."""
+    def setup(c: Ctx):
+        from pipeline.stage_lock import folder_locks, stage_lock
+        from pipeline.stages import STAGES
+
+        with contextlib.chdir(c.ws):
+            c.stack.enter_context(stage_lock(stage))
+            c.stack.enter_context(folder_locks(STAGES[stage].reads, STAGES[stage].writes, stage))
+        c.values["pid"] = str(os.getpid())
+    return setup
+
+
+def jsonl_file(*lines: str):
+    def setup(c: Ctx):
+        path = c.tmp / "questions.jsonl"
+        path.write_text("\n".join(lines) + "\n")
+        c.values["jsonl"] = str(path)
+    return setup
+
+
 def hub_name(**overrides):
     return patch_params(**overrides)
 
@@ -475,6 +565,72 @@ ROWS = [
         ("models/student-onnx", ENOSPC)),
     Row("predict --model: folder that does not exist", ("predict", "--model", "no/such/./folder", "--question",
                                                        "who?", "--context", CTX), None, ("no/such/./folder",)),
+    # --- Reliability 3, class 1: a diverged run never replaces a good model; non-finite settings refused ---
+    Row("student: learning rate 3e5 diverges, models/student kept", ("student",),
+        patch_params(student__learning_rate=3e5),
+        ("not finite", "training diverged", "student.learning_rate 300000", "models/student is unchanged"),
+        keeps=(CHECKPOINTS,)),
+    Row("student: temperature 1e30 makes the loss non-finite", ("student",), patch_params(student__temperature=1e30),
+        ("step 1", "is not finite", "student.temperature 1e+30", "models/student is unchanged"),
+        keeps=(CHECKPOINTS,)),
+    *[Row(f"student: {key} {value}", ("student",), patch_params(**{f"student__{key}": value}),
+          (f"student.{key} must be a finite number", repr(value)))
+      for key, value in (("learning_rate", float("nan")), ("temperature", float("nan")),
+                         ("temperature", float("inf")), ("weight_decay", float("nan")),
+                         ("max_grad_norm", float("inf")), ("dropout", float("nan")))],
+    Row("evaluate: null_threshold nan", ("evaluate",), patch_params(evaluate__null_threshold=float("nan")),
+        ("evaluate.null_threshold must be a finite number",)),
+    Row("evaluate: a model with NaN weights", ("evaluate",), diverged_student_model,
+        ("models/student", "weights are not finite", "diverged")),
+    Row("export: a model with NaN weights", ("export",), diverged_student_model,
+        ("models/student", "weights are not finite")),
+    Row("predict: a model with NaN weights", ("predict", "--model", "{model}", "--question", "who?", "--context", CTX),
+        nan_model_elsewhere, ("{model}", "weights are not finite")),
+    Row("evaluate --model: a model with NaN weights", ("evaluate", "--model", "{model}"), nan_model_elsewhere,
+        ("{model}", "weights are not finite")),
+    # --- class 2: a model without its QA head is never a teacher (nor evaluated, exported or served) ---
+    Row("teacher: head tensors missing", ("teacher",), headless("teacher"),
+        ("{model}", "not a trained extractive QA model", "qa_outputs.weight", "qa_outputs.bias"),
+        keeps=(TEACHER_WORK, LOGITS_CACHE)),
+    Row("teacher: a plain pretrained encoder", ("teacher",), headless("teacher", plain_encoder=True),
+        ("{model}", "not a trained extractive QA model", "qa_outputs"), keeps=(TEACHER_WORK, LOGITS_CACHE)),
+    Row("evaluate --model: a plain encoder", ("evaluate", "--model", "{model}"),
+        headless("student", plain_encoder=True), ("{model}", "not a trained extractive QA model")),
+    Row("predict --model: head tensors missing", ("predict", "--model", "{model}", "--question", "who?",
+                                                  "--context", CTX),
+        headless("student"), ("{model}", "qa_outputs")),
+    Row("student: from a plain encoder, said once", ("-v", "student"), headless("student", plain_encoder=True),
+        ("no QA head in its weights", "saved student"), exit_code=0),
+    # --- class 3: predict reads long passages from a file or standard input, many questions as JSON lines ---
+    Row("predict --jsonl: a line that is not JSON", ("predict", "--model", "{student}", "--jsonl", "{jsonl}"),
+        jsonl_file('{"question": "who?", "context": "Alice built it."}', "{not json"),
+        ("{jsonl}: line 2: not JSON",)),
+    Row("predict --jsonl: a context that is a number", ("predict", "--model", "{student}", "--jsonl", "{jsonl}"),
+        jsonl_file('{"question": "who?", "context": 5}'), ("{jsonl}: line 1", '"context" must be a string, got int')),
+    Row("predict --jsonl: a list, not an object", ("predict", "--model", "{student}", "--jsonl", "{jsonl}"),
+        jsonl_file('["who?", "Alice built it."]'), ("{jsonl}: line 1", "expected an object", "got list")),
+    Row("predict --context-file: missing file", ("predict", "--model", "{student}", "--question", "who?",
+                                                "--context-file", "no/such/file.txt"), None,
+        ("no/such/file.txt", "cannot read")),
+    # --- class 4: text the tokenizer cannot encode, named where the file is read ---
+    *[Row(f"prepare: a lone surrogate in a {split} {where}", ("prepare",), data_with_text(split, where, " \ud83d"),
+          (f"{split}-text.json", "(id {id})", "lone UTF-16 surrogate", "'\\ud83d'"))
+      for split, where in (("train", "context"), ("train", "question"), ("dev", "answer"), ("train", "title"),
+                           ("dev", "context"))],
+    Row("predict --jsonl: a lone surrogate", ("predict", "--model", "{student}", "--jsonl", "{jsonl}"),
+        jsonl_file('{"question": "who?", "context": "Alice \\ud83d built it."}'),
+        ("{jsonl}: line 1", "lone UTF-16 surrogate")),
+    # --- class 5: no stage rewrites what a running stage reads (folder locks), and back ---
+    Row("prepare: while a student reads data/features", ("prepare",), folder_lock_held("student"),
+        ("data/features: in use by `kdqa student` (pid {pid}", "wait for it to finish")),
+    Row("teacher: while an align reads data/teacher", ("teacher",), folder_lock_held("align"),
+        ("data/teacher: in use by `kdqa align`",)),
+    Row("student: while a teacher rewrites data/teacher", ("student",), folder_lock_held("teacher"),
+        ("data/teacher: being rewritten by `kdqa teacher` (pid {pid}", "half-written")),
+    Row("evaluate: while a student rewrites models/student", ("evaluate",), folder_lock_held("student"),
+        ("models/student: being rewritten by `kdqa student`",)),
+    Row("student: while an export reads models/student", ("student",), folder_lock_held("export"),
+        ("models/student: in use by `kdqa export`",)),
 ]
 
 
@@ -490,9 +646,10 @@ def test_the_table_has_at_least_40_rows():
 
 
 def files(ws: Path) -> dict[str, bytes]:
-    """Every file of the workspace but the lock files (the harness holds some of those itself)."""
+    """Every file of the workspace but the lock files (the harness holds some of those itself; a folder's lock
+    file stays, empty, once a stage has locked it)."""
     return {str(p.relative_to(ws)): p.read_bytes() for p in sorted(ws.rglob("*"))
-            if p.is_file() and not str(p.relative_to(ws)).startswith(".kdqa/locks")}
+            if p.is_file() and not str(p.relative_to(ws)).startswith((".kdqa/locks", ".kdqa/folder-locks"))}
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[r.name for r in ROWS])
@@ -532,3 +689,140 @@ def test_row(row: Row, world, finished, tmp_path, monkeypatch):
         kept = lambda path: path.startswith(row.keeps) if row.keeps else False  # noqa: E731
         changed = sorted(p for p in set(before) | set(after) if before.get(p) != after.get(p) and not kept(p))
         assert not changed, changed
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reliability 3, class 3 and 4 in the Python API: QuestionAnswerer checks every argument by params.yaml's rules
+# ---------------------------------------------------------------------------------------------------------
+
+LONG_CONTEXT = " ".join(["the old tower was built by alice in the north of the city"] * 40)
+
+
+@dataclass(frozen=True)
+class ApiRow:
+    name: str
+    kwargs: dict = field(default_factory=dict)  # QuestionAnswerer's arguments
+    call: Callable | None = None  # what is done with the built QuestionAnswerer (None: only building it)
+    fragments: tuple[str, ...] = ()
+
+
+def _generator_of_pairs(qa):
+    return qa.answer_many((q, c) for q, c in [("who built it?", CTX), ("where?", CTX)])
+
+
+API_ROWS = [
+    ApiRow("max_seq_len 4", {"max_seq_len": 4}, None, ("max_seq_len must be at least 8, got 4",)),
+    ApiRow("max_seq_len as a string", {"max_seq_len": "384"}, None, ("max_seq_len must be a number",)),
+    ApiRow("doc_stride -5", {"doc_stride": -5}, None, ("doc_stride must be at least 1, got -5",)),
+    ApiRow("doc_stride past the window's context room", {"max_seq_len": 16, "doc_stride": 8}, None,
+           ("doc_stride (8) must be less than the context room", "max_seq_len - max_query_len")),
+    ApiRow("max_query_len 0", {"max_query_len": 0}, None, ("max_query_len must be at least 1",)),
+    ApiRow("n_best 0", {"n_best": 0}, None, ("n_best must be at least 1, got 0",)),
+    ApiRow("max_answer_len 0", {"max_answer_len": 0}, None, ("max_answer_len must be at least 1",)),
+    ApiRow("n_best 2.5", {"n_best": 2.5}, None, ("n_best must be a whole number",)),
+    ApiRow("null_threshold nan", {"null_threshold": float("nan")}, None, ("null_threshold must be a finite number",)),
+    ApiRow("batch_size 0", {"batch_size": 0}, None, ("batch_size must be at least 1",)),
+    ApiRow("precision fp8", {"precision": "fp8"}, None, ("precision must be one of float32, int8",)),
+    ApiRow("threads 0", {"threads": 0}, None, ("threads must be a whole number at least 1",)),
+    ApiRow("answer_many of a string", {}, lambda qa: qa.answer_many("who built it?"),
+           ("answer_many takes an iterable of (question, context) pairs, got str",)),
+    ApiRow("answer_many of bare strings", {}, lambda qa: qa.answer_many(["who?", CTX]),
+           ("pairs[0] must be a (question, context) pair, got str",)),
+    ApiRow("answer_many of triples", {}, lambda qa: qa.answer_many([("who?", CTX, "x")]),
+           ("pairs[0] must be a (question, context) pair, got tuple of length 3",)),
+    ApiRow("answer_many with a number as context", {}, lambda qa: qa.answer_many([("who?", CTX), ("who?", 5)]),
+           ("pairs[1]", "the context must be a string, got int")),
+    ApiRow("a None question", {}, lambda qa: qa(None, CTX), ("the question must be a string, got NoneType",)),
+    ApiRow("a bytes context", {}, lambda qa: qa("who?", CTX.encode()), ("the context must be a string, got bytes",)),
+    ApiRow("a lone surrogate in the context", {}, lambda qa: qa("who?", CTX + " \ud83d"),
+           ("the context holds a lone UTF-16 surrogate",)),
+    ApiRow("a lone surrogate in a question of many", {}, lambda qa: qa.answer_many([("who?", CTX), ("\udc00?", CTX)]),
+           ("pairs[1]", "the question holds a lone UTF-16 surrogate")),
+]
+
+
+@pytest.fixture(scope="module")
+def api_model(world) -> str:
+    return str(world.teacher)
+
+
+@pytest.mark.parametrize("row", API_ROWS, ids=[r.name for r in API_ROWS])
+def test_api_row(row: ApiRow, api_model):
+    from pipeline.errors import KdqaError
+    from pipeline.qa import QuestionAnswerer
+
+    with pytest.raises(KdqaError) as raised:  # a ValueError: `except Exception` (a server's) catches it
+        qa = QuestionAnswerer(api_model, **row.kwargs)
+        row.call(qa) if row.call else None
+    assert isinstance(raised.value, ValueError)
+    for fragment in row.fragments:
+        assert fragment in str(raised.value), f"{fragment!r} not in {str(raised.value)!r}"
+
+
+@pytest.mark.parametrize("kwargs", [{"max_seq_len": 16}, {"max_seq_len": 24, "max_query_len": 4},
+                                    {"max_seq_len": 8}], ids=str)
+def test_api_small_windows_answer_long_contexts(kwargs, api_model):
+    """A small window (the Rust tokenizer once panicked at max_seq_len 16) reads a long passage; and a generator
+    of pairs is answered like a list."""
+    from pipeline.qa import Answer, QuestionAnswerer
+
+    qa = QuestionAnswerer(api_model, **kwargs)
+    assert isinstance(qa("who built the tower?", LONG_CONTEXT), Answer)
+    assert len(_generator_of_pairs(qa)) == 2
+
+
+def test_predict_reads_a_context_file_standard_input_and_json_lines(world, tmp_path):
+    """`kdqa predict` takes a passage too long for a command line from a file or standard input, and many
+    questions as JSON lines, each answered on a line with its id."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    long_context = LONG_CONTEXT * 200  # about 480 KB: past a shell's argument limit of 128 KB per argument
+    (tmp_path / "context.txt").write_text(long_context)
+    model = str(world.teacher)
+    by_file = CliRunner().invoke(cli, ["predict", "--model", model, "--question", "who built it?", "--json",
+                                       "--context-file", str(tmp_path / "context.txt")])
+    by_stdin = CliRunner().invoke(cli, ["predict", "--model", model, "--question", "who built it?", "--json",
+                                        "--context-file", "-"], input=long_context)
+    assert by_file.exit_code == 0 and by_stdin.exit_code == 0, by_file.output + by_stdin.output
+    assert json.loads(by_file.stdout) == json.loads(by_stdin.stdout)
+    lines = "\n".join(json.dumps({"id": f"q{i}", "question": q, "context": CTX})
+                       for i, q in enumerate(["who built it?", "where?", "   "]))
+    many = CliRunner().invoke(cli, ["predict", "--model", model, "--jsonl", "-"], input=lines + "\n")
+    assert many.exit_code == 0, many.output
+    answers = [json.loads(line) for line in many.stdout.splitlines()]
+    assert [a["id"] for a in answers] == ["q0", "q1", "q2"]
+    assert answers[2]["answer"] == "" and answers[2]["no_answer_probability"] == 1.0  # blank question: no answer
+    both = CliRunner().invoke(cli, ["predict", "--model", model, "--question", "who?", "--context", CTX,
+                                    "--context-file", "-"])
+    assert both.exit_code == 2 and "exactly one of --context or --context-file" in both.output
+
+
+def test_evaluate_without_teacher_dev_logits_removes_the_old_teacher_scores(finished, tmp_path):
+    """Class 5: metrics/teacher.json of an earlier run is not left beside this run's eval.json."""
+    ws = Path(shutil.copytree(finished, tmp_path / "ws"))
+    assert (ws / "metrics/teacher.json").is_file()
+    shutil.rmtree(ws / "data/teacher/dev")
+    result = kdqa(ws, "evaluate")
+    assert result.exit_code == 0, result.output
+    assert "metrics/teacher.json removed" in result.stderr and "data/teacher/dev" in result.stderr
+    assert not (ws / "metrics/teacher.json").exists() and (ws / "metrics/eval.json").is_file()
+
+
+def test_a_diverged_run_leaves_the_model_byte_identical_and_resumable(world, finished, tmp_path):
+    """Class 1 end to end: a good model in place, a diverging run after a checkpoint; the model's bytes are
+    unchanged, the checkpoint holds finite weights, and no step after the divergence was applied."""
+    from safetensors.torch import load_file
+
+    ws = Path(shutil.copytree(finished, tmp_path / "ws"))
+    before = {p.name: p.read_bytes() for p in (ws / "models/student").iterdir()}
+    write_params(world, ws, **{**STUDENT, "student__learning_rate": 3e5, "student__checkpoint_every": 1})
+    result = kdqa(ws, "student")
+    assert result.exit_code == 1 and "training diverged" in result.stderr
+    assert "the last checkpoint (checkpoints/student) is kept" in result.stderr
+    assert {p.name: p.read_bytes() for p in (ws / "models/student").iterdir()} == before
+    import torch
+
+    saved = load_file(str(ws / "checkpoints/student/model.safetensors"))
+    assert all(bool(torch.isfinite(t).all()) for t in saved.values() if t.is_floating_point())
