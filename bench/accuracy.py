@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python bench/accuracy.py` as well as `python -m bench.accuracy`
     sys.path.insert(0, str(ROOT))
 
-from pipeline.shards import write_json_atomic  # noqa: E402  (after the path fix above)
+from pipeline.store.shards import write_json_atomic  # noqa: E402  (after the path fix above)
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "squad2-sample.json"
 TRAIN_ARTICLES = 7
 
@@ -218,8 +218,8 @@ def write_params(workdir: Path, cfg: dict, train: Path, dev: Path, teacher: str,
 
 def planned_steps(data: Path, student: dict) -> int:
     """The optimizer steps `kdqa student` takes with these settings on `data` (one process): the labelled
-    shards every epoch plus the extra shards pipeline/mixing.py plans, from the manifests (no torch here)."""
-    from pipeline.mixing import extra_quota, extra_shards_by_epoch
+    shards every epoch plus the extra shards pipeline/training/mixing.py plans, from the manifests (no torch here)."""
+    from pipeline.training.mixing import extra_quota, extra_shards_by_epoch
 
     def shard_rows(split: str) -> list[int]:
         manifest = data / "features" / split / "manifest.json"
@@ -282,8 +282,8 @@ def logits_rows(workdir: Path) -> dict:
 @functools.cache  # results.md is rewritten after every stage: score each finished model's files once per run
 def per_question_f1(workdir: Path) -> dict[str, dict[str, float]]:
     """{"f1": {id: F1 of the given answer}, "forced": {id: F1 of the forced span, answerable ids only}}, with the
-    official semantics (pipeline.squad_metrics), from the files `kdqa evaluate` wrote (before its row exists)."""
-    from pipeline.squad_metrics import raw_scores
+    official semantics (pipeline.text.squad_metrics), from the files `kdqa evaluate` wrote (before its row exists)."""
+    from pipeline.text.squad_metrics import raw_scores
 
     dev = json.loads(Path(yaml.safe_load((workdir / "params.yaml").read_text())["data"]["dev"]).read_text())
     golds = {q["id"]: [a["text"] for a in q.get("answers", [])] for a in dev["data"] for p in a["paragraphs"]

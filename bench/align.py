@@ -43,7 +43,7 @@ from bench.accuracy import (  # noqa: E402
     trimmed_vocabulary_model,
     write_params,
 )
-from pipeline.shards import write_json_atomic  # noqa: E402
+from pipeline.store.shards import write_json_atomic  # noqa: E402
 
 PREPARE = {"max_seq_len": 384, "doc_stride": 128, "max_query_len": 64, "shard_size": 1000, "row_group_size": 500}
 
@@ -57,7 +57,7 @@ def cased_tokenizer(encoder: Path, out: Path) -> Path:
 
 def same_spans_share(teacher_dir: Path, student_dir: Path) -> float:
     """Share of the student's context tokens whose character span is a teacher token's of the same example."""
-    from pipeline.shards import list_column_to_numpy, list_shards, read_table
+    from pipeline.store.shards import list_column_to_numpy, list_shards, read_table
 
     def spans(folder: Path) -> dict[str, set]:
         out: dict[str, set] = {}
@@ -76,9 +76,9 @@ def same_spans_share(teacher_dir: Path, student_dir: Path) -> float:
 
 def core_alignment_seconds(workdir: Path) -> tuple[float, int]:
     """Time align_example alone over the student features the stage wrote (tokenization and I/O excluded)."""
-    from pipeline.align import teacher_windows
-    from pipeline.alignment import Window, align_example
-    from pipeline.shards import list_column_to_numpy, list_shards, read_table
+    from pipeline.stages.align import teacher_windows
+    from pipeline.text.alignment import Window, align_example
+    from pipeline.store.shards import list_column_to_numpy, list_shards, read_table
 
     students: dict[str, list] = {}
     for shard in list_shards(workdir / "data/aligned/features/train"):

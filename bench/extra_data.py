@@ -38,7 +38,7 @@ for path in (ROOT, ROOT / "bench"):
         sys.path.insert(0, str(path))
 
 from accuracy import DEFAULT_DATA, machine_description, minilm_dir, run_stage, split_by_article  # noqa: E402
-from pipeline.shards import write_json_atomic  # noqa: E402
+from pipeline.store.shards import write_json_atomic  # noqa: E402
 
 PARTS = ("incremental", "scratch", "students")  # --parts: what to run; the rest keeps its earlier results
 DEFAULT_UNLABELED = ROOT.parent / "shared" / "data" / "squad2-unlabeled.json"

@@ -113,7 +113,7 @@ def make_teacher(args, job: dict, out: Path, train: Path, dev: Path, split_key: 
         return Path(args.teacher_model).resolve()
     import torch
 
-    from pipeline.models import load_qa_model
+    from pipeline.model.loading import load_qa_model
 
     encoder = minilm_dir()
     head = out / "models" / "encoder-qa"
@@ -138,7 +138,7 @@ def make_teacher(args, job: dict, out: Path, train: Path, dev: Path, split_key: 
 
 def make_student_init(teacher: Path, layers: list[int], out: Path) -> Path:
     """The student's starting weights: the teacher's `layers`, its QA head included."""
-    from pipeline.models import keep_layers, load_qa_model
+    from pipeline.model.loading import keep_layers, load_qa_model
 
     model = load_qa_model(str(teacher))
     keep_layers(model, list(layers))
@@ -388,7 +388,7 @@ def run(args) -> dict:
                "machine": f"{cpu_words(cpu_identity())}, {machine_description()}"}
     kdqa_student = student_overrides(args.kdqa_student)
     results["kdqa_student_settings"] = kdqa_student
-    from pipeline.allocator import DEFAULT_POLICY
+    from pipeline.runtime.allocator import DEFAULT_POLICY
 
     results["kdqa_malloc"] = os.environ.get("KDQA_MALLOC") or DEFAULT_POLICY  # the stages inherit this environment
     progress("kdqa: prepare, teacher, student")

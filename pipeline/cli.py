@@ -19,7 +19,7 @@ import click
 
 from pipeline import __version__
 from pipeline.errors import KdqaError
-from pipeline.paths import EXPORT_DIR, STUDENT_MODEL_DIR
+from pipeline.runtime.workspace import EXPORT_DIR, STUDENT_MODEL_DIR
 
 if TYPE_CHECKING:  # imported lazily at run time: `kdqa --help` stays fast
     from pipeline.params import Params
@@ -39,12 +39,12 @@ def _stage(stage: str, params, model_dir: Path | None = None):
     """One run of `stage` in this folder at a time, never beside a stage that writes what it reads (or reads what
     it writes), its outputs checked writable with room to spare first. `model_dir`: the model it reads in place
     of models/student (evaluate/export --model)."""
-    from pipeline.allocator import keep_freed_memory
-    from pipeline.preflight import outputs_ready
-    from pipeline.stage_lock import folder_locks, stage_lock
-    from pipeline.stages import STAGES
+    from pipeline.runtime.allocator import keep_freed_memory
+    from pipeline.runtime.preflight import outputs_ready
+    from pipeline.runtime.locks import folder_locks, stage_lock
+    from pipeline.stages.table import STAGES
 
-    keep_freed_memory()  # KDQA_MALLOC (pipeline/allocator.py); default: glibc as it comes
+    keep_freed_memory()  # KDQA_MALLOC (pipeline/runtime/allocator.py); default: glibc as it comes
     reads = STAGES[stage].reads
     if model_dir is not None:
         reads = tuple(str(model_dir) if folder == str(STUDENT_MODEL_DIR) else folder for folder in reads)
@@ -57,7 +57,7 @@ class KdqaGroup(click.Group):
     read-only, no permission) into one line and exit 1."""
 
     def invoke(self, ctx):
-        from pipeline.write_errors import describe
+        from pipeline.runtime.write_errors import describe
 
         try:
             return super().invoke(ctx)
@@ -73,7 +73,7 @@ class KdqaGroup(click.Group):
 
 
 def _fail(line: str, code: int):
-    from pipeline.progress import close_bars
+    from pipeline.runtime.progress import close_bars
 
     close_bars()  # a bar left open by the failure would otherwise share the error's line
     click.echo(line, err=True)
@@ -113,7 +113,7 @@ def cli(ctx, params_path, quiet, verbose):
     Every stage reads params.yaml (or --params FILE) and writes paths relative to the working directory.
     `kdqa COMMAND --help` says what each command reads and writes.
     """
-    from pipeline.progress import configure_output
+    from pipeline.runtime.progress import configure_output
 
     configure_output(quiet=quiet, verbose=verbose)
     ctx.obj = {"params": params_path}
@@ -137,7 +137,7 @@ def prepare(ctx, strict):
     Structural problems in the data stop with one line naming the file and record; per-answer problems
     are repaired or skipped and counted in data/features/report.json.
     """
-    from pipeline.prepare import run_prepare
+    from pipeline.stages.prepare import run_prepare
 
     params = _load(ctx, "data", "prepare", "teacher")
     if strict:  # only ever turns a run into an error, never changes its output: safe outside DVC's params
@@ -162,8 +162,8 @@ def teacher(ctx):
     every N-th shard. With `teacher.nproc` > 1 (and not already under torchrun) it starts itself again
     under torch.distributed.run with that many processes, so the DVC stage command stays `kdqa teacher`.
     """
-    from pipeline import distributed
-    from pipeline.teacher import run_teacher
+    from pipeline.training import distributed
+    from pipeline.stages.teacher import run_teacher
 
     params = _load(ctx, "teacher")
     top = ctx.parent.params  # the group's own options, passed on to the relaunched workers
@@ -188,7 +188,7 @@ def align(ctx):
 
     The teacher is not run again: its logits go through character offsets onto the student's tokens.
     """
-    from pipeline.align import run_align
+    from pipeline.stages.align import run_align
 
     params = _load(ctx, "data", "prepare", "student")
     with _stage("align", params):
@@ -213,9 +213,9 @@ def student(ctx, resume):
 
     Under `torchrun --nproc-per-node N -m pipeline student` it trains with DDP (student.batch_size per process).
     """
-    from pipeline.paths import STUDENT_LOG_DIR
-    from pipeline.student import run_student
-    from pipeline.training_log import previous_curves_kept
+    from pipeline.runtime.workspace import STUDENT_LOG_DIR
+    from pipeline.stages.student import run_student
+    from pipeline.training.curves import previous_curves_kept
 
     params = _load(ctx, "student")
     # A run that fails leaves the previous run's curves beside the previous run's model (rank 0 writes them).
@@ -237,7 +237,7 @@ def evaluate(ctx, model_dir):
     Writes: metrics/eval.json, metrics/teacher.json (teacher, same post-processing),
             results/predictions.json, results/na_probs.json, results/forced_predictions.json
     """
-    from pipeline.evaluate import run_evaluate
+    from pipeline.stages.evaluate import run_evaluate
 
     params = _load(ctx, "evaluate")
     with _stage("evaluate", params, Path(model_dir)):
@@ -262,7 +262,7 @@ def export(ctx, model_dir, out_dir):
     Fails, publishing nothing, if the float32 model's logits differ from PyTorch's by more than float
     rounding, or if the int8 model's dev F1 is more than export.max_f1_drop below the PyTorch model's.
     """
-    from pipeline.export import run_export
+    from pipeline.stages.export import run_export
 
     params = _load(ctx, "export")
     with _stage("export", params, model_dir):
@@ -291,7 +291,7 @@ def predict(model, question, context, context_file, jsonl, null_threshold, preci
     Reads only --model (a directory or hub name, or an ONNX export folder, run with ONNX Runtime);
     params.yaml is not used.
     """
-    from pipeline.qa import QuestionAnswerer
+    from pipeline.serving.qa import QuestionAnswerer
 
     if jsonl is not None:
         if question is not None or context is not None or context_file is not None:
@@ -353,7 +353,7 @@ def _read_jsonl(path: Path) -> list[dict]:
             if not isinstance(record.get(field), str):
                 got = "nothing" if field not in record else type(record[field]).__name__
                 raise KdqaError(f"{name}: line {number}: \"{field}\" must be a string, got {got}")
-        from pipeline.squad_data import check_text
+        from pipeline.text.squad import check_text
 
         for field in ("question", "context"):
             check_text(f"{name}: line {number}", f"\"{field}\"", record[field])
@@ -376,7 +376,7 @@ def inspect_cmd(folder, features_dir, as_json):
     were computed for other features than those there now (then a warning and features_match: false).
     Writes nothing.
     """
-    from pipeline.inspect_shards import inspect_folder
+    from pipeline.store.inspect import inspect_folder
 
     info = inspect_folder(folder, features_dir)
     if as_json:
@@ -387,7 +387,7 @@ def inspect_cmd(folder, features_dir, as_json):
 
 
 def main():
-    from pipeline.allocator import arrow_on_system_allocator
+    from pipeline.runtime.allocator import arrow_on_system_allocator
 
     arrow_on_system_allocator()  # before anything imports pyarrow
     cli(prog_name="kdqa")

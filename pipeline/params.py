@@ -17,9 +17,9 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.augment import KINDS as AUGMENT_KINDS
+from pipeline.text.augment import KINDS as AUGMENT_KINDS
 from pipeline.errors import KdqaError
-from pipeline.paths import EXTRA_SPLITS
+from pipeline.runtime.workspace import EXTRA_SPLITS
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class PrepareParams:
     shard_size: int = 4000  # features per Parquet shard
     row_group_size: int = 2000
     strict: bool = False  # turn per-answer repairs/skips into errors
-    # Augmented views of the training set, the `augmented` split (pipeline/augment.py): views per example
+    # Augmented views of the training set, the `augmented` split (pipeline/text/augment.py): views per example
     # (0: none), the seed that makes them, and which kinds.
     augment_views: int = 0
     augment_seed: int = 0
@@ -71,7 +71,7 @@ class StudentParams:
     model: str = "prajjwal1/bert-medium"
     init_layers: list[int] | None = None  # build the student from these layers of `model` (DistilBERT-style)
     # The student's own windows (null: the teacher's, prepare.*). With them or a tokenizer other than the
-    # teacher's, `kdqa align` carries the teacher's logits onto the student's features (pipeline/align.py).
+    # teacher's, `kdqa align` carries the teacher's logits onto the student's features (pipeline/stages/align.py).
     max_seq_len: int | None = None
     doc_stride: int | None = None
     batch_size: int = 6  # per process
@@ -86,7 +86,7 @@ class StudentParams:
     # Dropout on the attention probabilities (null: the model's own, 0.1 in BERT).
     attention_dropout: float | None = None
     # auto: PyTorch's SDPA, except where a CPU training step has attention dropout: there kdqa's attention
-    # (pipeline/attention.py) draws the dropout mask 16 bits per element instead of PyTorch's unfused fallback
+    # (pipeline/model/attention.py) draws the dropout mask 16 bits per element instead of PyTorch's unfused fallback
     # (same function; its own random draws, probabilities in the step's precision where the fallback uses
     # float32). sdpa: PyTorch's SDPA everywhere.
     attention: str = "auto"

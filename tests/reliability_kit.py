@@ -177,7 +177,7 @@ TOTAL_STEPS = 32
 
 KILL_STUDENT = KILL_AT_NTH_HIT + r'''
 
-import pipeline.training as training
+import pipeline.training.step as training
 if mode == "step":                # inside optimizer step n (forward done, before backward)
     original = training.distillation_loss
     def distillation_loss(*a, **k):

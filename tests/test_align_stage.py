@@ -1,4 +1,4 @@
-"""`kdqa align` (pipeline/align.py): the teacher's logits on a student's own tokenizer and windows."""
+"""`kdqa align` (pipeline/stages/align.py): the teacher's logits on a student's own tokenizer and windows."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import yaml
 
 import tiny
 from conftest import run_cli
-from pipeline.alignment import Window, answer_probabilities
-from pipeline.shards import list_shards, read_json, read_table, shard_name, write_table_atomic
+from pipeline.text.alignment import Window, answer_probabilities
+from pipeline.store.shards import list_shards, read_json, read_table, shard_name, write_table_atomic
 from reliability_kit import assert_one_line_error, kdqa
 
 def set_params(run, **changes):
@@ -70,10 +70,10 @@ def test_the_stage_reads_the_teachers_windows_across_shards_in_order(run_copy):
     """Aligning onto the teacher's own tokenizer and windows gives back the teacher's logits, row for row."""
     from contextlib import chdir
 
-    from pipeline.align import align_split, teacher_windows
-    from pipeline.models import load_tokenizer
+    from pipeline.stages.align import align_split, teacher_windows
+    from pipeline.model.loading import load_tokenizer
     from pipeline.params import load_params
-    from pipeline.squad_data import load_examples
+    from pipeline.text.squad import load_examples
 
     # Shards of 5 rows, so that some example's windows straddle two shards.
     for split_dir in ("features/train", "teacher/train"):
@@ -191,9 +191,9 @@ def test_features_whose_manifest_records_no_windows_count_as_the_teachers(run_co
     teacher's, so a student of the teacher's tokenizer needs no alignment."""
     from contextlib import chdir
 
-    from pipeline.models import load_tokenizer
+    from pipeline.model.loading import load_tokenizer
     from pipeline.params import load_params
-    from pipeline.student_data import student_plan
+    from pipeline.training.student_data import student_plan
 
     manifest = read_json(run_copy / "data/features/train/manifest.json")
     del manifest["prepare"]

@@ -1,4 +1,4 @@
-"""Teacher logits carried through character space (pipeline/alignment.py), against hand-computed masses."""
+"""Teacher logits carried through character space (pipeline/text/alignment.py), against hand-computed masses."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import tiny
-from pipeline.alignment import NO_MASS, Window, align_example, answer_probabilities
-from pipeline.batching import answer_mask
-from pipeline.features import tokenize_examples
-from pipeline.squad_data import Example
+from pipeline.text.alignment import NO_MASS, Window, align_example, answer_probabilities
+from pipeline.model.batching import answer_mask
+from pipeline.text.features import tokenize_examples
+from pipeline.text.squad import Example
 
 QUESTION_TOKENS = 3  # hand-built features: [CLS], 3 question tokens, [SEP], context..., [SEP]
 
@@ -158,7 +158,7 @@ def tokenizer(tmp_path, name: str, tokens: list[str] | None = None, lowercase: b
 
 
 def examples_of(path) -> list[Example]:
-    from pipeline.squad_data import load_examples
+    from pipeline.text.squad import load_examples
 
     return load_examples(str(path), "train")[0]
 
@@ -265,8 +265,8 @@ def test_accented_and_cjk_text_align_through_offsets_into_the_original_text(tmp_
 # --- the student's side: masked positions out of the distillation term ---
 
 def test_positions_no_teacher_saw_are_left_out_of_the_kl():
-    from pipeline.losses import distillation_loss
-    from pipeline.stream import teacher_targets
+    from pipeline.model.losses import distillation_loss
+    from pipeline.training.stream import teacher_targets
 
     rng = np.random.default_rng(0)
     spans, width, temperature = [(2, 6), (3, 7)], 9, 2.0
@@ -293,7 +293,7 @@ def test_positions_no_teacher_saw_are_left_out_of_the_kl():
 
 
 def test_teacher_logits_without_nan_give_no_mask():
-    from pipeline.stream import teacher_targets
+    from pipeline.training.stream import teacher_targets
 
     targets = teacher_targets([np.ones(4, dtype=np.float32)], [np.zeros(3, dtype=np.float32)], 5)
     assert set(targets) == {"teacher_start", "teacher_end"}  # today's path: the loss sees no teacher_mask

@@ -1,4 +1,4 @@
-"""pipeline/allocator.py: with freed memory kept (KDQA_MALLOC=keep), a buffer freed and allocated again is not faulted
+"""pipeline/runtime/allocator.py: with freed memory kept (KDQA_MALLOC=keep), a buffer freed and allocated again is not faulted
 in again; with a fixed mmap threshold (bounded, release) a large freed buffer is handed back at once, which glibc as
 it comes (the default) does not."""
 
@@ -19,7 +19,7 @@ def without_kdqa_malloc() -> dict:
 # Allocate, fill and free a 64 MiB buffer five times; print the page faults of the last four rounds.
 ROUNDS = """
 import ctypes, resource, sys
-from pipeline.allocator import keep_freed_memory
+from pipeline.runtime.allocator import keep_freed_memory
 assert keep_freed_memory(sys.argv[1]) == (sys.argv[1] == "keep")
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
@@ -50,7 +50,7 @@ def test_freed_buffers_are_reused_without_page_faults():
 # With freed memory kept, free a 64 MiB buffer, then release: print resident MiB before and after the release.
 RELEASE = """
 import ctypes
-from pipeline.allocator import keep_freed_memory, release_freed_memory
+from pipeline.runtime.allocator import keep_freed_memory, release_freed_memory
 def resident_mib():
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) // 1024
 assert keep_freed_memory("keep")
@@ -77,7 +77,7 @@ def test_release_hands_kept_pages_back():
 # block after it (so it is not the top of the heap, which glibc trims): print the resident MiB it leaves behind.
 LEFT_BEHIND = """
 import ctypes, sys
-from pipeline.allocator import keep_freed_memory
+from pipeline.runtime.allocator import keep_freed_memory
 def resident_mib():
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) / 1024
 assert not keep_freed_memory(sys.argv[1] if len(sys.argv) > 1 else None)

@@ -1,4 +1,4 @@
-"""kdqa's CPU attention with dropout (pipeline/attention.py) computes softmax(QK^T * scaling + mask), dropout, x V:
+"""kdqa's CPU attention with dropout (pipeline/model/attention.py) computes softmax(QK^T * scaling + mask), dropout, x V:
 checked against a direct float64 computation under the same dropout mask, forward and backward, with both mask
 kinds transformers passes; and it is what a CPU student stage trains with (padding still masked)."""
 
@@ -11,8 +11,8 @@ import torch
 import yaml
 
 from conftest import run_cli
-from pipeline import attention
-from pipeline.attention import NAME, chunk_keep_mask, draw_keep_mask, dropout_attention, use_dropout_attention
+from pipeline.model import attention
+from pipeline.model.attention import NAME, chunk_keep_mask, draw_keep_mask, dropout_attention, use_dropout_attention
 
 
 def direct_attention(q, k, v, additive_mask, keep, scale, scaling):
@@ -23,7 +23,7 @@ def direct_attention(q, k, v, additive_mask, keep, scale, scaling):
 
 
 def drawn_mask(seed: int, shape: tuple, p: float, rows: int):
-    """The whole dropout mask a call with this seed draws, chunk by chunk (pipeline.attention.chunk_keep_mask)."""
+    """The whole dropout mask a call with this seed draws, chunk by chunk (pipeline.model.attention.chunk_keep_mask)."""
     chunks = [chunk_keep_mask(seed, i, torch.Size((min(rows, shape[0] - i), *shape[1:])), p)
               for i in range(0, shape[0], rows)]
     return torch.cat([keep for keep, _ in chunks]), chunks[0][1]
@@ -152,7 +152,7 @@ def test_a_bert_model_trains_through_it_with_its_padding_masked(monkeypatch):
 def test_under_gradient_checkpointing_it_gives_the_same_gradients():
     """A checkpointed layer runs its forward again before its backward under the same random state: the same
     call seed, the same dropout masks, the gradients of the plain run."""
-    from pipeline.student import enable_gradient_checkpointing
+    from pipeline.stages.student import enable_gradient_checkpointing
 
     ids = torch.randint(1, 50, (3, 12), generator=torch.Generator().manual_seed(0))
     mask = torch.ones(3, 12, dtype=torch.long)

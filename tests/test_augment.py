@@ -1,14 +1,14 @@
-"""Augmented views (pipeline/augment.py) and the sentence splitter they cut paragraphs with."""
+"""Augmented views (pipeline/text/augment.py) and the sentence splitter they cut paragraphs with."""
 
 from __future__ import annotations
 
 import pytest
 
-from pipeline.augment import KINDS, AugmentReport, make_views
+from pipeline.text.augment import KINDS, AugmentReport, make_views
 from pipeline.errors import KdqaError
-from pipeline.features import NO_LABEL, tokenize_examples
-from pipeline.sentences import split_sentences
-from pipeline.squad_data import Example
+from pipeline.text.features import NO_LABEL, tokenize_examples
+from pipeline.text.sentences import split_sentences
+from pipeline.text.squad import Example
 
 
 @pytest.mark.parametrize("text,sentences", [

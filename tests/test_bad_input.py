@@ -543,7 +543,7 @@ def test_impossible_with_answers_is_trained_unanswerable_counted_and_scored_like
 def test_empty_passage_in_answer_many_gets_no_answer_and_the_rest_are_unchanged(world):
     """Case 4: a blank question or an empty context does not fail the batch; a single call refuses it."""
     from pipeline.errors import KdqaError
-    from pipeline.qa import NO_ANSWER, QuestionAnswerer
+    from pipeline.serving.qa import NO_ANSWER, QuestionAnswerer
 
     qa = QuestionAnswerer(str(world.student), device="cpu")
     pairs = [("who built it?", "alice built the red tower in paris."), ("who built it?", ""),

@@ -121,7 +121,7 @@ def test_parameter_count_matches_the_model(tiny_assets):
     from transformers import AutoModelForQuestionAnswering
 
     from bench.performance import parameter_count
-    from pipeline.models import keep_layers
+    from pipeline.model.loading import keep_layers
 
     model = AutoModelForQuestionAnswering.from_pretrained(tiny_assets.teacher)
     assert parameter_count(tiny_assets.teacher) == sum(p.numel() for p in model.parameters())
@@ -145,20 +145,20 @@ def test_worker_peak_memory_is_its_own_not_its_parents():
 
 
 def test_student_benchmark_times_the_stages_own_train_step(prepared_run, tiny_assets, monkeypatch):
-    """The benchmark's student epoch runs `pipeline.training.train_step` (the stage's step), once per step."""
+    """The benchmark's student epoch runs `pipeline.training.step.train_step` (the stage's step), once per step."""
     import torch
 
-    import pipeline.training
+    import pipeline.training.step
     from bench import perf_workers
 
     taken = []
-    real_step = pipeline.training.train_step
+    real_step = pipeline.training.step.train_step
 
     def counted(*args):
         taken.append(args[5])  # `step`: the steps taken before this one
         return real_step(*args)
 
-    monkeypatch.setattr(pipeline.training, "train_step", counted)
+    monkeypatch.setattr(pipeline.training.step, "train_step", counted)
     monkeypatch.setattr(perf_workers, "setup_torch", lambda threads: (torch, torch.device("cpu")))  # no global changes
     result = perf_workers.student_worker({
         "threads": 1, "mode": "offline", "work": str(prepared_run), "teacher_model": str(tiny_assets.teacher),

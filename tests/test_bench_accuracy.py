@@ -304,7 +304,7 @@ def test_run_stage_records_resumes_reuse_and_failures(tmp_path, monkeypatch):
     finally:
         sys.path.remove(str(REPO / "bench"))
     # The runner recognises kdqa's own warning for a checkpoint it will not resume: keep the two in step.
-    assert "not resuming, settings changed" in (REPO / "pipeline" / "checkpoint.py").read_text()
+    assert "not resuming, settings changed" in (REPO / "pipeline" / "training" / "checkpoint.py").read_text()
 
     fake_root = tmp_path / "fake"
     (fake_root / "pipeline").mkdir(parents=True)

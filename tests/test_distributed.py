@@ -213,7 +213,7 @@ def test_teacher_two_processes_resume_and_match_one_process(reference, assets, t
 # --- student, uneven shards ---
 
 def planned_steps(project: Path, batch_size: int, epochs: int, seed: int, world: int) -> int:
-    from pipeline.stream import ShardStream, find_shard_pairs
+    from pipeline.training.stream import ShardStream, find_shard_pairs
 
     pairs = find_shard_pairs(project / "data" / "features" / "train", project / "data" / "teacher" / "train")
     stream = ShardStream(pairs, batch_size, seed, 0, 0, world)
@@ -250,7 +250,7 @@ def write_layout(project: Path, source: Path, groups: list[list[int]], rows_per_
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.shards import (features_fingerprint, list_shards, sha256_file, shard_name, write_json_atomic,
+    from pipeline.store.shards import (features_fingerprint, list_shards, sha256_file, shard_name, write_json_atomic,
                                  write_table_atomic)
 
     src_f, src_t = source / "features" / "train", source / "teacher" / "train"
@@ -286,7 +286,7 @@ def test_student_ddp_matches_one_process_and_resumes(reference, assets, tmp_path
     The 2-process run also crashes in a rank-0 evaluation (truncated dev shard) after its step-3 checkpoint
     and is resumed with `--resume`: rank 0's weights/optimizer, each rank's RNG file, the stream position.
     """
-    from pipeline.stream import ShardStream
+    from pipeline.training.stream import ShardStream
 
     seed, n = 1, 8
     order16 = ShardStream([None] * (2 * n), 4, seed, 0).shard_order(0)
@@ -351,7 +351,7 @@ def test_student_ddp_matches_one_process_and_resumes(reference, assets, tmp_path
 # --- the re-launch itself (no processes started) ---
 
 def test_relaunch_only_outside_a_launcher(monkeypatch):
-    from pipeline import distributed
+    from pipeline.training import distributed
     from pipeline.errors import KdqaError
 
     calls = []

@@ -146,8 +146,8 @@ def test_dvc_repro_then_student_change_skips_prepare_and_teacher(dvc_repo):
 
 
 # The code prepare and teacher run; neither stage lists it in dvc.yaml (pipeline/formats.yaml stands for it).
-PREPARE_AND_TEACHER_CODE = ["prepare", "features", "squad_data", "teacher", "inference", "batching", "models",
-                            "shards", "distributed"]
+PREPARE_AND_TEACHER_CODE = ["stages/prepare", "text/features", "text/squad", "stages/teacher", "model/inference",
+                            "model/batching", "model/loading", "store/shards", "training/distributed"]
 
 
 def test_upgrades_rerun_prepare_and_teacher_only_when_their_format_version_changes(dvc_repo):

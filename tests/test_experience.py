@@ -88,7 +88,7 @@ def test_init_layers_copies_the_chosen_layers(tiny_assets):
     from transformers import AutoModelForQuestionAnswering
 
     from pipeline.params import StudentParams
-    from pipeline.student import build_student
+    from pipeline.stages.student import build_student
 
     source = AutoModelForQuestionAnswering.from_pretrained(tiny_assets.teacher)
     assert source.config.num_hidden_layers == 3
@@ -128,8 +128,8 @@ def test_model_card(layered_run):
     from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
     from pipeline import __version__
-    from pipeline.evaluate import evaluate_model
-    from pipeline.student import CARD_EVALUATION
+    from pipeline.stages.evaluate import evaluate_model
+    from pipeline.stages.student import CARD_EVALUATION
 
     params = yaml.safe_load((layered_run / "params.yaml").read_text())
     card = (layered_run / "models/student/README.md").read_text()
@@ -183,12 +183,12 @@ def test_local_data_outside_data_raw_is_flagged_in_a_dvc_project(tmp_path, caplo
     import logging
     from contextlib import chdir
 
-    from pipeline.prepare import warn_if_dvc_cannot_see
+    from pipeline.stages.prepare import warn_if_dvc_cannot_see
 
     (tmp_path / "data" / "raw").mkdir(parents=True)
     (tmp_path / "data" / "raw" / "train.json").write_text("{}")
     (tmp_path / "elsewhere.json").write_text("{}")
-    with chdir(tmp_path), caplog.at_level(logging.WARNING, logger="pipeline.prepare"):
+    with chdir(tmp_path), caplog.at_level(logging.WARNING, logger="pipeline.stages.prepare"):
         warn_if_dvc_cannot_see("elsewhere.json")  # not a DVC project yet: nothing to say
         assert not caplog.records
         (tmp_path / "dvc.yaml").write_text("stages: {}\n")

@@ -67,9 +67,9 @@ def test_onnx_float32_reproduces_the_pytorch_forward_pass(exported_run):
     """Independent of the stage's own check: raw ONNX Runtime against the PyTorch model on padded dev batches."""
     import onnxruntime as ort
 
-    from pipeline.batching import pad_batch
-    from pipeline.models import load_qa_model
-    from pipeline.shards import list_column_to_numpy, list_shards, read_table
+    from pipeline.model.batching import pad_batch
+    from pipeline.model.loading import load_qa_model
+    from pipeline.store.shards import list_column_to_numpy, list_shards, read_table
 
     model = load_qa_model(str(exported_run / "models/student")).eval()
     session = ort.InferenceSession(str(exported_run / "models/student-onnx/model.onnx"))
@@ -87,7 +87,7 @@ def test_onnx_float32_reproduces_the_pytorch_forward_pass(exported_run):
     assert np.abs(start - expected.start_logits.numpy())[real].max() < 1e-4
     assert np.abs(end - expected.end_logits.numpy())[real].max() < 1e-4
     # kdqa's own session (ONNX Runtime's SkipLayerNormalization fusion off) computes the same logits.
-    from pipeline.onnx_model import OnnxQAModel
+    from pipeline.serving.onnx_model import OnnxQAModel
 
     ours = OnnxQAModel(exported_run / "models/student-onnx/model.onnx", model.config)(**inputs)
     assert np.abs(ours.start_logits.numpy() - start)[real].max() < 1e-4
@@ -199,7 +199,7 @@ def test_unsupported_architecture_is_named_in_one_line(exported_run, tmp_path):
 # --- the gate ---
 
 def test_a_float32_export_that_differs_from_pytorch_fails_and_publishes_nothing(exported_run, tmp_path, monkeypatch):
-    import pipeline.export as export
+    import pipeline.stages.export as export
 
     run = copy_run(exported_run, tmp_path / "run")
     before = (run / "models/student-onnx/kdqa_export.json").read_bytes()
@@ -225,7 +225,7 @@ def test_a_float32_export_that_differs_from_pytorch_fails_and_publishes_nothing(
 
 def test_int8_gate_fails_above_max_f1_drop_and_says_which_knob():
     from pipeline.errors import KdqaError
-    from pipeline.export import check_gate
+    from pipeline.stages.export import check_gate
 
     metrics = {"float32_max_logit_difference": 1e-6, "pytorch": {"f1": 60.0}, "onnx_int8": {"f1": 58.5},
                "int8_f1_drop": 1.5}
@@ -275,7 +275,7 @@ def test_an_export_with_non_finite_weights_is_refused(exported_run, tmp_path):
 
     from pipeline import QuestionAnswerer
     from pipeline.errors import KdqaError
-    from pipeline.shards import sha256_file
+    from pipeline.store.shards import sha256_file
 
     served = Path(shutil.copytree(exported_run / "models/student-onnx", tmp_path / "served"))
     model = onnx.load(str(served / "model.onnx"))

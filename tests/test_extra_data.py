@@ -15,9 +15,9 @@ import yaml
 
 import tiny
 from conftest import make_run_dir, run_cli
-from pipeline.augment import AugmentReport, make_views
-from pipeline.features import NO_LABEL
-from pipeline.squad_data import load_examples
+from pipeline.text.augment import AugmentReport, make_views
+from pipeline.text.features import NO_LABEL
+from pipeline.text.squad import load_examples
 from reliability_kit import assert_one_line_error, kdqa
 
 WORDS = tiny.WORDS[:40]
@@ -179,7 +179,7 @@ def steps_taken(run: Path) -> int:
 
 
 def test_student_mixes_extra_rows_by_shard_and_logs_ce_over_labelled_rows(extra_copy):
-    from pipeline.mixing import extra_quota, extra_shards_by_epoch
+    from pipeline.training.mixing import extra_quota, extra_shards_by_epoch
 
     run = extra_copy
     set_params(run, student__epochs=2, student__extra_ratio=1.0, student__extra_splits=["unlabeled"])
@@ -279,7 +279,7 @@ def rows_by_example(folder: Path) -> dict[str, list[int]]:
 def test_an_aligned_student_gets_the_extra_rows_on_its_own_windows(extra_copy):
     """Issues 14 and 17 together: `kdqa align` carries the unlabeled and augmented splits' logits onto the
     student's own windows as well, and the student mixes them in exactly as it mixes the teacher's."""
-    from pipeline.mixing import extra_quota, extra_shards_by_epoch
+    from pipeline.training.mixing import extra_quota, extra_shards_by_epoch
 
     run = extra_copy
     set_params(run, student__max_seq_len=24, student__doc_stride=6, student__epochs=2, student__extra_ratio=1.0)

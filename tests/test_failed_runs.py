@@ -97,7 +97,7 @@ def test_student_that_cannot_save_keeps_a_final_checkpoint_and_the_rerun_finishe
 
 
 def test_failed_checkpoint_write_loses_at_most_checkpoint_every_steps(world, tmp_path, monkeypatch, reference):
-    import pipeline.checkpoint as checkpoint
+    import pipeline.training.checkpoint as checkpoint
 
     ws = clone(world, tmp_path / "ws")
     write_params(world, ws, **STUDENT, student__checkpoint_every=5, student__num_workers=0)
@@ -117,7 +117,7 @@ def test_failed_checkpoint_write_loses_at_most_checkpoint_every_steps(world, tmp
 def test_unwritable_output_is_found_before_training(world, tmp_path, monkeypatch, folder):
     import tempfile
 
-    import pipeline.training as training
+    import pipeline.training.step as training
 
     ws = clone(world, tmp_path / "ws")
     write_params(world, ws, **STUDENT, student__checkpoint_every=5)
@@ -193,7 +193,7 @@ def test_stale_staging_is_removed_at_start(world, tmp_path):
 
 HOLD_LOCK = r'''
 import sys
-from pipeline.stage_lock import stage_lock
+from pipeline.runtime.locks import stage_lock
 with stage_lock(sys.argv[1]):
     print("locked", flush=True)
     sys.stdin.read()  # hold it until the test closes our stdin (or kills us)
@@ -228,7 +228,7 @@ def test_second_teacher_run_names_the_first_and_a_dead_ones_lock_is_taken_over(w
 def test_lock_only_on_rank_0(tmp_path, monkeypatch):
     from contextlib import chdir
 
-    from pipeline.stage_lock import stage_lock
+    from pipeline.runtime.locks import stage_lock
 
     monkeypatch.setenv("RANK", "1")
     with chdir(tmp_path), stage_lock("teacher"):
@@ -263,7 +263,7 @@ def test_killed_student_before_its_first_row_keeps_the_previous_curves(world, fi
 
 
 def test_failed_student_puts_the_previous_curves_back(world, finished_student, tmp_path, monkeypatch):
-    import pipeline.training as training
+    import pipeline.training.step as training
 
     ws = Path(shutil.copytree(finished_student, tmp_path / "ws"))
     before = curves(ws)
@@ -281,7 +281,7 @@ def test_failed_student_puts_the_previous_curves_back(world, finished_student, t
 @pytest.mark.parametrize("code, remedy", [(errno.ENOSPC, "free some space"), (errno.EDQUOT, "quota"),
                                           (errno.EROFS, "writable folder"), (errno.EACCES, "permissions")])
 def test_describe_names_the_path_and_the_remedy(code, remedy):
-    from pipeline.write_errors import describe
+    from pipeline.runtime.write_errors import describe
 
     line = describe(OSError(code, os.strerror(code)), Path("models/student"))
     assert line.startswith(f"models/student: {os.strerror(code)}: ") and remedy in line
@@ -289,7 +289,7 @@ def test_describe_names_the_path_and_the_remedy(code, remedy):
 
 
 def test_describe_reads_rust_and_torch_writers(monkeypatch, tmp_path):
-    from pipeline import write_errors
+    from pipeline.runtime import write_errors
 
     rust = RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
     assert ENOSPC in write_errors.describe(rust, tmp_path)
@@ -308,8 +308,8 @@ def test_space_estimates(world, tmp_path):
     import pyarrow.parquet as pq
 
     from pipeline.params import Params
-    from pipeline.paths import CHECKPOINT_DIR, STUDENT_MODEL_DIR, TEACHER_DIR, TEACHER_WORK_DIR
-    from pipeline.preflight import space_needed
+    from pipeline.runtime.workspace import CHECKPOINT_DIR, STUDENT_MODEL_DIR, TEACHER_DIR, TEACHER_WORK_DIR
+    from pipeline.runtime.preflight import space_needed
 
     ws = clone(world, tmp_path / "ws")
     params = Params()

@@ -189,7 +189,7 @@ def too_many_tokens(c: Ctx):
 
 def lock_held(stage: str):
     def setup(c: Ctx):
-        from pipeline.stage_lock import stage_lock
+        from pipeline.runtime.locks import stage_lock
 
         with contextlib.chdir(c.ws):
             c.stack.enter_context(stage_lock(stage))
@@ -395,8 +395,8 @@ def data_with_text(split: str, where: str, text: str):
 def folder_lock_held(stage: str):
     """A running `stage`: its stage lock and its folder locks held by this process."""
     def setup(c: Ctx):
-        from pipeline.stage_lock import folder_locks, stage_lock
-        from pipeline.stages import STAGES
+        from pipeline.runtime.locks import folder_locks, stage_lock
+        from pipeline.stages.table import STAGES
 
         with contextlib.chdir(c.ws):
             c.stack.enter_context(stage_lock(stage))
@@ -475,7 +475,7 @@ ROWS = [
         ("models/student", ENOSPC, "completed work is kept"), keeps=(CHECKPOINTS,)),
     Row("student: disk full, reported the safetensors way", ("student",), model_save_fails("rust"),
         ("models/student", ENOSPC), keeps=(CHECKPOINTS,)),
-    Row("student: disk full writing a checkpoint keeps the previous one", ("student",), nth_call_fails("pipeline.checkpoint", "save_file", 2),
+    Row("student: disk full writing a checkpoint keeps the previous one", ("student",), nth_call_fails("pipeline.training.checkpoint", "save_file", 2),
         ("checkpoints/student", ENOSPC), keeps=(CHECKPOINTS,)),
     Row("student: disk full appending to the curve", ("student",), curve_append_fails(errno.ENOSPC),
         ("logs/student/train.tsv", ENOSPC)),
@@ -522,7 +522,7 @@ ROWS = [
     Row("prepare: is_impossible with answers counted", ("prepare",), contradictory_labels,
         ("1 marked impossible despite answers",), exit_code=0),
     # --- case 8: a failed or interrupted student keeps the previous run's curves ---
-    Row("student: interrupted keeps the previous curves", ("student",), nth_call_fails("pipeline.training", "distillation_loss", 7, KeyboardInterrupt),
+    Row("student: interrupted keeps the previous curves", ("student",), nth_call_fails("pipeline.training.step", "distillation_loss", 7, KeyboardInterrupt),
         ("interrupted",), exit_code=130, keeps=(CHECKPOINTS,)),
     # --- case 9: params ---
     Row("--params at a folder", ("--params", "data", "prepare"), None, ("data: is a folder",)),
@@ -561,7 +561,7 @@ ROWS = [
         ("data/features/dev/part-00000.parquet", "kdqa prepare")),
     Row("export: models/ read-only, found before exporting", ("export",), read_only("models/student-onnx"),
         ("models/student-onnx", EROFS, "nothing was done yet")),
-    Row("export: disk full writing the int8 model", ("export",), nth_call_fails("pipeline.export", "quantize_int8", 1),
+    Row("export: disk full writing the int8 model", ("export",), nth_call_fails("pipeline.stages.export", "quantize_int8", 1),
         ("models/student-onnx", ENOSPC)),
     Row("predict --model: folder that does not exist", ("predict", "--model", "no/such/./folder", "--question",
                                                        "who?", "--context", CTX), None, ("no/such/./folder",)),
@@ -749,7 +749,7 @@ def api_model(world) -> str:
 @pytest.mark.parametrize("row", API_ROWS, ids=[r.name for r in API_ROWS])
 def test_api_row(row: ApiRow, api_model):
     from pipeline.errors import KdqaError
-    from pipeline.qa import QuestionAnswerer
+    from pipeline.serving.qa import QuestionAnswerer
 
     with pytest.raises(KdqaError) as raised:  # a ValueError: `except Exception` (a server's) catches it
         qa = QuestionAnswerer(api_model, **row.kwargs)
@@ -764,7 +764,7 @@ def test_api_row(row: ApiRow, api_model):
 def test_api_small_windows_answer_long_contexts(kwargs, api_model):
     """A small window (the Rust tokenizer once panicked at max_seq_len 16) reads a long passage; and a generator
     of pairs is answered like a list."""
-    from pipeline.qa import Answer, QuestionAnswerer
+    from pipeline.serving.qa import Answer, QuestionAnswerer
 
     qa = QuestionAnswerer(api_model, **kwargs)
     assert isinstance(qa("who built the tower?", LONG_CONTEXT), Answer)

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 import tiny
-from pipeline.features import CLS_INDEX, tokenize_examples
-from pipeline.squad_data import Example, load_examples
+from pipeline.text.features import CLS_INDEX, tokenize_examples
+from pipeline.text.squad import Example, load_examples
 
 MAX_SEQ_LEN, DOC_STRIDE, MAX_QUERY_LEN = 48, 16, 12
 # Whole vocabulary words only: one word is exactly one token, so token and word positions coincide.

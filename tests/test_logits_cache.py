@@ -1,9 +1,9 @@
-"""The content-addressed teacher logits store (pipeline/logits_cache.py), on its own."""
+"""The content-addressed teacher logits store (pipeline/store/logits_cache.py), on its own."""
 
 from __future__ import annotations
 
-from pipeline.logits_cache import LogitsCache
-from pipeline.shards import sha256_file
+from pipeline.store.logits_cache import LogitsCache
+from pipeline.store.shards import sha256_file
 
 PARTS = {"teacher": "t1", "vocab": "v1", "precision": "bfloat16", "logits_format": 1}
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.losses import distillation_loss
-from pipeline.batching import answer_mask
+from pipeline.model.losses import distillation_loss
+from pipeline.model.batching import answer_mask
 
 
 def allowed_positions(context_start: int, context_end: int) -> list[int]:
@@ -168,7 +168,7 @@ def reference_masked_loss(ss, se, ts, te, starts, ends, spans, temperature, weig
 @pytest.mark.parametrize("labelled_rows", [[0, 2], [1], [0, 1, 2], []])
 def test_rows_without_labels_take_the_kd_part_only(labelled_rows):
     """NO_LABEL rows: in the KL (mean over all rows), out of the CE (mean over labelled rows only)."""
-    from pipeline.features import NO_LABEL
+    from pipeline.text.features import NO_LABEL
 
     spans, ss, se, ts, te, starts, ends = make_batch(seed=6)
     starts, ends = starts.copy(), ends.copy()
@@ -188,7 +188,7 @@ def test_rows_without_labels_take_the_kd_part_only(labelled_rows):
 
 def test_unlabelled_rows_get_no_gradient_from_the_hard_labels():
     """With weight 0 (CE only) a NO_LABEL row's logits get exactly zero gradient; labelled rows do not."""
-    from pipeline.features import NO_LABEL
+    from pipeline.text.features import NO_LABEL
 
     spans, ss, se, ts, te, starts, ends = make_batch(seed=7)
     starts, ends = starts.copy(), ends.copy()

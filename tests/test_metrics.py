@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.postprocess import WindowLogits, best_spans, na_probability, predict_example
-from pipeline.squad_metrics import (
+from pipeline.text.postprocess import WindowLogits, best_spans, na_probability, predict_example
+from pipeline.text.squad_metrics import (
     compute_exact,
     compute_f1,
     find_best_threshold,

@@ -1,4 +1,4 @@
-"""How extra shards join the labelled ones, epoch by epoch (pipeline/mixing.py)."""
+"""How extra shards join the labelled ones, epoch by epoch (pipeline/training/mixing.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from pipeline.mixing import extra_quota, extra_shards_by_epoch
+from pipeline.training.mixing import extra_quota, extra_shards_by_epoch
 
 
 def test_each_epoch_reaches_its_quota_with_whole_shards():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.paths import previous_path, staged_folder, staging_path
+from pipeline.runtime.workspace import previous_path, staged_folder, staging_path
 
 
 def test_staged_folder_swaps_in_whole_and_cleans_what_a_crash_left(tmp_path):

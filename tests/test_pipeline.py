@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from conftest import INPUTS, copy_run, run_cli
-from pipeline.squad_metrics import squad_v2_metrics
+from pipeline.text.squad_metrics import squad_v2_metrics
 
 OFFICIAL_KEYS = {"exact", "f1", "total", "HasAns_exact", "HasAns_f1", "HasAns_total", "NoAns_exact", "NoAns_f1",
                  "NoAns_total", "best_exact", "best_exact_thresh", "best_f1", "best_f1_thresh"}
@@ -165,7 +165,7 @@ def test_eval_json_has_official_keys_and_matches_a_recomputation(trained_run, ti
     assert all(text in contexts[q] for q, text in preds.items())
     # The forced spans are what HasAns_f1_forced scores: a non-empty span from the context for every question,
     # equal to the answer wherever the model answered.
-    from pipeline.squad_metrics import forced_span_metrics
+    from pipeline.text.squad_metrics import forced_span_metrics
 
     forced = json.loads((run / "results/forced_predictions.json").read_text())
     assert set(forced) == set(golds) and all(text and text in contexts[q] for q, text in forced.items())
@@ -210,7 +210,7 @@ def test_rounded_batch_widths_leave_each_rows_logits_unchanged(prepared_run):
     import torch
     from transformers import AutoModelForQuestionAnswering
 
-    from pipeline.inference import shard_logits
+    from pipeline.model.inference import shard_logits
 
     model = AutoModelForQuestionAnswering.from_pretrained(prepared_run / INPUTS / "teacher").eval()
     shard = sorted((prepared_run / "data/features/dev").glob("part-*.parquet"))[0]
@@ -251,7 +251,7 @@ def test_teacher_precision_is_part_of_what_the_logits_mean(run_copy):
 def test_auto_precision_is_bfloat16_only_where_the_hardware_has_it(monkeypatch):
     import torch
 
-    from pipeline import inference
+    from pipeline.model import inference
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert inference.autocast_dtype(cuda) is torch.bfloat16
@@ -310,9 +310,9 @@ def test_eval_curve_ends_with_the_final_models_dev_scores(trained_run):
     """The student stage's last dev evaluation is logged (eval.tsv), not only written into the model card."""
     import torch
 
-    from pipeline.evaluate import evaluate_model
-    from pipeline.models import load_qa_model
-    from pipeline.student import CARD_EVALUATION
+    from pipeline.stages.evaluate import evaluate_model
+    from pipeline.model.loading import load_qa_model
+    from pipeline.stages.student import CARD_EVALUATION
 
     run = trained_run["run"]
     rows = list(csv.DictReader((run / "logs/student/eval.tsv").open(), delimiter="\t"))
@@ -430,7 +430,7 @@ def test_student_refuses_shards_of_another_format_version(run_copy, folder, kind
 # --- streaming (features shard, logits shard) pairs into training batches ---
 
 def _stream(run: Path, batch_size=5, seed=7):
-    from pipeline.stream import ShardStream, find_shard_pairs
+    from pipeline.training.stream import ShardStream, find_shard_pairs
 
     pairs = find_shard_pairs(run / "data/features/train", run / "data/teacher/train")
     return ShardStream(pairs, batch_size, seed, pad_token_id=0)
@@ -476,9 +476,9 @@ def test_rounded_batch_width_changes_shapes_not_the_loss(prepared_run):
     the exact-width batch."""
     import torch
 
-    from pipeline.losses import distillation_loss
-    from pipeline.models import load_qa_model
-    from pipeline.stream import ShardStream, find_shard_pairs
+    from pipeline.model.losses import distillation_loss
+    from pipeline.model.loading import load_qa_model
+    from pipeline.training.stream import ShardStream, find_shard_pairs
 
     pairs = find_shard_pairs(prepared_run / "data/features/train", prepared_run / "data/teacher/train")
     exact = list(ShardStream(pairs, 5, 7, pad_token_id=0))
@@ -521,7 +521,7 @@ def test_stream_shuffles_every_epoch_reproducibly(prepared_run):
 
 def test_misaligned_logits_rows_are_refused(run_copy):
     from pipeline.errors import KdqaError
-    from pipeline.stream import find_shard_pairs, verify_alignment
+    from pipeline.training.stream import find_shard_pairs, verify_alignment
 
     shard = run_copy / "data/teacher/train/part-00000.parquet"
     table = pq.read_table(shard)

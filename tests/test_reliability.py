@@ -72,7 +72,7 @@ def assert_same_logits_as_clean_run(world: World, ws: Path) -> None:
 KILL_TEACHER = KILL_AT_NTH_HIT + r'''
 
 import shutil
-import pipeline.teacher as teacher
+import pipeline.stages.teacher as teacher
 if mode == "after-done":          # right after the n-th shard and its done record are complete
     original = teacher.write_logits_shard
     def write_logits_shard(*a, **k):
@@ -127,7 +127,7 @@ def test_teacher_sigkill_then_rerun_gives_identical_shards(world, tmp_path, mode
 
 def test_teacher_ctrl_c_keeps_work_and_skips_corrupted_work_shard(world, tmp_path, monkeypatch):
     """Ctrl-C: exit 130, completed shards kept; a work shard damaged afterwards is recomputed, not trusted."""
-    import pipeline.teacher as teacher
+    import pipeline.stages.teacher as teacher
 
     ws = clone(world, tmp_path / "ws")
     shutil.rmtree(ws / "data/teacher")
@@ -159,7 +159,7 @@ def test_teacher_ctrl_c_keeps_work_and_skips_corrupted_work_shard(world, tmp_pat
 
 def test_teacher_work_for_other_features_is_not_reused(world, tmp_path, monkeypatch):
     """Work left by a crash is keyed by the features: after a re-prepare it is ignored, not resumed."""
-    import pipeline.teacher as teacher
+    import pipeline.stages.teacher as teacher
 
     ws = clone(world, tmp_path / "ws")
     shutil.rmtree(ws / "data/teacher")
@@ -181,7 +181,7 @@ def test_teacher_work_for_other_features_is_not_reused(world, tmp_path, monkeypa
     result = kdqa(ws, "teacher")
     assert result.exit_code == 0, result.output
     assert "resuming" not in result.stderr
-    from pipeline.shards import features_fingerprint
+    from pipeline.store.shards import features_fingerprint
 
     manifest = json.loads((ws / "data/teacher/train/manifest.json").read_text())
     assert manifest["fingerprint_parts"]["features"] == features_fingerprint(ws / "data/features/train")
@@ -330,7 +330,7 @@ def assert_nothing_trained(ws: Path) -> None:
 
 @pytest.mark.parametrize("change", [{"prepare__doc_stride": 12}, {"prepare__max_seq_len": 40}, {"data__train": "dev"}])
 def test_student_refuses_logits_for_other_features(world, tmp_path, change):
-    from pipeline.shards import features_fingerprint
+    from pipeline.store.shards import features_fingerprint
 
     ws = clone(world, tmp_path / "ws")
     if change.get("data__train") == "dev":
@@ -381,7 +381,7 @@ def rewrite_logits_shard(ws: Path, name: str, reorder) -> None:
     """Rewrite one logits shard with its rows reordered (a buggy teacher) and record it in the manifest."""
     import pyarrow.parquet as pq
 
-    from pipeline.shards import LOGITS_SCHEMA, sha256_file, write_table_atomic
+    from pipeline.store.shards import LOGITS_SCHEMA, sha256_file, write_table_atomic
 
     folder = ws / "data/teacher/train"
     table = pq.read_table(folder / name, schema=LOGITS_SCHEMA)
@@ -416,7 +416,7 @@ def test_logits_row_count_mismatch_is_detected(world, tmp_path):
 def test_stream_checks_feature_ids_row_for_row_while_streaming(world):
     """Even past the up-front check, a shard pair whose ids disagree never yields a batch."""
     from pipeline.errors import KdqaError
-    from pipeline.stream import ShardPair, ShardStream
+    from pipeline.training.stream import ShardPair, ShardStream
 
     ws = world.workspace
     features, logits = ws / "data/features/train/part-00000.parquet", ws / "data/teacher/train/part-00001.parquet"
@@ -434,12 +434,12 @@ PIPELINE = Path(__file__).resolve().parent.parent / "pipeline"
 
 def test_every_torch_load_is_weights_only():
     calls = []
-    for path in sorted(PIPELINE.glob("*.py")):
+    for path in sorted(PIPELINE.rglob("*.py")):
         for match in re.finditer(r"torch\.load\(([^)]*)\)", path.read_text()):
             calls.append((path.name, match.group(1)))
             assert "weights_only=True" in match.group(1), f"{path.name}: torch.load({match.group(1)})"
     assert calls, "expected the checkpoint loader's torch.load calls"
-    for path in sorted(PIPELINE.glob("*.py")):
+    for path in sorted(PIPELINE.rglob("*.py")):
         text = path.read_text()
         assert not re.search(r"^\s*(import pickle|from pickle|import dill)", text, re.M), path.name
         assert "weights_only=False" not in text, path.name
@@ -457,9 +457,9 @@ def call_arguments(text: str, start: int) -> str:
 def test_models_load_through_safetensors_and_no_remote_code_by_default():
     from pipeline.params import Params
 
-    models = (PIPELINE / "models.py").read_text()
+    models = (PIPELINE / "model" / "loading.py").read_text()
     assert "use_safetensors=True" in models
-    for path in sorted(PIPELINE.glob("*.py")):
+    for path in sorted(PIPELINE.rglob("*.py")):
         text = path.read_text()
         assert "trust_remote_code=True" not in text, f"{path.name} turns remote code on by itself"
         for call in re.finditer(r"\.from_pretrained\(", text):  # every hub load passes the params' choice

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 
 import tiny
 
-from pipeline.batching import length_grouped_batches
+from pipeline.model.batching import length_grouped_batches
 
 
 def padding_fraction(lengths: np.ndarray, batches: list[np.ndarray]) -> float:
@@ -39,7 +39,7 @@ def test_length_grouped_batches_hold_every_row_once_with_little_padding():
 
 
 def test_grouped_stream_gives_every_feature_its_own_targets_once(prepared_run):
-    from pipeline.stream import ShardStream, find_shard_pairs
+    from pipeline.training.stream import ShardStream, find_shard_pairs
 
     targets = {}
     for fp in sorted((prepared_run / "data/features/train").glob("part-*.parquet")):
@@ -69,7 +69,7 @@ def test_grouped_stream_gives_every_feature_its_own_targets_once(prepared_run):
 def _tiny_batch(vocab_size: int, rows: int = 3, width: int = 24):
     import torch
 
-    from pipeline.batching import pad_batch
+    from pipeline.model.batching import pad_batch
 
     rng = np.random.default_rng(0)
     ids = [rng.integers(5, vocab_size, size=n) for n in (width, width - 5, width - 9)[:rows]]
@@ -87,9 +87,9 @@ def _one_step(model_dir, precision: str, scaler=None):
     import torch
     from transformers import get_linear_schedule_with_warmup
 
-    from pipeline.models import load_qa_model
+    from pipeline.model.loading import load_qa_model
     from pipeline.params import StudentParams
-    from pipeline.training import build_optimizer, train_step
+    from pipeline.training.step import build_optimizer, train_step
 
     torch.manual_seed(0)
     model = load_qa_model(str(model_dir)).train()
@@ -107,7 +107,7 @@ def _one_step(model_dir, precision: str, scaler=None):
 def test_precision_sets_the_steps_autocast_and_keeps_float32_weights(tiny_assets):
     import torch
 
-    from pipeline.inference import cpu_has_native_bf16
+    from pipeline.model.inference import cpu_has_native_bf16
 
     dtype16, model16 = _one_step(tiny_assets.student, "bfloat16")
     dtype32, model32 = _one_step(tiny_assets.student, "float32")
@@ -147,7 +147,7 @@ def test_checkpoints_do_not_cross_precisions():
     import torch
 
     from pipeline.params import Params
-    from pipeline.student import training_key
+    from pipeline.stages.student import training_key
 
     params = Params()
     assert training_key(params, {}, torch.bfloat16) != training_key(params, {}, None)
@@ -164,7 +164,7 @@ def test_attention_dropout_zero_lets_the_fused_cpu_attention_kernel_train(tiny_a
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from pipeline.params import StudentParams
-    from pipeline.student import build_student
+    from pipeline.stages.student import build_student
 
     own = build_student(StudentParams(model=str(tiny_assets.teacher))).config.attention_probs_dropout_prob
     assert own > 0
@@ -192,8 +192,8 @@ def test_gradient_checkpointing_recomputes_layers_and_learns_the_same(tiny_asset
     from transformers import get_linear_schedule_with_warmup
 
     from pipeline.params import Params, StudentParams
-    from pipeline.student import build_student, training_key
-    from pipeline.training import build_optimizer, train_step
+    from pipeline.stages.student import build_student, training_key
+    from pipeline.training.step import build_optimizer, train_step
 
     def two_steps(checkpointing: bool):
         settings = StudentParams(model=str(tiny_assets.student), precision="float32", temperature=2.0,

@@ -1,4 +1,4 @@
-"""Unlabeled data (pipeline/unlabeled.py): answers never read, ids unique across sources, clear errors."""
+"""Unlabeled data (pipeline/text/unlabeled.py): answers never read, ids unique across sources, clear errors."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 
 import tiny
 from pipeline.errors import KdqaError
-from pipeline.features import NO_LABEL, tokenize_examples
-from pipeline.squad_data import load_examples
-from pipeline.unlabeled import UnlabeledReport, check_ids_distinct, count_dev_contexts, load_unlabeled
+from pipeline.text.features import NO_LABEL, tokenize_examples
+from pipeline.text.squad import load_examples
+from pipeline.text.unlabeled import UnlabeledReport, check_ids_distinct, count_dev_contexts, load_unlabeled
 
 def test_file_without_any_answer_loads_as_teacher_only(tmp_path, tiny_assets):
     path = tiny.strip_answers(tiny_assets.train, tmp_path / "unlabeled.json")

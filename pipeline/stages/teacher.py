@@ -1,0 +1,271 @@
+"""Stage 2, teacher: run the teacher once over every features shard and write its logits as Parquet.
+
+For each `data/features/{split}/part-NNNNN.parquet` it writes `data/teacher/{split}/part-NNNNN.parquet`
+with the same rows in the same order: `feature_id`, `start_logits`, `end_logits` (float16, real tokens
+only). `manifest.json` beside them records the fingerprint of what the logits depend on (features,
+teacher weights, vocabulary, precision) and each shard's rows and checksum. The teacher runs under
+`torch.inference_mode` with autocast in `teacher.precision` (auto: bfloat16 on CUDA and on CPUs with native
+bfloat16, float32 elsewhere).
+
+The teacher's own dev scores (`metrics/teacher.json`) are computed from the dev logits by `kdqa evaluate`,
+with the same post-processing settings as the student's, so `evaluate.*` params never rerun the teacher.
+
+Crash safety: shards are computed into a work folder outside the DVC output (`.kdqa/teacher-work/`), each
+renamed into place when complete and followed by a small `.done.json` record (rows, sha256). A rerun
+verifies the records and computes only what is missing; when every shard is done the split is moved into
+`data/teacher/{split}/` and the manifest written. Under torchrun, rank r takes shards r, r+N, r+2N, ...
+
+Incremental: every computed shard is also kept in `.kdqa/teacher-cache/`, addressed by its features shard's
+bytes, the teacher, the vocabulary, the precision and the logits format (pipeline/store/logits_cache.py). A shard
+found there is copied instead of computed, so adding an unlabeled file or more augmented views costs teacher
+time for the new shards only, and the existing logits stay byte for byte the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from pipeline import __version__
+
+from pipeline.training import distributed
+from pipeline.errors import KdqaError
+from pipeline.model.loading import (
+    check_sequence_length,
+    TRAINED,
+    load_qa_model,
+    load_tokenizer,
+    vocab_fingerprint,
+    weights_fingerprint,
+)
+from pipeline.params import Params
+from pipeline.store.logits_cache import LogitsCache
+from pipeline.runtime.workspace import EXTRA_SPLITS, FEATURES_DIR, TEACHER_CACHE_DIR, TEACHER_DIR, TEACHER_WORK_DIR, staged_folder
+from pipeline.model.inference import autocast_dtype, precision_name, shard_logits
+from pipeline.runtime.progress import progress
+from pipeline.runtime.write_errors import writes_into
+from pipeline.store.shards import (
+    check_format,
+    fingerprint_of,
+    list_shards,
+    logits_table,
+    output_format,
+    read_json,
+    sha256_file,
+    shard_rows,
+    verify_shards,
+    write_json_atomic,
+    write_table_atomic,
+)
+
+log = logging.getLogger(__name__)
+
+LOGITS_ROW_GROUP = 4000
+
+
+def done_record_path(path: Path) -> Path:
+    return path.with_name(path.name + ".done.json")
+
+
+def completed_shard(work: Path, name: str, resume_key: dict, rows: int | None = None) -> dict | None:
+    """The record of a shard finished by an earlier (maybe crashed) run, if it is whole and made with `resume_key`.
+
+    Whole means: the record is readable, was made with the same key (features, teacher, vocabulary,
+    compute), the shard's bytes have the recorded sha256 and, when `rows` is given, it has that many rows.
+    Anything else is recomputed (a record is written only after its shard, so a crash between the two
+    just recomputes that shard).
+    """
+    shard, record_path = work / name, done_record_path(work / name)
+    if not (shard.exists() and record_path.exists()):
+        return None
+    try:
+        record = read_json(record_path)
+    except KdqaError:
+        log.warning("%s: unreadable done record; recomputing the shard", record_path)
+        return None
+    if not isinstance(record, dict) or record.get("key") != resume_key:
+        return None  # made for other features or another teacher: not ours to reuse
+    if record.get("sha256") != sha256_file(shard) or (rows is not None and record.get("rows") != rows):
+        log.warning("%s: does not match its done record (corrupted?); recomputing it", shard)
+        return None
+    return record
+
+
+def published_is_current(out_dir: Path, fingerprint_parts: dict, shards: list[Path]) -> bool:
+    """True when `out_dir` holds logits for exactly these features and teacher, every shard intact."""
+    published = out_dir / "manifest.json"
+    if not published.exists():
+        return False
+    try:
+        manifest = read_json(published)
+        if manifest.get("fingerprint_parts") != fingerprint_parts:
+            return False
+        if [e.get("name") for e in manifest.get("shards", [])] != [p.name for p in shards]:
+            raise KdqaError(f"{published}: lists other shards than the features")
+        verify_shards(out_dir, "kdqa teacher")
+    except KdqaError as exc:
+        log.warning("%s; computing the logits again", exc)
+        return False
+    return True
+
+
+def remove_stale_temporaries(work: Path, names: list[str]) -> None:
+    """Half-written files a killed run left behind (`.part-NNNNN.parquet.tmp-PID`), for our shards only."""
+    for name in names:
+        for stale in work.glob(f".{name}*.tmp-*"):
+            stale.unlink(missing_ok=True)
+
+
+def run_split(model, tokenizer, split: str, params: Params, teacher_identity: dict,
+              device: torch.device) -> dict | None:
+    """Compute this rank's missing shards of a split; rank 0 then publishes the split. Returns the manifest."""
+    rank, world = distributed.rank(), distributed.world_size()
+    features_dir, out_dir, work = FEATURES_DIR / split, TEACHER_DIR / split, TEACHER_WORK_DIR / split
+    shards = list_shards(features_dir)
+    if not shards:
+        raise KdqaError(f"{features_dir}: no feature shards (run `kdqa prepare`)")
+    features_manifest = verify_shards(features_dir, "kdqa prepare")  # intact features, or a named error
+    check_format(features_manifest.get("features_format"), "features", features_dir, "kdqa prepare")
+    dtype = autocast_dtype(device, params.teacher.precision)
+    precision = precision_name(dtype)
+    # The logits' meaning (checked by the student): teacher, vocabulary, features, the precision they were
+    # computed in and the format version of the code that computed them; the resume key adds the device type.
+    fingerprint_parts = {**teacher_identity, "features": features_manifest["bytes_fingerprint"], "precision": precision,
+                         "logits_format": output_format("logits")}
+    resume_key = {**fingerprint_parts, "compute": f"{device.type}-{precision}"}
+
+    published = out_dir / "manifest.json"
+    if published_is_current(out_dir, fingerprint_parts, shards):
+        log.info("%s: logits already up to date for these features and this teacher", out_dir)
+        return read_json(published)
+
+    work.mkdir(parents=True, exist_ok=True)
+    expected_rows = {e["name"]: e["rows"] for e in features_manifest["shards"]}
+    mine = [p for i, p in enumerate(shards) if i % world == rank]
+    remove_stale_temporaries(work, [p.name for p in mine])
+    todo = [p for p in mine if completed_shard(work, p.name, resume_key, expected_rows.get(p.name)) is None]
+    if len(todo) < len(mine):
+        log.info("%s: resuming, %d of %d shards already done", split, len(mine) - len(todo), len(mine))
+    # Shards whose features this teacher has labelled before (in any run here) are copied, not computed.
+    cache = LogitsCache(TEACHER_CACHE_DIR, {k: v for k, v in fingerprint_parts.items() if k != "features"})
+    features_sha = {e["name"]: e.get("sha256") or sha256_file(features_dir / e["name"]) for e in features_manifest["shards"]}
+    cached = [p for p in todo if reuse_cached(cache, features_sha[p.name], expected_rows[p.name], work / p.name, resume_key)]
+    todo = [p for p in todo if p not in cached]
+    log.info("%s: %d of %d shards to compute, %d copied from the logits cache (%s)%s", split, len(todo), len(mine),
+             len(cached), TEACHER_CACHE_DIR, f" on rank {rank}" if world > 1 else "")
+
+    n_rows, started = 0, time.perf_counter()
+    todo_rows = sum(expected_rows.get(p.name, 0) for p in todo)
+    bar = progress(total=todo_rows, desc=f"teacher {split}" + (f" (rank 0 of {world})" if world > 1 else ""),
+                   unit="feat", enabled=rank == 0)
+    with ThreadPoolExecutor(max_workers=1) as writer, bar:
+        pending = None
+        for path in todo:
+            ids, start, end = shard_logits(model, path, tokenizer.pad_token_id, device,
+                                           params.teacher.batch_size, params.teacher.max_tokens_per_batch, dtype,
+                                           multiple=params.teacher.pad_to_multiple_of)
+            if pending is not None:
+                pending.result()  # at most one shard waiting to be written: bounded memory
+            # Writing shard k (compression, fsync) overlaps the teacher's compute on shard k+1.
+            pending = writer.submit(write_logits_shard, work / path.name, ids, start, end, resume_key, cache,
+                                    features_sha[path.name])
+            n_rows += len(ids)
+            bar.update(len(ids))  # tqdm shows features/s
+        if pending is not None:
+            pending.result()
+    elapsed = time.perf_counter() - started
+    throughput = n_rows / elapsed if n_rows else None
+
+    distributed.barrier()
+    manifest = None
+    if rank == 0:
+        manifest = publish_split(split, shards, work, out_dir, resume_key, fingerprint_parts, throughput, device)
+    distributed.barrier()
+    return manifest if rank == 0 else read_json(published)
+
+
+def write_logits_shard(path: Path, ids, start, end, resume_key: dict, cache: LogitsCache | None = None,
+                       features_sha256: str | None = None) -> None:
+    """A computed shard into the work folder, its done record, and a copy into the logits cache."""
+    write_table_atomic(logits_table(ids, start, end), path, LOGITS_ROW_GROUP,
+                       float_columns=("start_logits", "end_logits"))
+    digest = sha256_file(path)
+    write_json_atomic(done_record_path(path), {"rows": len(ids), "sha256": digest, "key": resume_key})
+    if cache is not None:
+        cache.put(features_sha256, path, len(ids), digest)
+
+
+def reuse_cached(cache: LogitsCache, features_sha256: str, rows: int, path: Path, resume_key: dict) -> bool:
+    """Copy this shard's logits from the cache into the work folder (with its done record), if there."""
+    record = cache.fetch(features_sha256, rows, path)
+    if record is None:
+        return False
+    write_json_atomic(done_record_path(path), {**record, "key": resume_key, "from_cache": True})
+    return True
+
+
+@writes_into("out_dir")
+def publish_split(split, shards, work: Path, out_dir: Path, resume_key, fingerprint_parts, throughput, device) -> dict:
+    """Check that every shard is done, then move the split into the DVC output with its manifest."""
+    records = {}
+    for path in shards:
+        record = completed_shard(work, path.name, resume_key, shard_rows(path))
+        if record is None:
+            raise KdqaError(f"{work / path.name}: logits shard missing or incomplete after all ranks finished")
+        records[path.name] = record
+    with staged_folder(out_dir) as staging:
+        for path in shards:
+            shutil.copy2(work / path.name, staging / path.name)  # copy, not move: the work stays until published
+        manifest = {
+            "kdqa_version": __version__,
+            "split": split,
+            "fingerprint": fingerprint_of(fingerprint_parts),
+            "fingerprint_parts": fingerprint_parts,
+            "compute": resume_key["compute"],
+            "device": device_name(device),
+            "features_per_second": round(throughput, 2) if throughput else None,
+            "shards_from_cache": sum(1 for r in records.values() if r.get("from_cache")),
+            "rows_from_cache": sum(r["rows"] for r in records.values() if r.get("from_cache")),
+            "rows": sum(r["rows"] for r in records.values()),
+            "bytes": sum((staging / n).stat().st_size for n in records),
+            "shards": [{"name": n, "rows": r["rows"], "sha256": r["sha256"]} for n, r in records.items()],
+        }
+        write_json_atomic(staging / "manifest.json", manifest)
+    shutil.rmtree(work, ignore_errors=True)
+    log.info("%s: %d rows in %d shards, %.0f bytes/feature", out_dir, manifest["rows"], len(shards),
+             manifest["bytes"] / max(manifest["rows"], 1))
+    return manifest
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def run_teacher(params: Params) -> None:
+    distributed.init()
+    device = distributed.device()
+    tokenizer = load_tokenizer(params.teacher.model, params.teacher.trust_remote_code)
+    features_manifest = read_json(FEATURES_DIR / "train" / "manifest.json")
+    if features_manifest.get("vocab_fingerprint") != vocab_fingerprint(tokenizer):
+        raise KdqaError(f"{params.teacher.model}: tokenizer differs from the one data/features was prepared with "
+                        f"({features_manifest.get('tokenizer')}); run `kdqa prepare` again")
+    model = load_qa_model(params.teacher.model, params.teacher.trust_remote_code, TRAINED)
+    check_sequence_length(model, features_manifest.get("prepare", {}).get("max_seq_len", 0), params.teacher.model)
+    model.to(device).eval()
+    teacher_identity = {"teacher": weights_fingerprint(model), "vocab": vocab_fingerprint(tokenizer)}
+    # Every split prepare made: train, dev, and the extra rows (unlabeled data, augmented views) if any.
+    extra = [split for split in EXTRA_SPLITS if (FEATURES_DIR / split / "manifest.json").exists()]
+    with torch.inference_mode():
+        for split in ("train", "dev", *extra):
+            run_split(model, tokenizer, split, params, teacher_identity, device)
+    if distributed.is_main():  # logits of extra rows prepare no longer makes: never trained on by mistake
+        for split in set(EXTRA_SPLITS) - set(extra):
+            shutil.rmtree(TEACHER_DIR / split, ignore_errors=True)
+    distributed.destroy()

@@ -1,0 +1,86 @@
+"""`kdqa inspect`: what is in a folder of logits (or features) shards, and how confident the teacher is."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import KdqaError
+from pipeline.text.features import NO_LABEL
+from pipeline.runtime.workspace import ALIGNED_FEATURES_DIR, ALIGNED_TARGETS_DIR, FEATURES_DIR
+from pipeline.store.shards import features_fingerprint, list_column_to_numpy, list_shards, read_json, read_table, shard_rows
+
+log = logging.getLogger(__name__)
+
+def _entropy(logits: np.ndarray) -> float:
+    z = logits - logits.max()
+    p = np.exp(z) / np.exp(z).sum()
+    return float(-(p * np.log(np.maximum(p, 1e-12))).sum())
+
+
+def inspect_folder(folder: Path, features_dir: Path | None = None) -> dict:
+    shards = list_shards(folder)
+    if not shards:
+        raise KdqaError(f"{folder}: no part-NNNNN.parquet shards")
+    manifest = read_json(folder / "manifest.json") if (folder / "manifest.json").exists() else {}
+    info = {
+        "folder": str(folder),
+        "shards": len(shards),
+        "rows": sum(shard_rows(p) for p in shards),
+        "bytes": sum(p.stat().st_size for p in shards),
+        "fingerprint": manifest.get("fingerprint"),
+    }
+    info["bytes_per_row"] = round(info["bytes"] / max(info["rows"], 1), 1)
+    is_logits = "start_logits" in read_table(shards[0]).column_names
+    if not is_logits:
+        return info
+    if features_dir is None:  # aligned targets sit beside the student's own features, logits beside prepare's
+        aligned = folder.resolve().parent == ALIGNED_TARGETS_DIR.resolve()
+        features_dir = (ALIGNED_FEATURES_DIR if aligned else FEATURES_DIR) / folder.name
+    if not list_shards(features_dir):
+        return info
+    made_for = manifest.get("fingerprint_parts", {}).get("features")
+    if made_for is not None and made_for != features_fingerprint(features_dir):
+        # Same ids can hold other tokens after a re-prepare: accuracy against these labels would mean nothing.
+        log.warning("%s: logits were computed for other features than %s now holds (run `kdqa teacher`); "
+                    "no teacher accuracy or entropy", folder, features_dir)
+        info["features_match"] = False
+        return info
+    # Teacher accuracy against the hard labels (rows that have one), and entropy over positions that can hold
+    # an answer (every row).
+    hits_start = hits_both = n = labelled = 0
+    entropies = {"start": [], "end": []}
+    for shard in shards:
+        logits = read_table(shard)
+        features = read_table(features_dir / shard.name, columns=["feature_id", "context_start", "context_end",
+                                                                   "start_position", "end_position"])
+        if logits.column("feature_id") != features.column("feature_id"):
+            raise KdqaError(f"{shard}: feature ids do not match {features_dir / shard.name}")
+        # Aligned targets hold NaN where no teacher window saw a token: no mass there.
+        starts = [np.nan_to_num(x, nan=-np.inf) for x in list_column_to_numpy(logits.column("start_logits"), np.float32)]
+        ends = [np.nan_to_num(x, nan=-np.inf) for x in list_column_to_numpy(logits.column("end_logits"), np.float32)]
+        context_start, context_end = (features.column(c).to_numpy() for c in ("context_start", "context_end"))
+        gold_start, gold_end = (features.column(c).to_numpy() for c in ("start_position", "end_position"))
+        for i in range(len(starts)):
+            allowed = np.r_[0, np.arange(context_start[i], context_end[i] + 1)]
+            predicted_start = allowed[np.argmax(starts[i][allowed])]
+            predicted_end = allowed[np.argmax(ends[i][allowed])]
+            if gold_start[i] != NO_LABEL:
+                labelled += 1
+                hits_start += predicted_start == gold_start[i]
+                hits_both += (predicted_start == gold_start[i]) and (predicted_end == gold_end[i])
+            entropies["start"].append(_entropy(starts[i][allowed]))
+            entropies["end"].append(_entropy(ends[i][allowed]))
+            n += 1
+    info.update(
+        labelled_rows=labelled,
+        teacher_start_accuracy=round(100 * hits_start / labelled, 2) if labelled else None,
+        teacher_span_accuracy=round(100 * hits_both / labelled, 2) if labelled else None,
+        start_entropy_mean=round(float(np.mean(entropies["start"])), 3),
+        end_entropy_mean=round(float(np.mean(entropies["end"])), 3),
+        teacher_features_per_second=manifest.get("features_per_second"),
+        device=manifest.get("device"),
+    )
+    return info

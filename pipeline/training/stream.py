@@ -1,0 +1,183 @@
+"""Streaming (features shard, teacher logits shard) pairs into padded training batches.
+
+The student never holds the dataset in memory: each DataLoader worker reads whole shard pairs, checks that
+their feature ids agree row for row, shuffles the rows of the shard (seeded by seed, epoch and shard) and
+yields batches padded to their longest feature; with `group_by_length`, rows of similar length share a batch
+and the batches come in random order. Shard order is reshuffled every epoch with the same seed
+on every rank; under DDP each rank takes a disjoint slice of that order. Extra shards (rows only the teacher
+labelled) join the labelled ones epoch by epoch, as pipeline/training/mixing.py plans.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from pipeline.model.batching import length_grouped_batches, pad_batch, pad_logits
+from pipeline.errors import KdqaError
+from pipeline.training.mixing import extra_quota, extra_shards_by_epoch
+from pipeline.store.shards import list_column_to_numpy, list_shards, read_table, shard_rows
+
+LOGITS_COLUMNS = ["feature_id", "start_logits", "end_logits"]  # aligned shards add per-feature diagnostics
+# group_by_length sorts groups of this many batches of random rows by length: enough to remove nearly all the
+# padding that sorting a whole shard would (padding fractions: bench/performance.py), small enough that rows
+# still meet different partners every epoch.
+GROUP_BATCHES = 32
+
+TRAIN_COLUMNS = ["feature_id", "input_ids", "token_type_ids", "context_start", "context_end",
+                 "start_position", "end_position"]
+
+
+@dataclass(frozen=True)
+class ShardPair:
+    features_path: Path
+    logits_path: Path | None  # None when training on hard labels only
+    rows: int
+
+
+def find_shard_pairs(features_dir: Path, logits_dir: Path | None) -> list[ShardPair]:
+    """Pair each features shard with the logits shard of the same name; counts must agree."""
+    features = list_shards(features_dir)
+    if not features:
+        raise KdqaError(f"{features_dir}: no feature shards (run `kdqa prepare`)")
+    pairs = []
+    for path in features:
+        rows = shard_rows(path)
+        logits = None
+        if logits_dir is not None:
+            logits = logits_dir / path.name
+            if not logits.exists():
+                raise KdqaError(f"{logits}: missing logits shard for {path} (run `kdqa teacher`)")
+            logit_rows = shard_rows(logits)
+            if logit_rows != rows:
+                raise KdqaError(f"{logits}: {logit_rows} rows but {path} has {rows} (run `kdqa teacher`)")
+        pairs.append(ShardPair(path, logits, rows))
+    if logits_dir is not None:
+        extra = {p.name for p in list_shards(logits_dir)} - {p.name for p in features}
+        if extra:
+            raise KdqaError(f"{logits_dir}: logits shards without features: {', '.join(sorted(extra))}")
+    return pairs
+
+
+def check_feature_ids(pair: ShardPair, feature_ids, logit_ids) -> None:
+    """Rows must be the same features in the same order; anything else would train on wrong targets."""
+    if len(feature_ids) != len(logit_ids):
+        raise KdqaError(f"{pair.logits_path}: {len(logit_ids)} rows but {pair.features_path} has "
+                        f"{len(feature_ids)}")
+    if not feature_ids.equals(logit_ids):
+        a, b = feature_ids.to_pylist(), logit_ids.to_pylist()
+        row = next(i for i in range(len(a)) if a[i] != b[i])
+        raise KdqaError(f"{pair.logits_path}: row {row} holds feature {b[row]!r} but {pair.features_path} "
+                        f"has {a[row]!r}")
+
+
+class ShardStream(IterableDataset):
+    """One epoch of training batches for one rank; set `epoch` before each pass."""
+
+    def __init__(self, pairs: list[ShardPair], batch_size: int, seed: int, pad_token_id: int,
+                 rank: int = 0, world_size: int = 1, pad_to_multiple_of: int = 1, max_width: int | None = None,
+                 group_by_length: bool = False, extra: list[ShardPair] = (), extra_ratio: float = 0.0):
+        # `pairs` are the labelled shards, every epoch; `extra` (teacher-labelled rows) join about
+        # `extra_ratio` rows per labelled row each epoch, as whole shards (pipeline/training/mixing.py).
+        self.labelled_shards = len(pairs)
+        self.pairs = list(pairs) + list(extra)
+        self.extra_quota = extra_quota(sum(p.rows for p in pairs), extra_ratio) if extra else 0
+        self.group_by_length = group_by_length
+        self.pad_to_multiple_of, self.max_width = pad_to_multiple_of, max_width  # batch width rounding
+        self.batch_size = batch_size
+        self.seed = seed
+        self.pad_token_id = pad_token_id
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+
+    # --- the plan of an epoch: which shards each rank reads, and how many steps every rank takes ---
+    def shard_order(self, epoch: int) -> list[int]:
+        chosen = list(range(self.labelled_shards)) + [self.labelled_shards + i for i in self.extra_shards(epoch)]
+        return [chosen[i] for i in np.random.default_rng([self.seed, epoch]).permutation(len(chosen))]
+
+    def extra_shards(self, epoch: int) -> list[int]:
+        """Which extra shards this epoch reads (indices among the extra ones)."""
+        rows = [p.rows for p in self.pairs[self.labelled_shards :]]
+        return extra_shards_by_epoch(rows, self.extra_quota, self.seed, epoch + 1)[epoch]
+
+    def rank_shards(self, epoch: int, rank: int) -> list[int]:
+        return self.shard_order(epoch)[rank :: self.world_size]
+
+    def batches_per_rank(self, epoch: int, rank: int) -> int:
+        return sum(math.ceil(self.pairs[i].rows / self.batch_size) for i in self.rank_shards(epoch, rank))
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        """Every rank stops after the same number of steps (the smallest), so DDP never waits on a rank."""
+        return min(self.batches_per_rank(epoch, r) for r in range(self.world_size))
+
+    # --- reading ---
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        mine = self.rank_shards(self.epoch, self.rank)[worker::workers]
+        for shard_index in mine:
+            yield from self.shard_batches(shard_index)
+
+    def shard_batches(self, shard_index: int):
+        pair = self.pairs[shard_index]
+        features = read_table(pair.features_path, columns=TRAIN_COLUMNS)
+        logits = read_table(pair.logits_path, columns=LOGITS_COLUMNS) if pair.logits_path is not None else None
+        if logits is not None:
+            check_feature_ids(pair, features.column("feature_id"), logits.column("feature_id"))
+        input_ids = list_column_to_numpy(features.column("input_ids"), np.int64)
+        token_types = list_column_to_numpy(features.column("token_type_ids"), np.int64)
+        context_start = features.column("context_start").to_numpy()
+        context_end = features.column("context_end").to_numpy()
+        start_positions = features.column("start_position").to_numpy().astype(np.int64)
+        end_positions = features.column("end_position").to_numpy().astype(np.int64)
+        if logits is not None:
+            t_start = list_column_to_numpy(logits.column("start_logits"), np.float32)
+            t_end = list_column_to_numpy(logits.column("end_logits"), np.float32)
+            for row, (ids, ts) in enumerate(zip(input_ids, t_start)):
+                if len(ids) != len(ts):
+                    raise KdqaError(f"{pair.logits_path}: row {row} has {len(ts)} logits for {len(ids)} tokens")
+
+        rng = np.random.default_rng([self.seed, self.epoch, shard_index])
+        if self.group_by_length:
+            lengths = np.fromiter((len(x) for x in input_ids), dtype=np.int64, count=len(input_ids))
+            plan = length_grouped_batches(lengths, self.batch_size, rng, GROUP_BATCHES)
+        else:
+            order = rng.permutation(pair.rows)
+            plan = [order[lo : lo + self.batch_size] for lo in range(0, pair.rows, self.batch_size)]
+        for rows in plan:
+            batch = pad_batch([input_ids[i] for i in rows], [token_types[i] for i in rows],
+                              context_start[rows], context_end[rows], self.pad_token_id,
+                              self.pad_to_multiple_of, self.max_width)
+            batch["start_positions"] = torch.from_numpy(start_positions[rows])
+            batch["end_positions"] = torch.from_numpy(end_positions[rows])
+            if logits is not None:
+                width = batch["input_ids"].shape[1]
+                batch.update(teacher_targets([t_start[i] for i in rows], [t_end[i] for i in rows], width))
+            yield batch
+
+
+def teacher_targets(start: list[np.ndarray], end: list[np.ndarray], width: int) -> dict[str, torch.Tensor]:
+    """The teacher's padded start/end logits; aligned targets (pipeline/text/alignment.py) hold NaN where no teacher
+    window saw a position, which becomes `teacher_mask` (False there) and a 0 in the logits."""
+    targets = {"teacher_start": pad_logits(start, width), "teacher_end": pad_logits(end, width)}
+    unseen = targets["teacher_start"].isnan() | targets["teacher_end"].isnan()
+    if unseen.any():
+        targets = {k: v.masked_fill(unseen, 0.0) for k, v in targets.items()}
+        targets["teacher_mask"] = ~unseen
+    return targets
+
+
+def verify_alignment(pairs: list[ShardPair]) -> None:
+    """Check every pair's feature ids row for row before training starts (id columns only: cheap)."""
+    for pair in pairs:
+        if pair.logits_path is None:
+            continue
+        feature_ids = read_table(pair.features_path, columns=["feature_id"]).column("feature_id")
+        logit_ids = read_table(pair.logits_path, columns=["feature_id"]).column("feature_id")
+        check_feature_ids(pair, feature_ids, logit_ids)
