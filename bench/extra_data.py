@@ -1,8 +1,9 @@
 """What extra data costs: the teacher's time for added rows, and the student's memory with 3x the rows.
 
-    python bench/extra_data.py [--quick] [--out bench/out/extra-data] [--parts incremental,scratch,students]
+    python -m bench.extra_data --data SQUAD.json --unlabeled SQUAD.json [--quick] [--out bench/out/extra-data]
+                               [--parts incremental,scratch,students]
 
-Every stage is the kdqa CLI in its own process, timed with its peak RSS (os.wait4, as bench/accuracy.py):
+Every stage is the kdqa CLI in its own process, timed with its peak RSS (os.wait4, as bench.accuracy):
 
 1. Incremental teacher. One work folder: the labelled split only (prepare, teacher), then the unlabeled file
    added (prepare, teacher), then one augmented view per training question added (prepare, teacher). Each
@@ -14,10 +15,11 @@ Every stage is the kdqa CLI in its own process, timed with its peak RSS (os.wait
    epoch, the extra ones streamed from the unlabeled and augmented shards), same student, one epoch.
 
 Models: the teacher is all-MiniLM-L6-v2 with a QA head initialised once with a fixed seed and saved (fine for
-time and memory, meaningless for accuracy: bench/accuracy.py measures accuracy); the student is its first
-layer. Data: the first 7 articles of ../shared/data/squad2-sample.json (labelled; the last 3 are dev) and
-../shared/data/squad2-unlabeled.json (20 other articles, answers withheld). `--quick`: tiny models and data
-(tests/tiny.py), for CI.
+time and memory, meaningless for accuracy: bench.accuracy measures accuracy); the student is its first
+layer. Data, both required: --data, a SQuAD 2.0 JSON file such as squad2-sample.json (its first 7 articles
+labelled, the rest dev), and --unlabeled, a SQuAD JSON file of other articles such as squad2-unlabeled.json (20
+articles, answers withheld). `--quick`: 40 questions per article and tiny shards, for CI (tests/test_bench.py runs
+it on tiny models and data: --encoder and --data from tests/tiny.py).
 """
 
 from __future__ import annotations
@@ -32,16 +34,20 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-for path in (ROOT, ROOT / "bench"):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
-
-from accuracy import DEFAULT_DATA, machine_description, minilm_dir, run_stage, split_by_article  # noqa: E402
-from pipeline.store.shards import write_json_atomic  # noqa: E402
+from .common import (
+    ROOT,
+    SQUAD_SPLIT_DATA,
+    machine_description,
+    minilm_dir,
+    need_file,
+    run_stage,
+    split_by_article,
+    write_results,
+)
 
 PARTS = ("incremental", "scratch", "students")  # --parts: what to run; the rest keeps its earlier results
-DEFAULT_UNLABELED = ROOT.parent / "shared" / "data" / "squad2-unlabeled.json"
+UNLABELED_DATA = ("a SQuAD JSON file of other articles for the teacher alone (answers not needed), such as "
+                  "squad2-unlabeled.json (20 articles)")
 PREPARE = {"max_seq_len": 256, "doc_stride": 96, "max_query_len": 48, "shard_size": 1000, "row_group_size": 500}
 STUDENT = {"init_layers": [0], "batch_size": 16, "epochs": 1, "learning_rate": 1.0e-4, "warmup": 0.1,
            "distillation_weight": 0.5, "temperature": 5.0, "seed": 13, "checkpoint_every": 0, "log_every": 50,
@@ -91,9 +97,9 @@ def teacher_run(workdir: Path, label: str) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    ap.add_argument("--unlabeled", type=Path, default=DEFAULT_UNLABELED)
+    ap = argparse.ArgumentParser(prog="python -m bench.extra_data", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, help=f"required: {SQUAD_SPLIT_DATA}")
+    ap.add_argument("--unlabeled", type=Path, help=f"required: {UNLABELED_DATA}")
     ap.add_argument("--encoder", type=Path, default=None, help="encoder directory (default: all-MiniLM-L6-v2)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "extra-data")
     ap.add_argument("--quick", action="store_true", help="a smoke run: 40 questions per article, tiny shards")
@@ -101,6 +107,8 @@ def main() -> None:
                     help="comma-separated parts to run (default all); a part left out keeps its results from an "
                          "earlier run in --out")
     args = ap.parse_args()
+    need_file(ap, args.data, "--data", SQUAD_SPLIT_DATA)
+    need_file(ap, args.unlabeled, "--unlabeled", UNLABELED_DATA)
     parts = set(args.parts.split(","))
     if parts - set(PARTS):
         sys.exit(f"--parts {args.parts!r}: choose from {', '.join(PARTS)}")
@@ -108,9 +116,11 @@ def main() -> None:
     train, dev = split_by_article(args.data, out / "split", 40 if args.quick else None)
     unlabeled = args.unlabeled.resolve()
     teacher = out / "teacher-model"
-    save_teacher(str(args.encoder.resolve() if args.encoder else minilm_dir()), teacher)
+    encoder = args.encoder.resolve() if args.encoder else minilm_dir("python -m bench.extra_data without --encoder")
+    save_teacher(str(encoder), teacher)
     student = {**STUDENT, "model": str(teacher)}
-    results = {"machine": machine_description(), "command": " ".join(sys.argv), "teacher_runs": [], "students": []}
+    results = {"machine": machine_description(), "command": " ".join(["python -m bench.extra_data", *sys.argv[1:]]),
+               "teacher_runs": [], "students": []}
     earlier_results = out / "results.json"
     if parts != set(PARTS) and earlier_results.exists():  # keep the parts not rerun
         kept = json.loads(earlier_results.read_text())
@@ -120,8 +130,7 @@ def main() -> None:
         results["students"] = [] if "students" in parts else kept["students"]
 
     def save() -> None:
-        write_json_atomic(out / "results.json", results)
-        (out / "results.md").write_text(markdown(results))
+        write_results(out, results, markdown(results))
 
     # 1. Incremental: labelled, + unlabeled file, + one view per question; then everything from scratch.
     inc = out / "incremental"

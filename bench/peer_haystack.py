@@ -1,7 +1,7 @@
-"""The peer's side of `bench/peer.py`: Haystack v1's own knowledge distillation, in the peer's virtualenv.
+"""The peer's side of `bench.peer`: Haystack v1's own knowledge distillation, in the peer's virtualenv.
 
-    python bench/peer_haystack.py distil CONFIG.json RESULT.json   # the timed job
-    python bench/peer_haystack.py convert FARM_DIR OUT_DIR          # its student as a transformers model
+    python -m bench.peer_haystack distil CONFIG.json RESULT.json   # the timed job
+    python -m bench.peer_haystack convert FARM_DIR OUT_DIR          # its student as a transformers model
 
 `distil` is the whole job as Haystack's documentation runs it: `FARMReader(teacher)`, `FARMReader(student)`,
 then `student.distil_prediction_layer_from(teacher, ...)`, which tokenizes the training file, runs the teacher
@@ -10,7 +10,9 @@ into those parts (the split comes from timing Haystack's own DistillationDataSil
 calls; nothing else is changed). `convert` is run afterwards, untimed: Haystack's `convert_to_transformers`,
 checked against the FARM model's own logits, so that `kdqa evaluate` scores both students the same way.
 
-Standard library and haystack only: this file never imports kdqa.
+Standard library and haystack only: this file never imports kdqa. bench.peer starts it by its file with the
+peer's interpreter (`OUT/venv/bin/python bench/peer_haystack.py distil ...`), whose import path lacks this
+checkout.
 """
 
 from __future__ import annotations
@@ -107,6 +109,8 @@ def main(argv: list[str]) -> None:
         distil(Path(argv[1]), Path(argv[2]))
     elif len(argv) == 3 and argv[0] == "convert":
         convert(Path(argv[1]), Path(argv[2]))
+    elif argv[:1] in (["-h"], ["--help"]):
+        print(__doc__)
     else:
         sys.exit(__doc__.split("\n\n")[1])
 

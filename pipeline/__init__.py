@@ -9,7 +9,11 @@ def __getattr__(name):
         from pipeline.serving.qa import QuestionAnswerer
 
         return QuestionAnswerer
+    if name == "KdqaError":
+        from pipeline.runtime.errors import KdqaError
+
+        return KdqaError
     raise AttributeError(name)
 
 
-__all__ = ["QuestionAnswerer", "__version__"]
+__all__ = ["KdqaError", "QuestionAnswerer", "__version__"]

@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING
 import click
 
 from pipeline import __version__
-from pipeline.errors import KdqaError
-from pipeline.runtime.workspace import EXPORT_DIR, STUDENT_MODEL_DIR
+from pipeline.runtime.errors import KdqaError
+DEFAULT_MODEL = "models/student"  # what evaluate and export read by default (Workspace.student_model)
+from pipeline.stage_table import STAGES  # the stage table: plain data, no heavy imports
 
 if TYPE_CHECKING:  # imported lazily at run time: `kdqa --help` stays fast
     from pipeline.params import Params
@@ -31,24 +32,23 @@ def _load(ctx, *sections: str) -> Params:
     """params.yaml (or --params); `sections`: the ones this stage reads (a missing one gets a warning)."""
     from pipeline.params import load_params
 
-    return load_params(ctx.obj["params"], sections)
+    ws = ctx.obj["ws"]
+    return load_params(ws.path(ctx.obj["params"]), sections, ws, required=ctx.obj["params"] != "params.yaml")
 
 
 @contextlib.contextmanager
-def _stage(stage: str, params, model_dir: Path | None = None):
+def _stage(stage: str, params, ws, model_dir: Path | None = None):
     """One run of `stage` in this folder at a time, never beside a stage that writes what it reads (or reads what
     it writes), its outputs checked writable with room to spare first. `model_dir`: the model it reads in place
     of models/student (evaluate/export --model)."""
     from pipeline.runtime.allocator import keep_freed_memory
-    from pipeline.runtime.preflight import outputs_ready
     from pipeline.runtime.locks import folder_locks, stage_lock
-    from pipeline.stages.table import STAGES
+    from pipeline.runtime.preflight import outputs_ready
+    from pipeline.stage_table import lock_folders
 
     keep_freed_memory()  # KDQA_MALLOC (pipeline/runtime/allocator.py); default: glibc as it comes
-    reads = STAGES[stage].reads
-    if model_dir is not None:
-        reads = tuple(str(model_dir) if folder == str(STUDENT_MODEL_DIR) else folder for folder in reads)
-    with stage_lock(stage), folder_locks(reads, STAGES[stage].writes, stage), outputs_ready(stage, params):
+    reads, writes = lock_folders(STAGES[stage], None if model_dir is None else str(model_dir))
+    with stage_lock(stage, ws), folder_locks(reads, writes, stage, ws), outputs_ready(stage, params, ws):
         yield
 
 
@@ -99,27 +99,33 @@ Exit codes:
 
 
 @click.group(cls=KdqaGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES)
+@click.option("-C", "--workspace", "workspace", default=".", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="Run as if started in this folder (the DVC project root): every path is relative to it.")
 @click.option("--params", "params_path", default="params.yaml", show_default=True, type=click.Path(),
               help="Parameters file (sections data, prepare, teacher, student, evaluate, export).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors; no progress bars.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging, including transformers' own.")
 @click.version_option(__version__, prog_name="kdqa")
 @click.pass_context
-def cli(ctx, params_path, quiet, verbose):
+def cli(ctx, workspace, params_path, quiet, verbose):
     """Offline knowledge distillation for extractive QA (SQuAD 2.0).
 
     Stages, in order (or run them all with `dvc repro`): prepare -> teacher -> align -> student -> evaluate, and
     export (after student: ONNX float32 and int8 for serving).
-    Every stage reads params.yaml (or --params FILE) and writes paths relative to the working directory.
+    Every stage reads params.yaml (or --params FILE) and writes paths relative to the workspace (-C DIR;
+    default: the working directory).
     `kdqa COMMAND --help` says what each command reads and writes.
     """
     from pipeline.runtime.progress import configure_output
 
     configure_output(quiet=quiet, verbose=verbose)
-    ctx.obj = {"params": params_path}
+    from pipeline.runtime.workspace import Workspace
+
+    ctx.obj = {"params": params_path, "ws": Workspace(workspace)}
 
 
-@cli.command(short_help="Tokenize SQuAD data into feature shards (data/features/).")
+@cli.command(short_help=STAGES["prepare"].summary)
 @click.option("--strict", is_flag=True,
               help="Treat repairable data problems (answer offsets, unlocatable answers) as errors, "
                    "like prepare.strict: true.")
@@ -137,16 +143,15 @@ def prepare(ctx, strict):
     Structural problems in the data stop with one line naming the file and record; per-answer problems
     are repaired or skipped and counted in data/features/report.json.
     """
-    from pipeline.stages.prepare import run_prepare
 
     params = _load(ctx, "data", "prepare", "teacher")
     if strict:  # only ever turns a run into an error, never changes its output: safe outside DVC's params
         params.prepare.strict = True
-    with _stage("prepare", params):
-        run_prepare(params)
+    with _stage("prepare", params, ctx.obj["ws"]):
+        STAGES["prepare"].function()(params, ctx.obj["ws"])
 
 
-@cli.command(short_help="Run the teacher once; logits shards to data/teacher/.")
+@cli.command(short_help=STAGES["teacher"].summary)
 @click.pass_context
 def teacher(ctx):
     """Run the teacher once over the features; write its logits shards to data/teacher/.
@@ -163,17 +168,17 @@ def teacher(ctx):
     under torch.distributed.run with that many processes, so the DVC stage command stays `kdqa teacher`.
     """
     from pipeline.training import distributed
-    from pipeline.stages.teacher import run_teacher
 
     params = _load(ctx, "teacher")
     top = ctx.parent.params  # the group's own options, passed on to the relaunched workers
-    distributed.relaunch(params.teacher.nproc, ["--params", top["params_path"], *(["-q"] if top["quiet"] else []),
+    distributed.relaunch(params.teacher.nproc, ["-C", str(top["workspace"]), "--params", top["params_path"],
+                                                *(["-q"] if top["quiet"] else []),
                                                 *(["-v"] if top["verbose"] else []), "teacher"])
-    with _stage("teacher", params):
-        run_teacher(params)
+    with _stage("teacher", params, ctx.obj["ws"]):
+        STAGES["teacher"].function()(params, ctx.obj["ws"])
 
 
-@cli.command(short_help="Map the teacher's logits onto the student's tokenizer and windows (data/aligned/).")
+@cli.command(short_help=STAGES["align"].summary)
 @click.pass_context
 def align(ctx):
     """Carry the teacher's logits onto the student's own features when its tokenizer or windows differ.
@@ -188,14 +193,13 @@ def align(ctx):
 
     The teacher is not run again: its logits go through character offsets onto the student's tokens.
     """
-    from pipeline.stages.align import run_align
 
     params = _load(ctx, "data", "prepare", "student")
-    with _stage("align", params):
-        run_align(params)
+    with _stage("align", params, ctx.obj["ws"]):
+        STAGES["align"].function()(params, ctx.obj["ws"])
 
 
-@cli.command(short_help="Train the student on the stored logits; save models/student/.")
+@cli.command(short_help=STAGES["student"].summary)
 @click.option("--resume/--no-resume", default=None,
               help="--resume: continue from the checkpoint (error if none); --no-resume: start over. "
                    "Default: continue a checkpoint made with the same settings, if any.")
@@ -213,19 +217,18 @@ def student(ctx, resume):
 
     Under `torchrun --nproc-per-node N -m pipeline student` it trains with DDP (student.batch_size per process).
     """
-    from pipeline.runtime.workspace import STUDENT_LOG_DIR
-    from pipeline.stages.student import run_student
     from pipeline.training.curves import previous_curves_kept
 
     params = _load(ctx, "student")
     # A run that fails leaves the previous run's curves beside the previous run's model (rank 0 writes them).
-    curves = previous_curves_kept(STUDENT_LOG_DIR) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
-    with _stage("student", params), curves:
-        run_student(params, resume={None: "auto", True: "require", False: "never"}[resume])
+    ws = ctx.obj["ws"]
+    curves = previous_curves_kept(ws.student_logs) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
+    with _stage("student", params, ws), curves:
+        STAGES["student"].function()(params, ws, resume={None: "auto", True: "require", False: "never"}[resume])
 
 
-@cli.command(short_help="Score student and teacher on dev; write metrics/ and results/.")
-@click.option("--model", "model_dir", default=str(STUDENT_MODEL_DIR), show_default=True, help="Model to evaluate.")
+@cli.command(short_help=STAGES["evaluate"].summary)
+@click.option("--model", "model_dir", default=DEFAULT_MODEL, show_default=True, help="Model to evaluate.")
 @click.pass_context
 def evaluate(ctx, model_dir):
     """Score a model (and the teacher's stored logits) on the dev set with official SQuAD 2.0 metrics.
@@ -237,17 +240,17 @@ def evaluate(ctx, model_dir):
     Writes: metrics/eval.json, metrics/teacher.json (teacher, same post-processing),
             results/predictions.json, results/na_probs.json, results/forced_predictions.json
     """
-    from pipeline.stages.evaluate import run_evaluate
 
     params = _load(ctx, "evaluate")
-    with _stage("evaluate", params, Path(model_dir)):
-        run_evaluate(params, Path(model_dir))
+    ws = ctx.obj["ws"]
+    with _stage("evaluate", params, ws, Path(model_dir)):
+        STAGES["evaluate"].function()(params, ws, ws.path(model_dir), model_dir == DEFAULT_MODEL)
 
 
 @cli.command(short_help="Export the student to ONNX (float32, int8), checked on dev.")
-@click.option("--model", "model_dir", default=str(STUDENT_MODEL_DIR), show_default=True,
+@click.option("--model", "model_dir", default=DEFAULT_MODEL, show_default=True,
               type=click.Path(path_type=Path), help="Model to export.")
-@click.option("--out", "out_dir", default=str(EXPORT_DIR), show_default=True, type=click.Path(path_type=Path),
+@click.option("--out", "out_dir", default="models/student-onnx", show_default=True, type=click.Path(path_type=Path),
               help="Folder to write.")
 @click.pass_context
 def export(ctx, model_dir, out_dir):
@@ -262,11 +265,11 @@ def export(ctx, model_dir, out_dir):
     Fails, publishing nothing, if the float32 model's logits differ from PyTorch's by more than float
     rounding, or if the int8 model's dev F1 is more than export.max_f1_drop below the PyTorch model's.
     """
-    from pipeline.stages.export import run_export
 
     params = _load(ctx, "export")
-    with _stage("export", params, model_dir):
-        run_export(params, model_dir, out_dir)
+    ws = ctx.obj["ws"]
+    with _stage("export", params, ws, model_dir):
+        STAGES["export"].function()(params, ws, ws.path(model_dir), ws.path(out_dir))
 
 
 @cli.command(short_help="Answer questions about passages with any QA model.")
@@ -283,7 +286,8 @@ def export(ctx, model_dir, out_dir):
 @click.option("--precision", type=click.Choice(["float32", "int8"]), default=None,
               help="Which model of an ONNX export (`kdqa export`) to run [default: float32].")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of text.")
-def predict(model, question, context, context_file, jsonl, null_threshold, precision, as_json):
+@click.pass_context
+def predict(ctx, model, question, context, context_file, jsonl, null_threshold, precision, as_json):
     """Answer a question about a passage; prints the answer and its score, or "no answer".
 
     The passage comes from --context, or --context-file (a file, or '-' for standard input: for passages too long
@@ -292,6 +296,10 @@ def predict(model, question, context, context_file, jsonl, null_threshold, preci
     params.yaml is not used.
     """
     from pipeline.serving.qa import QuestionAnswerer
+
+    ws = ctx.obj["ws"]
+    model = ws.local(model)  # a folder under the workspace, else a hub name
+    context_file, jsonl = (p if p is None or str(p) == "-" else ws.path(p) for p in (context_file, jsonl))
 
     if jsonl is not None:
         if question is not None or context is not None or context_file is not None:
@@ -368,7 +376,8 @@ def _read_jsonl(path: Path) -> list[dict]:
 @click.option("--features", "features_dir", type=click.Path(path_type=Path), default=None,
               help="Features folder matching FOLDER (default: data/features/<split>).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of text.")
-def inspect_cmd(folder, features_dir, as_json):
+@click.pass_context
+def inspect_cmd(ctx, folder, features_dir, as_json):
     """Describe a folder of shards: shards, rows, bytes, fingerprint.
 
     For teacher logits (e.g. data/teacher/train) also the teacher's accuracy against the training labels
@@ -378,7 +387,8 @@ def inspect_cmd(folder, features_dir, as_json):
     """
     from pipeline.store.inspect import inspect_folder
 
-    info = inspect_folder(folder, features_dir)
+    ws = ctx.obj["ws"]
+    info = inspect_folder(ws.path(folder), ws, None if features_dir is None else ws.path(features_dir))
     if as_json:
         click.echo(json.dumps(info, indent=2))
     else:

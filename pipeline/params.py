@@ -17,11 +17,14 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.text.augment import KINDS as AUGMENT_KINDS
-from pipeline.errors import KdqaError
+from pipeline.runtime.errors import KdqaError
 from pipeline.runtime.workspace import EXTRA_SPLITS
 
 log = logging.getLogger(__name__)
+
+# The kinds of augmented views prepare can make (pipeline/text/augment.py makes them): context cut or reordered
+# around the answer, another paragraph of the article, a distractor sentence.
+AUGMENT_KINDS = ("sentences", "other_paragraph", "distractor")
 
 
 @dataclass
@@ -265,13 +268,17 @@ def _build_section(cls, values: dict, path: Path, section: str):
     return obj
 
 
-def load_params(path: str | Path = "params.yaml", sections: tuple[str, ...] = ()) -> Params:
-    """Read params.yaml; an unknown key is an error. A missing section, or a missing params.yaml, means the
-    defaults: for each of `sections` (those the calling stage reads) that is missing, a warning says so and
-    names the values used."""
+def load_params(path: str | Path = "params.yaml", sections: tuple[str, ...] = (), ws=None,
+                required: bool | None = None) -> Params:
+    """Read params.yaml; an unknown key is an error. A missing section, or a missing params.yaml (unless
+    `required`; default: any other file name is), means the defaults: for each of `sections` (those the calling
+    stage reads) that is missing, a warning says so and names the values used. `ws`: the workspace whose
+    relative paths the local files and model folders named in the params are read under."""
     path = Path(path)
+    if required is None:
+        required = path.name != "params.yaml"
     if not path.exists():
-        if str(path) != "params.yaml":
+        if required:
             raise KdqaError(f"{path}: params file not found")
         if sections:
             log.warning("%s not found: every setting is its default (the values of kdqa's own params.yaml); %s",
@@ -306,7 +313,17 @@ def load_params(path: str | Path = "params.yaml", sections: tuple[str, ...] = ()
     if missing:
         log.warning("%s has no %s section%s: %s", path, ", ".join(f"'{m}'" for m in missing),
                     "s" if len(missing) > 1 else "", _defaults(missing))
-    return Params(**built)
+    params = Params(**built)
+    return params if ws is None else in_workspace(params, ws)
+
+
+def in_workspace(params: Params, ws) -> Params:
+    """The params with their local paths (SQuAD files, model folders) read under the workspace root."""
+    data = dataclasses.replace(params.data, train=ws.local(params.data.train), dev=ws.local(params.data.dev),
+                               unlabeled=[ws.local(u) for u in params.data.unlabeled])
+    return dataclasses.replace(params, data=data,
+                               teacher=dataclasses.replace(params.teacher, model=ws.local(params.teacher.model)),
+                               student=dataclasses.replace(params.student, model=ws.local(params.student.model)))
 
 
 def _defaults(sections: tuple[str, ...]) -> str:

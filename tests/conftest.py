@@ -58,17 +58,13 @@ def tiny_assets(tmp_path_factory) -> TinyAssets:
     )
 
 
-chdir = contextlib.chdir
-
-
 def run_cli(args: list[str], cwd: Path, expect_ok: bool = True):
-    """`kdqa ARGS` in-process with `cwd` as the working directory; returns click's Result."""
+    """`kdqa -C CWD ARGS` in-process: the workspace is `cwd` (no change of working directory); click's Result."""
     from click.testing import CliRunner
 
     from pipeline.cli import cli
 
-    with chdir(cwd):
-        result = CliRunner().invoke(cli, args, prog_name="kdqa")
+    result = CliRunner().invoke(cli, ["-C", str(cwd), *args], prog_name="kdqa")
     if expect_ok and result.exit_code != 0:
         tb = "".join(traceback.format_exception(*result.exc_info)) if result.exc_info else ""
         raise AssertionError(f"kdqa {' '.join(args)} exited {result.exit_code}:\n{result.output}\n{tb}")

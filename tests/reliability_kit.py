@@ -105,7 +105,7 @@ def single_thread():
 
 
 def kdqa(ws: Path, *args: str):
-    """`kdqa ARGS` in-process in workspace `ws`; click's Result (exit_code, stdout, stderr, exception).
+    """`kdqa -C WS ARGS` in-process (workspace `ws`, no change of working directory); click's Result (exit_code, stdout, stderr, exception).
 
     The CLI points logging at the stderr click captures; the root logger is put back afterwards so later
     tests do not log into a closed stream.
@@ -117,8 +117,8 @@ def kdqa(ws: Path, *args: str):
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     try:
-        with contextlib.chdir(ws), single_thread():
-            return CliRunner().invoke(cli, list(args), prog_name="kdqa")
+        with single_thread():
+            return CliRunner().invoke(cli, ["-C", str(ws), *args], prog_name="kdqa")
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)

@@ -7,6 +7,8 @@ import json
 import numpy as np
 import pyarrow as pa
 import pytest
+
+from pipeline.runtime.workspace import Workspace
 import yaml
 
 import tiny
@@ -68,8 +70,6 @@ def test_student_windows_of_their_own_get_the_teachers_logits(run_copy):
 
 def test_the_stage_reads_the_teachers_windows_across_shards_in_order(run_copy):
     """Aligning onto the teacher's own tokenizer and windows gives back the teacher's logits, row for row."""
-    from contextlib import chdir
-
     from pipeline.stages.align import align_split, teacher_windows
     from pipeline.model.loading import load_tokenizer
     from pipeline.params import load_params
@@ -80,13 +80,12 @@ def test_the_stage_reads_the_teachers_windows_across_shards_in_order(run_copy):
         table = pa.concat_tables(read_table(p) for p in list_shards(run_copy / "data" / split_dir))
         for i in range(0, table.num_rows, 5):
             write_table_atomic(table.slice(i, 5), run_copy / "resharded" / split_dir / shard_name(i // 5), 5)
-    with chdir(run_copy):
-        params = load_params()
-        examples, _ = load_examples(params.data.train, "train")
-        tokenizer = load_tokenizer(params.teacher.model)
-        stats, _ = align_split("train", [examples], len(examples), tokenizer, params, run_copy / "f", run_copy / "t",
-                               teacher_windows(run_copy / "resharded/features/train", run_copy / "resharded/teacher/train"),
-                               params.data.train)
+    params = load_params(run_copy / "params.yaml", ws=Workspace(run_copy))
+    examples, _ = load_examples(params.data.train, "train")
+    tokenizer = load_tokenizer(params.teacher.model)
+    stats, _ = align_split("train", [examples], len(examples), tokenizer, params, run_copy / "f", run_copy / "t",
+                           teacher_windows(run_copy / "resharded/features/train", run_copy / "resharded/teacher/train"),
+                           params.data.train, run_copy / "resharded/features/train")
     assert stats.pieced == 0 and stats.covered == pytest.approx(stats.features)
     teacher = rows(run_copy / "data/teacher/train", ["feature_id", "start_logits"])
     ours = rows(run_copy / "t", ["feature_id", "start_logits"])
@@ -114,7 +113,7 @@ def test_a_student_of_another_tokenizer_gets_features_of_its_own(run_copy):
     ids = rows(aligned / "features/train", ["input_ids"])["input_ids"][0]
     words = [t for t in tok.convert_ids_to_tokens(ids) if not t.startswith("[")]
     assert words and all(len(t.removeprefix("##")) == 1 for t in words)  # every word split into characters
-    assert read_json(aligned / "features/train/manifest.json")["tokenizer"] == "./inputs/char-student"
+    assert read_json(aligned / "features/train/manifest.json")["tokenizer"] == str(run_copy / "inputs/char-student")
 
 
 def test_slow_student_tokenizer_is_a_clear_error(run_copy, monkeypatch):
@@ -125,7 +124,7 @@ def test_slow_student_tokenizer_is_a_clear_error(run_copy, monkeypatch):
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: slow(vocab_file=str(vocab)))
     assert not slow(vocab_file=str(vocab)).is_fast
     set_params(run_copy, student__max_seq_len=32)
-    assert_one_line_error(kdqa(run_copy, "-q", "align"), "./inputs/student", "fast")
+    assert_one_line_error(kdqa(run_copy, "-q", "align"), str(run_copy / "inputs/student"), "fast")
     assert not (run_copy / "data/aligned").exists()
 
 
@@ -146,7 +145,7 @@ def test_a_student_of_another_tokenizer_trains_and_is_scored_on_its_own_features
     set_params(run_copy, student__model="./inputs/char-student", student__max_seq_len=64, student__doc_stride=16,
                student__epochs=1, student__max_steps=4)
     # Without the alignment: one line saying what to run (the old "must share a tokenizer" stop is gone).
-    assert_one_line_error(kdqa(run_copy, "-q", "student"), "./inputs/char-student", "kdqa align")
+    assert_one_line_error(kdqa(run_copy, "-q", "student"), str(run_copy / "inputs/char-student"), "kdqa align")
     run_cli(["-q", "align"], run_copy)
     run_cli(["-q", "student"], run_copy)
     run_cli(["-q", "evaluate"], run_copy)
@@ -189,17 +188,14 @@ def test_kdqa_inspect_reads_aligned_targets_against_the_students_own_features(ru
 def test_features_whose_manifest_records_no_windows_count_as_the_teachers(run_copy):
     """A features manifest without `prepare` (hand-made, or from an older kdqa): null student windows are the
     teacher's, so a student of the teacher's tokenizer needs no alignment."""
-    from contextlib import chdir
-
     from pipeline.model.loading import load_tokenizer
     from pipeline.params import load_params
     from pipeline.training.student_data import student_plan
 
     manifest = read_json(run_copy / "data/features/train/manifest.json")
     del manifest["prepare"]
-    with chdir(run_copy):
-        params = load_params()
-        tokenizer = load_tokenizer(params.student.model)
-        assert student_plan(params, tokenizer, manifest)["mode"] == "direct"
-        params.student.max_seq_len = params.prepare.max_seq_len // 2
-        assert student_plan(params, tokenizer, manifest)["mode"] == "aligned"
+    params = load_params(run_copy / "params.yaml", ws=Workspace(run_copy))
+    tokenizer = load_tokenizer(params.student.model)
+    assert student_plan(params, tokenizer, manifest)["mode"] == "direct"
+    params.student.max_seq_len = params.prepare.max_seq_len // 2
+    assert student_plan(params, tokenizer, manifest)["mode"] == "aligned"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.text.augment import KINDS, AugmentReport, make_views
-from pipeline.errors import KdqaError
+from pipeline.runtime.errors import KdqaError
 from pipeline.text.features import NO_LABEL, tokenize_examples
 from pipeline.text.sentences import split_sentences
 from pipeline.text.squad import Example

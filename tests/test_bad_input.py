@@ -542,7 +542,7 @@ def test_impossible_with_answers_is_trained_unanswerable_counted_and_scored_like
 
 def test_empty_passage_in_answer_many_gets_no_answer_and_the_rest_are_unchanged(world):
     """Case 4: a blank question or an empty context does not fail the batch; a single call refuses it."""
-    from pipeline.errors import KdqaError
+    from pipeline.runtime.errors import KdqaError
     from pipeline.serving.qa import NO_ANSWER, QuestionAnswerer
 
     qa = QuestionAnswerer(str(world.student), device="cpu")
@@ -561,13 +561,11 @@ def test_empty_passage_in_answer_many_gets_no_answer_and_the_rest_are_unchanged(
 def test_missing_params_file_is_all_defaults_with_a_warning(tmp_path, caplog):
     """Case 9: no params.yaml: every section at its defaults, and the stage says so (naming them)."""
     import logging
-    from contextlib import chdir
-
     from pipeline.params import Params, load_params
 
-    with chdir(tmp_path), caplog.at_level(logging.WARNING, logger="pipeline.params"):
-        assert load_params("params.yaml", ("prepare",)) == Params()
-        assert load_params("params.yaml") == Params()  # no stage named: nothing to warn about
+    with caplog.at_level(logging.WARNING, logger="pipeline.params"):
+        assert load_params(tmp_path / "params.yaml", ("prepare",)) == Params()
+        assert load_params(tmp_path / "params.yaml") == Params()  # no stage named: nothing to warn about
     (record,) = caplog.records
     assert "params.yaml not found: every setting is its default" in record.getMessage()
     assert "prepare.max_seq_len=384" in record.getMessage()

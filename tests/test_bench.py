@@ -91,11 +91,11 @@ def test_performance_benchmark_quick_mode(tiny_assets, tmp_path):
 def test_reference_shapes_build_a_separate_student(tiny_assets, tmp_path, monkeypatch):
     """--shapes reference: random teacher and student of given shapes; the student runs are the student model's.
     Run as --profile-only (the teacher stage, one streamed-logits and one hard-label run, their profiles)."""
-    from bench import performance
+    from bench import common, performance
 
     tiny_shape = {"layers": 2, "hidden": 32, "heads": 2, "intermediate": 64, "name": "tiny teacher shape"}
-    monkeypatch.setitem(performance.REFERENCE_SHAPES, "teacher", tiny_shape)
-    monkeypatch.setitem(performance.REFERENCE_SHAPES, "student",
+    monkeypatch.setitem(common.REFERENCE_SHAPES, "teacher", tiny_shape)
+    monkeypatch.setitem(common.REFERENCE_SHAPES, "student",
                         {**tiny_shape, "layers": 1, "hidden": 16, "name": "tiny student shape"})
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
     args = performance.parse_args(["--quick", "--shapes", "reference", "--out", str(tmp_path / "out"),
@@ -135,7 +135,7 @@ def test_worker_peak_memory_is_its_own_not_its_parents():
     fork + exec, so the worker's peak must come from its own address space (VmHWM)."""
     ballast = bytearray(400 * 1024 * 1024)
     ballast[:: 4096] = b"\x01" * len(ballast[:: 4096])  # touch every page: 400 MB resident in this process
-    probe = "import resource; from bench.perf_workers import maxrss_mb; print(maxrss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    probe = "import resource; from bench.common import maxrss_mb; print(maxrss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     own, inherited = map(float, subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
                                                check=True).stdout.split())
@@ -167,7 +167,7 @@ def test_student_benchmark_times_the_stages_own_train_step(prepared_run, tiny_as
 
 
 def test_extra_data_benchmark_quick_mode(tmp_path):
-    """bench/extra_data.py end to end on tiny models: every teacher run reports what it computed and copied, the
+    """bench.extra_data end to end on tiny models: every teacher run reports what it computed and copied, the
     increments copy every earlier shard byte for byte, and the 3x student streams more steps."""
     import tiny
 
@@ -175,8 +175,9 @@ def test_extra_data_benchmark_quick_mode(tmp_path):
     data = tiny.make_squad(tmp_path / "squad.json", articles=9, paragraphs=2, questions=3)
     unlabeled = tiny.strip_answers(tiny.make_squad(tmp_path / "squad-u.json", articles=3, paragraphs=2, questions=3, seed=4),
                                    tmp_path / "unlabeled.json")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "DVC_NO_ANALYTICS": "1"}
-    proc = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "extra_data.py"), "--quick", "--encoder",
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "DVC_NO_ANALYTICS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "bench.extra_data", "--quick", "--encoder",
                            str(encoder), "--data", str(data), "--unlabeled", str(unlabeled), "--out", str(tmp_path / "out")],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -198,14 +199,39 @@ def test_extra_data_benchmark_quick_mode(tmp_path):
 def test_results_name_the_cpu_generation_and_its_kernel_flags(tmp_path):
     # VMs of one model name ("AMD EPYC") differ by generation; the family/model numbers and the flags the
     # kernels dispatch on are what tell two runs' machines apart.
-    from bench import performance
+    from bench import common
 
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\n"
                        "flags\t\t: fpu avx2 avx512f avx512_vnni avx512_bf16 sse\n\nprocessor\t: 1\nflags\t: amx_tile\n")
-    info = performance.cpu_identity(cpuinfo)
+    info = common.cpu_identity(cpuinfo)
     assert info == {"cpu": "AMD EPYC", "cpu_family_model": "26/2",
                     "cpu_kernel_flags": ["avx2", "avx512f", "avx512_vnni", "avx512_bf16"]}
-    assert performance.cpu_words(info) == "AMD EPYC (family/model 26/2; avx512_vnni, avx512_bf16)"
-    assert performance.cpu_words({"cpu": "arm64"}) == "arm64"
-    assert performance.cpu_identity(tmp_path / "absent")["cpu"]  # no /proc/cpuinfo: the platform's name
+    assert common.cpu_words(info) == "AMD EPYC (family/model 26/2; avx512_vnni, avx512_bf16)"
+    assert common.cpu_words({"cpu": "arm64"}) == "arm64"
+    assert common.cpu_identity(tmp_path / "absent")["cpu"]  # no /proc/cpuinfo: the platform's name
+
+
+BENCHMARKS = ("accuracy", "align", "extra_data", "first_run", "peer", "performance", "serving", "attention_widths")
+# What each benchmark that needs real data must be given: none falls back to a file outside the repository.
+NEEDS = {"accuracy": "--data", "align": "--data", "extra_data": "--data", "first_run": "--data-dir", "peer": "--data",
+         "serving": "--data"}
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_every_benchmark_runs_as_a_module_and_says_which_data_it_needs(name, tmp_path):
+    """One invocation style, `python -m bench.NAME`, from any directory; a benchmark that needs data and was not
+    given it stops with a usage error naming the option and the file it wants (no default path is assumed)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+
+    def bench(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", f"bench.{name}", *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    helped = bench("--help")
+    assert helped.returncode == 0 and f"python -m bench.{name}" in helped.stdout, helped.stderr[-2000:]
+    if name in NEEDS:
+        missing = bench("--out", str(tmp_path / "out"))
+        assert missing.returncode == 2 and f"needs {NEEDS[name]}: " in missing.stderr, missing.stderr[-2000:]
+        assert "squad2-sample.json" in missing.stderr  # which file: named, not assumed
+        assert not (tmp_path / "out").exists()

@@ -16,6 +16,12 @@ import tiny
 REPO = Path(__file__).resolve().parents[1]
 
 
+def bench_env() -> dict:
+    """For `python -m bench.accuracy` from another directory: this checkout on the path, everything offline."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "DVC_NO_ANALYTICS": "1",
+            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+
+
 def test_accuracy_benchmark_quick_mode_runs_every_stage(tmp_path):
     encoder = tiny.make_model(tmp_path / "encoder", layers=3)
     data = tiny.make_squad(tmp_path / "squad.json", articles=9, paragraphs=1, questions=3)
@@ -27,9 +33,9 @@ def test_accuracy_benchmark_quick_mode_runs_every_stage(tmp_path):
                         '- {name: "from teacher", distillation_weight: 1.0, temperature: 2.0, model: teacher}\n'
                         '- {name: "hard", distillation_weight: 0.0, temperature: 1.0}\n'
                         '- {name: "distilled, layer 0", distillation_weight: 1.0, temperature: 2.0, init_layers: [0]}\n')
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "DVC_NO_ANALYTICS": "1"}
+    env = bench_env()
     # --out relative to the working directory (the stages themselves run inside their own work folders)
-    command = [sys.executable, str(REPO / "bench" / "accuracy.py"), "--quick", "--encoder", str(encoder),
+    command = [sys.executable, "-m", "bench.accuracy", "--quick", "--encoder", str(encoder),
                "--student-layers", "0,2", "--data", str(data), "--out", "out", "--students", str(students),
                "--parallel", "2"]
 
@@ -104,19 +110,17 @@ def test_accuracy_benchmark_quick_mode_runs_every_stage(tmp_path):
 
 
 def test_accuracy_benchmark_overrides_are_checked():
-    sys.path.insert(0, str(REPO / "bench"))
-    try:
-        import accuracy
-    finally:
-        sys.path.remove(str(REPO / "bench"))
-    cfg = accuracy.apply_overrides(accuracy.FULL, ["teacher_training.epochs=6", "prepare.max_seq_len=192",
+    from bench import accuracy
+    from bench.common import apply_overrides
+
+    cfg = apply_overrides(accuracy.FULL, ["teacher_training.epochs=6", "prepare.max_seq_len=192",
                                                    "student_training.learning_rate=2e-4"])
     assert cfg["teacher_training"]["epochs"] == 6 and cfg["prepare"]["max_seq_len"] == 192
     assert cfg["student_training"]["learning_rate"] == 2e-4  # a number, though YAML alone reads "2e-4" as text
     assert accuracy.FULL["teacher_training"]["epochs"] == 4  # the preset itself is untouched
     for bad in ("teacher_training.epochs", "teacher_training.epoch=3", "nosuch.epochs=3"):
         with pytest.raises(SystemExit, match="--set"):
-            accuracy.apply_overrides(accuracy.FULL, [bad])
+            apply_overrides(accuracy.FULL, [bad])
 
 
 def test_shipped_student_variants_are_valid_student_settings():
@@ -150,17 +154,17 @@ def test_accuracy_benchmark_quick_mode_with_extra_rows(tmp_path):
                         # through `kdqa align`: another tokenizer, from logits made at other windows
                         f'- {{name: "aligned", {base}, tokenizer: trimmed, teacher_windows: [96, 32], '
                         'compare_to: "labelled"}\n')
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "DVC_NO_ANALYTICS": "1"}
-    subprocess.run([sys.executable, str(REPO / "bench" / "accuracy.py"), "--quick", "--encoder", str(encoder),
+    subprocess.run([sys.executable, "-m", "bench.accuracy", "--quick", "--encoder", str(encoder),
                     "--student-layers", "0", "--data", str(data), "--out", str(tmp_path / "out"), "--students",
                     str(students), "--set", "max_steps=null", "--set", f"extra.unlabeled={unlabeled}",
-                    "--set", "extra.augment_views=1"], cwd=tmp_path, env=env, check=True, capture_output=True,
+                    "--set", "extra.augment_views=1"], cwd=tmp_path, env=bench_env(), check=True, capture_output=True,
                    text=True, timeout=600)
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["complete"] and set(results["teacher_logits"]["rows"]) == {"train", "dev", "unlabeled", "augmented"}
     labelled, both, aligned = results["rows"][1:]
     assert both["steps"] == labelled["steps"]  # capped at the labelled-only student's steps...
-    from bench.accuracy import BASE_STUDENT, planned_steps
+    from bench.accuracy import planned_steps
+    from bench.common import BASE_STUDENT
 
     data = tmp_path / "out" / "logits-extra" / "data"
     settings = {**BASE_STUDENT, "distillation_weight": 0.5, "max_steps": None}
@@ -211,7 +215,7 @@ def test_has_answer_auc_equals_the_pairwise_definition():
     ties counted half."""
     import random
 
-    from bench.accuracy import has_answer_auc
+    from bench.common import has_answer_auc
 
     rng = random.Random(3)
     for _ in range(20):
@@ -298,11 +302,8 @@ def test_run_stage_records_resumes_reuse_and_failures(tmp_path, monkeypatch):
     covers only the last part), one that found a checkpoint of other settings is not, a finished stage with the
     same key is reused, and a failing one raises StageFailed with its log.
     """
-    sys.path.insert(0, str(REPO / "bench"))
-    try:
-        import accuracy
-    finally:
-        sys.path.remove(str(REPO / "bench"))
+    from bench import common
+
     # The runner recognises kdqa's own warning for a checkpoint it will not resume: keep the two in step.
     assert "not resuming, settings changed" in (REPO / "pipeline" / "training" / "checkpoint.py").read_text()
 
@@ -317,7 +318,7 @@ def test_run_stage_records_resumes_reuse_and_failures(tmp_path, monkeypatch):
         "out = pathlib.Path('models/student'); out.mkdir(parents=True, exist_ok=True)\n"
         "(out / 'config.json').write_text('{}')\n"
         "sys.exit(int(code))\n")
-    monkeypatch.setattr(accuracy, "ROOT", fake_root)
+    monkeypatch.setattr(common, "ROOT", fake_root)
 
     workdir = tmp_path / "work"
     (workdir / "checkpoints" / "student").mkdir(parents=True)
@@ -325,7 +326,7 @@ def test_run_stage_records_resumes_reuse_and_failures(tmp_path, monkeypatch):
 
     def run(behaviour: str, **kwargs) -> dict:
         (workdir / "BEHAVIOUR.txt").write_text(behaviour)
-        return accuracy.run_stage(workdir, "student", **kwargs)
+        return common.run_stage(workdir, "student", **kwargs)
 
     # A checkpoint is there and kdqa does not object: resumed.
     (workdir / "checkpoints" / "student" / "state.json").write_text("{}")
@@ -344,14 +345,14 @@ def test_run_stage_records_resumes_reuse_and_failures(tmp_path, monkeypatch):
     assert run("done|0", upstream=("third",))["resumed_from_checkpoint"] is False
 
     # A failure names the work folder and carries the log's end; no record is left to be reused.
-    with pytest.raises(accuracy.StageFailed, match="(?s)failed in .*work.*boom: bad layer 99"):
+    with pytest.raises(common.StageFailed, match="(?s)failed in .*work.*boom: bad layer 99"):
         run("boom: bad layer 99|3", upstream=("fourth",))
     assert not (workdir / ".bench-done" / "student.json").exists()
 
 
 def test_scores_carry_the_dev_curve_kdqa_student_logged(tmp_path):
     """The per-epoch dev scores (student.eval_every) reach the results row, so results.json holds them."""
-    from bench.accuracy import scores
+    from bench.common import scores
 
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics" / "eval.json").write_text(json.dumps({"exact": 50.0, "f1": 51.234, "total": 10}))
@@ -368,7 +369,7 @@ def test_scores_carry_the_dev_curve_kdqa_student_logged(tmp_path):
 def test_trimmed_vocabulary_model_splits_long_words_and_keeps_every_other_id(tmp_path):
     from transformers import AutoTokenizer
 
-    from bench.accuracy import LONG_WORD, trimmed_vocabulary_model
+    from bench.common import LONG_WORD, trimmed_vocabulary_model
 
     model = tiny.make_model(tmp_path / "model", layers=1)
     trimmed = trimmed_vocabulary_model(model, tmp_path / "trimmed")

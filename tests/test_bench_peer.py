@@ -1,4 +1,4 @@
-"""The side-by-side benchmark against Haystack v1 (bench/peer.py): its quick mode end to end (kdqa's job only,
+"""The side-by-side benchmark against Haystack v1 (bench.peer): its quick mode end to end (kdqa's job only,
 the peer skipped) on the tiny models, and the peak-memory probe it measures every process with.
 
 No timing assertions: the figures themselves are for `python -m bench.peer` on real machines.
@@ -64,12 +64,19 @@ def test_rss_probe_reports_the_programs_own_peak_and_exit_status(tmp_path):
     script = tmp_path / "allocate.py"
     script.write_text("import sys\nblock = bytearray(int(sys.argv[1]) * 1024 * 1024)\n"
                       "block[::4096] = b'x' * len(block[::4096])  # touch every page\nsys.exit(int(sys.argv[2]))\n")
-    probe = str(REPO_ROOT / "bench" / "rss_probe.py")
     peaks = {}
     for mb, code in ((0, 0), (300, 3)):
         result = tmp_path / f"{mb}.json"
-        proc = run_python([probe, str(result), str(script), str(mb), str(code)], cwd=tmp_path, timeout=60)
+        proc = run_python(["-m", "bench.rss_probe", str(result), str(script), str(mb), str(code)], cwd=tmp_path,
+                          timeout=60)
         assert proc.returncode == code, proc.stderr  # the program's own exit status comes through
         peaks[mb] = json.loads(result.read_text())["peak_rss_mb"]
     assert peaks[0] < 100
     assert peaks[0] + 290 <= peaks[300] <= peaks[0] + 400
+    # bench.peer starts it by its file in the peer's virtualenv, where this checkout is not on the import path.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = tmp_path / "by-file.json"
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "rss_probe.py"), str(result), str(script), "0", "0"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(result.read_text())["peak_rss_mb"] < 100

@@ -60,14 +60,13 @@ def launch(args: list[str], cwd: Path, ok: bool = True, cmd: list[str] = TORCHRU
 
 
 def kdqa(args: list[str], cwd: Path, ok: bool = True):
-    """`kdqa ARGS` in this process (1 process, no launcher), with `cwd` as the working directory."""
+    """`kdqa -C CWD ARGS` in this process (1 process, no launcher): the workspace is `cwd`."""
     from click.testing import CliRunner
 
     from pipeline.cli import cli
 
     assert not any(v in os.environ for v in LAUNCHER_VARS[:4]), "run the test suite outside torchrun"
-    with contextlib.chdir(cwd):
-        result = CliRunner().invoke(cli, args, prog_name="kdqa")
+    result = CliRunner().invoke(cli, ["-C", str(cwd), *args], prog_name="kdqa")
     if ok and result.exit_code != 0:
         raise AssertionError(f"kdqa {' '.join(args)} exited {result.exit_code}: {result.output}\n{result.exception!r}")
     if not ok:
@@ -145,16 +144,20 @@ def reference(tmp_path_factory, assets) -> Path:
     # The premise of the uneven tests: a shard count not divisible by 2, and shards of different sizes.
     assert len(shards) % 2 == 1 and len({s["rows"] for s in shards}) > 1, shards
     Repo.init(str(project), no_scm=True)
-    with contextlib.chdir(project), Repo() as repo:  # stage names resolve against the working directory
-        repo.commit("teacher", with_deps=True, force=True)  # dvc.lock as `dvc repro teacher` leaves it
+    dvc(project, "commit", "--force", "--with-deps", "teacher")  # dvc.lock as `dvc repro teacher` leaves it
     return project
 
 
-def teacher_stage_status(project: Path) -> dict:
-    from dvc.repo import Repo
+def dvc(project: Path, *args: str) -> str:
+    """`dvc ARGS` in the project (DVC names stages relative to its working directory: a process of its own)."""
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, env={**env(), "DVC_NO_ANALYTICS": "1"},
+                          capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
 
-    with contextlib.chdir(project), Repo() as repo:
-        return repo.status(targets=["teacher"])
+
+def teacher_stage_status(project: Path) -> dict:
+    return json.loads(dvc(project, "status", "--json", "teacher") or "{}")
 
 
 # --- teacher ---
@@ -352,7 +355,7 @@ def test_student_ddp_matches_one_process_and_resumes(reference, assets, tmp_path
 
 def test_relaunch_only_outside_a_launcher(monkeypatch):
     from pipeline.training import distributed
-    from pipeline.errors import KdqaError
+    from pipeline.runtime.errors import KdqaError
 
     calls = []
     monkeypatch.setattr(distributed.os, "execv", lambda path, argv: calls.append(argv))

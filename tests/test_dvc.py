@@ -19,6 +19,7 @@ import yaml
 
 import tiny
 from conftest import REPO_ROOT
+from pipeline.stage_table import STAGES
 
 # Outputs of the stages that must not rerun, and of those that must.
 UPSTREAM = ["data/features/train/part-00000.parquet", "data/features/dev_examples.parquet",
@@ -87,7 +88,8 @@ def make_dvc_repo(root: Path, tiny_assets, **overrides) -> Path:
 def dvc_repo(tmp_path_factory, tiny_assets) -> DvcRepo:
     """The one full `dvc repro` of this module: every test here continues from a repository in sync.
 
-    Before it, as a user trying things out would: `kdqa prepare` and `kdqa teacher` by hand, then `git add -A`.
+    Before it, as a user trying things out would: every stage by hand (`kdqa prepare` ... `kdqa export`), then
+    `git add -A`: the outputs DVC caches must stay out of git (.gitignore) or `dvc repro` refuses them.
     """
     from conftest import run_cli
 
@@ -95,8 +97,8 @@ def dvc_repo(tmp_path_factory, tiny_assets) -> DvcRepo:
     path = make_dvc_repo(tmp_path_factory.mktemp("dvc"), tiny_assets, student__epochs=1, student__max_steps=3,
                          student__eval_every=3)
     repo = DvcRepo(path, dvc_env(), "", [])
-    run_cli(["-q", "prepare"], path)
-    run_cli(["-q", "teacher"], path)
+    for stage in STAGES:  # every stage by hand, align and export included, as a user trying things out would
+        run_cli(["-q", stage], path)
     repo.git("add", "-A")
     repo.tracked_before_repro = repo.git("ls-files").split()
     repo.first_repro = repo.dvc("repro")  # fails on an output git already tracks ("already tracked by SCM")
@@ -107,7 +109,9 @@ def test_outputs_of_stages_run_by_hand_stay_out_of_git(dvc_repo):
     """Stage outputs are ignored from the start, so `git add -A` after running stages by hand leaves them to DVC."""
     tracked = dvc_repo.tracked_before_repro
     assert "params.yaml" in tracked and (dvc_repo.path / "data/features/train/manifest.json").is_file()
-    assert not [p for p in tracked if p.startswith(("data/features", "data/teacher", ".kdqa"))], tracked
+    cached = tuple(out for stage in STAGES.values() for out in (*stage.outs, *stage.work))
+    assert (dvc_repo.path / "models/student-onnx/kdqa_export.json").is_file()  # export ran by hand too
+    assert not [p for p in tracked if p.startswith((*cached, ".kdqa"))], tracked
 
 
 def test_dvc_repro_then_student_change_skips_prepare_and_teacher(dvc_repo):

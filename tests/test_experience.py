@@ -10,7 +10,7 @@ import re
 import pytest
 import yaml
 
-from conftest import INPUTS, chdir, copy_run, make_run_dir, run_cli
+from conftest import INPUTS, copy_run, make_run_dir, run_cli
 
 COMMANDS = ["prepare", "teacher", "align", "student", "evaluate", "export", "predict", "inspect"]
 
@@ -128,16 +128,18 @@ def test_model_card(layered_run):
     from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
     from pipeline import __version__
-    from pipeline.stages.evaluate import evaluate_model
+    from pipeline.runtime.workspace import Workspace
+    from pipeline.model.scoring import evaluate_model
     from pipeline.stages.student import CARD_EVALUATION
 
     params = yaml.safe_load((layered_run / "params.yaml").read_text())
     card = (layered_run / "models/student/README.md").read_text()
     assert card.startswith("---\n") and "library_name: transformers" in card
     assert f"kdqa {__version__}" in card
-    assert f"**Teacher:** `{params['teacher']['model']}`" in card
-    assert params["data"]["train"] in card and params["data"]["dev"] in card
-    assert f"`{params['student']['model']}` (layers {LAYERS})" in card
+    here = Workspace(layered_run).local  # `kdqa -C RUN` reads (and records) the params' paths under the run
+    assert f"**Teacher:** `{here(params['teacher']['model'])}`" in card
+    assert here(params["data"]["train"]) in card and here(params["data"]["dev"]) in card
+    assert f"`{here(params['student']['model'])}` (layers {LAYERS})" in card
     assert "default post-processing" in card and "n_best 20" in card and "null_threshold 0.0" in card
     for key in ("temperature", "distillation_weight", "learning_rate", "batch_size", "epochs", "init_layers"):
         assert re.search(rf"^{key}: {re.escape(str(params['student'][key]))}$", card, re.M), key
@@ -148,9 +150,8 @@ def test_model_card(layered_run):
     # The card's figures are the dev scores of the saved model with the default post-processing.
     model = AutoModelForQuestionAnswering.from_pretrained(layered_run / "models/student")
     pad = AutoTokenizer.from_pretrained(layered_run / "models/student").pad_token_id
-    with chdir(layered_run):  # evaluate_model reads data/features/dev_examples.parquet relative to the run
-        metrics, *_ = evaluate_model(model, pad, layered_run / "data/features/dev", CARD_EVALUATION,
-                                       torch.device("cpu"))
+    metrics, *_ = evaluate_model(model, pad, layered_run / "data/features/dev", CARD_EVALUATION, torch.device("cpu"),
+                                 layered_run / "data/features/dev_examples.parquet")
     for label, key in (("Exact match", "exact"), ("F1", "f1"), ("HasAns F1", "HasAns_f1"), ("NoAns F1", "NoAns_f1")):
         assert float(rows[label]) == pytest.approx(metrics[key], abs=0.006), label
     assert int(rows["questions"]) == metrics["total"]
@@ -181,21 +182,21 @@ def test_inspect_json_reports_every_field(prepared_run):
 def test_local_data_outside_data_raw_is_flagged_in_a_dvc_project(tmp_path, caplog):
     """DVC watches data/raw/ for prepare; a local JSON elsewhere gets a warning that says what to do."""
     import logging
-    from contextlib import chdir
-
+    from pipeline.runtime.workspace import Workspace
     from pipeline.stages.prepare import warn_if_dvc_cannot_see
 
     (tmp_path / "data" / "raw").mkdir(parents=True)
     (tmp_path / "data" / "raw" / "train.json").write_text("{}")
     (tmp_path / "elsewhere.json").write_text("{}")
-    with chdir(tmp_path), caplog.at_level(logging.WARNING, logger="pipeline.stages.prepare"):
-        warn_if_dvc_cannot_see("elsewhere.json")  # not a DVC project yet: nothing to say
+    ws = Workspace(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="pipeline.stages.prepare"):
+        warn_if_dvc_cannot_see(ws.local("elsewhere.json"), ws)  # not a DVC project yet: nothing to say
         assert not caplog.records
         (tmp_path / "dvc.yaml").write_text("stages: {}\n")
-        warn_if_dvc_cannot_see("data/raw/train.json")
-        warn_if_dvc_cannot_see(str(tmp_path / "data" / "raw" / "train.json"))
-        warn_if_dvc_cannot_see("squad_v2")  # a hub dataset: a param, not a file
+        warn_if_dvc_cannot_see(ws.local("data/raw/train.json"), ws)
+        warn_if_dvc_cannot_see(str(tmp_path / "data" / "raw" / "train.json"), ws)
+        warn_if_dvc_cannot_see("squad_v2", ws)  # a hub dataset: a param, not a file
         assert not caplog.records
-        warn_if_dvc_cannot_see("elsewhere.json")
+        warn_if_dvc_cannot_see(ws.local("elsewhere.json"), ws)
     (record,) = caplog.records
-    assert "elsewhere.json is outside data/raw/" in record.getMessage() and "dvc repro -f prepare" in record.getMessage()
+    assert f"elsewhere.json is outside {tmp_path / 'data/raw'}/" in record.getMessage() and "dvc repro -f prepare" in record.getMessage()

@@ -134,7 +134,7 @@ def test_kdqa_predict_on_the_export(exported_run):
 
 def test_stale_export_is_refused_by_fingerprint(exported_run, tmp_path):
     from pipeline import QuestionAnswerer
-    from pipeline.errors import KdqaError
+    from pipeline.runtime.errors import KdqaError
 
     run = copy_run(exported_run, tmp_path / "run")
     # The student changes after the export (here: other weights of the same shape land in models/student).
@@ -224,7 +224,7 @@ def test_a_float32_export_that_differs_from_pytorch_fails_and_publishes_nothing(
 
 
 def test_int8_gate_fails_above_max_f1_drop_and_says_which_knob():
-    from pipeline.errors import KdqaError
+    from pipeline.runtime.errors import KdqaError
     from pipeline.stages.export import check_gate
 
     metrics = {"float32_max_logit_difference": 1e-6, "pytorch": {"f1": 60.0}, "onnx_int8": {"f1": 58.5},
@@ -241,7 +241,7 @@ def test_int8_gate_fails_above_max_f1_drop_and_says_which_knob():
 def test_export_params_defaults_are_params_yaml_and_checked(tmp_path):
     from dataclasses import asdict
 
-    from pipeline.errors import KdqaError
+    from pipeline.runtime.errors import KdqaError
     from pipeline.params import ExportParams, load_params
 
     assert yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["export"] == asdict(ExportParams())
@@ -274,7 +274,7 @@ def test_an_export_with_non_finite_weights_is_refused(exported_run, tmp_path):
     from onnx import numpy_helper
 
     from pipeline import QuestionAnswerer
-    from pipeline.errors import KdqaError
+    from pipeline.runtime.errors import KdqaError
     from pipeline.store.shards import sha256_file
 
     served = Path(shutil.copytree(exported_run / "models/student-onnx", tmp_path / "served"))

@@ -119,7 +119,8 @@ def test_prepare_writes_unlabeled_and_augmented_splits_beside_an_unchanged_train
     assert saved["augmented"] == report.to_dict() and set(report.by_kind) == {"sentences", "other_paragraph",
                                                                              "distractor"}
     assert report.labelled > 0 and report.teacher_only > 0
-    assert saved["unlabeled"] == [{"source": "./inputs/unlabeled.json", "questions": 12, "answers_ignored": 0,
+    # `kdqa -C RUN` reads (and records) the params' relative paths under the run
+    assert saved["unlabeled"] == [{"source": str(extra_run / "inputs/unlabeled.json"), "questions": 12, "answers_ignored": 0,
                                    "contexts_in_dev": 0}]
     manifest = json.loads((extra_run / "data/features/augmented/manifest.json").read_text())
     assert sum(run["examples"] for run in manifest["runs"]) == report.views
@@ -197,7 +198,7 @@ def test_student_mixes_extra_rows_by_shard_and_logs_ce_over_labelled_rows(extra_
     assert len(unlabeled_only) == sum(batches([extra_rows[i] for i in p]) for p in plan)
     assert all(float(r["kd_loss"]) > 0 for r in curve)
     card = (run / "models/student/README.md").read_text()
-    assert "plus rows only the teacher labelled (unlabeled `./inputs/unlabeled.json`), 1 per labelled row" in card
+    assert f"plus rows only the teacher labelled (unlabeled `{run / 'inputs/unlabeled.json'}`), 1 per labelled row" in card
 
 
 @pytest.mark.parametrize("changes", [{"student__extra_ratio": 0.0}, {"student__distillation_weight": 0.0},

@@ -91,7 +91,7 @@ def test_student_that_cannot_save_keeps_a_final_checkpoint_and_the_rerun_finishe
     monkeypatch.undo()
     result = kdqa(ws, "student")
     assert result.exit_code == 0, result.output
-    assert f"resuming from checkpoints/student at step {TOTAL_STEPS}" in result.stderr
+    assert f"resuming from {ws / 'checkpoints/student'} at step {TOTAL_STEPS}" in result.stderr
     assert_same_as_reference(ws, reference)
     assert not list((ws / "checkpoints").glob("*student*"))
 
@@ -109,7 +109,7 @@ def test_failed_checkpoint_write_loses_at_most_checkpoint_every_steps(world, tmp
     monkeypatch.undo()
     result = kdqa(ws, "student")
     assert result.exit_code == 0, result.output
-    assert "resuming from checkpoints/student at step 10" in result.stderr
+    assert f"resuming from {ws / 'checkpoints/student'} at step 10" in result.stderr
     assert_same_as_reference(ws, reference)
 
 
@@ -194,7 +194,8 @@ def test_stale_staging_is_removed_at_start(world, tmp_path):
 HOLD_LOCK = r'''
 import sys
 from pipeline.runtime.locks import stage_lock
-with stage_lock(sys.argv[1]):
+from pipeline.runtime.workspace import Workspace
+with stage_lock(sys.argv[1], Workspace(".")):
     print("locked", flush=True)
     sys.stdin.read()  # hold it until the test closes our stdin (or kills us)
 '''
@@ -226,12 +227,11 @@ def test_second_teacher_run_names_the_first_and_a_dead_ones_lock_is_taken_over(w
 
 
 def test_lock_only_on_rank_0(tmp_path, monkeypatch):
-    from contextlib import chdir
-
     from pipeline.runtime.locks import stage_lock
+    from pipeline.runtime.workspace import Workspace
 
     monkeypatch.setenv("RANK", "1")
-    with chdir(tmp_path), stage_lock("teacher"):
+    with stage_lock("teacher", Workspace(tmp_path)):
         assert not (tmp_path / ".kdqa").exists()
 
 
@@ -303,13 +303,11 @@ def test_describe_reads_rust_and_torch_writers(monkeypatch, tmp_path):
 
 
 def test_space_estimates(world, tmp_path):
-    from contextlib import chdir
-
     import pyarrow.parquet as pq
 
     from pipeline.params import Params
-    from pipeline.runtime.workspace import CHECKPOINT_DIR, STUDENT_MODEL_DIR, TEACHER_DIR, TEACHER_WORK_DIR
     from pipeline.runtime.preflight import space_needed
+    from pipeline.runtime.workspace import Workspace
 
     ws = clone(world, tmp_path / "ws")
     params = Params()
@@ -320,8 +318,8 @@ def test_space_estimates(world, tmp_path):
 
     with safe_open(str(world.student / "model.safetensors"), framework="pt") as f:
         parameters = sum(f.get_tensor(k).numel() for k in f.keys())
-    with chdir(ws):
-        assert space_needed("teacher", params) == {TEACHER_WORK_DIR: 0, TEACHER_DIR: 0}  # logits up to date: nothing to write
-        shutil.rmtree("data/teacher")
-        assert space_needed("teacher", params) == {TEACHER_WORK_DIR: 4 * tokens, TEACHER_DIR: 4 * tokens}
-        assert space_needed("student", params) == {STUDENT_MODEL_DIR: 4 * parameters, CHECKPOINT_DIR: 24 * parameters}
+    w = Workspace(ws)
+    assert space_needed("teacher", params, w) == {w.teacher_work: 0, w.teacher: 0}  # logits up to date: nothing to write
+    shutil.rmtree(ws / "data/teacher")
+    assert space_needed("teacher", params, w) == {w.teacher_work: 4 * tokens, w.teacher: 4 * tokens}
+    assert space_needed("student", params, w) == {w.student_model: 4 * parameters, w.checkpoints: 24 * parameters}

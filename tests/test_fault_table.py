@@ -190,9 +190,9 @@ def too_many_tokens(c: Ctx):
 def lock_held(stage: str):
     def setup(c: Ctx):
         from pipeline.runtime.locks import stage_lock
+        from pipeline.runtime.workspace import Workspace
 
-        with contextlib.chdir(c.ws):
-            c.stack.enter_context(stage_lock(stage))
+        c.stack.enter_context(stage_lock(stage, Workspace(c.ws)))
         c.values["pid"] = str(os.getpid())
     return setup
 
@@ -396,11 +396,13 @@ def folder_lock_held(stage: str):
     """A running `stage`: its stage lock and its folder locks held by this process."""
     def setup(c: Ctx):
         from pipeline.runtime.locks import folder_locks, stage_lock
-        from pipeline.stages.table import STAGES
+        from pipeline.runtime.workspace import Workspace
+        from pipeline.stage_table import STAGES, lock_folders
 
-        with contextlib.chdir(c.ws):
-            c.stack.enter_context(stage_lock(stage))
-            c.stack.enter_context(folder_locks(STAGES[stage].reads, STAGES[stage].writes, stage))
+        ws = Workspace(c.ws)
+        reads, writes = lock_folders(STAGES[stage])
+        c.stack.enter_context(stage_lock(stage, ws))
+        c.stack.enter_context(folder_locks(reads, writes, stage, ws))
         c.values["pid"] = str(os.getpid())
     return setup
 
@@ -493,7 +495,7 @@ ROWS = [
         ("data/teacher/dev", "teacher logits were computed for features", "kdqa teacher"), keeps=()),
     Row("evaluate --model: other vocabulary than the features", ("evaluate", "--model", "{model}"),
         lambda c: c.values.update(model=str(c.world.student_other_vocab)),
-        ("{model}", "tokenizer differs from the one data/features/dev was prepared with")),
+        ("{model}", "tokenizer differs from the one", "data/features/dev was prepared with")),
     Row("student: teacher logits of other features", ("student",),
         lambda c: _rewrite_json(c.ws / "data/teacher/train/manifest.json",
                                 lambda m: m["fingerprint_parts"].update(features="0123456789abcdef")),
@@ -554,7 +556,7 @@ ROWS = [
     Row("inspect: logits of other features give no teacher accuracy", ("inspect", "data/teacher/train"),
         lambda c: _rewrite_json(c.ws / "data/teacher/train/manifest.json",
                                 lambda m: m["fingerprint_parts"].update(features="0123456789abcdef")),
-        ("logits were computed for other features than data/features/train", "features_match"), exit_code=0),
+        ("logits were computed for other features than", "data/features/train", "features_match"), exit_code=0),
     Row("inspect: no shards", ("inspect", "data/nowhere"), None, ("data/nowhere", "no part-NNNNN.parquet shards")),
     Row("export: no model", ("export",), remove("models/student"), ("models/student", "kdqa student")),
     Row("export: damaged dev features", ("export",), damage("data/features/dev/part-00000.parquet"),
@@ -748,7 +750,7 @@ def api_model(world) -> str:
 
 @pytest.mark.parametrize("row", API_ROWS, ids=[r.name for r in API_ROWS])
 def test_api_row(row: ApiRow, api_model):
-    from pipeline.errors import KdqaError
+    from pipeline.runtime.errors import KdqaError
     from pipeline.serving.qa import QuestionAnswerer
 
     with pytest.raises(KdqaError) as raised:  # a ValueError: `except Exception` (a server's) catches it
@@ -820,7 +822,7 @@ def test_a_diverged_run_leaves_the_model_byte_identical_and_resumable(world, fin
     write_params(world, ws, **{**STUDENT, "student__learning_rate": 3e5, "student__checkpoint_every": 1})
     result = kdqa(ws, "student")
     assert result.exit_code == 1 and "training diverged" in result.stderr
-    assert "the last checkpoint (checkpoints/student) is kept" in result.stderr
+    assert "the last checkpoint (" in result.stderr and "checkpoints/student) is kept" in result.stderr
     assert {p.name: p.read_bytes() for p in (ws / "models/student").iterdir()} == before
     import torch
 

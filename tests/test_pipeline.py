@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-from contextlib import chdir
 from pathlib import Path
 
 import numpy as np
@@ -310,7 +309,7 @@ def test_eval_curve_ends_with_the_final_models_dev_scores(trained_run):
     """The student stage's last dev evaluation is logged (eval.tsv), not only written into the model card."""
     import torch
 
-    from pipeline.stages.evaluate import evaluate_model
+    from pipeline.model.scoring import evaluate_model
     from pipeline.model.loading import load_qa_model
     from pipeline.stages.student import CARD_EVALUATION
 
@@ -319,8 +318,8 @@ def test_eval_curve_ends_with_the_final_models_dev_scores(trained_run):
     steps = json.loads((run / "models/student/kdqa_training.json").read_text())["steps"]
     assert rows and int(rows[-1]["step"]) == steps
     model = load_qa_model(str(run / "models/student")).eval()
-    with chdir(run):  # stage code reads its inputs at paths relative to the project
-        metrics, *_ = evaluate_model(model, 0, Path("data/features/dev"), CARD_EVALUATION, torch.device("cpu"))
+    metrics, *_ = evaluate_model(model, 0, run / "data/features/dev", CARD_EVALUATION, torch.device("cpu"),
+                                 run / "data/features/dev_examples.parquet")
     assert float(rows[-1]["f1"]) == pytest.approx(metrics["f1"], abs=1e-4)
     assert float(rows[-1]["f1_forced"]) == pytest.approx(metrics["HasAns_f1_forced"], abs=1e-4)
 
@@ -423,7 +422,7 @@ def test_student_refuses_shards_of_another_format_version(run_copy, folder, kind
     manifest_path.write_text(json.dumps(manifest))
     result = run_cli(["-q", "student"], run_copy, expect_ok=False)
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert f"kdqa: error: {folder}: {kind} format 99, but this kdqa reads {kind} format 1 (run `{command}`)" \
+    assert f"kdqa: error: {run_copy / folder}: {kind} format 99, but this kdqa reads {kind} format 1 (run `{command}`)" \
         in result.output
 
 
@@ -520,7 +519,7 @@ def test_stream_shuffles_every_epoch_reproducibly(prepared_run):
 
 
 def test_misaligned_logits_rows_are_refused(run_copy):
-    from pipeline.errors import KdqaError
+    from pipeline.runtime.errors import KdqaError
     from pipeline.training.stream import find_shard_pairs, verify_alignment
 
     shard = run_copy / "data/teacher/train/part-00000.parquet"

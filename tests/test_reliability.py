@@ -244,7 +244,8 @@ def test_student_killed_then_rerun_ends_with_identical_weights(world, tmp_path, 
     # A plain rerun of the stage (what `dvc repro` does after a crash) continues from the checkpoint.
     result = kdqa(ws, "student")
     assert result.exit_code == 0, result.output
-    assert re.search(rf"resuming from checkpoints/student at step {resume_step} .*loss: w=0\.5 T=2\.0", result.stderr)
+    assert re.search(rf"resuming from {re.escape(str(ws / 'checkpoints/student'))} at step {resume_step} .*loss: w=0\.5 T=2\.0",
+                     result.stderr)
 
     got = tensors(ws / "models/student/model.safetensors")
     ref = uninterrupted["weights"]
@@ -381,7 +382,8 @@ def rewrite_logits_shard(ws: Path, name: str, reorder) -> None:
     """Rewrite one logits shard with its rows reordered (a buggy teacher) and record it in the manifest."""
     import pyarrow.parquet as pq
 
-    from pipeline.store.shards import LOGITS_SCHEMA, sha256_file, write_table_atomic
+    from pipeline.store.logits import LOGITS_SCHEMA
+    from pipeline.store.shards import sha256_file, write_table_atomic
 
     folder = ws / "data/teacher/train"
     table = pq.read_table(folder / name, schema=LOGITS_SCHEMA)
@@ -415,7 +417,7 @@ def test_logits_row_count_mismatch_is_detected(world, tmp_path):
 
 def test_stream_checks_feature_ids_row_for_row_while_streaming(world):
     """Even past the up-front check, a shard pair whose ids disagree never yields a batch."""
-    from pipeline.errors import KdqaError
+    from pipeline.runtime.errors import KdqaError
     from pipeline.training.stream import ShardPair, ShardStream
 
     ws = world.workspace

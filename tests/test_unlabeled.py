@@ -7,7 +7,7 @@ import json
 import pytest
 
 import tiny
-from pipeline.errors import KdqaError
+from pipeline.runtime.errors import KdqaError
 from pipeline.text.features import NO_LABEL, tokenize_examples
 from pipeline.text.squad import load_examples
 from pipeline.text.unlabeled import UnlabeledReport, check_ids_distinct, count_dev_contexts, load_unlabeled

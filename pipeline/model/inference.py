@@ -12,10 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.store.shards import list_column_to_numpy, read_table
 from pipeline.model.batching import pad_batch
+from pipeline.store.features import read_model_inputs
 
-INFERENCE_COLUMNS = ["feature_id", "input_ids", "token_type_ids", "context_start", "context_end"]
 PRECISIONS = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}
 
 
@@ -90,13 +89,9 @@ def shard_logits(model, features_path: Path, pad_token_id: int, device: torch.de
                  dtype: torch.dtype | None | str = "default", logits_dtype: torch.dtype = torch.float16,
                  multiple: int = 1):
     """(feature ids, start logits, end logits) for one features shard, in the shard's row order."""
-    table = read_table(features_path, columns=INFERENCE_COLUMNS)
+    rows = read_model_inputs(features_path)
     start, end = model_logits(
-        model,
-        list_column_to_numpy(table.column("input_ids"), np.int64),
-        list_column_to_numpy(table.column("token_type_ids"), np.int64),
-        table.column("context_start").to_numpy(),
-        table.column("context_end").to_numpy(),
+        model, rows.input_ids, rows.token_type_ids, rows.context_start, rows.context_end,
         pad_token_id, device, max_batch, max_tokens, dtype, logits_dtype, multiple,
     )
-    return table.column("feature_id").to_pylist(), start, end
+    return rows.feature_ids.to_pylist(), start, end

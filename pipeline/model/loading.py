@@ -10,7 +10,7 @@ import hashlib
 import logging
 from pathlib import Path
 
-from pipeline.errors import KdqaError
+from pipeline.runtime.errors import KdqaError
 from pipeline.runtime.hub import OFFLINE_HELP, is_offline, use_cache_only_if_unreachable
 from pipeline.model.tokenizers import check_tokenizer_files, check_vocabulary, embedding_rows
 

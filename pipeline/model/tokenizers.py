@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.errors import KdqaError
+from pipeline.runtime.errors import KdqaError
 
 # Files that carry a vocabulary (fast tokenizer, WordPiece, BPE, SentencePiece); one of them must be there.
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",

@@ -18,16 +18,14 @@ import socket
 import time
 from pathlib import Path
 
-from pipeline.errors import KdqaError
+from pipeline.runtime.errors import KdqaError
+from pipeline.runtime.workspace import Workspace
 from pipeline.runtime.write_errors import writing
 
 log = logging.getLogger(__name__)
 
-LOCK_DIR = Path(".kdqa/locks")
-
-
-def lock_path(stage: str) -> Path:
-    return LOCK_DIR / f"{stage}.lock"
+def lock_path(stage: str, ws: Workspace) -> Path:
+    return ws.locks / f"{stage}.lock"
 
 
 def _owner(path: Path) -> dict:
@@ -44,7 +42,7 @@ def _describe(owner: dict) -> str:
     return f"pid {owner['pid']} on {owner.get('host', '?')}, started {owner.get('started', '?')}"
 
 
-def _acquire(path: Path, stage: str) -> int:
+def _acquire(path: Path, stage: str, shown: Path) -> int:
     """An open descriptor of `path` holding its exclusive lock; KdqaError naming the owner if it is taken."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -52,7 +50,7 @@ def _acquire(path: Path, stage: str) -> int:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise KdqaError(f"{lock_path(stage)}: `kdqa {stage}` is already running in this folder ({_describe(_owner(path))}); "
+            raise KdqaError(f"{shown}: `kdqa {stage}` is already running in this folder ({_describe(_owner(path))}); "
                             "wait for it to finish or stop it, then rerun") from None
         # The previous owner may have removed the file between our open and our lock: then we hold the lock of
         # a file nobody else can see, so start again on the one at `path`.
@@ -66,19 +64,20 @@ def _acquire(path: Path, stage: str) -> int:
 
 
 @contextlib.contextmanager
-def stage_lock(stage: str):
-    """Hold `stage`'s lock for the block (rank 0 only under torchrun)."""
+def stage_lock(stage: str, ws: Workspace):
+    """Hold `stage`'s lock in workspace `ws` for the block (rank 0 only under torchrun)."""
     if int(os.environ.get("RANK", "0")) != 0:
         yield
         return
-    path = lock_path(stage).absolute()  # released after the block even if the working directory changed
+    shown = lock_path(stage, ws)
+    path = shown.absolute()  # released after the block even if the working directory changed
     with writing(path.parent):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = _acquire(path, stage)
+        fd = _acquire(path, stage, shown)
     try:
         stale = _owner(path)
         if stale.get("pid") and stale.get("pid") != os.getpid():
-            log.warning("%s: taking over the lock of %s, which is no longer running", lock_path(stage),
+            log.warning("%s: taking over the lock of %s, which is no longer running", shown,
                         _describe(stale))
         owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                  "stage": stage}
@@ -97,33 +96,33 @@ def stage_lock(stage: str):
 # Folder locks: no stage rewrites what a running stage reads
 # ---------------------------------------------------------------------------------------------------------
 
-# One lock file per folder of the stage table, never removed: readers share it, so a file unlinked by one
-# reader while another still held it would let a writer lock a new file under the same name.
-FOLDER_LOCK_DIR = Path(".kdqa/folder-locks")
+# One lock file per folder of the stage table (ws.folder_locks), never removed: readers share it, so a file
+# unlinked by one reader while another still held it would let a writer lock a new file under the same name.
 
 
-def folder_lock_path(folder: str) -> Path:
+def folder_lock_path(folder: str, ws: Workspace) -> Path:
     path = Path(os.path.normpath(folder))
-    if path.is_absolute() and path.is_relative_to(Path.cwd()):  # the same folder however it is named
-        path = path.relative_to(Path.cwd())
-    return FOLDER_LOCK_DIR / (str(path).strip("/").replace("/", "--") + ".lock")
+    root = ws.root.resolve()
+    if path.is_absolute() and path.is_relative_to(root):  # the same folder however it is named
+        path = path.relative_to(root)
+    return ws.folder_locks / (str(path).strip("/").replace("/", "--") + ".lock")
 
 
-def _holders(folder: str, role: str) -> str:
+def _holders(folder: str, role: str, ws: Workspace) -> str:
     """The running stages (from their stage locks) that read or write `folder`, for the message."""
-    from pipeline.stages.table import STAGES
+    from pipeline.stage_table import STAGES, lock_folders
 
     found = []
-    for path in sorted(LOCK_DIR.glob("*.lock")):
+    for path in sorted(ws.locks.glob("*.lock")):
         owner = _owner(path)
         stage = STAGES.get(owner.get("stage", ""))
-        if stage and folder in getattr(stage, role):
+        if stage and folder in lock_folders(stage)[0 if role == "reads" else 1]:
             found.append(f"`kdqa {stage.name}` ({_describe(owner)})")
     return " and ".join(found) or "another kdqa process"
 
 
 @contextlib.contextmanager
-def folder_locks(reads: tuple[str, ...], writes: tuple[str, ...], stage: str):
+def folder_locks(reads: tuple[str, ...], writes: tuple[str, ...], stage: str, ws: Workspace):
     """Shared locks on the folders a stage reads, exclusive ones on those it writes, for the block; a folder
     that a running stage is writing (or reading, for one this stage writes) stops this stage at once with one
     line naming that stage. Rank 0 only under torchrun, like the stage lock."""
@@ -132,19 +131,19 @@ def folder_locks(reads: tuple[str, ...], writes: tuple[str, ...], stage: str):
         return
     held = []
     try:
-        with writing(FOLDER_LOCK_DIR):
-            FOLDER_LOCK_DIR.mkdir(parents=True, exist_ok=True)
+        with writing(ws.folder_locks):
+            ws.folder_locks.mkdir(parents=True, exist_ok=True)
             for folder, exclusive in [*((f, False) for f in reads), *((f, True) for f in writes)]:
-                fd = os.open(folder_lock_path(folder), os.O_RDWR | os.O_CREAT, 0o644)
+                fd = os.open(folder_lock_path(folder, ws), os.O_RDWR | os.O_CREAT, 0o644)
                 held.append(fd)
                 try:
                     fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
                 except BlockingIOError:
                     if exclusive:
-                        raise KdqaError(f"{folder}: in use by {_holders(folder, 'reads')}, which reads it; "
+                        raise KdqaError(f"{folder}: in use by {_holders(folder, 'reads', ws)}, which reads it; "
                                         f"`kdqa {stage}` would rewrite it under that run: wait for it to finish "
                                         "or stop it, then rerun") from None
-                    raise KdqaError(f"{folder}: being rewritten by {_holders(folder, 'writes')}; `kdqa {stage}` "
+                    raise KdqaError(f"{folder}: being rewritten by {_holders(folder, 'writes', ws)}; `kdqa {stage}` "
                                     "would read it half-written: wait for that run to finish, then rerun") from None
         yield
     finally:

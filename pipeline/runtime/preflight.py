@@ -18,56 +18,43 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from pipeline.errors import KdqaError
-from pipeline.runtime.workspace import (
-    ALIGNED_DIR,
-    CHECKPOINT_DIR,
-    DEV_EXAMPLES,
-    FEATURES_DIR,
-    EXPORT_DIR,
-    METRICS_DIR,
-    RESULTS_DIR,
-    STUDENT_LOG_DIR,
-    STUDENT_MODEL_DIR,
-    TEACHER_DIR,
-    TEACHER_WORK_DIR,
-    staging_path,
-)
+from pipeline.runtime.errors import KdqaError
+from pipeline.runtime.workspace import Workspace, staging_path
 from pipeline.runtime.write_errors import describe, existing_parent
+from pipeline.stage_table import SPLITS
 
 log = logging.getLogger(__name__)
 
-# The folders each stage writes into.
-OUTPUTS = {
-    "prepare": (FEATURES_DIR / "train", FEATURES_DIR / "dev", FEATURES_DIR),
-    "teacher": (TEACHER_DIR / "train", TEACHER_DIR / "dev", TEACHER_WORK_DIR / "train", TEACHER_WORK_DIR / "dev"),
-    "align": (ALIGNED_DIR,),
-    "student": (STUDENT_MODEL_DIR, CHECKPOINT_DIR, STUDENT_LOG_DIR),
-    "evaluate": (METRICS_DIR, RESULTS_DIR),
-    "export": (EXPORT_DIR, METRICS_DIR),
-}
-# The ones it writes whole, through a staging folder (paths.staged_folder). Only the staging (`.NAME.partial`)
-# is a leftover: a `.NAME.old` may be the one complete copy left by a crash mid-swap (a checkpoint resumes
-# from it), so it is never touched here.
-STAGED = {
-    "prepare": (FEATURES_DIR / "train", FEATURES_DIR / "dev"),
-    "teacher": (TEACHER_DIR / "train", TEACHER_DIR / "dev"),
-    "align": (ALIGNED_DIR,),
-    "student": (STUDENT_MODEL_DIR, CHECKPOINT_DIR),
-    "evaluate": (),
-    "export": (EXPORT_DIR,),
-}
+def output_folders(stage: str, ws: Workspace) -> tuple[Path, ...]:
+    """The folders a stage writes into (a file's folder for a file), from the stage table."""
+    from pipeline.stage_table import STAGES
+
+    entry = STAGES[stage]
+    paths = [ws.path(p) for p in (*entry.writes, *entry.staged)]
+    return tuple(dict.fromkeys(p.parent if p.suffix else p for p in paths))
+
+
+def staged_folders(stage: str, ws: Workspace) -> tuple[Path, ...]:
+    """The ones it writes whole, through a staging folder (paths.staged_folder). Only the staging (`.NAME.partial`)
+    is a leftover: a `.NAME.old` may be the one complete copy left by a crash mid-swap (a checkpoint resumes
+    from it), so it is never touched here."""
+    from pipeline.stage_table import STAGES
+
+    return tuple(ws.path(p) for p in STAGES[stage].staged)
+
+
 LOGITS_BYTES_PER_TOKEN = 4  # float16 start + end logit per token, stored as they are (noise barely compresses)
 TRAINING_BYTES_PER_PARAMETER = 4  # float32 weights; AdamW keeps two more copies in the checkpoint
 
 
-def remove_stale_staging(stage: str) -> None:
+def remove_stale_staging(stage: str, ws: Workspace) -> None:
     """Staging folders and temporary files of the stage's outputs: leftovers of a run that died."""
-    for staging in map(staging_path, STAGED[stage]):
+    for staging in map(staging_path, staged_folders(stage, ws)):
         if staging.exists():
             log.info("%s: removing what a crashed run left", staging)
             shutil.rmtree(staging, ignore_errors=True)
-    for folder in {*OUTPUTS[stage], *(p.parent for p in OUTPUTS[stage])}:
+    outputs = output_folders(stage, ws)
+    for folder in {*outputs, *(p.parent for p in outputs)}:
         for stale in folder.glob(".*.tmp-*") if folder.is_dir() else ():
             stale.unlink(missing_ok=True)
 
@@ -112,51 +99,68 @@ def _mb(n: int) -> str:
 
 
 @contextlib.contextmanager
-def outputs_ready(stage: str, params):
+def outputs_ready(stage: str, params, ws: Workspace):
     """Clean stale staging, check writability and free space, run the block; clean staging again if it fails.
     Rank 0 only under torchrun (one set of outputs per run)."""
     if int(os.environ.get("RANK", "0")) != 0:
         yield
         return
-    remove_stale_staging(stage)
-    check_writable(OUTPUTS[stage])
-    check_free_space(space_needed(stage, params))
+    remove_stale_staging(stage, ws)
+    check_writable(output_folders(stage, ws))
+    check_free_space(space_needed(stage, params, ws))
     try:
         yield
     except BaseException:
-        remove_stale_staging(stage)
+        remove_stale_staging(stage, ws)
         raise
 
 
-def space_needed(stage: str, params) -> dict[Path, int]:
+def space_needed(stage: str, params, ws: Workspace) -> dict[Path, int]:
     """About what the stage will write, per folder, in bytes: a check for a disk that is plainly too full, not
     a guarantee (0 where it cannot be known beforehand)."""
-    if stage == "prepare":  # features take fewer bytes than the SQuAD JSON they come from
-        return {FEATURES_DIR: sum(_file_size(s) for s in (params.data.train, params.data.dev))}
-    if stage == "teacher":  # logits go to the work folder, then are copied into data/teacher
-        tokens = sum(_tokens(FEATURES_DIR / split) for split in ("train", "dev") if not _logits_current(split))
-        logits = LOGITS_BYTES_PER_TOKEN * tokens
-        return {TEACHER_WORK_DIR: max(0, logits - _bytes_in(TEACHER_WORK_DIR)), TEACHER_DIR: logits}
-    if stage == "align":  # the student's own features and targets: about as large as the teacher's, at most
-        return {ALIGNED_DIR: _bytes_in(FEATURES_DIR) + _bytes_in(TEACHER_DIR / "train")}
-    if stage == "student":  # the model, and a checkpoint (weights + two AdamW moments) twice while it is swapped
-        model = TRAINING_BYTES_PER_PARAMETER * _parameters(params.student.model)
-        checkpoints = max(0, 6 * model - _bytes_in(CHECKPOINT_DIR)) if params.student.checkpoint_every else 0
-        return {STUDENT_MODEL_DIR: model, CHECKPOINT_DIR: checkpoints}
-    if stage == "evaluate":  # predictions: smaller than the dev examples they answer
-        return {RESULTS_DIR: _file_size(str(DEV_EXAMPLES))}
-    if stage == "export":  # the float32 graph about the size of the weights, the int8 one about a quarter of it
-        return {EXPORT_DIR: int((1 + params.export.int8 / 4) * _bytes_in(STUDENT_MODEL_DIR))}
-    return {}
+    return SPACE_NEEDED[stage](params, ws)
 
 
-def _logits_current(split: str) -> bool:
+def _prepare_space(params, ws: Workspace) -> dict[Path, int]:  # features take fewer bytes than the SQuAD JSON they come from
+    return {ws.features: sum(_file_size(s) for s in (params.data.train, params.data.dev, *params.data.unlabeled))}
+
+
+def _teacher_space(params, ws: Workspace) -> dict[Path, int]:  # logits go to the work folder, then are copied into data/teacher
+    tokens = sum(_tokens(ws.features / split) for split in SPLITS if not _logits_current(split, ws))
+    logits = LOGITS_BYTES_PER_TOKEN * tokens
+    return {ws.teacher_work: max(0, logits - _bytes_in(ws.teacher_work)), ws.teacher: logits}
+
+
+def _align_space(params, ws: Workspace) -> dict[Path, int]:  # the student's own features and targets: about the teacher's, at most
+    return {ws.aligned: _bytes_in(ws.features) + _bytes_in(ws.teacher)}
+
+
+def _student_space(params, ws: Workspace) -> dict[Path, int]:  # the model, and a checkpoint (weights + two AdamW moments) twice
+    model = TRAINING_BYTES_PER_PARAMETER * _parameters(params.student.model)
+    checkpoints = max(0, 6 * model - _bytes_in(ws.checkpoints)) if params.student.checkpoint_every else 0
+    return {ws.student_model: model, ws.checkpoints: checkpoints}
+
+
+def _evaluate_space(params, ws: Workspace) -> dict[Path, int]:  # predictions: smaller than the dev examples they answer
+    return {ws.results: _file_size(str(ws.dev_examples))}
+
+
+def _export_space(params, ws: Workspace) -> dict[Path, int]:  # the float32 graph about the size of the weights, int8 a quarter
+    return {ws.export: int((1 + params.export.int8 / 4) * _bytes_in(ws.student_model))}
+
+
+# One estimate per stage of the stage table (tests/test_stage_table.py holds the keys equal).
+SPACE_NEEDED = {"prepare": _prepare_space, "teacher": _teacher_space, "align": _align_space,
+                "student": _student_space, "evaluate": _evaluate_space, "export": _export_space}
+
+
+def _logits_current(split: str, ws: Workspace) -> bool:
     """The published logits were made from the features there now (the teacher stage checks it fully)."""
     from pipeline.store.shards import read_json
 
     try:
-        published = read_json(TEACHER_DIR / split / "manifest.json").get("fingerprint_parts", {}).get("features")
-        return published == read_json(FEATURES_DIR / split / "manifest.json").get("fingerprint")
+        published = read_json(ws.teacher / split / "manifest.json").get("fingerprint_parts", {}).get("features")
+        return published == read_json(ws.features / split / "manifest.json").get("fingerprint")
     except (KdqaError, AttributeError):
         return False
 

@@ -17,7 +17,7 @@ import re
 import shutil
 from pathlib import Path
 
-from pipeline.errors import KdqaError
+from pipeline.runtime.errors import KdqaError
 
 REMEDIES = {
     errno.ENOSPC: "the disk is full: free some space (or run on a larger disk) and rerun",

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from pipeline.errors import KdqaError
+from pipeline.runtime.errors import KdqaError
 from pipeline.store.shards import fingerprint_of, read_json, sha256_file
 
 MANIFEST = "kdqa_export.json"

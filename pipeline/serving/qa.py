@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.errors import KdqaError
+from pipeline.runtime.errors import KdqaError
 from pipeline.text.features import context_token_counts, tokenize_examples
 from pipeline.model.inference import model_logits
 from pipeline.model.loading import TRAINED, load_qa_model, load_tokenizer

@@ -24,44 +24,40 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
 from pipeline import __version__
 from pipeline.text.alignment import Window, align_example
-from pipeline.errors import KdqaError
+from pipeline.runtime.errors import KdqaError
 from pipeline.text.features import check_contexts_have_tokens, tokenize_examples
 from pipeline.store.fingerprints import check_teacher_logits
 from pipeline.model.loading import check_position_table, load_tokenizer
 from pipeline.params import Params
-from pipeline.runtime.workspace import ALIGNED_DIR, FEATURES_DIR, TEACHER_DIR, UNLABELED_SPLIT, staged_folder
+from pipeline.runtime.workspace import UNLABELED_SPLIT, Workspace, staged_folder
 from pipeline.text.augment import AugmentReport
-from pipeline.stages.prepare import TOKENIZE_CHUNK, augmented_runs, check_window, tokenize_into
+from pipeline.text.augment import augmented_runs
+from pipeline.text.features import TOKENIZE_CHUNK, check_window, tokenize_into
 from pipeline.runtime.progress import progress
+from pipeline.store.aligned import write_aligned_shard
+from pipeline.store.features import read_windows, write_features_shard
+from pipeline.store.logits import read_logits
 from pipeline.store.shards import (
-    aligned_table,
     check_format,
     features_fingerprint,
-    features_table,
     fingerprint_of,
-    list_column_to_numpy,
     list_shards,
     output_format,
     read_json,
-    read_table,
     sha256_file,
     shard_name,
     verify_shards,
     write_json_atomic,
-    write_table_atomic,
 )
 from pipeline.text.squad import Example, load_examples
-from pipeline.training.student_data import ALIGNED, student_plan, teacher_labelled_splits
+from pipeline.training.student_data import aligned, student_plan, teacher_labelled_splits
 from pipeline.text.unlabeled import load_unlabeled
 from pipeline.runtime.write_errors import writing
 
 log = logging.getLogger(__name__)
-
-WINDOW_COLUMNS = ["feature_id", "example_id", "context_start", "context_end", "offset_start", "offset_end"]
 
 
 def teacher_windows(features_dir: Path, logits_dir: Path) -> Iterator[tuple[str, list]]:
@@ -69,21 +65,17 @@ def teacher_windows(features_dir: Path, logits_dir: Path) -> Iterator[tuple[str,
     time; an example's windows may straddle two shards."""
     current, windows = None, []
     for path in list_shards(features_dir):
-        f = read_table(path, columns=WINDOW_COLUMNS)
-        t = read_table(logits_dir / path.name, columns=["feature_id", "start_logits", "end_logits"])
-        if not f.column("feature_id").equals(t.column("feature_id")):
+        f = read_windows(path)
+        logit_ids, start, end = read_logits(logits_dir / path.name)
+        if f.feature_ids != logit_ids.to_pylist():
             raise KdqaError(f"{logits_dir / path.name}: rows do not match {path} (run `kdqa teacher`)")
-        start = list_column_to_numpy(t.column("start_logits"), np.float32)
-        end = list_column_to_numpy(t.column("end_logits"), np.float32)
-        offset_start = list_column_to_numpy(f.column("offset_start"), np.int64)
-        offset_end = list_column_to_numpy(f.column("offset_end"), np.int64)
-        cs, ce = f.column("context_start").to_numpy(), f.column("context_end").to_numpy()
-        for i, example_id in enumerate(f.column("example_id").to_pylist()):
+        for i, example_id in enumerate(f.example_ids):
             if example_id != current:
                 if windows:
                     yield current, windows
                 current, windows = example_id, []
-            windows.append((start[i], end[i], Window(offset_start[i], offset_end[i], int(cs[i]), int(ce[i]))))
+            windows.append((start[i], end[i], Window(f.offset_start[i], f.offset_end[i], int(f.context_start[i]),
+                                                     int(f.context_end[i]))))
     if windows:
         yield current, windows
 
@@ -110,10 +102,10 @@ class AlignStats:
 
 def align_split(split: str, runs: Iterable[list[Example]], total: int, tokenizer, params: Params,
                 features_out: Path, targets_out: Path, teacher: Iterator[tuple[str, list]],
-                source) -> tuple[AlignStats, list[dict]]:
+                source, teacher_features: Path) -> tuple[AlignStats, list[dict]]:
     """One training split's student features and their aligned targets, written side by side in shards of
     `shard_size`; `runs`: its examples in the order prepare tokenized them for the teacher (`teacher`: its
-    windows, from `teacher_windows`)."""
+    windows, from `teacher_windows`, over `teacher_features`)."""
     p, stats, started = params.prepare, AlignStats(), time.perf_counter()
     features_out.mkdir(parents=True)
     targets_out.mkdir(parents=True)
@@ -121,9 +113,8 @@ def align_split(split: str, runs: Iterable[list[Example]], total: int, tokenizer
 
     def flush():
         name = shard_name(len(shards))
-        write_table_atomic(features_table(features), features_out / name, row_group_size=p.row_group_size)
-        write_table_atomic(aligned_table([f["feature_id"] for f in features], targets), targets_out / name,
-                           p.row_group_size, float_columns=("start_logits", "end_logits"))
+        write_features_shard(features, features_out / name, p.row_group_size)
+        write_aligned_shard(targets_out / name, [f["feature_id"] for f in features], targets, p.row_group_size)
         shards.append({"name": name, "rows": len(features)})
         features.clear()
         targets.clear()
@@ -134,7 +125,7 @@ def align_split(split: str, runs: Iterable[list[Example]], total: int, tokenizer
             for ex, own in student_features(tokenizer, examples, params):
                 example_id, windows = next(teacher, (None, None))
                 if example_id != ex.id:
-                    raise KdqaError(f"{FEATURES_DIR / split}: holds example {example_id!r} where {source} has "
+                    raise KdqaError(f"{teacher_features}: holds example {example_id!r} where {source} has "
                                     f"{ex.id!r}: {changed}")
                 aligned = align_example(windows, [(Window.of(f), len(f["input_ids"])) for f in own])
                 for feature, target in zip(own, aligned):
@@ -150,7 +141,7 @@ def align_split(split: str, runs: Iterable[list[Example]], total: int, tokenizer
         flush()
     leftover = next(teacher, None)
     if leftover is not None:
-        raise KdqaError(f"{FEATURES_DIR / split}: holds example {leftover[0]!r} that {source} does not: {changed}")
+        raise KdqaError(f"{teacher_features}: holds example {leftover[0]!r} that {source} does not: {changed}")
     stats.seconds = time.perf_counter() - started
     return stats, shards
 
@@ -175,9 +166,9 @@ def write_manifests(split: str, features_out: Path, targets_out: Path, shards: l
     })
 
 
-def is_current(parts: dict) -> bool:
+def is_current(parts: dict, ws: Workspace) -> bool:
     """data/aligned/ already holds what these parts describe, every shard intact."""
-    path = ALIGNED_DIR / "manifest.json"
+    path = ws.aligned / "manifest.json"
     if not path.exists():
         return False
     try:
@@ -185,47 +176,47 @@ def is_current(parts: dict) -> bool:
             return False
         if parts["mode"] == "aligned":
             for split in ("train", *parts["extra_splits"]):
-                for folder in ALIGNED.split(split):
+                for folder in aligned(ws).split(split):
                     verify_shards(folder, "kdqa align")
-            verify_shards(ALIGNED.dev_features, "kdqa align")
+            verify_shards(aligned(ws).dev_features, "kdqa align")
     except KdqaError as exc:
         log.warning("%s; aligning again", exc)
         return False
     return True
 
 
-def run_align(params: Params) -> None:
+def run_align(params: Params, ws: Workspace) -> None:
     s = params.student
     tokenizer = load_tokenizer(s.model, s.trust_remote_code)  # a slow tokenizer (no offsets) stops here
-    features_dir, logits_dir = FEATURES_DIR / "train", TEACHER_DIR / "train"
+    features_dir, logits_dir = ws.features / "train", ws.teacher / "train"
     features_manifest = verify_shards(features_dir, "kdqa prepare")
     check_format(features_manifest.get("features_format"), "features", features_dir, "kdqa prepare")
     parts = {**student_plan(params, tokenizer, features_manifest), "features": features_manifest["bytes_fingerprint"]}
     if parts["mode"] == "aligned":
         parts["teacher_logits"] = check_teacher_logits(features_dir, parts["features"], logits_dir)
         parts["extra_splits"] = {}
-        for split in teacher_labelled_splits():  # what the student may mix in: carried onto its tokens as well
-            manifest = verify_shards(FEATURES_DIR / split, "kdqa prepare")
+        for split in teacher_labelled_splits(ws):  # what the student may mix in: carried onto its tokens as well
+            manifest = verify_shards(ws.features / split, "kdqa prepare")
             parts["extra_splits"][split] = {"features": manifest["bytes_fingerprint"], "teacher_logits":
-                                            check_teacher_logits(FEATURES_DIR / split, manifest["bytes_fingerprint"],
-                                                                 TEACHER_DIR / split)}
+                                            check_teacher_logits(ws.features / split, manifest["bytes_fingerprint"],
+                                                                 ws.teacher / split)}
         parts["max_query_len"] = params.prepare.max_query_len
         parts["aligned_format"] = output_format("aligned")
-    if is_current(parts):
-        log.info("%s: already up to date for this student and these teacher logits", ALIGNED_DIR)
+    if is_current(parts, ws):
+        log.info("%s: already up to date for this student and these teacher logits", ws.aligned)
         return
     manifest = {"kdqa_version": __version__, "mode": parts["mode"], "student": s.model,
                 "fingerprint": fingerprint_of(parts), "fingerprint_parts": parts}
-    with writing(ALIGNED_DIR), staged_folder(ALIGNED_DIR) as staging:
+    with writing(ws.aligned), staged_folder(ws.aligned) as staging:
         if parts["mode"] == "aligned":
-            manifest.update(align_splits(params, tokenizer, parts, staging))  # per split: what was aligned
+            manifest.update(align_splits(params, ws, tokenizer, parts, staging))  # per split: what was aligned
         else:
             log.info("student %s shares the teacher's tokenizer and windows: it trains on %s and %s as they are",
-                     s.model, FEATURES_DIR, TEACHER_DIR)
+                     s.model, ws.features, ws.teacher)
         write_json_atomic(staging / "manifest.json", manifest)
 
 
-def align_splits(params: Params, tokenizer, parts: dict, staging: Path) -> dict:
+def align_splits(params: Params, ws: Workspace, tokenizer, parts: dict, staging: Path) -> dict:
     """Student features of train, of the extra splits the teacher labelled (unlabeled, augmented) and of dev, and
     the training splits' aligned targets, under `staging`. Returns what was aligned, per training split."""
     student_windows = dataclasses.replace(params.prepare, max_seq_len=parts["max_seq_len"],
@@ -242,7 +233,7 @@ def align_splits(params: Params, tokenizer, parts: dict, staging: Path) -> dict:
               for split, source in (("train", data.train), ("dev", data.dev))}
     splits = {"train": ([loaded["train"]], len(loaded["train"]), data.train, {}, parts["teacher_logits"])}
     for split, made in parts["extra_splits"].items():
-        splits[split] = extra_split_runs(split, params, loaded["train"]) + (made["teacher_logits"],)
+        splits[split] = extra_split_runs(split, params, ws, loaded["train"]) + (made["teacher_logits"],)
     for split, (runs, _, source, _, _) in splits.items():
         if split in ("train", UNLABELED_SPLIT):  # augmented views are cut from train's contexts
             for examples in runs:
@@ -250,11 +241,11 @@ def align_splits(params: Params, tokenizer, parts: dict, staging: Path) -> dict:
     check_contexts_have_tokens(tokenizer, loaded["dev"], data.dev)
     summary = {}
     for split, (runs, total, source, extra_keys, teacher_fp) in splits.items():
-        student_data = ALIGNED.split(split)
-        features_out, targets_out = (staging / path.relative_to(ALIGNED_DIR) for path in student_data)
-        teacher = teacher_windows(FEATURES_DIR / split, TEACHER_DIR / split)
+        student_data = aligned(ws).split(split)
+        features_out, targets_out = (staging / path.relative_to(ws.aligned) for path in student_data)
+        teacher = teacher_windows(ws.features / split, ws.teacher / split)
         stats, shards = align_split(split, runs, total, tokenizer, student_params, features_out, targets_out,
-                                    teacher, source)
+                                    teacher, source, ws.features / split)
         write_manifests(split, features_out, targets_out, shards,
                         {**base, **extra_keys, "split": split, "source": source, "examples": total}, teacher_fp)
         target_bytes = sum(p.stat().st_size for p in list_shards(targets_out))
@@ -264,25 +255,25 @@ def align_splits(params: Params, tokenizer, parts: dict, staging: Path) -> dict:
         summary[split] = {"features": stats.features, "seconds": round(stats.seconds, 2), "pieced": stats.pieced,
                           "mean_covered": round(stats.covered / max(stats.features, 1), 6),
                           "target_bytes_per_feature": round(target_bytes / max(stats.features, 1), 1)}
-    dev_out = staging / ALIGNED.dev_features.relative_to(ALIGNED_DIR)
+    dev_out = staging / aligned(ws).dev_features.relative_to(ws.aligned)
     dev_out.mkdir(parents=True)
     tokenize_into(dev_out, [loaded["dev"]], tokenizer, student_params, "dev",
                   {**base, "split": "dev", "source": data.dev}, total=len(loaded["dev"]))
     return summary
 
 
-def extra_split_runs(split: str, params: Params, train: list[Example]) -> tuple[Iterable[list[Example]], int, object, dict]:
+def extra_split_runs(split: str, params: Params, ws: Workspace, train: list[Example]) -> tuple[Iterable[list[Example]], int, object, dict]:
     """An extra split's examples as prepare made them: (runs, examples, source, manifest keys). Unlabeled: one run
     per file of data.unlabeled; augmented: one run per view number, made again from train (deterministic)."""
     data = params.data
     if split == UNLABELED_SPLIT:
         if not data.unlabeled:
-            raise KdqaError(f"{FEATURES_DIR / split}: made from unlabeled files data.unlabeled no longer lists: "
+            raise KdqaError(f"{ws.features / split}: made from unlabeled files data.unlabeled no longer lists: "
                             "run `kdqa prepare` (and `kdqa teacher`) again")
         runs = [load_unlabeled(source)[0] for source in data.unlabeled]
         return runs, sum(map(len, runs)), list(data.unlabeled), {}
     if not params.prepare.augment_views:
-        raise KdqaError(f"{FEATURES_DIR / split}: made from augmented views, but prepare.augment_views is 0: "
+        raise KdqaError(f"{ws.features / split}: made from augmented views, but prepare.augment_views is 0: "
                         "run `kdqa prepare` (and `kdqa teacher`) again")
     settings = {k: v for k, v in vars(params.prepare).items() if k.startswith("augment_")}
     total = params.prepare.augment_views * len(train)

@@ -29,13 +29,13 @@ import numpy as np
 import torch
 
 from pipeline import __version__
-from pipeline.errors import KdqaError
-from pipeline.stages.evaluate import predict_split, score
+from pipeline.runtime.errors import KdqaError
+from pipeline.model.scoring import predict_split, score
 from pipeline.store.fingerprints import check_model_vocabulary
 from pipeline.model.inference import shard_logits
 from pipeline.model.loading import TRAINED, load_qa_model, load_tokenizer, vocab_fingerprint
 from pipeline.serving.onnx_model import INPUT_NAMES, MANIFEST, ONNX_FILES, OUTPUT_NAMES, OnnxQAModel, student_fingerprint
-from pipeline.runtime.workspace import DEV_EXAMPLES, EXPORT_DIR, EXPORT_METRICS, FEATURES_DIR, STUDENT_MODEL_DIR, staged_folder
+from pipeline.runtime.workspace import Workspace, staged_folder
 from pipeline.runtime.progress import progress
 from pipeline.training.student_data import evaluation_features
 from pipeline.store.shards import fingerprint_of, list_shards, sha256_file, shard_rows, verify_shards, write_json_atomic
@@ -125,7 +125,7 @@ def dev_logits(model, features_dir: Path, pad_token_id: int, batch_size: int, na
     return logits
 
 
-def predictions(logits: dict, features_dir: Path, params, rounded: bool):
+def predictions(logits: dict, features_dir: Path, examples: Path, params, rounded: bool):
     """predict_split over stored logits; rounded=True rounds them to float16 first, exactly as `kdqa evaluate`
     does (so the PyTorch figures equal metrics/eval.json's)."""
     def lookup(shard: Path):
@@ -134,7 +134,7 @@ def predictions(logits: dict, features_dir: Path, params, rounded: bool):
             start, end = [s.astype(np.float16) for s in start], [e.astype(np.float16) for e in end]
         return ids, start, end
 
-    return predict_split(features_dir, lookup, params, DEV_EXAMPLES)
+    return predict_split(features_dir, lookup, params, examples)
 
 
 def max_difference(a: dict, b: dict) -> float:
@@ -152,19 +152,19 @@ def same_answers(a, b) -> int:
     return sum(preds_a[q] == preds_b[q] and forced_a[q] == forced_b[q] for q in preds_a)
 
 
-def accuracy_gate(student, onnx_models: dict, features_dir: Path, pad_token_id: int, params) -> dict:
+def accuracy_gate(student, onnx_models: dict, features_dir: Path, examples: Path, pad_token_id: int, params) -> dict:
     """Scores of the PyTorch student and each exported model on dev, and how closely they agree."""
     batch = params.evaluate.batch_size
     reference = dev_logits(student, features_dir, pad_token_id, batch, "PyTorch")
-    reference_answers = predictions(reference, features_dir, params, rounded=False)
+    reference_answers = predictions(reference, features_dir, examples, params, rounded=False)
     metrics = {"questions": len(reference_answers[0]),
-               "pytorch": score(*predictions(reference, features_dir, params, True))}
+               "pytorch": score(*predictions(reference, features_dir, examples, params, True))}
     for precision, model in onnx_models.items():
         logits = dev_logits(model, features_dir, pad_token_id, batch, f"ONNX {precision}")
-        metrics[f"onnx_{precision}"] = score(*predictions(logits, features_dir, params, True))
+        metrics[f"onnx_{precision}"] = score(*predictions(logits, features_dir, examples, params, True))
         metrics[f"{precision}_max_logit_difference"] = max_difference(reference, logits)
         metrics[f"{precision}_same_answers"] = same_answers(reference_answers,
-                                                            predictions(logits, features_dir, params, False))
+                                                            predictions(logits, features_dir, examples, params, False))
         metrics[f"{precision}_f1_drop"] = round(metrics["pytorch"]["f1"] - metrics[f"onnx_{precision}"]["f1"], 4)
         # Span quality apart from when to abstain: F1 alone can rise while the spans get worse.
         metrics[f"{precision}_forced_f1_drop"] = round(metrics["pytorch"].get("HasAns_f1_forced", 0.0)
@@ -216,15 +216,18 @@ def write_manifest(staging: Path, model_dir: Path, out_dir: Path, tokenizer, exp
     return manifest
 
 
-def run_export(params, model_dir: Path = STUDENT_MODEL_DIR, out_dir: Path = EXPORT_DIR) -> dict:
+def run_export(params, ws: Workspace, model_dir: Path | None = None, out_dir: Path | None = None) -> dict:
+    """Export `model_dir` (default: the workspace's student) to `out_dir` (default: models/student-onnx)."""
     from pipeline.serving.export_card import write_export_card
 
-    if model_dir == STUDENT_MODEL_DIR and not model_dir.exists():
+    model_dir = ws.student_model if model_dir is None else model_dir
+    out_dir = ws.export if out_dir is None else out_dir
+    if model_dir == ws.student_model and not model_dir.exists():
         raise KdqaError(f"{model_dir}: no model there yet (run `kdqa student`, or give --model a model folder)")
     tokenizer = load_tokenizer(str(model_dir))
     # A student of another tokenizer or other windows is checked on its own dev features (`kdqa align`).
-    features_dir = evaluation_features(tokenizer)
-    made_by = "kdqa prepare" if features_dir == FEATURES_DIR / "dev" else "kdqa align"
+    features_dir = evaluation_features(ws, tokenizer)
+    made_by = "kdqa prepare" if features_dir == ws.features / "dev" else "kdqa align"
     features_manifest = verify_shards(features_dir, made_by)  # a damaged shard: one error, never skewed scores
     check_model_vocabulary(tokenizer, str(model_dir), features_manifest, features_dir)
     student = load_qa_model(str(model_dir), purpose=TRAINED).eval()
@@ -236,14 +239,14 @@ def run_export(params, model_dir: Path = STUDENT_MODEL_DIR, out_dir: Path = EXPO
         write_model_files(student, tokenizer, staging, params.export, str(model_dir))
         onnx_models = {p: OnnxQAModel(staging / n, student.config) for p, n in ONNX_FILES.items()
                        if (staging / n).exists()}
-        metrics = accuracy_gate(student, onnx_models, features_dir, tokenizer.pad_token_id, params)
+        metrics = accuracy_gate(student, onnx_models, features_dir, ws.dev_examples, tokenizer.pad_token_id, params)
         metrics["max_f1_drop"] = params.export.max_f1_drop
         metrics["mib"] = file_sizes(model_dir, staging)
         log_gate(metrics)
         check_gate(metrics, params.export.max_f1_drop, out_dir)
         manifest = write_manifest(staging, model_dir, out_dir, tokenizer, params.export, metrics)
         write_export_card(staging, model_dir, manifest, metrics)
-        write_json_atomic(EXPORT_METRICS, metrics)
+        write_json_atomic(ws.export_metrics, metrics)
     log.info("exported %s to %s", model_dir, out_dir)
     return metrics
 

@@ -24,12 +24,12 @@ from pipeline import __version__
 from pipeline.training import distributed
 from pipeline.model.attention import use_dropout_attention
 from pipeline.training.checkpoint import Checkpoint, load_checkpoint, remove_checkpoints, restore_curves, save_checkpoint
-from pipeline.errors import KdqaError
+from pipeline.runtime.errors import KdqaError
 from pipeline.store.fingerprints import check_teacher_logits
 from pipeline.model.inference import precision_name
 from pipeline.model.loading import check_finite_weights, check_sequence_length, keep_layers, load_qa_model, load_tokenizer
 from pipeline.params import Params, StudentParams
-from pipeline.runtime.workspace import CHECKPOINT_DIR, FEATURES_DIR, STUDENT_LOG_DIR, STUDENT_MODEL_DIR, staged_folder
+from pipeline.runtime.workspace import Workspace, staged_folder
 from pipeline.runtime.progress import progress
 from pipeline.store.shards import check_format, verify_shards, write_json_atomic
 from pipeline.training.stream import ShardStream, find_shard_pairs, verify_alignment
@@ -112,6 +112,7 @@ class Training:
     key: dict  # `training_key`: what a checkpoint must agree on
     train_log: TrainingLog
     device: torch.device
+    ws: Workspace  # where it reads and writes
     dev_features: Path  # the dev features this student reads: the teacher's, or its own (data/aligned)
     scaler: object = None  # float16 only: the gradient scaler (`pipeline.training.step.grad_scaler`)
     step: int = 0  # optimizer steps taken (after a resume: the checkpoint's)
@@ -119,10 +120,10 @@ class Training:
     skip_batches: int = 0  # batches of `start_epoch` trained on before the checkpoint
 
 
-def run_student(params: Params, resume: str = "auto") -> None:
+def run_student(params: Params, ws: Workspace, resume: str = "auto") -> None:
     """Train the student. resume: 'auto' (continue a matching checkpoint if any), 'require', or 'never'."""
     distributed.init()
-    run = setup(params, resume)
+    run = setup(params, ws, resume)
     seconds, last_eval = train(run)
     if distributed.is_main():
         finish(run, seconds, last_eval)
@@ -130,7 +131,7 @@ def run_student(params: Params, resume: str = "auto") -> None:
     distributed.destroy()
 
 
-def check_training_data(student: StudentParams, data: StudentData) -> tuple[dict, dict, list, list]:
+def check_training_data(student: StudentParams, ws: Workspace, data: StudentData) -> tuple[dict, dict, list, list]:
     """Features + (unless the weight is 0) teacher logits, checked before anything trains: (features manifest,
     data fingerprint, labelled shard pairs, extra shard pairs). A truncated or corrupted shard is one error
     naming it. `data`: the teacher's features and logits, or the student's own features and aligned targets
@@ -140,7 +141,7 @@ def check_training_data(student: StudentParams, data: StudentData) -> tuple[dict
     features_manifest, data_fingerprint, pairs = checked_split(
         data.train_features, data.teacher_targets if distil else None, regenerate)
     extra = []
-    for split in extra_splits(student):  # the student's own features and aligned targets when aligned
+    for split in extra_splits(student, ws):  # the student's own features and aligned targets when aligned
         features_dir, targets_dir = data.split(split)
         _, split_fingerprint, split_pairs = checked_split(features_dir, targets_dir, regenerate)
         data_fingerprint.update({f"{split}_{k}": v for k, v in split_fingerprint.items()})
@@ -160,29 +161,29 @@ def checked_split(features_dir: Path, logits_dir: Path | None, regenerate: str) 
     return features_manifest, data_fingerprint, pairs
 
 
-def extra_splits(student: StudentParams) -> list[str]:
+def extra_splits(student: StudentParams, ws: Workspace) -> list[str]:
     """The splits of teacher-labelled rows this student mixes in: those of `student.extra_splits` that prepare
     made, unless `extra_ratio` is 0. Their rows have no hard labels (or only some), so a student that does not
     distil (weight 0) cannot learn from them and trains on the labelled rows alone."""
-    made = [split for split in student.extra_splits if (FEATURES_DIR / split / "manifest.json").exists()]
+    made = [split for split in student.extra_splits if (ws.features / split / "manifest.json").exists()]
     if not made or student.extra_ratio == 0:
         return []
     if student.distillation_weight == 0:
         log.warning("%s: rows only the teacher labels; at distillation_weight 0 the student trains on the labelled "
-                    "rows only", ", ".join(str(FEATURES_DIR / split) for split in made))
+                    "rows only", ", ".join(str(ws.features / split) for split in made))
         return []
     return made
 
 
-def setup(params: Params, resume: str) -> Training:
+def setup(params: Params, ws: Workspace, resume: str) -> Training:
     """Checks, model, stream, optimizer and schedule, then the checkpoint to resume from (if any)."""
     student = params.student
     rank, world, device = distributed.rank(), distributed.world_size(), distributed.device()
     autocast = training_dtype(device, student.precision)  # float16 off CUDA: an error before any work
     scaler = grad_scaler(autocast)
     tokenizer = load_tokenizer(student.model, student.trust_remote_code)
-    data = student_data(params, tokenizer)  # the teacher's features, or its own aligned ones (`kdqa align`)
-    features_manifest, data_fingerprint, pairs, extra = check_training_data(student, data)
+    data = student_data(params, ws, tokenizer)  # the teacher's features, or its own aligned ones (`kdqa align`)
+    features_manifest, data_fingerprint, pairs, extra = check_training_data(student, ws, data)
 
     torch.manual_seed(student.seed)
     model = build_student(student).to(device)
@@ -194,7 +195,7 @@ def setup(params: Params, resume: str) -> Training:
         first = [stream.pairs[stream.labelled_shards + i].rows for i in stream.extra_shards(0)]
         log.info("each epoch: %d labelled rows + about %d extra rows (%d shards in the first epoch, of %d in %s)",
                  sum(p.rows for p in pairs), stream.extra_quota, len(first), len(extra),
-                 ", ".join(extra_splits(student)))
+                 ", ".join(extra_splits(student, ws)))
     steps_per_epoch = [stream.steps_in_epoch(epoch) for epoch in range(student.epochs)]
     total_steps = min(sum(steps_per_epoch), student.max_steps or sum(steps_per_epoch))
     if total_steps == 0:
@@ -208,16 +209,16 @@ def setup(params: Params, resume: str) -> Training:
 
     # Resume: weights, optimizer, schedule, RNG and the position in the shard stream.
     key = training_key(params, data_fingerprint, autocast)
-    state = load_checkpoint(CHECKPOINT_DIR, key, resume, model, optimizer, scheduler, rank, scaler)
+    state = load_checkpoint(ws.checkpoints, key, resume, model, optimizer, scheduler, rank, scaler)
     if state:
-        log.info("resuming from %s at step %d (epoch %d, batch %d); loss: w=%s T=%s", CHECKPOINT_DIR, state.step,
+        log.info("resuming from %s at step %d (epoch %d, batch %d); loss: w=%s T=%s", ws.checkpoints, state.step,
                  state.epoch, state.batch_in_epoch, student.distillation_weight, student.temperature)
         if rank == 0:
-            restore_curves(state, STUDENT_LOG_DIR)  # `dvc repro` deleted the curves before rerunning the stage
-    train_log = TrainingLog(STUDENT_LOG_DIR, resume_step=state.step if state else None, enabled=rank == 0)
+            restore_curves(state, ws.student_logs)  # `dvc repro` deleted the curves before rerunning the stage
+    train_log = TrainingLog(ws.student_logs, resume_step=state.step if state else None, enabled=rank == 0)
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     run = Training(params, model, ddp_model, tokenizer, stream, optimizer, scheduler, steps_per_epoch, total_steps,
-                   key, train_log, device, data.dev_features, scaler)
+                   key, train_log, device, ws, data.dev_features, scaler)
     if state:
         run.step, run.start_epoch, run.skip_batches = state.step, state.epoch, state.batch_in_epoch
     return run
@@ -257,9 +258,9 @@ def train(run: Training) -> tuple[float, tuple]:
                                   run.scaler)
             except DivergedError as exc:
                 bar.close()
-                kept = (f"; the last checkpoint ({CHECKPOINT_DIR}) is kept" if (CHECKPOINT_DIR / "state.json").exists()
+                kept = (f"; the last checkpoint ({run.ws.checkpoints}) is kept" if (run.ws.checkpoints / "state.json").exists()
                         else "")
-                raise KdqaError(f"{exc}; {STUDENT_MODEL_DIR} is unchanged{kept}") from None
+                raise KdqaError(f"{exc}; {run.ws.student_model} is unchanged{kept}") from None
             run.step += 1
             seen_features += len(batch["input_ids"])
             bar.update(1)
@@ -276,14 +277,14 @@ def train(run: Training) -> tuple[float, tuple]:
             if student.eval_every and step % student.eval_every == 0:
                 last_eval = (step, evaluate_during_training(run, step))
             if student.checkpoint_every and step % student.checkpoint_every == 0 and step < run.total_steps:
-                save_checkpoint(CHECKPOINT_DIR, Checkpoint(step, epoch, batch_index + 1, run.key), run.model,
+                save_checkpoint(run.ws.checkpoints, Checkpoint(step, epoch, batch_index + 1, run.key), run.model,
                                 run.optimizer, run.scheduler, rank,
-                                curves=(STUDENT_LOG_DIR / "train.tsv", STUDENT_LOG_DIR / "eval.tsv"), scaler=run.scaler)
+                                curves=(run.ws.student_logs / "train.tsv", run.ws.student_logs / "eval.tsv"), scaler=run.scaler)
     bar.close()
     if student.checkpoint_every and run.step != resumed_at:
         # The finished training, resumable: a failure while scoring or saving the model loses none of it.
-        save_checkpoint(CHECKPOINT_DIR, Checkpoint(run.step, student.epochs, 0, run.key), run.model, run.optimizer,
-                        run.scheduler, rank, curves=(STUDENT_LOG_DIR / "train.tsv", STUDENT_LOG_DIR / "eval.tsv"),
+        save_checkpoint(run.ws.checkpoints, Checkpoint(run.step, student.epochs, 0, run.key), run.model, run.optimizer,
+                        run.scheduler, rank, curves=(run.ws.student_logs / "train.tsv", run.ws.student_logs / "eval.tsv"),
                         scaler=run.scaler)
     seconds = time.perf_counter() - started
     log.info("trained %d steps in %.1fs (%.1f features/s per process)", run.step, seconds,
@@ -293,7 +294,7 @@ def train(run: Training) -> tuple[float, tuple]:
 
 def dev_scores(run: Training) -> dict:
     from pipeline.runtime.allocator import release_freed_memory
-    from pipeline.stages.evaluate import evaluate_model
+    from pipeline.model.scoring import evaluate_model
 
     release_freed_memory()  # the training steps' free buffers, before evaluation's (other sizes) are allocated
     # Batches no larger than training's: a forward pass over them needs less memory than a training step, so the
@@ -301,7 +302,8 @@ def dev_scores(run: Training) -> dict:
     # bfloat16 rounding: each row is computed on its own, padding masked.
     card = replace(CARD_EVALUATION, evaluate=replace(CARD_EVALUATION.evaluate, batch_size=min(
         CARD_EVALUATION.evaluate.batch_size, run.params.student.batch_size)))
-    metrics, *_ = evaluate_model(run.model, run.tokenizer.pad_token_id, run.dev_features, card, run.device)
+    metrics, *_ = evaluate_model(run.model, run.tokenizer.pad_token_id, run.dev_features, card, run.device,
+                                 run.ws.dev_examples)
     release_freed_memory()  # and evaluation's, before training's come back
     return metrics
 
@@ -334,22 +336,22 @@ def finish(run: Training, seconds: float, last_eval: tuple) -> None:
     if dev_metrics is not None:
         log.info("dev after %d steps: EM %.2f, F1 %.2f, forced span F1 %s", run.step, dev_metrics["exact"],
                  dev_metrics["f1"], dev_metrics.get("HasAns_f1_forced"))
-    save_student(run.model, run.tokenizer, run.params, run.step, seconds, dev_metrics)
-    remove_checkpoints(CHECKPOINT_DIR)  # finished: nothing left to resume
+    save_student(run.model, run.tokenizer, run.params, run.ws, run.step, seconds, dev_metrics)
+    remove_checkpoints(run.ws.checkpoints)  # finished: nothing left to resume
 
 
-@writing(STUDENT_MODEL_DIR)
-def save_student(model, tokenizer, params: Params, steps: int, seconds: float, dev_metrics: dict | None) -> None:
+def save_student(model, tokenizer, params: Params, ws: Workspace, steps: int, seconds: float,
+                 dev_metrics: dict | None) -> None:
     """`save_pretrained` model + tokenizer + a model card, swapped into models/student/ whole."""
     from pipeline.training.model_card import write_model_card
 
-    check_finite_weights(model, "student: the trained model", f"{STUDENT_MODEL_DIR} is unchanged")  # never swapped in
-    with staged_folder(STUDENT_MODEL_DIR) as staging:
+    check_finite_weights(model, "student: the trained model", f"{ws.student_model} is unchanged")  # never swapped in
+    with writing(ws.student_model), staged_folder(ws.student_model) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         write_json_atomic(staging / "kdqa_training.json", {
             "kdqa_version": __version__, "steps": steps, "seconds": round(seconds, 1),
             "student": asdict(params.student), "teacher": params.teacher.model, "data": asdict(params.data),
         })
-        write_model_card(staging, params, steps, dev_metrics)
-    log.info("saved student to %s", STUDENT_MODEL_DIR)
+        write_model_card(staging, params, ws, steps, dev_metrics)
+    log.info("saved student to %s", ws.student_model)

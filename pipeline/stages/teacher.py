@@ -34,7 +34,7 @@ import torch
 from pipeline import __version__
 
 from pipeline.training import distributed
-from pipeline.errors import KdqaError
+from pipeline.runtime.errors import KdqaError
 from pipeline.model.loading import (
     check_sequence_length,
     TRAINED,
@@ -45,28 +45,24 @@ from pipeline.model.loading import (
 )
 from pipeline.params import Params
 from pipeline.store.logits_cache import LogitsCache
-from pipeline.runtime.workspace import EXTRA_SPLITS, FEATURES_DIR, TEACHER_CACHE_DIR, TEACHER_DIR, TEACHER_WORK_DIR, staged_folder
+from pipeline.runtime.workspace import EXTRA_SPLITS, Workspace, staged_folder
 from pipeline.model.inference import autocast_dtype, precision_name, shard_logits
 from pipeline.runtime.progress import progress
 from pipeline.runtime.write_errors import writes_into
+from pipeline.store import logits as logits_format
 from pipeline.store.shards import (
     check_format,
     fingerprint_of,
     list_shards,
-    logits_table,
     output_format,
     read_json,
     sha256_file,
     shard_rows,
     verify_shards,
     write_json_atomic,
-    write_table_atomic,
 )
 
 log = logging.getLogger(__name__)
-
-LOGITS_ROW_GROUP = 4000
-
 
 def done_record_path(path: Path) -> Path:
     return path.with_name(path.name + ".done.json")
@@ -121,11 +117,11 @@ def remove_stale_temporaries(work: Path, names: list[str]) -> None:
             stale.unlink(missing_ok=True)
 
 
-def run_split(model, tokenizer, split: str, params: Params, teacher_identity: dict,
+def run_split(model, tokenizer, split: str, params: Params, ws: Workspace, teacher_identity: dict,
               device: torch.device) -> dict | None:
     """Compute this rank's missing shards of a split; rank 0 then publishes the split. Returns the manifest."""
     rank, world = distributed.rank(), distributed.world_size()
-    features_dir, out_dir, work = FEATURES_DIR / split, TEACHER_DIR / split, TEACHER_WORK_DIR / split
+    features_dir, out_dir, work = ws.features / split, ws.teacher / split, ws.teacher_work / split
     shards = list_shards(features_dir)
     if not shards:
         raise KdqaError(f"{features_dir}: no feature shards (run `kdqa prepare`)")
@@ -152,12 +148,12 @@ def run_split(model, tokenizer, split: str, params: Params, teacher_identity: di
     if len(todo) < len(mine):
         log.info("%s: resuming, %d of %d shards already done", split, len(mine) - len(todo), len(mine))
     # Shards whose features this teacher has labelled before (in any run here) are copied, not computed.
-    cache = LogitsCache(TEACHER_CACHE_DIR, {k: v for k, v in fingerprint_parts.items() if k != "features"})
+    cache = LogitsCache(ws.teacher_cache, {k: v for k, v in fingerprint_parts.items() if k != "features"})
     features_sha = {e["name"]: e.get("sha256") or sha256_file(features_dir / e["name"]) for e in features_manifest["shards"]}
     cached = [p for p in todo if reuse_cached(cache, features_sha[p.name], expected_rows[p.name], work / p.name, resume_key)]
     todo = [p for p in todo if p not in cached]
     log.info("%s: %d of %d shards to compute, %d copied from the logits cache (%s)%s", split, len(todo), len(mine),
-             len(cached), TEACHER_CACHE_DIR, f" on rank {rank}" if world > 1 else "")
+             len(cached), ws.teacher_cache, f" on rank {rank}" if world > 1 else "")
 
     n_rows, started = 0, time.perf_counter()
     todo_rows = sum(expected_rows.get(p.name, 0) for p in todo)
@@ -192,8 +188,7 @@ def run_split(model, tokenizer, split: str, params: Params, teacher_identity: di
 def write_logits_shard(path: Path, ids, start, end, resume_key: dict, cache: LogitsCache | None = None,
                        features_sha256: str | None = None) -> None:
     """A computed shard into the work folder, its done record, and a copy into the logits cache."""
-    write_table_atomic(logits_table(ids, start, end), path, LOGITS_ROW_GROUP,
-                       float_columns=("start_logits", "end_logits"))
+    logits_format.write_logits_shard(path, ids, start, end)
     digest = sha256_file(path)
     write_json_atomic(done_record_path(path), {"rows": len(ids), "sha256": digest, "key": resume_key})
     if cache is not None:
@@ -248,11 +243,11 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
-def run_teacher(params: Params) -> None:
+def run_teacher(params: Params, ws: Workspace) -> None:
     distributed.init()
     device = distributed.device()
     tokenizer = load_tokenizer(params.teacher.model, params.teacher.trust_remote_code)
-    features_manifest = read_json(FEATURES_DIR / "train" / "manifest.json")
+    features_manifest = read_json(ws.features / "train" / "manifest.json")
     if features_manifest.get("vocab_fingerprint") != vocab_fingerprint(tokenizer):
         raise KdqaError(f"{params.teacher.model}: tokenizer differs from the one data/features was prepared with "
                         f"({features_manifest.get('tokenizer')}); run `kdqa prepare` again")
@@ -261,11 +256,11 @@ def run_teacher(params: Params) -> None:
     model.to(device).eval()
     teacher_identity = {"teacher": weights_fingerprint(model), "vocab": vocab_fingerprint(tokenizer)}
     # Every split prepare made: train, dev, and the extra rows (unlabeled data, augmented views) if any.
-    extra = [split for split in EXTRA_SPLITS if (FEATURES_DIR / split / "manifest.json").exists()]
+    extra = [split for split in EXTRA_SPLITS if (ws.features / split / "manifest.json").exists()]
     with torch.inference_mode():
         for split in ("train", "dev", *extra):
-            run_split(model, tokenizer, split, params, teacher_identity, device)
+            run_split(model, tokenizer, split, params, ws, teacher_identity, device)
     if distributed.is_main():  # logits of extra rows prepare no longer makes: never trained on by mistake
         for split in set(EXTRA_SPLITS) - set(extra):
-            shutil.rmtree(TEACHER_DIR / split, ignore_errors=True)
+            shutil.rmtree(ws.teacher / split, ignore_errors=True)
     distributed.destroy()

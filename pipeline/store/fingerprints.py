@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.errors import KdqaError
+from pipeline.runtime.errors import KdqaError
 from pipeline.model.loading import vocab_fingerprint
 from pipeline.store.shards import check_format, read_json, verify_shards
 

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import KdqaError
+from pipeline.runtime.errors import KdqaError
 from pipeline.text.features import NO_LABEL
-from pipeline.runtime.workspace import ALIGNED_FEATURES_DIR, ALIGNED_TARGETS_DIR, FEATURES_DIR
-from pipeline.store.shards import features_fingerprint, list_column_to_numpy, list_shards, read_json, read_table, shard_rows
+from pipeline.runtime.workspace import Workspace
+from pipeline.store.features import read_labels
+from pipeline.store.logits import is_logits_shard, read_logits
+from pipeline.store.shards import features_fingerprint, list_shards, read_json, shard_rows
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +22,7 @@ def _entropy(logits: np.ndarray) -> float:
     return float(-(p * np.log(np.maximum(p, 1e-12))).sum())
 
 
-def inspect_folder(folder: Path, features_dir: Path | None = None) -> dict:
+def inspect_folder(folder: Path, ws: Workspace, features_dir: Path | None = None) -> dict:
     shards = list_shards(folder)
     if not shards:
         raise KdqaError(f"{folder}: no part-NNNNN.parquet shards")
@@ -33,12 +35,11 @@ def inspect_folder(folder: Path, features_dir: Path | None = None) -> dict:
         "fingerprint": manifest.get("fingerprint"),
     }
     info["bytes_per_row"] = round(info["bytes"] / max(info["rows"], 1), 1)
-    is_logits = "start_logits" in read_table(shards[0]).column_names
-    if not is_logits:
+    if not is_logits_shard(shards[0]):
         return info
     if features_dir is None:  # aligned targets sit beside the student's own features, logits beside prepare's
-        aligned = folder.resolve().parent == ALIGNED_TARGETS_DIR.resolve()
-        features_dir = (ALIGNED_FEATURES_DIR if aligned else FEATURES_DIR) / folder.name
+        aligned = folder.resolve().parent == ws.aligned_targets.resolve()
+        features_dir = (ws.aligned_features if aligned else ws.features) / folder.name
     if not list_shards(features_dir):
         return info
     made_for = manifest.get("fingerprint_parts", {}).get("features")
@@ -53,16 +54,15 @@ def inspect_folder(folder: Path, features_dir: Path | None = None) -> dict:
     hits_start = hits_both = n = labelled = 0
     entropies = {"start": [], "end": []}
     for shard in shards:
-        logits = read_table(shard)
-        features = read_table(features_dir / shard.name, columns=["feature_id", "context_start", "context_end",
-                                                                   "start_position", "end_position"])
-        if logits.column("feature_id") != features.column("feature_id"):
+        logit_ids, start_logits, end_logits = read_logits(shard)
+        labels = read_labels(features_dir / shard.name)
+        if logit_ids != labels.feature_ids:
             raise KdqaError(f"{shard}: feature ids do not match {features_dir / shard.name}")
         # Aligned targets hold NaN where no teacher window saw a token: no mass there.
-        starts = [np.nan_to_num(x, nan=-np.inf) for x in list_column_to_numpy(logits.column("start_logits"), np.float32)]
-        ends = [np.nan_to_num(x, nan=-np.inf) for x in list_column_to_numpy(logits.column("end_logits"), np.float32)]
-        context_start, context_end = (features.column(c).to_numpy() for c in ("context_start", "context_end"))
-        gold_start, gold_end = (features.column(c).to_numpy() for c in ("start_position", "end_position"))
+        starts = [np.nan_to_num(x, nan=-np.inf) for x in start_logits]
+        ends = [np.nan_to_num(x, nan=-np.inf) for x in end_logits]
+        context_start, context_end = labels.context_start, labels.context_end
+        gold_start, gold_end = labels.start_positions, labels.end_positions
         for i in range(len(starts)):
             allowed = np.r_[0, np.arange(context_start[i], context_end[i] + 1)]
             predicted_start = allowed[np.argmax(starts[i][allowed])]

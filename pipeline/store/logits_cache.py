@@ -21,7 +21,7 @@ import os
 import shutil
 from pathlib import Path
 
-from pipeline.errors import KdqaError
+from pipeline.runtime.errors import KdqaError
 from pipeline.store.shards import read_json, sha256_file, write_json_atomic
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,7 @@
-"""Parquet shards on disk: schemas, atomic writes, checksums, manifests and fingerprints.
+"""Parquet shards on disk, whatever their format: atomic writes, checksums, manifests and fingerprints.
+
+Each format (its schema, writer and readers) has a module of its own beside this one: features.py, logits.py,
+aligned.py, examples.py.
 
 Every file is written to a temporary name beside its final one and renamed into place only when complete,
 so a crash leaves either the old file or the new one, never half of one that looks finished.
@@ -18,44 +21,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.errors import KdqaError
+from pipeline.runtime.errors import KdqaError
 from pipeline.runtime.write_errors import writing
-
-FEATURES_SCHEMA = pa.schema(
-    [
-        ("feature_id", pa.string()),
-        ("example_id", pa.string()),
-        ("window", pa.int32()),
-        ("input_ids", pa.list_(pa.int32())),
-        ("token_type_ids", pa.list_(pa.int8())),
-        ("context_start", pa.int32()),
-        ("context_end", pa.int32()),
-        ("start_position", pa.int32()),  # token of the hard label; -1 (features.NO_LABEL): teacher-only row
-        ("end_position", pa.int32()),
-        ("offset_start", pa.list_(pa.int32())),
-        ("offset_end", pa.list_(pa.int32())),
-    ]
-)
-
-# Teacher logits over each feature's real tokens only (no padding), as float16.
-LOGITS_SCHEMA = pa.schema(
-    [
-        ("feature_id", pa.string()),
-        ("start_logits", pa.list_(pa.float16())),
-        ("end_logits", pa.list_(pa.float16())),
-    ]
-)
-
-# The teacher's targets aligned onto a student's own features (pipeline/text/alignment.py): the logits columns
-# hold log-probabilities (NaN where no teacher window saw the position), plus what the alignment kept.
-ALIGNED_SCHEMA = pa.schema(
-    [
-        *LOGITS_SCHEMA,
-        ("start_covered", pa.float32()),
-        ("end_covered", pa.float32()),
-        ("teacher_windows", pa.int16()),
-    ]
-)
 
 SHARD_PATTERN = re.compile(r"^part-\d{5}\.parquet$")
 
@@ -179,42 +146,6 @@ def list_array(arrays: list[np.ndarray], value_type: pa.DataType) -> pa.ListArra
     np.cumsum(lengths, out=offsets[1:])
     values = np.concatenate(arrays) if arrays else np.zeros(0)
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(value_type.to_pandas_dtype())))
-
-
-def features_table(rows: list[dict]) -> pa.Table:
-    columns = {}
-    for field in FEATURES_SCHEMA:
-        values = [r[field.name] for r in rows]
-        if pa.types.is_list(field.type):
-            columns[field.name] = list_array(values, field.type.value_type)
-        else:
-            columns[field.name] = pa.array(values, type=field.type)
-    return pa.table(columns, schema=FEATURES_SCHEMA)
-
-
-def logits_table(feature_ids: list[str], start: list[np.ndarray], end: list[np.ndarray]) -> pa.Table:
-    return pa.table(
-        {
-            "feature_id": pa.array(feature_ids, type=pa.string()),
-            "start_logits": list_array(start, pa.float16()),
-            "end_logits": list_array(end, pa.float16()),
-        },
-        schema=LOGITS_SCHEMA,
-    )
-
-
-def aligned_table(feature_ids: list[str], targets: list) -> pa.Table:
-    """Rows of ALIGNED_SCHEMA from `alignment.AlignedTargets`, one per feature."""
-    logits = logits_table(feature_ids, [t.start for t in targets], [t.end for t in targets])
-    return pa.table(
-        {
-            **{name: logits.column(name) for name in logits.column_names},
-            "start_covered": pa.array([t.start_covered for t in targets], type=pa.float32()),
-            "end_covered": pa.array([t.end_covered for t in targets], type=pa.float32()),
-            "teacher_windows": pa.array([t.teacher_windows for t in targets], type=pa.int16()),
-        },
-        schema=ALIGNED_SCHEMA,
-    )
 
 
 def read_table(path: Path, columns=None) -> pa.Table:

@@ -28,11 +28,12 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 
-from pipeline.errors import KdqaError
+from pipeline.params import AUGMENT_KINDS as KINDS  # the one list, beside the params it validates
+from pipeline.params import Params
+from pipeline.runtime.errors import KdqaError
 from pipeline.text.sentences import split_sentences
 from pipeline.text.squad import Example
 
-KINDS = ("sentences", "other_paragraph", "distractor")
 MOVES_ANSWERS = ("sentences", "distractor")  # kinds that keep hard labels where the answer survives
 DROP_PROBABILITY = 0.5  # each sentence without the answer is dropped with this probability (`sentences`)
 SEPARATOR = " "  # what joins sentences in a rebuilt paragraph
@@ -191,3 +192,11 @@ def remap(start: int, length: int, moved: dict[tuple[int, int], int]) -> int | N
         if a <= start and start + length <= b:
             return new_start + (start - a)
     return None
+
+
+def augmented_runs(train: list[Example], params: Params, report: AugmentReport) -> Iterator[list[Example]]:
+    """The augmented split's examples, one run per view number, one run in memory at a time (each is about as
+    many examples as train). Deterministic: `kdqa align` makes them again, in the same order, for its student."""
+    settings = params.prepare
+    for view in range(settings.augment_views):
+        yield list(make_views(train, view, settings.augment_seed, settings.augment_kinds, report))

@@ -10,11 +10,25 @@ context tokens; everything else is masked in the losses and in post-processing.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import KdqaError
+from pipeline.params import Params
+from pipeline.params import check_window as check_window_sizes
+from pipeline.runtime.errors import KdqaError
+from pipeline.runtime.progress import progress
+from pipeline.runtime.workspace import staged_folder
+from pipeline.runtime.write_errors import writes_into
+from pipeline.store.features import write_features_shard
+from pipeline.store.shards import (
+    features_fingerprint,
+    output_format,
+    sha256_file,
+    shard_name,
+    write_json_atomic,
+)
 from pipeline.text.squad import Example
 
 CLS_INDEX = 0  # BERT-style tokenizers put [CLS] first; it is the "no answer" position
@@ -135,3 +149,70 @@ def answer_token_span(ex: Example, offset_start, offset_end, context_start: int,
     if start > end:  # the answer falls inside whitespace between tokens; cannot be labelled
         return CLS_INDEX, CLS_INDEX
     return start, end
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A split of examples into feature shards: what prepare writes for the teacher and align for a student
+# ---------------------------------------------------------------------------------------------------------
+
+TOKENIZE_CHUNK = 1000  # examples tokenized per call (bounded memory, fast batch tokenization)
+
+
+@writes_into("out_dir")
+def write_feature_shards(runs: Iterable[list[Example]], tokenizer, params: Params, out_dir: Path, manifest: dict,
+                         total: int | None = None) -> dict:
+    """Tokenize runs of examples (lists; most splits are one run) into shards of `shard_size` features,
+    streaming: one shard in memory at a time. `total`: how many examples, for the progress bar.
+
+    Each run starts a shard of its own, so the shards of one run never change when another run is added or
+    removed (an unlabeled file, a number of augmented views): the teacher's logits cache reuses them.
+    The split is built in a staging folder, manifest last, and swapped in whole, so a crash at any point
+    leaves the previous output untouched and never a folder that looks complete but is not.
+    """
+    with staged_folder(out_dir) as staging:
+        return tokenize_into(staging, runs, tokenizer, params, out_dir.name, manifest, total)
+
+
+def tokenize_into(folder: Path, runs: Iterable[list[Example]], tokenizer, params: Params, split: str, manifest: dict,
+                  total: int | None = None) -> dict:
+    """The shards and manifest of one split, written into `folder` (the staging folder)."""
+    settings = params.prepare
+    shards, buffer, n_features, n_examples, run_shards = [], [], 0, 0, []
+
+    def flush():
+        path = folder / shard_name(len(shards))
+        write_features_shard(buffer, path, settings.row_group_size)
+        shards.append({"name": path.name, "rows": len(buffer), "sha256": sha256_file(path)})
+        buffer.clear()
+
+    with progress(total=total, desc=f"tokenize {split}", unit="ex") as bar:
+        for examples in runs:
+            first = len(shards)
+            for i in range(0, len(examples), TOKENIZE_CHUNK):
+                chunk = examples[i : i + TOKENIZE_CHUNK]
+                for feature in tokenize_examples(tokenizer, chunk, settings.max_seq_len, settings.doc_stride,
+                                                 settings.max_query_len):
+                    buffer.append(feature)
+                    n_features += 1
+                    if len(buffer) == settings.shard_size:
+                        flush()
+                bar.update(len(chunk))
+            if buffer:
+                flush()
+            n_examples += len(examples)
+            run_shards.append({"examples": len(examples), "shards": [e["name"] for e in shards[first:]]})
+    manifest = {**manifest, "features_format": output_format("features"), "examples": n_examples,
+                "features": n_features, "fingerprint": features_fingerprint(folder), "shards": shards}
+    if len(run_shards) > 1:
+        manifest["runs"] = run_shards
+    write_json_atomic(folder / "manifest.json", manifest)
+    return manifest
+
+
+def check_window(params: Params, tokenizer, section: str = "prepare") -> None:
+    """Windows must leave room for context beyond the overlap (`pipeline.params.check_window`).
+    `section`: where the user set these windows (the student's own: `student`)."""
+    settings = params.prepare
+    check_window_sizes("params", settings.max_seq_len, settings.doc_stride, settings.max_query_len,
+                       tokenizer.num_special_tokens_to_add(pair=True),
+                       (f"{section}.max_seq_len", f"{section}.doc_stride", "prepare.max_query_len"))

@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pipeline.errors import KdqaError
+from pipeline.runtime.errors import KdqaError
 
 # How far from the stated `answer_start` we look for the answer text before giving up on it.
 REPAIR_WINDOW_CHARS = 64

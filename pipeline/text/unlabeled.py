@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass
 
-from pipeline.errors import KdqaError
+from pipeline.runtime.errors import KdqaError
 from pipeline.text.squad import Example, check_question, read_records
 
 log = logging.getLogger(__name__)

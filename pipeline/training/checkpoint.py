@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.training import distributed
-from pipeline.errors import KdqaError
+from pipeline.runtime.errors import KdqaError
 from pipeline.runtime.workspace import begin_staging, previous_path, staging_path, swap_into_place
 from pipeline.store.shards import read_json, write_json_atomic
 from pipeline.runtime.write_errors import writes_into

@@ -16,7 +16,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from pipeline.errors import KdqaError
+from pipeline.runtime.errors import KdqaError
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from pipeline import __version__
-from pipeline.runtime.workspace import AUGMENTED_SPLIT, FEATURES_DIR, STUDENT_MODEL_DIR, UNLABELED_SPLIT
+from pipeline.runtime.workspace import AUGMENTED_SPLIT, UNLABELED_SPLIT, Workspace
 
 USAGE = """```python
 from pipeline import QuestionAnswerer
@@ -26,7 +26,7 @@ def _score_rows(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def write_model_card(folder: Path, params, steps: int, dev_metrics: dict | None) -> None:
+def write_model_card(folder: Path, params, ws: Workspace, steps: int, dev_metrics: dict | None) -> None:
     from pipeline.params import EvaluateParams
 
     student = params.student
@@ -37,7 +37,7 @@ def write_model_card(folder: Path, params, steps: int, dev_metrics: dict | None)
               f"loss = {student.distillation_weight}·T²·KL + {1 - student.distillation_weight:g}·CE, "
               f"T = {student.temperature}")
     scores = _score_rows(dev_metrics) if dev_metrics else "No dev evaluation was run."
-    extra = [split for split in student.extra_splits if (FEATURES_DIR / split).is_dir()]
+    extra = [split for split in student.extra_splits if (ws.features / split).is_dir()]
     if extra and student.extra_ratio and student.distillation_weight:  # what pipeline.stages.student.extra_splits mixes in
         sources = {UNLABELED_SPLIT: f"unlabeled {', '.join(f'`{u}`' for u in params.data.unlabeled)}",
                    AUGMENTED_SPLIT: f"{params.prepare.augment_views} augmented views per question"}
@@ -80,6 +80,6 @@ Scored on `{params.data.dev}` at the end of training with kdqa's **default post-
 
 Loads with `AutoModelForQuestionAnswering` / `AutoTokenizer`. Answers with kdqa:
 
-{USAGE.format(path=STUDENT_MODEL_DIR)}
+{USAGE.format(path="models/student")}
 """
     (folder / "README.md").write_text(text, encoding="utf-8")

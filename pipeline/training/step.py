@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.runtime.allocator import release_freed_memory
-from pipeline.errors import KdqaError
+from pipeline.runtime.errors import KdqaError
 from pipeline.model.inference import autocast_dtype
 from pipeline.model.losses import LossParts, distillation_loss
 from pipeline.params import StudentParams

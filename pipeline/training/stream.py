@@ -19,18 +19,16 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.model.batching import length_grouped_batches, pad_batch, pad_logits
-from pipeline.errors import KdqaError
+from pipeline.runtime.errors import KdqaError
 from pipeline.training.mixing import extra_quota, extra_shards_by_epoch
-from pipeline.store.shards import list_column_to_numpy, list_shards, read_table, shard_rows
+from pipeline.store.features import read_feature_ids, read_training_rows
+from pipeline.store.logits import read_logits
+from pipeline.store.shards import list_shards, shard_rows
 
-LOGITS_COLUMNS = ["feature_id", "start_logits", "end_logits"]  # aligned shards add per-feature diagnostics
 # group_by_length sorts groups of this many batches of random rows by length: enough to remove nearly all the
 # padding that sorting a whole shard would (padding fractions: bench/performance.py), small enough that rows
 # still meet different partners every epoch.
 GROUP_BATCHES = 32
-
-TRAIN_COLUMNS = ["feature_id", "input_ids", "token_type_ids", "context_start", "context_end",
-                 "start_position", "end_position"]
 
 
 @dataclass(frozen=True)
@@ -126,19 +124,13 @@ class ShardStream(IterableDataset):
 
     def shard_batches(self, shard_index: int):
         pair = self.pairs[shard_index]
-        features = read_table(pair.features_path, columns=TRAIN_COLUMNS)
-        logits = read_table(pair.logits_path, columns=LOGITS_COLUMNS) if pair.logits_path is not None else None
-        if logits is not None:
-            check_feature_ids(pair, features.column("feature_id"), logits.column("feature_id"))
-        input_ids = list_column_to_numpy(features.column("input_ids"), np.int64)
-        token_types = list_column_to_numpy(features.column("token_type_ids"), np.int64)
-        context_start = features.column("context_start").to_numpy()
-        context_end = features.column("context_end").to_numpy()
-        start_positions = features.column("start_position").to_numpy().astype(np.int64)
-        end_positions = features.column("end_position").to_numpy().astype(np.int64)
-        if logits is not None:
-            t_start = list_column_to_numpy(logits.column("start_logits"), np.float32)
-            t_end = list_column_to_numpy(logits.column("end_logits"), np.float32)
+        rows = read_training_rows(pair.features_path)
+        input_ids, token_types, context_start, context_end = (rows.input_ids, rows.token_type_ids,
+                                                              rows.context_start, rows.context_end)
+        start_positions, end_positions = rows.start_positions, rows.end_positions
+        if pair.logits_path is not None:  # the teacher's logits, or its targets aligned onto these features
+            logit_ids, t_start, t_end = read_logits(pair.logits_path)
+            check_feature_ids(pair, rows.feature_ids, logit_ids)
             for row, (ids, ts) in enumerate(zip(input_ids, t_start)):
                 if len(ids) != len(ts):
                     raise KdqaError(f"{pair.logits_path}: row {row} has {len(ts)} logits for {len(ids)} tokens")
@@ -156,7 +148,7 @@ class ShardStream(IterableDataset):
                               self.pad_to_multiple_of, self.max_width)
             batch["start_positions"] = torch.from_numpy(start_positions[rows])
             batch["end_positions"] = torch.from_numpy(end_positions[rows])
-            if logits is not None:
+            if pair.logits_path is not None:
                 width = batch["input_ids"].shape[1]
                 batch.update(teacher_targets([t_start[i] for i in rows], [t_end[i] for i in rows], width))
             yield batch
@@ -178,6 +170,4 @@ def verify_alignment(pairs: list[ShardPair]) -> None:
     for pair in pairs:
         if pair.logits_path is None:
             continue
-        feature_ids = read_table(pair.features_path, columns=["feature_id"]).column("feature_id")
-        logit_ids = read_table(pair.logits_path, columns=["feature_id"]).column("feature_id")
-        check_feature_ids(pair, feature_ids, logit_ids)
+        check_feature_ids(pair, read_feature_ids(pair.features_path), read_feature_ids(pair.logits_path))

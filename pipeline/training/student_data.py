@@ -12,10 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import KdqaError
+from pipeline.runtime.errors import KdqaError
 from pipeline.model.loading import vocab_fingerprint
 from pipeline.params import Params
-from pipeline.runtime.workspace import ALIGNED_DIR, ALIGNED_FEATURES_DIR, ALIGNED_TARGETS_DIR, EXTRA_SPLITS, FEATURES_DIR, TEACHER_DIR
+from pipeline.runtime.workspace import EXTRA_SPLITS, Workspace
 from pipeline.store.shards import output_format, read_json
 
 
@@ -50,57 +50,63 @@ class StudentData:
         return self.train_features.parent / name, self.teacher_targets.parent / name
 
 
-DIRECT = StudentData("direct", FEATURES_DIR / "train", TEACHER_DIR / "train", FEATURES_DIR / "dev", "kdqa teacher")
-ALIGNED = StudentData("aligned", ALIGNED_FEATURES_DIR / "train", ALIGNED_TARGETS_DIR / "train",
-                      ALIGNED_FEATURES_DIR / "dev", "kdqa align")
+def direct(ws: Workspace) -> StudentData:
+    """The teacher's own features and logits."""
+    return StudentData("direct", ws.features / "train", ws.teacher / "train", ws.features / "dev", "kdqa teacher")
 
 
-def teacher_labelled_splits() -> dict[str, dict]:
+def aligned(ws: Workspace) -> StudentData:
+    """The student's own features and the teacher's targets on them (`kdqa align`)."""
+    return StudentData("aligned", ws.aligned_features / "train", ws.aligned_targets / "train",
+                       ws.aligned_features / "dev", "kdqa align")
+
+
+def teacher_labelled_splits(ws: Workspace) -> dict[str, dict]:
     """The extra splits prepare made and the teacher labelled, with the fingerprints of both (as their manifests
     record them): what `kdqa align` carries onto a student's tokens besides train."""
     found = {}
     for split in EXTRA_SPLITS:
-        features, logits = FEATURES_DIR / split / "manifest.json", TEACHER_DIR / split / "manifest.json"
+        features, logits = ws.features / split / "manifest.json", ws.teacher / split / "manifest.json"
         if features.exists():
             found[split] = {"features": read_json(features).get("fingerprint"),
                             "teacher_logits": read_json(logits).get("fingerprint") if logits.exists() else None}
     return found
 
 
-def student_data(params: Params, tokenizer) -> StudentData:
+def student_data(params: Params, ws: Workspace, tokenizer) -> StudentData:
     """The data `params.student` trains on; an error naming `kdqa align` when that is missing or stale."""
-    manifest_path = FEATURES_DIR / "train" / "manifest.json"
+    manifest_path = ws.features / "train" / "manifest.json"
     if not manifest_path.exists():
         raise KdqaError(f"{manifest_path}: not found (run `kdqa prepare`)")
     features_manifest = read_json(manifest_path)
     plan = student_plan(params, tokenizer, features_manifest)
     if plan["mode"] == "direct":
-        return DIRECT
+        return direct(ws)
     s = params.student
     why = (f"{s.model}: its tokenizer or windows (max_seq_len {plan['max_seq_len']}, doc_stride "
            f"{plan['doc_stride']}) differ from the teacher's")
-    manifest_path = ALIGNED_DIR / "manifest.json"
+    manifest_path = ws.aligned / "manifest.json"
     if not manifest_path.exists():
         raise KdqaError(f"{why}: run `kdqa align` to carry the teacher's logits onto them ({manifest_path} not found)")
     made_for = read_json(manifest_path).get("fingerprint_parts", {})
-    teacher_manifest = TEACHER_DIR / "train" / "manifest.json"
+    teacher_manifest = ws.teacher / "train" / "manifest.json"
     logits = read_json(teacher_manifest).get("fingerprint") if teacher_manifest.exists() else None
     expected = {**{k: plan[k] for k in ("mode", "student_vocab", "max_seq_len", "doc_stride")},
                 "features": features_manifest.get("fingerprint"), "teacher_logits": logits,
-                "extra_splits": teacher_labelled_splits(), "aligned_format": output_format("aligned")}
+                "extra_splits": teacher_labelled_splits(ws), "aligned_format": output_format("aligned")}
     stale = sorted(k for k, v in expected.items() if made_for.get(k) != v)
     if stale:
-        raise KdqaError(f"{ALIGNED_DIR}: made for another {', '.join(stale)} than this student's; {why}: run "
+        raise KdqaError(f"{ws.aligned}: made for another {', '.join(stale)} than this student's; {why}: run "
                         "`kdqa align` again")
-    return ALIGNED
+    return aligned(ws)
 
 
-def evaluation_features(model_tokenizer) -> Path:
+def evaluation_features(ws: Workspace, model_tokenizer) -> Path:
     """The dev features a model with this tokenizer reads: the student's own (data/aligned) when they were made
     for its vocabulary, else the teacher's (the caller checks that their vocabulary is the model's)."""
-    manifest_path = ALIGNED_DIR / "manifest.json"
+    manifest_path = ws.aligned / "manifest.json"
     if manifest_path.exists():
         made_for = read_json(manifest_path).get("fingerprint_parts", {})
         if made_for.get("mode") == "aligned" and made_for.get("student_vocab") == vocab_fingerprint(model_tokenizer):
-            return ALIGNED.dev_features
-    return DIRECT.dev_features
+            return aligned(ws).dev_features
+    return direct(ws).dev_features

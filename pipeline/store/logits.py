@@ -1,0 +1,55 @@
+"""The logits format: the teacher's start/end logits over each feature's real tokens (no padding), float16, in
+the row order of the features shard of the same name. Written by the teacher stage, read by the student's
+stream, scoring (the teacher's dev scores), alignment and inspect.
+
+The schema, the writer and the reader live here, and nowhere else names their columns. A change to the schema
+is a new `logits_format` (pipeline/formats.yaml; tests/test_formats.py holds the two together).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.store.shards import list_array, list_column_to_numpy, read_table, write_table_atomic
+
+LOGITS_SCHEMA = pa.schema(
+    [
+        ("feature_id", pa.string()),
+        ("start_logits", pa.list_(pa.float16())),
+        ("end_logits", pa.list_(pa.float16())),
+    ]
+)
+# Stored without dictionaries and with byte-stream split: float16 logits compress better that way.
+FLOAT_COLUMNS = ("start_logits", "end_logits")
+ROW_GROUP = 4000
+
+
+def logits_table(feature_ids: list[str], start: list[np.ndarray], end: list[np.ndarray]) -> pa.Table:
+    return pa.table(
+        {
+            "feature_id": pa.array(feature_ids, type=pa.string()),
+            "start_logits": list_array(start, pa.float16()),
+            "end_logits": list_array(end, pa.float16()),
+        },
+        schema=LOGITS_SCHEMA,
+    )
+
+
+def write_logits_shard(path: Path, feature_ids: list[str], start: list[np.ndarray], end: list[np.ndarray]) -> None:
+    write_table_atomic(logits_table(feature_ids, start, end), path, ROW_GROUP, float_columns=FLOAT_COLUMNS)
+
+
+def read_logits(path: Path) -> tuple[pa.ChunkedArray, list[np.ndarray], list[np.ndarray]]:
+    """(feature ids, start logits, end logits) of a logits shard, or of an aligned-targets shard (the same first
+    three columns: pipeline/store/aligned.py), as float32."""
+    table = read_table(path, columns=["feature_id", "start_logits", "end_logits"])
+    return (table.column("feature_id"), list_column_to_numpy(table.column("start_logits"), np.float32),
+            list_column_to_numpy(table.column("end_logits"), np.float32))
+
+
+def is_logits_shard(path: Path) -> bool:
+    """A logits (or aligned-targets) shard rather than a features shard."""
+    return "start_logits" in read_table(path).column_names
