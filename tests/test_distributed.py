@@ -270,10 +270,12 @@ def write_layout(project: Path, source: Path, groups: list[list[int]], rows_per_
                 for p in list_shards(folder)]
 
     source_manifest = manifest(src_f)
-    write_json_atomic(out_f / "manifest.json", {"vocab_fingerprint": source_manifest["vocab_fingerprint"],
-                                                "tokenizer": source_manifest["tokenizer"], "shards": listing(out_f)})
+    write_json_atomic(out_f / "manifest.json", {**{k: source_manifest[k] for k in ("vocab_fingerprint", "tokenizer",
+                                                                                 "features_format", "prepare")},
+                                                "shards": listing(out_f)})
     write_json_atomic(out_t / "manifest.json", {"fingerprint": f"layout-{len(groups)}", "shards": listing(out_t),
-                                                "fingerprint_parts": {"features": features_fingerprint(out_f)}})
+                                                "fingerprint_parts": {"features": features_fingerprint(out_f),
+                                                                      "logits_format": manifest(src_t)["fingerprint_parts"]["logits_format"]}})
 
 
 def test_student_ddp_matches_one_process_and_resumes(reference, assets, tmp_path):

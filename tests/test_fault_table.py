@@ -487,7 +487,8 @@ ROWS = [
     Row("evaluate: disk full writing metrics leaves results as they were", ("evaluate",),
         json_write_fails(errno.ENOSPC, "eval.json"), ("metrics/eval.json", ENOSPC)),
     Row("teacher: stale staging and temporaries are cleaned", ("teacher",),
-        stale_staging("data/teacher/.dev.partial", "data/teacher/.train.partial"), ("up to date",), exit_code=0),
+        stale_staging("data/teacher/.dev.partial", "data/teacher/.train.partial"), ("shards to compute",),
+        exit_code=0),
     Row("student: stale model staging and checkpoint staging are cleaned", ("student",),
         stale_staging("models/.student.partial", "checkpoints/.student.partial"), ("saved student",), exit_code=0),
     # --- case 3: stored logits or a model that do not belong to the features ---
@@ -517,7 +518,7 @@ ROWS = [
           (f".kdqa/locks/{stage}.lock", f"`kdqa {stage}` is already running in this folder", "pid {pid}"))
       for stage in ("prepare", "teacher", "student", "evaluate", "export")],
     Row("teacher: lock of a dead run is taken over", ("teacher",), stale_lock("teacher"),
-        ("taking over the lock of pid {pid}", "up to date"), exit_code=0),
+        ("taking over the lock of pid {pid}", "shards to compute"), exit_code=0),
     # --- case 7 ---
     Row("prepare --strict: is_impossible with answers", ("prepare", "--strict"), contradictory_labels,
         ("train.json", "(id {id})", "is_impossible is true but it has 1 answer(s)")),

@@ -561,3 +561,19 @@ def test_evaluate_refuses_a_damaged_teacher_dev_shard(run_copy):
     assert result.exit_code == 1
     assert "part-00000.parquet" in result.output and "kdqa teacher" in result.output
     assert not (run_copy / "metrics/teacher.json").exists() and not (run_copy / "metrics/eval.json").exists()
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (lambda m: m.pop("features_format"), "no features format version"),
+    (lambda m: m["shards"][0].pop("sha256"), "checksum differs"),
+])
+def test_manifests_without_what_this_kdqa_writes_are_refused(run_copy, change, fragment):
+    """No compatibility branches for formats never released: a features manifest without its format version or a
+    shard's checksum was not written by this kdqa, and the student says what to rerun."""
+    manifest_path = run_copy / "data/features/train/manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    change(manifest)
+    manifest_path.write_text(json.dumps(manifest))
+    result = run_cli(["-q", "student"], run_copy, expect_ok=False)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert fragment in result.output and "kdqa prepare" in result.output

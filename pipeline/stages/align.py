@@ -46,7 +46,6 @@ from pipeline.store.shards import (
     fingerprint_of,
     list_shards,
     output_format,
-    read_json,
     sha256_file,
     shard_name,
     verify_shards,
@@ -166,25 +165,6 @@ def write_manifests(split: str, features_out: Path, targets_out: Path, shards: l
     })
 
 
-def is_current(parts: dict, ws: Workspace) -> bool:
-    """data/aligned/ already holds what these parts describe, every shard intact."""
-    path = ws.aligned / "manifest.json"
-    if not path.exists():
-        return False
-    try:
-        if read_json(path).get("fingerprint_parts") != parts:
-            return False
-        if parts["mode"] == "aligned":
-            for split in ("train", *parts["extra_splits"]):
-                for folder in aligned(ws).split(split):
-                    verify_shards(folder, "kdqa align")
-            verify_shards(aligned(ws).dev_features, "kdqa align")
-    except KdqaError as exc:
-        log.warning("%s; aligning again", exc)
-        return False
-    return True
-
-
 def run_align(params: Params, ws: Workspace) -> None:
     s = params.student
     tokenizer = load_tokenizer(s.model, s.trust_remote_code)  # a slow tokenizer (no offsets) stops here
@@ -202,9 +182,6 @@ def run_align(params: Params, ws: Workspace) -> None:
                                                                  ws.teacher / split)}
         parts["max_query_len"] = params.prepare.max_query_len
         parts["aligned_format"] = output_format("aligned")
-    if is_current(parts, ws):
-        log.info("%s: already up to date for this student and these teacher logits", ws.aligned)
-        return
     manifest = {"kdqa_version": __version__, "mode": parts["mode"], "student": s.model,
                 "fingerprint": fingerprint_of(parts), "fingerprint_parts": parts}
     with writing(ws.aligned), staged_folder(ws.aligned) as staging:

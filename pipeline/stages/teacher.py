@@ -92,24 +92,6 @@ def completed_shard(work: Path, name: str, resume_key: dict, rows: int | None = 
     return record
 
 
-def published_is_current(out_dir: Path, fingerprint_parts: dict, shards: list[Path]) -> bool:
-    """True when `out_dir` holds logits for exactly these features and teacher, every shard intact."""
-    published = out_dir / "manifest.json"
-    if not published.exists():
-        return False
-    try:
-        manifest = read_json(published)
-        if manifest.get("fingerprint_parts") != fingerprint_parts:
-            return False
-        if [e.get("name") for e in manifest.get("shards", [])] != [p.name for p in shards]:
-            raise KdqaError(f"{published}: lists other shards than the features")
-        verify_shards(out_dir, "kdqa teacher")
-    except KdqaError as exc:
-        log.warning("%s; computing the logits again", exc)
-        return False
-    return True
-
-
 def remove_stale_temporaries(work: Path, names: list[str]) -> None:
     """Half-written files a killed run left behind (`.part-NNNNN.parquet.tmp-PID`), for our shards only."""
     for name in names:
@@ -135,11 +117,9 @@ def run_split(model, tokenizer, split: str, params: Params, ws: Workspace, teach
                          "logits_format": output_format("logits")}
     resume_key = {**fingerprint_parts, "compute": f"{device.type}-{precision}"}
 
+    # Whether to run at all is DVC's decision (the stage's deps); a run by hand computes what the logits cache
+    # does not hold, and copies the rest.
     published = out_dir / "manifest.json"
-    if published_is_current(out_dir, fingerprint_parts, shards):
-        log.info("%s: logits already up to date for these features and this teacher", out_dir)
-        return read_json(published)
-
     work.mkdir(parents=True, exist_ok=True)
     expected_rows = {e["name"]: e["rows"] for e in features_manifest["shards"]}
     mine = [p for i, p in enumerate(shards) if i % world == rank]

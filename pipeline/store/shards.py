@@ -39,11 +39,11 @@ def output_format(kind: str) -> int:
 
 def check_format(found: int | None, kind: str, folder: Path, regenerate: str) -> None:
     """Shards of another format than this kdqa's cannot be read as if they were ours: one error saying what
-    to rerun. A manifest without a version (`found` None) predates the versions: format 1."""
+    to rerun (a manifest without a version is not one this kdqa wrote)."""
     expected = output_format(kind)
-    if (1 if found is None else found) != expected:
-        raise KdqaError(f"{folder}: {kind} format {found or 1}, but this kdqa reads {kind} format {expected} "
-                        f"(run `{regenerate}`)")
+    if found != expected:
+        made = f"{kind} format {found}" if found is not None else f"no {kind} format version"
+        raise KdqaError(f"{folder}: {made}, but this kdqa reads {kind} format {expected} (run `{regenerate}`)")
 
 
 def shard_name(index: int) -> str:
@@ -191,7 +191,7 @@ def verify_shards(folder: Path, regenerate: str) -> dict:
 
     Returns the manifest, with `bytes_fingerprint` added: the fingerprint of the shards' bytes as verified
     (equal to `features_fingerprint(folder)`). Any difference is an error naming the file and the command (`regenerate`) that
-    rebuilds it; a manifest without checksums (older kdqa) is checked for names and rows only.
+    rebuilds it.
     """
     manifest_path = folder / "manifest.json"
     if not manifest_path.exists():
@@ -210,11 +210,11 @@ def verify_shards(folder: Path, regenerate: str) -> dict:
         if not path.is_file():
             raise KdqaError(f"{path}: shard listed in {manifest_path} is missing (run `{regenerate}`)")
         digests[path.name] = sha256_file(path)
-        if "sha256" in entry and digests[path.name] != entry["sha256"]:
+        if digests[path.name] != entry.get("sha256"):
             raise KdqaError(f"{path}: corrupted or truncated shard (checksum differs from {manifest_path}; "
                             f"run `{regenerate}`)")
-        if "rows" in entry and shard_rows(path) != entry["rows"]:
-            raise KdqaError(f"{path}: {shard_rows(path)} rows but {manifest_path} says {entry['rows']} "
+        if shard_rows(path) != entry.get("rows"):
+            raise KdqaError(f"{path}: {shard_rows(path)} rows but {manifest_path} says {entry.get('rows')} "
                             f"(run `{regenerate}`)")
     # The same value features_fingerprint(folder) computes, from the hashes just taken (each file read once).
     manifest["bytes_fingerprint"] = fingerprint_of(digests)

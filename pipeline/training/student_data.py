@@ -21,10 +21,11 @@ from pipeline.store.shards import output_format, read_json
 
 def student_plan(params: Params, tokenizer, features_manifest: dict) -> dict:
     """What the student's data must be: `mode` direct (the teacher's features) or aligned, and what decides it."""
-    # The windows the features were made with (a manifest that does not record them: prepare.*'s).
-    recorded = features_manifest.get("prepare", {})
-    teacher_len = recorded.get("max_seq_len", params.prepare.max_seq_len)
-    teacher_stride = recorded.get("doc_stride", params.prepare.doc_stride)
+    recorded = features_manifest.get("prepare") or {}  # the windows the features were made with
+    if not {"max_seq_len", "doc_stride"} <= set(recorded):
+        raise KdqaError("data/features/train/manifest.json: records no windows (prepare.max_seq_len, doc_stride): "
+                        "not written by this kdqa; run `kdqa prepare` again")
+    teacher_len, teacher_stride = recorded["max_seq_len"], recorded["doc_stride"]
     s = params.student
     plan = {
         "student_vocab": vocab_fingerprint(tokenizer),
