@@ -274,8 +274,9 @@ def write_layout(project: Path, source: Path, groups: list[list[int]], rows_per_
                                                                                  "features_format", "prepare")},
                                                 "shards": listing(out_f)})
     write_json_atomic(out_t / "manifest.json", {"fingerprint": f"layout-{len(groups)}", "shards": listing(out_t),
-                                                "fingerprint_parts": {"features": features_fingerprint(out_f),
-                                                                      "logits_format": manifest(src_t)["fingerprint_parts"]["logits_format"]}})
+                                                "fingerprint_parts": {
+                                                    "features": features_fingerprint(out_f),
+                                                    "logits_format": manifest(src_t)["fingerprint_parts"]["logits_format"]}})
 
 
 def test_student_ddp_matches_one_process_and_resumes(reference, assets, tmp_path):
