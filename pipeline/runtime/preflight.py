@@ -35,7 +35,7 @@ def output_folders(stage: str, ws: Workspace) -> tuple[Path, ...]:
 
 
 def staged_folders(stage: str, ws: Workspace) -> tuple[Path, ...]:
-    """The ones it writes whole, through a staging folder (paths.staged_folder). Only the staging (`.NAME.partial`)
+    """The ones it writes whole, through a staging folder (workspace.staged_folder). Only the staging (`.NAME.partial`)
     is a leftover: a `.NAME.old` may be the one complete copy left by a crash mid-swap (a checkpoint resumes
     from it), so it is never touched here."""
     from pipeline.stage_table import STAGES
