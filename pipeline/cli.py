@@ -244,7 +244,7 @@ def evaluate(ctx, model_dir):
     params = _load(ctx, "evaluate")
     ws = ctx.obj["ws"]
     with _stage("evaluate", params, ws, Path(model_dir)):
-        STAGES["evaluate"].function()(params, ws, ws.path(model_dir), model_dir == DEFAULT_MODEL)
+        STAGES["evaluate"].function()(params, ws, ws.path(model_dir))
 
 
 @cli.command(short_help="Export the student to ONNX (float32, int8), checked on dev.")

@@ -100,9 +100,13 @@ def lock_folders(stage: Stage, model_dir: str | None = None) -> tuple[tuple[str,
     """(folders to share-lock, folders to lock exclusively) for a run of `stage`: what it reads that another
     stage writes (a read inside an output locks that output), and everything it writes. `model_dir`: the model
     read in place of models/student (evaluate/export --model)."""
-    reads = [model_dir if (dep == "models/student" and model_dir) else dep for dep in stage.deps]
-    shared = tuple(dict.fromkeys(owner_of(path) or path for path in reads if owner_of(path) or path == model_dir))
-    return shared, stage.writes
+    shared = []
+    for dep in stage.deps:
+        if dep == "models/student" and model_dir:
+            shared.append(owner_of(model_dir) or model_dir)  # another model folder: locked by its own path
+        elif owner_of(dep):  # the user's own data (data/raw) has no writer to guard against
+            shared.append(owner_of(dep))
+    return tuple(dict.fromkeys(shared)), stage.writes
 
 
 def owner_of(path: str) -> str | None:

@@ -58,8 +58,7 @@ def test_no_module_outside_a_formats_owner_reads_or_lists_its_columns():
         if relative in OWNERS.values() or relative == "pipeline/store/shards.py":  # shards.py: format-agnostic IO
             continue
         for match in ACCESS.finditer(path.read_text(encoding="utf-8")):
-            quoted = set(re.findall(r"""["'](\w+)["']""", match.group(0))) | {g for g in match.groups()[:1] if g}
-            if quoted & names:
+            if set(re.findall(r"""["'](\w+)["']""", match.group(0))) & names:
                 offenders.append(f"{relative}: {match.group(0)[:80]}")
     assert not offenders, offenders
 

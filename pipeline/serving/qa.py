@@ -132,7 +132,7 @@ class QuestionAnswerer:
         problem = self.unreadable([(question, context)])[0]
         if problem:
             raise KdqaError(f"cannot answer: {problem}")
-        return self.answer_many([(question, context)])[0]
+        return self._answer_readable([(question, context)])[0]  # checked once: not again through answer_many
 
     def unreadable(self, pairs: list[tuple[str, str]]) -> list[str | None]:
         """For each (checked) pair, why it cannot be read at all (blank question; context without tokens), else None."""

@@ -21,9 +21,8 @@ from pipeline.store.shards import write_jsons_atomic
 log = logging.getLogger(__name__)
 
 
-def run_evaluate(params, ws: Workspace, model_dir: Path | None = None, default_model: bool | None = None) -> dict:
-    """Score `model_dir` (default: the workspace's student) and the teacher's stored dev logits.
-    `default_model`: the model is the pipeline's own student (it may not exist yet: say which stage makes it)."""
+def run_evaluate(params, ws: Workspace, model_dir: Path | None = None) -> dict:
+    """Score `model_dir` (default: the workspace's student) and the teacher's stored dev logits."""
     from pipeline.training import distributed
     from pipeline.store.fingerprints import check_model_vocabulary, check_teacher_logits
     from pipeline.model.loading import TRAINED, load_qa_model, load_tokenizer
@@ -33,13 +32,12 @@ def run_evaluate(params, ws: Workspace, model_dir: Path | None = None, default_m
 
     # Everything is checked before anything is written: no metrics file may be left from a half-run.
     model_dir = ws.student_model if model_dir is None else model_dir
-    default_model = model_dir == ws.student_model if default_model is None else default_model
     features_dir, teacher_dir = ws.features / "dev", ws.teacher / "dev"
     features_manifest = verify_shards(features_dir, "kdqa prepare")  # a damaged shard: one error, never skewed scores
     has_teacher = (teacher_dir / "manifest.json").exists()
     if has_teacher:  # logits of other features would be scored against these examples: refuse by fingerprint
         check_teacher_logits(features_dir, features_manifest["bytes_fingerprint"], teacher_dir)
-    if default_model and not model_dir.exists():
+    if model_dir == ws.student_model and not model_dir.exists():  # the pipeline's own: say which stage makes it
         raise KdqaError(f"{model_dir}: no model there yet (run `kdqa student`, or give --model a model folder)")
     tokenizer = load_tokenizer(str(model_dir))
     # A student of another tokenizer or other windows reads its own dev features (`kdqa align`); the teacher's
