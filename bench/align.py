@@ -36,6 +36,7 @@ from .common import (
     machine_description,
     minilm_dir,
     need_file,
+    provenance,
     run_stage,
     split_by_article,
     trimmed_vocabulary_model,
@@ -137,7 +138,7 @@ def main() -> None:
                "same_span_tokens": round(same_spans_share(tdir / "data/features/train",
                                                           sdir / "data/aligned/features/train"), 4)}
         results["students"].append(row)
-        write_json_atomic(out / "results.json", results)
+        write_json_atomic(out / "results.json", {"provenance": provenance(), **results})
         print(json.dumps(row), flush=True)
     write_results(out, results, markdown(results))
     print(markdown(results))

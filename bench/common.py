@@ -102,19 +102,27 @@ def cpu_words(info: dict) -> str:
     return info["cpu"] + (f" ({'; '.join(details)})" if details else "")
 
 
+def cpuinfo_fields(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict | None:
+    """The first processor's fields of /proc/cpuinfo (it describes them all); None where there is none."""
+    try:
+        fields = {}
+        for line in cpuinfo.read_text().splitlines():
+            if not line.strip():
+                break
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
+    except OSError:
+        return None
+    return fields
+
+
 def cpu_identity(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
     """The CPU's name, family/model numbers and kernel-relevant flags. Cloud VMs often report a bare name
     ("AMD EPYC") for different generations; family and model tell them apart (AMD family 25: Zen 3/4, 26: Zen 5)
     and explain why the same benchmark moves between machines of one name."""
     info = {"cpu": platform.processor() or platform.machine()}
-    try:
-        fields = {}
-        for line in cpuinfo.read_text().splitlines():
-            if not line.strip():
-                break  # the first processor describes them all
-            key, _, value = line.partition(":")
-            fields[key.strip()] = value.strip()
-    except OSError:
+    fields = cpuinfo_fields(cpuinfo)
+    if fields is None:
         return info
     info["cpu"] = fields.get("model name", info["cpu"])
     if "cpu family" in fields:
@@ -512,9 +520,140 @@ def write_json_atomic(path: Path, obj) -> None:
 
 
 def write_results(folder: Path, results: dict, markdown: str) -> None:
-    """A benchmark's two result files in `folder`: results.json (every raw figure) and results.md (its tables)."""
-    write_json_atomic(folder / "results.json", results)
-    write_text_atomic(folder / "results.md", markdown if markdown.endswith("\n") else markdown + "\n")
+    """A benchmark's two result files in `folder`: results.json (every raw figure, with its `provenance`) and
+    results.md (a provenance line, then its tables). The provenance line is printed too: every benchmark prints
+    its tables right after writing them, so what it prints is what it wrote."""
+    record = provenance()
+    header = provenance_line(record) + "\n\n"
+    write_json_atomic(folder / "results.json", {"provenance": record,
+                                                **{k: v for k, v in results.items() if k != "provenance"}})
+    write_text_atomic(folder / "results.md", header + (markdown if markdown.endswith("\n") else markdown + "\n"))
+    print(header, end="", flush=True)
+
+
+# ---------------------------------------------------------------- provenance: where a figure came from
+
+# Every results.json carries these keys; a value that was not recorded is the string "unknown", never a guess.
+PROVENANCE_KEYS = ("date_utc", "command", "commit", "uncommitted_changes", "cpu", "cpu_vendor", "cpu_family_model",
+                   "cpu_kernel_flags", "cores", "gpu", "python", "torch", "transformers", "onnxruntime")
+UNKNOWN = "unknown"
+CPU_VENDORS = {"AuthenticAMD": "amd", "GenuineIntel": "intel"}
+
+
+def git_head(root: Path = ROOT) -> str:
+    """The checkout's HEAD commit, read from .git's files (no subprocess: measured processes import this
+    module); "unknown" outside a git checkout."""
+    try:
+        git = root / ".git"
+        if git.is_file():  # a linked worktree: "gitdir: PATH"; its branches live in the main repository's folder
+            git = (root / git.read_text().split(":", 1)[1].strip()).resolve()
+        common = (git / (git / "commondir").read_text().strip()).resolve() if (git / "commondir").exists() else git
+        head = (git / "HEAD").read_text().strip()
+        if not head.startswith("ref: "):
+            return head  # detached
+        ref = head.removeprefix("ref: ")
+        if (common / ref).exists():
+            return (common / ref).read_text().strip()
+        for line in (common / "packed-refs").read_text().splitlines():
+            if line.endswith(" " + ref):
+                return line.split()[0]
+    except OSError:
+        pass
+    return UNKNOWN
+
+
+# The commit of the code this process runs: taken when the benchmark starts, not when it writes hours later (the
+# branch moves meanwhile).
+COMMIT_AT_START = git_head()
+
+
+def uncommitted_changes(root: Path = ROOT) -> list[str] | str:
+    """Tracked files with changes not committed (at write time): the code that ran may differ from the commit
+    in these. "unknown" where git cannot say."""
+    try:
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return UNKNOWN
+    if status.returncode != 0:
+        return UNKNOWN
+    return sorted(line[3:] for line in status.stdout.splitlines() if line.strip())
+
+
+def package_version(name: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def gpu_name() -> str | None:
+    """The first GPU's name, None without one: from torch where this process has imported it, else nvidia-smi
+    (benchmarks that run stages as processes keep torch out of their own)."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    names = smi.stdout.strip().splitlines() if smi.returncode == 0 else []
+    return names[0].strip() if names else None
+
+
+def typed_command() -> str:
+    """The command as typed, `python -m bench.NAME ARGS...`: the module __main__ runs as, and sys.argv."""
+    import shlex
+
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    program = ["python", "-m", spec.name] if spec is not None and spec.name else ["python", sys.argv[0]]
+    return shlex.join([*program, *sys.argv[1:]])
+
+
+def provenance() -> dict:
+    """Where a result came from: when, by which command, from which commit, on which machine, with which
+    libraries (PROVENANCE_KEYS)."""
+    from datetime import datetime, timezone
+
+    fields = cpuinfo_fields() or {}
+    cpu = cpu_identity()
+    return {"date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "command": typed_command(),
+            "commit": COMMIT_AT_START, "uncommitted_changes": uncommitted_changes(), "cpu": cpu["cpu"],
+            "cpu_vendor": fields.get("vendor_id", UNKNOWN), "cpu_family_model": cpu.get("cpu_family_model", UNKNOWN),
+            "cpu_kernel_flags": cpu.get("cpu_kernel_flags", UNKNOWN), "cores": os.cpu_count(), "gpu": gpu_name(),
+            "python": platform.python_version(),
+            **{name: package_version(name) for name in ("torch", "transformers", "onnxruntime")}}
+
+
+def machine_slug(record: dict) -> str:
+    """The folder name of a machine's results: the GPU's name where a GPU ran, else CPU vendor-family-model
+    ("amd-26-2", "intel-6-143"): results of two CPU generations never share a folder."""
+    import re
+
+    if record.get("gpu") and record["gpu"] != UNKNOWN:
+        name = record["gpu"]
+    else:
+        vendor = CPU_VENDORS.get(record.get("cpu_vendor"), record.get("cpu_vendor") or UNKNOWN)
+        name = f"{vendor}-{str(record.get('cpu_family_model', UNKNOWN)).replace('/', '-')}"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def provenance_line(record: dict) -> str:
+    """The results.md header: machine, date, command, commit, in one line."""
+    flags = record["cpu_kernel_flags"]
+    flags = [f for f in flags if f not in ("avx2", "avx512f")] if isinstance(flags, list) else []
+    machine_words = (f"{record['cpu']} (family/model {record['cpu_family_model']}"
+                     f"{'; ' + ', '.join(flags) if flags else ''}), {record['cores']} cores"
+                     + (f", GPU {record['gpu']}" if record.get("gpu") else ""))
+    changes = record["uncommitted_changes"]
+    state = (" with uncommitted changes" if changes and changes != UNKNOWN else
+             ", changes unknown" if changes == UNKNOWN else "")
+    return (f"*Machine {machine_words}; {record['date_utc']}; `{record['command']}`; kdqa "
+            f"{str(record['commit'])[:10]}{state}; torch {record['torch']}, transformers {record['transformers']}, "
+            f"onnxruntime {record['onnxruntime']}, Python {record['python']}.*")
 
 
 def fmt(x, digits=1, suffix="") -> str:
