@@ -95,7 +95,10 @@ class StudentParams:
     attention: str = "auto"
     # Keep only each layer's input during the forward pass and recompute the rest in the backward (the same
     # dropout masks, so the same results): less memory per training step for about a third more compute.
-    gradient_checkpointing: bool = False
+    # auto: on when training on a CPU, where the job's memory is the machine's RAM (a sixth less peak, which
+    # is what keeps the whole job at half a peer's memory: docs/results.md), off on CUDA, where a small student
+    # fits with room to spare and a third more compute is a third more time.
+    gradient_checkpointing: bool | str = "auto"
     # Batch width rounded up to a multiple of this many tokens, 1 = exact. Few distinct shapes keep the training
     # process's memory flat: in bfloat16 oneDNN (CPU) keeps kernels per shape, and cuDNN (GPU) builds an
     # attention plan per shape, slow the first time. Rows in a length-grouped batch are alike in length, so the
@@ -168,7 +171,8 @@ _RANGES = {
 
 _CHOICES = {"teacher.precision": ("auto", "bfloat16", "float16", "float32"),
             "student.precision": ("auto", "bfloat16", "float16", "float32"),
-            "student.attention": ("auto", "sdpa")}
+            "student.attention": ("auto", "sdpa"),
+            "student.gradient_checkpointing": ("auto", True, False)}
 # Knobs that are lists of distinct strings, with the allowed values (None: any non-empty string).
 _STRING_LISTS = {"data.unlabeled": None, "prepare.augment_kinds": AUGMENT_KINDS, "student.extra_splits": EXTRA_SPLITS}
 
@@ -193,10 +197,13 @@ def _check_value(path, key: str, value, default, rule: str | None = None) -> Non
     if isinstance(value, float) and not math.isfinite(value):
         # YAML's .nan/.inf pass every range comparison; a NaN learning rate or temperature trains a NaN model.
         raise KdqaError(f"{path}: {key} must be a finite number, got {value!r}")
-    if isinstance(default, str) and not isinstance(value, str):
+    if rule in _CHOICES:
+        # `is` for true/false: 1 == True, but `1` is not a yes/no answer
+        if not any(value is c if isinstance(c, bool) else value == c and isinstance(value, str) for c in _CHOICES[rule]):
+            choices = ", ".join(str(c).lower() if isinstance(c, bool) else c for c in _CHOICES[rule])
+            raise KdqaError(f"{path}: {key} must be one of {choices}, got {value!r}")
+    elif isinstance(default, str) and not isinstance(value, str):
         raise KdqaError(f"{path}: {key} must be a string, got {value!r}")
-    if rule in _CHOICES and value not in _CHOICES[rule]:
-        raise KdqaError(f"{path}: {key} must be one of {', '.join(_CHOICES[rule])}, got {value!r}")
     if rule in _STRING_LISTS:
         allowed = _STRING_LISTS[rule]
         if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):

@@ -26,8 +26,14 @@ def test_serving_benchmark_quick_mode(tiny_assets, tmp_path):
     assert results["threads"] == 1 and results["machine"]["cpu"] and results["date"]
     (pair,) = results["pairs"]
     rows = {r["row"]: r for r in pair["rows"]}
-    assert list(rows) == ["teacher, PyTorch float32", "student, PyTorch float32", "student, ONNX Runtime float32",
-                          "student, ONNX Runtime int8", "student, ONNX Runtime int8, SkipLayerNormalization fused"]
+    named = ["teacher, PyTorch float32", "student, PyTorch float32", "student, PyTorch bfloat16",
+             "student, ONNX Runtime float32", "student, ONNX Runtime int8",
+             "student, ONNX Runtime int8, SkipLayerNormalization fused"]
+    assert list(rows)[: len(named)] == named
+    # The defaults a user gets, built without a precision argument: the export runs its int8 model here.
+    defaults = {r["default"]: r for r in pair["rows"] if r["default"]}
+    assert defaults["export folder"]["row"] == "default: QuestionAnswerer(export folder) -> ONNX Runtime int8"
+    assert defaults["student folder"]["row"].startswith("default: QuestionAnswerer(student folder) -> PyTorch ")
     quick = results["settings"]
     for row in rows.values():
         assert row["latency_questions"] == quick["latency_questions"]
@@ -41,6 +47,10 @@ def test_serving_benchmark_quick_mode(tiny_assets, tmp_path):
     assert f32["largest_score_difference_from_pytorch_student"] < 1e-3
     goals = pair["goals"]
     assert goals["verdicts"]["ONNX float32 answers identical, scores within 1e-3"] is True
-    for key in ("int8_speedup_batch1_p50", "int8_size_share_of_onnx_float32", "teacher_over_student_int8_latency_p50"):
+    assert goals["default_path"] == defaults["export folder"]["row"]
+    speedups = goals["speedups_over_pytorch_float32"]
+    assert set(speedups) == set(rows) - {"teacher, PyTorch float32", "student, PyTorch float32"}
+    assert all(s["batch1_p50"] > 0 and s["throughput"] > 0 for s in speedups.values())
+    for key in ("int8_size_share_of_onnx_float32", "teacher_over_default_latency_p50"):
         assert goals[key] > 0
-    assert "| goal | measured |" in markdown and "ONNX Runtime int8" in markdown
+    assert "| goal | measured |" in markdown and "default: QuestionAnswerer(export folder)" in markdown

@@ -92,7 +92,7 @@ def test_init_layers_copies_the_chosen_layers(tiny_assets):
 
     source = AutoModelForQuestionAnswering.from_pretrained(tiny_assets.teacher)
     assert source.config.num_hidden_layers == 3
-    student = build_student(StudentParams(model=str(tiny_assets.teacher), init_layers=LAYERS))
+    student = build_student(StudentParams(model=str(tiny_assets.teacher), init_layers=LAYERS), torch.device("cpu"))
     assert student.config.num_hidden_layers == len(student.bert.encoder.layer) == len(LAYERS)
     src, dst = source.state_dict(), student.state_dict()
     for new, old in enumerate(LAYERS):  # encoder layer `new` of the student is layer `old` of the source

@@ -103,8 +103,8 @@ def test_question_answerer_on_the_export_gives_the_pytorch_answers(exported_run)
     from pipeline import QuestionAnswerer
 
     settings = {"max_seq_len": 64, "doc_stride": 16}
-    pytorch = QuestionAnswerer(str(exported_run / "models/student"), device="cpu", **settings)
-    onnx = QuestionAnswerer(str(exported_run / "models/student-onnx"), **settings)
+    pytorch = QuestionAnswerer(str(exported_run / "models/student"), device="cpu", precision="float32", **settings)
+    onnx = QuestionAnswerer(str(exported_run / "models/student-onnx"), precision="float32", **settings)
     int8 = QuestionAnswerer(str(exported_run / "models/student-onnx"), precision="int8", threads=1, **settings)
     expected, got = pytorch.answer_many(QUESTIONS), onnx.answer_many(QUESTIONS)
     for want, have in zip(expected, got):
@@ -116,9 +116,36 @@ def test_question_answerer_on_the_export_gives_the_pytorch_answers(exported_run)
     assert onnx(*QUESTIONS[0]) == got[0]  # one question at a time: the same answer as in a batch
 
 
+def test_question_answerer_runs_the_fastest_precision_unless_asked(exported_run, monkeypatch):
+    """With no precision argument an export runs its int8 model, and a PyTorch model runs bfloat16 where the CPU
+    multiplies it in hardware (float32 where it would be emulated); `.precision` says which. An export without
+    an int8 model runs float32, and bfloat16 is refused for an export."""
+
+    from pipeline import QuestionAnswerer
+    from pipeline.runtime.errors import KdqaError
+    from pipeline.serving import qa as qa_module
+    from pipeline.store.shards import read_json
+
+    export = exported_run / "models/student-onnx"
+    assert QuestionAnswerer(str(export), max_seq_len=64).precision == "int8"
+    for native, expected in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(qa_module, "cpu_has_native_bf16", lambda native=native: native)
+        student = QuestionAnswerer(str(exported_run / "models/student"), device="cpu", max_seq_len=64)
+        assert student.precision == expected and student.autocast == (torch.bfloat16 if native else None)
+    float32_only = exported_run.parent / "float32-only-export"
+    shutil.copytree(export, float32_only)
+    manifest = read_json(float32_only / "kdqa_export.json")
+    del manifest["files"]["int8"]
+    (float32_only / "kdqa_export.json").write_text(json.dumps(manifest))
+    (float32_only / "model-int8.onnx").unlink()
+    assert QuestionAnswerer(str(float32_only), max_seq_len=64).precision == "float32"
+    with pytest.raises(KdqaError, match="an ONNX export runs in float32 or int8"):
+        QuestionAnswerer(str(export), precision="bfloat16")
+
+
 def test_kdqa_predict_on_the_export(exported_run):
     question, context = QUESTIONS[0]
-    args = ["predict", "--question", question, "--context", context, "--json"]
+    args = ["predict", "--question", question, "--context", context, "--json", "--precision", "float32"]
     pytorch = json.loads(run_cli([*args, "--model", "models/student"], exported_run).stdout)
     onnx = json.loads(run_cli([*args, "--model", "models/student-onnx"], exported_run).stdout)
     assert onnx["best_span"] == pytorch["best_span"] and onnx["answer"] == pytorch["answer"]

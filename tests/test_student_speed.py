@@ -166,9 +166,10 @@ def test_attention_dropout_zero_lets_the_fused_cpu_attention_kernel_train(tiny_a
     from pipeline.params import StudentParams
     from pipeline.stages.student import build_student
 
-    own = build_student(StudentParams(model=str(tiny_assets.teacher))).config.attention_probs_dropout_prob
+    cpu = torch.device("cpu")
+    own = build_student(StudentParams(model=str(tiny_assets.teacher)), cpu).config.attention_probs_dropout_prob
     assert own > 0
-    off = build_student(StudentParams(model=str(tiny_assets.teacher), attention_dropout=0.0))
+    off = build_student(StudentParams(model=str(tiny_assets.teacher), attention_dropout=0.0), cpu)
     assert off.config.attention_probs_dropout_prob == 0.0
     q = torch.randn(2, 2, 8, 4, requires_grad=True)
     mask = torch.ones(2, 1, 8, 8, dtype=torch.bool)
@@ -199,7 +200,7 @@ def test_gradient_checkpointing_recomputes_layers_and_learns_the_same(tiny_asset
         settings = StudentParams(model=str(tiny_assets.student), precision="float32", temperature=2.0,
                                  distillation_weight=0.5, gradient_checkpointing=checkpointing)
         torch.manual_seed(0)
-        model = build_student(settings).train()
+        model = build_student(settings, torch.device("cpu")).train()
         assert model.config.hidden_dropout_prob > 0  # dropout on: the recomputation must replay its masks
         calls = []
         # inside the layer: transformers checkpoints the layer's forward, so the layer's own hooks run once
@@ -219,3 +220,28 @@ def test_gradient_checkpointing_recomputes_layers_and_learns_the_same(tiny_asset
     on = Params()
     on.student.gradient_checkpointing = True
     assert training_key(on, {}, None) == training_key(Params(), {}, None)
+
+
+def test_gradient_checkpointing_auto_is_on_for_cpu_training_only(tmp_path):
+    """`auto` (the default) recomputes layers on a CPU, where the job's peak memory is the machine's RAM, and not
+    on CUDA; true and false are kept as given, and nothing else is a yes/no answer."""
+    import pytest
+    import torch
+
+    from pipeline.params import StudentParams, load_params
+    from pipeline.runtime.errors import KdqaError
+    from pipeline.stages.student import uses_gradient_checkpointing
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert StudentParams().gradient_checkpointing == "auto"
+    assert uses_gradient_checkpointing(StudentParams(), cpu) and not uses_gradient_checkpointing(StudentParams(), cuda)
+    for given in (True, False):
+        assert uses_gradient_checkpointing(StudentParams(gradient_checkpointing=given), cpu) is given
+        assert uses_gradient_checkpointing(StudentParams(gradient_checkpointing=given), cuda) is given
+    for text, wanted in (("true", True), ("false", False), ("auto", "auto")):
+        (tmp_path / "params.yaml").write_text(f"student:\n  gradient_checkpointing: {text}\n")
+        assert load_params(tmp_path / "params.yaml").student.gradient_checkpointing == wanted
+    for text in ("1", "yes please", "0.5"):
+        (tmp_path / "params.yaml").write_text(f"student:\n  gradient_checkpointing: {text}\n")
+        with pytest.raises(KdqaError, match=r"student.gradient_checkpointing must be one of auto, true, false"):
+            load_params(tmp_path / "params.yaml")

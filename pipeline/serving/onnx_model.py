@@ -41,6 +41,17 @@ def is_export(name: str | Path) -> bool:
     return path.is_dir() and ((path / MANIFEST).exists() or any(path.glob("*.onnx")))
 
 
+def exported_precisions(folder: str | Path) -> set[str]:
+    """The precisions an export folder's manifest lists (empty when it has none that reads: loading it then
+    says what is wrong, naming the file)."""
+    try:
+        manifest = read_json(Path(folder).expanduser() / MANIFEST)
+    except (KdqaError, OSError):  # missing or damaged: verify_export says so, naming the file, at loading
+        return set()
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    return set(files) if isinstance(files, dict) else set()
+
+
 def student_fingerprint(folder: Path) -> str:
     """Identity of a saved PyTorch model: the bytes of its config and safetensors weights."""
     files = sorted([*folder.glob("*.safetensors"), folder / "config.json"])

@@ -17,9 +17,9 @@ import torch
 
 from pipeline.runtime.errors import KdqaError
 from pipeline.text.features import context_token_counts, tokenize_examples
-from pipeline.model.inference import model_logits
+from pipeline.model.inference import cpu_has_native_bf16, model_logits
 from pipeline.model.loading import TRAINED, load_qa_model, load_tokenizer
-from pipeline.serving.onnx_model import is_export, load_onnx_qa_model
+from pipeline.serving.onnx_model import exported_precisions, is_export, load_onnx_qa_model
 from pipeline.text.postprocess import WindowLogits, predict_example
 from pipeline.params import check_setting, check_window
 from pipeline.text.squad import Example, check_text
@@ -69,7 +69,20 @@ ARGUMENT_RULES = {"max_seq_len": "prepare.max_seq_len", "doc_stride": "prepare.d
                   "max_query_len": "prepare.max_query_len", "n_best": "evaluate.n_best",
                   "max_answer_len": "evaluate.max_answer_len", "null_threshold": "evaluate.null_threshold",
                   "batch_size": "evaluate.batch_size"}
-PRECISIONS = ("float32", "int8")
+PRECISIONS = ("float32", "bfloat16", "int8")
+
+
+def fastest_precision(model: str, device: torch.device) -> str:
+    """What `QuestionAnswerer` runs when no precision is asked for: the fastest of what the folder holds on this
+    machine, as bench.serving measured it (docs/serving.md, per CPU family). An ONNX export: int8 where `kdqa
+    export` wrote it (its dev F1 was checked against the PyTorch student before the folder was published), else
+    float32. A PyTorch model: bfloat16 on CUDA and on CPUs that multiply bfloat16 in hardware (AVX512-BF16,
+    AMX), float32 elsewhere, where bfloat16 is emulated and slower."""
+    if is_export(model):
+        return "int8" if "int8" in exported_precisions(model) else "float32"
+    if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()):
+        return "bfloat16"
+    return "float32"
 
 
 class QuestionAnswerer:
@@ -79,9 +92,10 @@ class QuestionAnswerer:
                  precision: str | None = None, threads: int | None = None):
         """Windows: `max_seq_len` tokens (at most the model's positions), overlapping by `doc_stride` tokens, the
         question cut to `max_query_len`; left at None, these two follow the window (at most 128 and 64, and
-        always leaving context room beyond the overlap). precision, threads: for ONNX exports only (float32 or
-        int8, default float32; ONNX Runtime threads, default one per physical core). A bad argument is a
-        KdqaError (a ValueError) naming it."""
+        always leaving context room beyond the overlap). precision: None (default) runs the fastest this folder
+        and machine allow (`fastest_precision`, kept in `.precision`); float32 or int8 for an ONNX export,
+        float32 or bfloat16 for a PyTorch model. threads: ONNX Runtime threads for an export (default one per
+        physical core). A bad argument is a KdqaError (a ValueError) naming it."""
         where = "QuestionAnswerer"
         given = {"max_seq_len": max_seq_len, "doc_stride": doc_stride, "max_query_len": max_query_len,
                  "n_best": n_best, "max_answer_len": max_answer_len, "null_threshold": null_threshold,
@@ -92,18 +106,26 @@ class QuestionAnswerer:
         if not isinstance(model, (str, Path)):
             raise KdqaError(f"{where}: model must be a model folder or hub name (str), got {type(model).__name__}")
         if precision is not None and precision not in PRECISIONS:
-            raise KdqaError(f"{where}: precision must be one of {', '.join(PRECISIONS)} (or None), got {precision!r}")
+            raise KdqaError(f"{where}: precision must be one of {', '.join(PRECISIONS)} (or None: the fastest "
+                            f"this machine runs), got {precision!r}")
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise KdqaError(f"{where}: threads must be a whole number at least 1 (or None), got {threads!r}")
         model = str(model)
         if is_export(model):
-            self.model = load_onnx_qa_model(model, precision or "float32", threads).to(device or "cpu")
+            if precision == "bfloat16":
+                raise KdqaError(f"{model}: an ONNX export runs in float32 or int8; bfloat16 is for PyTorch models")
             self.device = torch.device("cpu")
-        elif precision not in (None, "float32") or threads is not None:
-            raise KdqaError(f"{model}: precision and threads apply to ONNX exports (`kdqa export`), not to PyTorch models")
+            self.precision = precision or fastest_precision(model, self.device)
+            self.model = load_onnx_qa_model(model, self.precision, threads).to(device or "cpu")
+        elif precision == "int8" or threads is not None:
+            raise KdqaError(f"{model}: int8 and threads apply to ONNX exports (`kdqa export`), not to PyTorch models")
         else:
             self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            self.precision = precision or fastest_precision(model, self.device)
             self.model = load_qa_model(model, trust_remote_code, TRAINED).to(self.device).eval()
+        # bfloat16 runs under autocast: the weights stay float32, as saved, and every matrix product that
+        # bfloat16 speeds up runs in it; layer norms and softmax stay float32.
+        self.autocast = torch.bfloat16 if self.precision == "bfloat16" else None
         self.tokenizer = load_tokenizer(model, trust_remote_code)
         # Never ask for more positions than the model has (small models often have fewer than 384); windows set
         # for the longer sequence shrink with it, to at most half of it each.
@@ -179,7 +201,7 @@ class QuestionAnswerer:
             [f["token_type_ids"].astype(np.int64) for f in features],
             np.array([f["context_start"] for f in features]),
             np.array([f["context_end"] for f in features]),
-            self.tokenizer.pad_token_id, self.device, self.batch_size, 1 << 30,
+            self.tokenizer.pad_token_id, self.device, self.batch_size, 1 << 30, self.autocast,
             # float32: an answer's score as the model computed it (float16 is the shards' storage format; its
             # rounding would put two backends' equal scores a whole float16 step apart)
             logits_dtype=torch.float32,

@@ -50,7 +50,14 @@ CARD_EVALUATION = Params()
 OBSERVATION_KEYS = {"checkpoint_every", "log_every", "eval_every", "num_workers", "gradient_checkpointing"}
 
 
-def build_student(student: StudentParams):
+def uses_gradient_checkpointing(student: StudentParams, device: torch.device) -> bool:
+    """`student.gradient_checkpointing`, with `auto` decided for the device: on a CPU, off on CUDA."""
+    if student.gradient_checkpointing == "auto":
+        return device.type == "cpu"
+    return student.gradient_checkpointing
+
+
+def build_student(student: StudentParams, device: torch.device):
     """The student model: `student.model`, optionally cut down to `student.init_layers` of its layers."""
     from transformers import AutoConfig
 
@@ -68,7 +75,7 @@ def build_student(student: StudentParams):
         keep_layers(model, list(student.init_layers))
     if student.attention == "auto":  # on CUDA, in evaluation and without dropout it runs PyTorch's SDPA itself
         use_dropout_attention(model)
-    if student.gradient_checkpointing:
+    if uses_gradient_checkpointing(student, device):
         enable_gradient_checkpointing(model, student.model)
     return model
 
@@ -186,7 +193,7 @@ def setup(params: Params, ws: Workspace, resume: str) -> Training:
     features_manifest, data_fingerprint, pairs, extra = check_training_data(student, ws, data)
 
     torch.manual_seed(student.seed)
-    model = build_student(student).to(device)
+    model = build_student(student, device).to(device)
     check_sequence_length(model, features_manifest.get("prepare", {}).get("max_seq_len", 0), student.model)
     stream = ShardStream(pairs, student.batch_size, student.seed, tokenizer.pad_token_id, rank, world,
                          student.pad_to_multiple_of, getattr(model.config, "max_position_embeddings", None),
