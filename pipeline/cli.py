@@ -281,8 +281,9 @@ def export(ctx, model_dir, out_dir):
 @click.option("--jsonl", "jsonl", type=click.Path(allow_dash=True, path_type=Path), default=None,
               help="Many questions: a JSON-lines file ('-': standard input), one object per line with "
                    "\"question\" and \"context\" (and optionally \"id\"); prints one JSON object per line.")
-@click.option("--null-threshold", default=0.0, show_default=True, type=float,
-              help="Answer \"no answer\" when null score - best span score exceeds this.")
+@click.option("--null-threshold", default=None, type=float,
+              help="Answer \"no answer\" when null score - best span score exceeds this [default: the threshold "
+                   "stored with the model (chosen on data.validation by `kdqa student`), else 0.0].")
 @click.option("--precision", type=click.Choice(["float32", "bfloat16", "int8"]), default=None,
               help="float32 or int8 for an ONNX export (`kdqa export`), float32 or bfloat16 for a PyTorch model "
                    "[default: the fastest this machine runs: int8 for an export that has it].")

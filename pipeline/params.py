@@ -36,6 +36,11 @@ class DataParams:
     # Question + context pairs only the teacher labels (their answers, if any, are ignored): SQuAD-format JSON
     # paths or hub names (split `train`, or `name:SPLIT`). Their rows form the `unlabeled` split (docs/extra-data.md).
     unlabeled: list[str] = field(default_factory=list)
+    # Questions the no-answer threshold is chosen on (a path or hub name like `dev`; null: none). The student stage
+    # picks the threshold that maximises F1 there (the official script's best_f1_thresh) and stores it with the
+    # model (pipeline/model/answering.py); without it the threshold stays 0.0. Keep it apart from `dev`, or dev
+    # scores are tuned on the questions they report.
+    validation: str | None = None
 
 
 @dataclass
@@ -128,7 +133,9 @@ class StudentParams:
 class EvaluateParams:
     n_best: int = 20
     max_answer_len: int = 30
-    null_threshold: float = 0.0
+    # Answer "" when null score - best span score exceeds this margin. auto: the threshold stored with the model
+    # (chosen on data.validation by the student stage), else 0.0; a number forces that number.
+    null_threshold: float | str = "auto"
     batch_size: int = 64
 
 
@@ -173,6 +180,9 @@ _CHOICES = {"teacher.precision": ("auto", "bfloat16", "float16", "float32"),
             "student.precision": ("auto", "bfloat16", "float16", "float32"),
             "student.attention": ("auto", "sdpa"),
             "student.gradient_checkpointing": ("auto", True, False)}
+# Knobs that take `auto` or a number; knobs that take a path or hub name, or null.
+_AUTO_OR_NUMBER = {"evaluate.null_threshold"}
+_OPTIONAL_PATHS = {"data.validation"}
 # Knobs that are lists of distinct strings, with the allowed values (None: any non-empty string).
 _STRING_LISTS = {"data.unlabeled": None, "prepare.augment_kinds": AUGMENT_KINDS, "student.extra_splits": EXTRA_SPLITS}
 
@@ -192,6 +202,15 @@ def check_setting(where, name: str, value, key: str | None = None) -> None:
 
 def _check_value(path, key: str, value, default, rule: str | None = None) -> None:
     rule = rule or key  # the params key whose rules apply; `key` is the name the message gives
+    if rule in _AUTO_OR_NUMBER and value is not None:
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if value == "auto" or (number and math.isfinite(value)):
+            return
+        if not number:
+            raise KdqaError(f"{path}: {key} must be auto or a number, got {value!r}")
+        # a NaN or an infinity: the finite-number check below says so
+    if rule in _OPTIONAL_PATHS and value is not None and not (isinstance(value, str) and value.strip()):
+        raise KdqaError(f"{path}: {key} must be a SQuAD JSON path or hub name (or null), got {value!r}")
     if value is None and default is not None:
         raise KdqaError(f"{path}: {key} must be set (its default is {default!r}), got null")
     if isinstance(value, float) and not math.isfinite(value):
@@ -327,7 +346,8 @@ def load_params(path: str | Path = "params.yaml", sections: tuple[str, ...] = ()
 def in_workspace(params: Params, ws) -> Params:
     """The params with their local paths (SQuAD files, model folders) read under the workspace root."""
     data = dataclasses.replace(params.data, train=ws.local(params.data.train), dev=ws.local(params.data.dev),
-                               unlabeled=[ws.local(u) for u in params.data.unlabeled])
+                               unlabeled=[ws.local(u) for u in params.data.unlabeled],
+                               validation=params.data.validation and ws.local(params.data.validation))
     return dataclasses.replace(params, data=data,
                                teacher=dataclasses.replace(params.teacher, model=ws.local(params.teacher.model)),
                                student=dataclasses.replace(params.student, model=ws.local(params.student.model)))

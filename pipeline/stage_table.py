@@ -21,6 +21,8 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
+from pipeline.runtime.workspace import VALIDATION_SPLIT
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -61,7 +63,8 @@ STAGES = {
               deps=("data/raw",), outs=("data/features",),
               params=("data", "prepare", "teacher.model", "teacher.trust_remote_code",
                       "pipeline/formats.yaml:features_format"),
-              staged=tuple(f"data/features/{split}" for split in SPLITS)),
+              # validation (data.validation): scored only, so the teacher never labels it
+              staged=tuple(f"data/features/{split}" for split in (*SPLITS, VALIDATION_SPLIT))),
         Stage("teacher", "pipeline.stages.teacher:run_teacher",
               "Run the teacher once; logits shards to data/teacher/.",
               deps=("data/features",), outs=("data/teacher",),

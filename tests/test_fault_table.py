@@ -323,6 +323,21 @@ def remove(relative: str):
     return setup
 
 
+def stored_threshold(text: str):
+    """models/student/kdqa_answering.json (the no-answer threshold chosen on validation) holding `text`."""
+    def setup(c: Ctx):
+        (c.ws / "models/student/kdqa_answering.json").write_text(text)
+    return setup
+
+
+def validation_file(text: str):
+    """data.validation naming a file that holds `text`."""
+    def setup(c: Ctx):
+        (c.ws / "validation.json").write_text(text)
+        write_params(c.world, c.ws, **STUDENT, data__validation=str(c.ws / "validation.json"))
+    return setup
+
+
 # --- Reliability 3 ---
 
 def nan_weights(folder: Path) -> None:
@@ -583,6 +598,25 @@ ROWS = [
                          ("max_grad_norm", float("inf")), ("dropout", float("nan")))],
     Row("evaluate: null_threshold nan", ("evaluate",), patch_params(evaluate__null_threshold=float("nan")),
         ("evaluate.null_threshold must be a finite number",)),
+    # --- issue 32: the no-answer threshold chosen on data.validation and stored with the model ---
+    Row("evaluate: null_threshold a word", ("evaluate",), patch_params(evaluate__null_threshold="high"),
+        ("evaluate.null_threshold must be auto or a number", "'high'")),
+    Row("prepare: data.validation not a path", ("prepare",), patch_params(data__validation=5),
+        ("data.validation must be a SQuAD JSON path or hub name", "5")),
+    Row("prepare: data.validation missing", ("prepare",), patch_params(data__validation="no/such/validation.json"),
+        ("no/such/validation.json", "file not found")),
+    Row("prepare: data.validation malformed", ("prepare",), validation_file('{"data": [}'),
+        ("validation.json", "malformed JSON at line 1")),
+    Row("prepare: data.validation a question without id", ("prepare",),
+        validation_file('{"data": [{"title": "t", "paragraphs": [{"context": "Alice built it.", '
+                        '"qas": [{"question": "who?", "answers": []}]}]}]}'),
+        ("validation.json", "data[0].paragraphs[0].qas[0]", "id")),
+    Row("evaluate: stored threshold not JSON", ("evaluate",), stored_threshold("{not json"),
+        ("models/student/kdqa_answering.json", "unreadable JSON")),
+    Row("export: stored threshold not a number", ("export",), stored_threshold('{"null_threshold": "high"}'),
+        ("models/student/kdqa_answering.json", "null_threshold must be a finite number", "'high'")),
+    Row("predict: stored threshold a list", ("predict", "--model", "{student}", "--question", "who?", "--context", CTX),
+        stored_threshold("[0.5]"), ("models/student/kdqa_answering.json", "expected a JSON object")),
     Row("evaluate: a model with NaN weights", ("evaluate",), diverged_student_model,
         ("models/student", "weights are not finite", "diverged")),
     Row("export: a model with NaN weights", ("export",), diverged_student_model,

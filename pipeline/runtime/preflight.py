@@ -122,7 +122,9 @@ def space_needed(stage: str, params, ws: Workspace) -> dict[Path, int]:
 
 
 def _prepare_space(params, ws: Workspace) -> dict[Path, int]:  # features take fewer bytes than the SQuAD JSON they come from
-    return {ws.features: sum(_file_size(s) for s in (params.data.train, params.data.dev, *params.data.unlabeled))}
+    data = params.data
+    sources = (data.train, data.dev, *data.unlabeled, *([data.validation] if data.validation else []))
+    return {ws.features: sum(_file_size(s) for s in sources)}
 
 
 def _teacher_space(params, ws: Workspace) -> dict[Path, int]:  # logits go to the work folder, then are copied into data/teacher

@@ -21,6 +21,10 @@ from pathlib import Path
 # train (prepare.augment_*). Each is a features folder (and a teacher folder) like train's, or absent.
 UNLABELED_SPLIT, AUGMENTED_SPLIT = "unlabeled", "augmented"
 EXTRA_SPLITS = (UNLABELED_SPLIT, AUGMENTED_SPLIT)
+# Splits that are answered and scored, never trained on: dev, and validation (data.validation), the questions
+# the no-answer threshold is chosen on. Each is a features folder plus an examples file (contexts, gold answers).
+DEV_SPLIT, VALIDATION_SPLIT = "dev", "validation"
+SCORED_SPLITS = (DEV_SPLIT, VALIDATION_SPLIT)
 
 
 @dataclass(frozen=True)
@@ -52,12 +56,20 @@ class Workspace:
         return self.root / "data/raw"
 
     @property
-    def features(self) -> Path:  # {train,dev,unlabeled,augmented}/part-NNNNN.parquet + manifest.json
+    def features(self) -> Path:  # {train,dev,validation,unlabeled,augmented}/part-NNNNN.parquet + manifest.json
         return self.root / "data/features"
 
     @property
     def dev_examples(self) -> Path:  # contexts and gold answers, for scoring
-        return self.features / "dev_examples.parquet"
+        return self.examples(DEV_SPLIT)
+
+    @property
+    def validation_examples(self) -> Path:  # the same for the questions the no-answer threshold is chosen on
+        return self.examples(VALIDATION_SPLIT)
+
+    def examples(self, split: str) -> Path:
+        """The contexts and gold answers of a scored split (dev, validation)."""
+        return self.features / f"{split}_examples.parquet"
 
     @property
     def data_report(self) -> Path:  # what was repaired or skipped in the data

@@ -18,6 +18,7 @@ import torch
 from pipeline.runtime.errors import KdqaError
 from pipeline.text.features import context_token_counts, tokenize_examples
 from pipeline.model.inference import cpu_has_native_bf16, model_logits
+from pipeline.model.answering import null_threshold_of
 from pipeline.model.loading import TRAINED, load_qa_model, load_tokenizer
 from pipeline.serving.onnx_model import exported_precisions, is_export, load_onnx_qa_model
 from pipeline.text.postprocess import WindowLogits, predict_example
@@ -88,20 +89,22 @@ def fastest_precision(model: str, device: torch.device) -> str:
 class QuestionAnswerer:
     def __init__(self, model: str, device: str | None = None, max_seq_len: int = 384, doc_stride: int | None = None,
                  max_query_len: int | None = None, n_best: int = 20, max_answer_len: int = 30,
-                 null_threshold: float = 0.0, batch_size: int = 32, trust_remote_code: bool = False,
+                 null_threshold: float | None = None, batch_size: int = 32, trust_remote_code: bool = False,
                  precision: str | None = None, threads: int | None = None):
         """Windows: `max_seq_len` tokens (at most the model's positions), overlapping by `doc_stride` tokens, the
         question cut to `max_query_len`; left at None, these two follow the window (at most 128 and 64, and
         always leaving context room beyond the overlap). precision: None (default) runs the fastest this folder
         and machine allow (`fastest_precision`, kept in `.precision`); float32 or int8 for an ONNX export,
         float32 or bfloat16 for a PyTorch model. threads: ONNX Runtime threads for an export (default one per
-        physical core). A bad argument is a KdqaError (a ValueError) naming it."""
+        physical core). null_threshold: None (default) answers with the threshold stored with the model
+        (`kdqa_answering.json`: chosen on the validation split by `kdqa student`, copied by `kdqa export`), else
+        0.0; kept in `.null_threshold`. A bad argument is a KdqaError (a ValueError) naming it."""
         where = "QuestionAnswerer"
         given = {"max_seq_len": max_seq_len, "doc_stride": doc_stride, "max_query_len": max_query_len,
                  "n_best": n_best, "max_answer_len": max_answer_len, "null_threshold": null_threshold,
                  "batch_size": batch_size}
         for name, value in given.items():
-            if value is not None or name not in ("doc_stride", "max_query_len"):
+            if value is not None or name not in ("doc_stride", "max_query_len", "null_threshold"):
                 check_setting(where, name, value, ARGUMENT_RULES[name])
         if not isinstance(model, (str, Path)):
             raise KdqaError(f"{where}: model must be a model folder or hub name (str), got {type(model).__name__}")
@@ -145,7 +148,9 @@ class QuestionAnswerer:
         check_window(where, max_seq_len, doc_stride, max_query_len, specials,
                      ("max_seq_len", "doc_stride", "max_query_len"))
         self.max_seq_len, self.doc_stride, self.max_query_len = max_seq_len, doc_stride, max_query_len
-        self.n_best, self.max_answer_len, self.null_threshold = n_best, max_answer_len, float(null_threshold)
+        self.n_best, self.max_answer_len = n_best, max_answer_len
+        # None: the no-answer threshold stored with the model (chosen on its validation split), else 0.0
+        self.null_threshold, self.null_threshold_source = null_threshold_of(model, null_threshold, "null_threshold")
         self.batch_size = batch_size
 
     def __call__(self, question: str, context: str) -> Answer:

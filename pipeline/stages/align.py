@@ -3,8 +3,8 @@
 When `student.model`'s tokenizer has the vocabulary data/features was tokenized with and the student's windows
 (`student.max_seq_len`, `student.doc_stride`; null: the teacher's) are the teacher's, there is nothing to do:
 `data/aligned/manifest.json` says `direct`, and the student trains on data/features and data/teacher as it
-would without this stage (pipeline/training/student_data.py decides). Otherwise the stage tokenizes train, dev and the
-extra splits the teacher labelled (unlabeled, augmented: their examples made again exactly as prepare made them)
+would without this stage (pipeline/training/student_data.py decides). Otherwise the stage tokenizes train, dev (and validation,
+when data.validation names it) and the extra splits the teacher labelled (unlabeled, augmented: their examples made again exactly as prepare made them)
 with the student's tokenizer and windows into `data/aligned/features/<split>/`, and writes for every student
 training feature the teacher's start/end targets over the student's tokens into `data/aligned/teacher/<split>/`
 (same shard names and rows as the features; pipeline/text/alignment.py says how they are made and stored). The
@@ -32,7 +32,7 @@ from pipeline.text.features import check_contexts_have_tokens, tokenize_examples
 from pipeline.store.fingerprints import check_teacher_logits
 from pipeline.model.loading import check_position_table, load_tokenizer
 from pipeline.params import Params
-from pipeline.runtime.workspace import UNLABELED_SPLIT, Workspace, staged_folder
+from pipeline.runtime.workspace import DEV_SPLIT, UNLABELED_SPLIT, VALIDATION_SPLIT, Workspace, staged_folder
 from pipeline.text.augment import AugmentReport
 from pipeline.text.augment import augmented_runs
 from pipeline.text.features import TOKENIZE_CHUNK, check_window, tokenize_into
@@ -206,8 +206,10 @@ def align_splits(params: Params, ws: Workspace, tokenizer, parts: dict, staging:
             "prepare": {k: v for k, v in vars(student_windows).items()
                         if k != "strict" and not k.startswith("augment_")}}  # as prepare's manifest_base
     data = params.data
+    # the scored splits: dev, and validation (data.validation) where the student's no-answer threshold is chosen
+    scored = [(DEV_SPLIT, data.dev)] + ([(VALIDATION_SPLIT, data.validation)] if data.validation else [])
     loaded = {split: load_examples(source, split, strict=params.prepare.strict)[0]
-              for split, source in (("train", data.train), ("dev", data.dev))}
+              for split, source in (("train", data.train), *scored)}
     splits = {"train": ([loaded["train"]], len(loaded["train"]), data.train, {}, parts["teacher_logits"])}
     for split, made in parts["extra_splits"].items():
         splits[split] = extra_split_runs(split, params, ws, loaded["train"]) + (made["teacher_logits"],)
@@ -215,7 +217,8 @@ def align_splits(params: Params, ws: Workspace, tokenizer, parts: dict, staging:
         if split in ("train", UNLABELED_SPLIT):  # augmented views are cut from train's contexts
             for examples in runs:
                 check_contexts_have_tokens(tokenizer, examples, source)
-    check_contexts_have_tokens(tokenizer, loaded["dev"], data.dev)
+    for split, source in scored:
+        check_contexts_have_tokens(tokenizer, loaded[split], source)
     summary = {}
     for split, (runs, total, source, extra_keys, teacher_fp) in splits.items():
         student_data = aligned(ws).split(split)
@@ -232,10 +235,11 @@ def align_splits(params: Params, ws: Workspace, tokenizer, parts: dict, staging:
         summary[split] = {"features": stats.features, "seconds": round(stats.seconds, 2), "pieced": stats.pieced,
                           "mean_covered": round(stats.covered / max(stats.features, 1), 6),
                           "target_bytes_per_feature": round(target_bytes / max(stats.features, 1), 1)}
-    dev_out = staging / aligned(ws).dev_features.relative_to(ws.aligned)
-    dev_out.mkdir(parents=True)
-    tokenize_into(dev_out, [loaded["dev"]], tokenizer, student_params, "dev",
-                  {**base, "split": "dev", "source": data.dev}, total=len(loaded["dev"]))
+    for split, source in scored:
+        out = staging / aligned(ws).dev_features.parent.relative_to(ws.aligned) / split
+        out.mkdir(parents=True)
+        tokenize_into(out, [loaded[split]], tokenizer, student_params, split,
+                      {**base, "split": split, "source": source}, total=len(loaded[split]))
     return summary
 
 

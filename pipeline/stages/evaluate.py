@@ -6,6 +6,12 @@ span is always given), `results/predictions.json` ({id: text}, "" for no answer)
 with those two files reproduces every official figure in `eval.json`. `results/forced_predictions.json`
 ({id: best non-null span}) is what `HasAns_f1_forced` scores, kept so that per-question span quality can be
 compared between models (bench/accuracy's confidence intervals).
+
+The student answers at `evaluate.null_threshold`: `auto` (the default) is the threshold stored with the model
+(chosen on data.validation by the student stage: pipeline/model/answering.py), else 0.0; a number forces it.
+`eval.json` says which threshold was used (`null_threshold`) and where it came from (`null_threshold_source`),
+beside the official `best_f1`/`best_f1_thresh` (the threshold tuned on dev itself: an upper bound, not a
+result) and the forced span F1. The teacher has no stored threshold: `auto` scores it at 0.0.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from pipeline.model.answering import UNTUNED_NULL_THRESHOLD, at_threshold, null_threshold_of
 from pipeline.model.scoring import evaluate_model, score_logit_shards
 from pipeline.runtime.errors import KdqaError
 from pipeline.runtime.workspace import Workspace
@@ -40,6 +47,7 @@ def run_evaluate(params, ws: Workspace, model_dir: Path | None = None) -> dict:
     if model_dir == ws.student_model and not model_dir.exists():  # the pipeline's own: say which stage makes it
         raise KdqaError(f"{model_dir}: no model there yet (run `kdqa student`, or give --model a model folder)")
     tokenizer = load_tokenizer(str(model_dir))
+    threshold, threshold_source = null_threshold_of(model_dir, params.evaluate.null_threshold)
     # A student of another tokenizer or other windows reads its own dev features (`kdqa align`); the teacher's
     # scores stay on the teacher's.
     student_features = evaluation_features(ws, tokenizer)
@@ -51,12 +59,19 @@ def run_evaluate(params, ws: Workspace, model_dir: Path | None = None) -> dict:
     model = load_qa_model(str(model_dir), purpose=TRAINED).to(device)
 
     if has_teacher:
-        # The teacher's scores from its stored dev logits, post-processed exactly like the student's.
-        teacher_metrics = score_logit_shards(features_dir, teacher_dir, params, ws.dev_examples)
+        # The teacher's scores from its stored dev logits, post-processed exactly like the student's (at the same
+        # threshold when one is set; it has none stored).
+        teacher_threshold, teacher_source = (
+            (threshold, threshold_source) if params.evaluate.null_threshold != "auto"
+            else (UNTUNED_NULL_THRESHOLD, "untuned (the teacher's logits come with no stored threshold)"))
+        teacher_metrics = {**score_logit_shards(features_dir, teacher_dir, at_threshold(params, teacher_threshold),
+                                                ws.dev_examples),
+                           "null_threshold": teacher_threshold, "null_threshold_source": teacher_source}
         log.info("teacher on dev: EM %.2f F1 %.2f (forced span F1 %.2f)", teacher_metrics["exact"],
                  teacher_metrics["f1"], teacher_metrics.get("HasAns_f1_forced", float("nan")))
-    metrics, preds, na_probs, forced = evaluate_model(model, tokenizer.pad_token_id, student_features, params, device,
-                                                      ws.dev_examples)
+    metrics, preds, na_probs, forced = evaluate_model(model, tokenizer.pad_token_id, student_features,
+                                                      at_threshold(params, threshold), device, ws.dev_examples)
+    metrics.update(null_threshold=threshold, null_threshold_source=threshold_source)
     outputs = {ws.predictions: preds, ws.na_probs: na_probs, ws.forced_predictions: forced, ws.eval_metrics: metrics}
     stale = ()
     if has_teacher:
@@ -66,7 +81,8 @@ def run_evaluate(params, ws: Workspace, model_dir: Path | None = None) -> dict:
         log.warning("%s removed: %s has no logits, so this run scored the student only (run `kdqa teacher` "
                     "for the teacher's scores)", ws.teacher_metrics, teacher_dir)
     write_jsons_atomic(outputs, remove=stale)  # all replaced together, or (a write failed) none
-    log.info("student on dev: EM %.2f F1 %.2f (HasAns F1 %.2f, NoAns F1 %.2f, forced span F1 %.2f)",
-             metrics["exact"], metrics["f1"], metrics.get("HasAns_f1", float("nan")),
-             metrics.get("NoAns_f1", float("nan")), metrics.get("HasAns_f1_forced", float("nan")))
+    log.info("student on dev: EM %.2f F1 %.2f at no-answer threshold %.4g (%s) (HasAns F1 %.2f, NoAns F1 %.2f, "
+             "forced span F1 %.2f)", metrics["exact"], metrics["f1"], threshold, threshold_source,
+             metrics.get("HasAns_f1", float("nan")), metrics.get("NoAns_f1", float("nan")),
+             metrics.get("HasAns_f1_forced", float("nan")))
     return metrics

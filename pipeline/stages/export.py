@@ -9,6 +9,10 @@ windowing and post-processing as `kdqa evaluate` (its `evaluate.*` settings), be
   or the stage fails (a wrong graph, never a rounding question);
 - int8 may lose at most `export.max_f1_drop` F1 against the PyTorch student, or the stage fails.
 
+Both are scored at the no-answer threshold `kdqa evaluate` uses (`evaluate.null_threshold`; `auto`: the one
+stored with the student), and the stored threshold (`kdqa_answering.json`, chosen on the validation split by
+the student stage) is copied into the export, so that `QuestionAnswerer` answers with it there too.
+
 `models/student-onnx/` is written to a staging folder and swapped into place, and `metrics/export.json`
 written, only when both checks pass; a failed check names its figures in the error. The manifest
 (`kdqa_export.json`, see `pipeline.serving.onnx_model`) records the student it came from, so a stale export is
@@ -30,6 +34,7 @@ import torch
 
 from pipeline import __version__
 from pipeline.runtime.errors import KdqaError
+from pipeline.model.answering import at_threshold, null_threshold_of, read_answering, write_answering
 from pipeline.model.scoring import predict_split, score
 from pipeline.store.fingerprints import check_model_vocabulary
 from pipeline.model.inference import shard_logits
@@ -193,9 +198,10 @@ def write_model_files(student, tokenizer, folder: Path, export, name: str) -> No
     tokenizer.save_pretrained(folder)
 
 
-def write_manifest(staging: Path, model_dir: Path, out_dir: Path, tokenizer, export, gate: dict) -> dict:
+def write_manifest(staging: Path, model_dir: Path, out_dir: Path, tokenizer, export, gate: dict,
+                   answering: dict | None) -> dict:
     """kdqa_export.json: the student's fingerprint (and where it lies relative to `out_dir`, the folder's final
-    place), each ONNX file's sha256, and the gate's figures."""
+    place), each ONNX file's sha256, the gate's figures and the stored no-answer threshold."""
     local = model_dir.is_dir()
     source = {"model": str(model_dir),
               "relative_path": os.path.relpath(model_dir.resolve(), out_dir.resolve()) if local else None,
@@ -203,7 +209,8 @@ def write_manifest(staging: Path, model_dir: Path, out_dir: Path, tokenizer, exp
     files = {p: {"name": n, "sha256": sha256_file(staging / n), "bytes": (staging / n).stat().st_size}
              for p, n in ONNX_FILES.items() if (staging / n).exists()}
     parts = {"source": source["fingerprint"], "vocab": vocab_fingerprint(tokenizer), "export": asdict(export),
-             "files": {p: f["sha256"] for p, f in files.items()}}
+             "files": {p: f["sha256"] for p, f in files.items()},
+             "null_threshold": answering["null_threshold"] if answering else None}
     import onnxruntime
 
     manifest = {"kdqa_version": __version__, "fingerprint": fingerprint_of(parts), "fingerprint_parts": parts,
@@ -225,6 +232,8 @@ def run_export(params, ws: Workspace, model_dir: Path | None = None, out_dir: Pa
     if model_dir == ws.student_model and not model_dir.exists():
         raise KdqaError(f"{model_dir}: no model there yet (run `kdqa student`, or give --model a model folder)")
     tokenizer = load_tokenizer(str(model_dir))
+    answering = read_answering(model_dir)  # a damaged threshold file: an error now, before any work
+    threshold, threshold_source = null_threshold_of(model_dir, params.evaluate.null_threshold)
     # A student of another tokenizer or other windows is checked on its own dev features (`kdqa align`).
     features_dir = evaluation_features(ws, tokenizer)
     made_by = "kdqa prepare" if features_dir == ws.features / "dev" else "kdqa align"
@@ -239,12 +248,16 @@ def run_export(params, ws: Workspace, model_dir: Path | None = None, out_dir: Pa
         write_model_files(student, tokenizer, staging, params.export, str(model_dir))
         onnx_models = {p: OnnxQAModel(staging / n, student.config) for p, n in ONNX_FILES.items()
                        if (staging / n).exists()}
-        metrics = accuracy_gate(student, onnx_models, features_dir, ws.dev_examples, tokenizer.pad_token_id, params)
-        metrics["max_f1_drop"] = params.export.max_f1_drop
+        metrics = accuracy_gate(student, onnx_models, features_dir, ws.dev_examples, tokenizer.pad_token_id,
+                                at_threshold(params, threshold))
+        metrics.update(max_f1_drop=params.export.max_f1_drop, null_threshold=threshold,
+                       null_threshold_source=threshold_source)
         metrics["mib"] = file_sizes(model_dir, staging)
         log_gate(metrics)
         check_gate(metrics, params.export.max_f1_drop, out_dir)
-        manifest = write_manifest(staging, model_dir, out_dir, tokenizer, params.export, metrics)
+        if answering:
+            write_answering(staging, answering)
+        manifest = write_manifest(staging, model_dir, out_dir, tokenizer, params.export, metrics, answering)
         write_export_card(staging, model_dir, manifest, metrics)
         write_json_atomic(ws.export_metrics, metrics)
     log.info("exported %s to %s", model_dir, out_dir)

@@ -3,7 +3,9 @@
 Writes, for each split, `data/features/{split}/part-NNNNN.parquet` (`prepare.shard_size` features each)
 plus `manifest.json` (counts, tokenizer, fingerprint), `data/features/dev_examples.parquet` (what
 post-processing and scoring need: context and gold answers) and `data/features/report.json` (what was
-repaired or skipped in the data). Splits: train and dev; `unlabeled` when `data.unlabeled` lists files,
+repaired or skipped in the data). Splits: train and dev; `validation` (features and
+`validation_examples.parquet`, like dev) when `data.validation` names the questions the no-answer threshold is
+chosen on; `unlabeled` when `data.unlabeled` lists files,
 `augmented` when `prepare.augment_views` > 0 (rows without hard labels: start/end position NO_LABEL).
 """
 
@@ -17,7 +19,8 @@ from pipeline import __version__
 from pipeline.text.features import check_contexts_have_tokens, check_window, write_feature_shards
 from pipeline.model.loading import check_position_table, load_tokenizer, vocab_fingerprint
 from pipeline.params import Params
-from pipeline.runtime.workspace import AUGMENTED_SPLIT, UNLABELED_SPLIT, Workspace
+from pipeline.runtime.workspace import (AUGMENTED_SPLIT, DEV_SPLIT, SCORED_SPLITS, UNLABELED_SPLIT, VALIDATION_SPLIT,
+                                        Workspace)
 from pipeline.store.examples import write_dev_examples
 from pipeline.store.shards import write_json_atomic
 from pipeline.text.augment import AugmentReport, augmented_runs
@@ -40,23 +43,27 @@ def warn_if_dvc_cannot_see(source: str, ws: Workspace) -> None:
 
 def run_prepare(params: Params, ws: Workspace) -> None:
     data = params.data
-    for source in (data.train, data.dev, *data.unlabeled):
+    # The labelled splits: train, dev, and validation when data.validation names the questions the no-answer
+    # threshold is chosen on (without it, a validation split left by an earlier run is removed).
+    labelled = [("train", data.train), (DEV_SPLIT, data.dev)] + ([(VALIDATION_SPLIT, data.validation)]
+                                                                 if data.validation else [])
+    for source in (*(source for _, source in labelled), *data.unlabeled):
         warn_if_dvc_cannot_see(source, ws)
     tokenizer = load_tokenizer(params.teacher.model, params.teacher.trust_remote_code)
     check_window(params, tokenizer)
     check_position_table(params.teacher.model, params.prepare.max_seq_len, params.teacher.trust_remote_code)
     # Read and validate every source before writing anything: bad input in dev must not leave train rewritten.
-    loaded = {split: load_examples(source, split, strict=params.prepare.strict)
-              for split, source in (("train", data.train), ("dev", data.dev))}
+    loaded = {split: load_examples(source, split, strict=params.prepare.strict) for split, source in labelled}
     unlabeled = [load_unlabeled(source) for source in data.unlabeled]
     check_ids_distinct([(f"data.unlabeled[{i}] ({source})", examples)
                         for i, (source, (examples, _)) in enumerate(zip(data.unlabeled, unlabeled))],
-                       [(f"data.{split} ({source})", loaded[split][0]) for split, source in
-                        (("train", data.train), ("dev", data.dev))])
-    for source, (examples, _) in [(data.train, loaded["train"]), (data.dev, loaded["dev"]), *zip(data.unlabeled, unlabeled)]:
+                       [(f"data.{split} ({source})", loaded[split][0]) for split, source in labelled])
+    for source, (examples, _) in [*((source, loaded[split]) for split, source in labelled), *zip(data.unlabeled, unlabeled)]:
         check_contexts_have_tokens(tokenizer, examples, source)
+    if data.validation:
+        warn_if_validation_is_dev(loaded[VALIDATION_SPLIT][0], loaded[DEV_SPLIT][0], data.validation)
     reports = {}
-    for split, source in (("train", data.train), ("dev", data.dev)):
+    for split, source in labelled:
         examples, report = loaded[split]
         fixed = report.answers_repaired + report.answers_skipped + report.questions_dropped + report.contradictory_labels
         log.log(logging.WARNING if fixed else logging.INFO, "%s%s", report.summary(),
@@ -64,15 +71,28 @@ def run_prepare(params: Params, ws: Workspace) -> None:
         reports[split] = report.to_dict()
         summary = write_feature_shards([examples], tokenizer, params, ws.features / split,
                                        manifest_base(split, source, params, tokenizer), total=len(examples))
-        if split == "dev":
-            write_dev_examples(examples, ws.dev_examples)
+        if split in SCORED_SPLITS:
+            write_dev_examples(examples, ws.examples(split))
         log_split(split, summary)
+    if not data.validation:
+        shutil.rmtree(ws.features / VALIDATION_SPLIT, ignore_errors=True)
+        ws.validation_examples.unlink(missing_ok=True)
     for examples, report in unlabeled:
-        count_dev_contexts(examples, loaded["dev"][0], report)
+        count_dev_contexts(examples, loaded[DEV_SPLIT][0], report)
         log.info("%s", report.summary())
     reports[UNLABELED_SPLIT] = [report.to_dict() for _, report in unlabeled]
     reports[AUGMENTED_SPLIT] = write_extra_splits(params, ws, tokenizer, loaded["train"][0], [ex for ex, _ in unlabeled])
     write_json_atomic(ws.data_report, reports)
+
+
+def warn_if_validation_is_dev(validation: list[Example], dev: list[Example], source: str) -> None:
+    """A threshold chosen on dev questions makes the dev scores look better than unseen questions would."""
+    dev_ids = {ex.id for ex in dev}
+    shared = sum(ex.id in dev_ids for ex in validation)
+    if shared:
+        log.warning("data.validation (%s): %d of its %d questions are dev questions; the no-answer threshold chosen "
+                    "on them makes the dev scores optimistic (choose it on questions of their own)", source, shared,
+                    len(validation))
 
 
 def manifest_base(split: str, source, params: Params, tokenizer) -> dict:

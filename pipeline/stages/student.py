@@ -28,7 +28,8 @@ from pipeline.runtime.errors import KdqaError
 from pipeline.store.fingerprints import check_teacher_logits
 from pipeline.model.inference import precision_name
 from pipeline.model.loading import check_finite_weights, check_sequence_length, keep_layers, load_qa_model, load_tokenizer
-from pipeline.params import Params, StudentParams
+from pipeline.model.answering import UNTUNED_NULL_THRESHOLD
+from pipeline.params import EvaluateParams, Params, StudentParams
 from pipeline.runtime.workspace import Workspace, staged_folder
 from pipeline.runtime.progress import progress
 from pipeline.store.shards import check_format, verify_shards, write_json_atomic
@@ -40,9 +41,11 @@ from pipeline.runtime.write_errors import writing
 
 log = logging.getLogger(__name__)
 
-# Dev scores inside the student stage (curve, model card) use fixed default post-processing, so the stage
-# never depends on `evaluate.*`; `kdqa evaluate` gives the official figures with the user's settings.
-CARD_EVALUATION = Params()
+# Dev scores inside the student stage (curve, model card) and the validation pass that chooses the no-answer
+# threshold use fixed default post-processing, so the stage never depends on `evaluate.*`; `kdqa evaluate` gives
+# the official figures with the user's settings. The card's dev scores are at the untuned threshold (0.0): the
+# curve's points come before any threshold is chosen, and the last one must compare with them.
+CARD_EVALUATION = Params(evaluate=EvaluateParams(null_threshold=UNTUNED_NULL_THRESHOLD))
 
 # Knobs that change how a run is observed or how the same computation runs, not what it computes: a checkpoint
 # stays valid across them. (num_workers is not one: with 2+ workers the DataLoader interleaves their shards, so
@@ -121,6 +124,7 @@ class Training:
     device: torch.device
     ws: Workspace  # where it reads and writes
     dev_features: Path  # the dev features this student reads: the teacher's, or its own (data/aligned)
+    validation_features: Path  # the same for validation (data.validation), where the no-answer threshold is chosen
     scaler: object = None  # float16 only: the gradient scaler (`pipeline.training.step.grad_scaler`)
     step: int = 0  # optimizer steps taken (after a resume: the checkpoint's)
     start_epoch: int = 0
@@ -191,6 +195,8 @@ def setup(params: Params, ws: Workspace, resume: str) -> Training:
     tokenizer = load_tokenizer(student.model, student.trust_remote_code)
     data = student_data(params, ws, tokenizer)  # the teacher's features, or its own aligned ones (`kdqa align`)
     features_manifest, data_fingerprint, pairs, extra = check_training_data(student, ws, data)
+    if (data.validation_features / "manifest.json").exists():  # a damaged shard fails now, not after training
+        verify_shards(data.validation_features, "kdqa prepare" if data.mode == "direct" else "kdqa align")
 
     torch.manual_seed(student.seed)
     model = build_student(student, device).to(device)
@@ -225,7 +231,7 @@ def setup(params: Params, ws: Workspace, resume: str) -> Training:
     train_log = TrainingLog(ws.student_logs, resume_step=state.step if state else None, enabled=rank == 0)
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     run = Training(params, model, ddp_model, tokenizer, stream, optimizer, scheduler, steps_per_epoch, total_steps,
-                   key, train_log, device, ws, data.dev_features, scaler)
+                   key, train_log, device, ws, data.dev_features, data.validation_features, scaler)
     if state:
         run.step, run.start_epoch, run.skip_batches = state.step, state.epoch, state.batch_in_epoch
     return run
@@ -300,6 +306,11 @@ def train(run: Training) -> tuple[float, tuple]:
 
 
 def dev_scores(run: Training) -> dict:
+    return split_answers(run, run.dev_features, run.ws.dev_examples)[0]
+
+
+def split_answers(run: Training, features: Path, examples: Path) -> tuple:
+    """The model's answers to a scored split and their scores: (metrics, predictions, na_probs, forced spans)."""
     from pipeline.runtime.allocator import release_freed_memory
     from pipeline.model.scoring import evaluate_model
 
@@ -309,10 +320,28 @@ def dev_scores(run: Training) -> dict:
     # bfloat16 rounding: each row is computed on its own, padding masked.
     card = replace(CARD_EVALUATION, evaluate=replace(CARD_EVALUATION.evaluate, batch_size=min(
         CARD_EVALUATION.evaluate.batch_size, run.params.student.batch_size)))
-    metrics, *_ = evaluate_model(run.model, run.tokenizer.pad_token_id, run.dev_features, card, run.device,
-                                 run.ws.dev_examples)
+    answers = evaluate_model(run.model, run.tokenizer.pad_token_id, features, card, run.device, examples)
     release_freed_memory()  # and evaluation's, before training's come back
-    return metrics
+    return answers
+
+
+def validation_threshold(run: Training) -> dict | None:
+    """The no-answer threshold chosen with the trained student on the validation split (what
+    pipeline.model.answering stores with the model), or None without a validation split."""
+    from pipeline.model.answering import choose_null_threshold
+    from pipeline.store.examples import read_dev_examples
+
+    if not (run.validation_features / "manifest.json").exists():
+        log.info("no validation split (data.validation): no no-answer threshold is stored with the model; it answers "
+                 "at the untuned threshold %s", UNTUNED_NULL_THRESHOLD)
+        return None
+    metrics, _, na_probs, forced = split_answers(run, run.validation_features, run.ws.validation_examples)
+    golds = {ex["id"]: ex["answers"] for ex in read_dev_examples(run.ws.validation_examples)}
+    record = choose_null_threshold(forced, na_probs, golds, "validation")
+    log.info("no-answer threshold chosen on validation (%d questions): %.4g (official na_prob threshold %.4g), "
+             "validation F1 %.2f there (%.2f at %s)", record["questions"], record["null_threshold"],
+             record["na_prob_threshold"], record["best_f1"], metrics["f1"], UNTUNED_NULL_THRESHOLD)
+    return record
 
 
 def evaluate_during_training(run: Training, step: int) -> dict | None:
@@ -343,13 +372,16 @@ def finish(run: Training, seconds: float, last_eval: tuple) -> None:
     if dev_metrics is not None:
         log.info("dev after %d steps: EM %.2f, F1 %.2f, forced span F1 %s", run.step, dev_metrics["exact"],
                  dev_metrics["f1"], dev_metrics.get("HasAns_f1_forced"))
-    save_student(run.model, run.tokenizer, run.params, run.ws, run.step, seconds, dev_metrics)
+    answering = validation_threshold(run)
+    save_student(run.model, run.tokenizer, run.params, run.ws, run.step, seconds, dev_metrics, answering)
     remove_checkpoints(run.ws.checkpoints)  # finished: nothing left to resume
 
 
 def save_student(model, tokenizer, params: Params, ws: Workspace, steps: int, seconds: float,
-                 dev_metrics: dict | None) -> None:
-    """`save_pretrained` model + tokenizer + a model card, swapped into models/student/ whole."""
+                 dev_metrics: dict | None, answering: dict | None = None) -> None:
+    """`save_pretrained` model + tokenizer + a model card (+ the no-answer threshold chosen on validation,
+    `answering`), swapped into models/student/ whole."""
+    from pipeline.model.answering import write_answering
     from pipeline.training.model_card import write_model_card
 
     check_finite_weights(model, "student: the trained model", f"{ws.student_model} is unchanged")  # never swapped in
@@ -360,5 +392,7 @@ def save_student(model, tokenizer, params: Params, ws: Workspace, steps: int, se
             "kdqa_version": __version__, "steps": steps, "seconds": round(seconds, 1),
             "student": asdict(params.student), "teacher": params.teacher.model, "data": asdict(params.data),
         })
-        write_model_card(staging, params, ws, steps, dev_metrics)
+        if answering:
+            write_answering(staging, answering)
+        write_model_card(staging, params, ws, steps, dev_metrics, answering)
     log.info("saved student to %s", ws.student_model)

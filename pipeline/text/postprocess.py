@@ -11,6 +11,7 @@ so it lies in [0, 1] and is monotone in it (which is all the official best-thres
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,3 +77,35 @@ def na_probability(margin: float) -> float:
         return 1.0 / (1.0 + math.exp(-margin)) if margin != math.inf else 1.0
     z = math.exp(margin)
     return z / (1.0 + z)
+
+
+def margin_threshold(na_prob_threshold: float) -> float:
+    """The `null_threshold` (a margin) that answers exactly the questions the official script answers at the
+    no-answer probability threshold p: it abstains where na_prob > p, predict_example where margin > threshold,
+    and na_prob = sigmoid(margin) is monotone, so the threshold is the largest margin whose na_prob is at most p.
+    That is logit(p) up to rounding, found by bisection around it because logit(p) alone is wrong at the edges:
+
+    - rounding: many margins share one float na_prob (every margin above about 37 gives 1.0), and logit(p) can
+      land below the margin that produced p, flipping the very question that set the threshold;
+    - p = 1 answers every question, and logit(1) is infinite: the largest float stands in for it (JSON has no
+      infinity; a question with no valid span has margin +inf but no text to give either way);
+    - p = 0 (the official search's start, when abstaining on everything scores best) answers only the questions
+      whose na_prob is exactly 0, i.e. margins below about -745 where exp() underflows: that margin, not -inf.
+    """
+    p = na_prob_threshold
+    if p >= 1.0:
+        return sys.float_info.max
+    guess = -745.0 if p <= 0.0 else math.log(p) - math.log1p(-p)
+    low, high = guess - 1.0, guess + 1.0
+    while na_probability(low) > p:  # never more than a step or two: logit(p) is within rounding of the answer
+        low -= 1.0
+    while na_probability(high) <= p:
+        high += 1.0
+    while True:  # na_probability(low) <= p < na_probability(high), until they are neighbouring floats
+        mid = (low + high) / 2
+        if mid in (low, high):
+            return low
+        if na_probability(mid) <= p:
+            low = mid
+        else:
+            high = mid

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pipeline.runtime.errors import KdqaError
+from pipeline.runtime.workspace import SCORED_SPLITS
 
 # How far from the stated `answer_start` we look for the answer text before giving up on it.
 REPAIR_WINDOW_CHARS = 64
@@ -87,9 +88,9 @@ def read_records(source: str, split: str) -> list[tuple[str, dict, dict]]:
 def load_examples(source: str, split: str, strict: bool = False) -> tuple[list[Example], DataReport]:
     """Examples of one split: `source` is a SQuAD-format JSON path or a datasets-hub name (`hub_dataset`)."""
     records = read_records(source, split)
-    # Dev questions are scored, not trained on: keep them even when no answer can be located, so the
-    # question set (and the gold answers) are exactly what the official evaluation script sees.
-    return _validate(records, source, strict, keep_unlocatable=(split == "dev"))
+    # Dev (and validation) questions are scored, not trained on: keep them even when no answer can be located, so
+    # the question set (and the gold answers) are exactly what the official evaluation script sees.
+    return _validate(records, source, strict, keep_unlocatable=split in SCORED_SPLITS)
 
 
 def _read_squad_json(path: Path) -> list[tuple[str, dict, dict]]:

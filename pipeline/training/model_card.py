@@ -26,11 +26,23 @@ def _score_rows(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def write_model_card(folder: Path, params, ws: Workspace, steps: int, dev_metrics: dict | None) -> None:
+def write_model_card(folder: Path, params, ws: Workspace, steps: int, dev_metrics: dict | None,
+                     answering: dict | None = None) -> None:
+    from pipeline.model.answering import ANSWERING_FILE, UNTUNED_NULL_THRESHOLD
     from pipeline.params import EvaluateParams
 
     student = params.student
-    card_evaluation = EvaluateParams()  # the card's scores use the defaults (pipeline.stages.student.CARD_EVALUATION)
+    # the card's scores use the defaults at the untuned threshold (pipeline.stages.student.CARD_EVALUATION)
+    card_evaluation = EvaluateParams(null_threshold=UNTUNED_NULL_THRESHOLD)
+    if answering:
+        threshold = (f"It answers with the no-answer threshold {answering['null_threshold']:.4g} (null score - best "
+                     f"span score; the official na_prob threshold {answering['na_prob_threshold']:.4g}), chosen on "
+                     f"the {answering['questions']} questions of `{params.data.validation}` (F1 there "
+                     f"{answering['best_f1']:.2f}) and kept in `{ANSWERING_FILE}`: `kdqa evaluate` and "
+                     "`QuestionAnswerer` use it unless given another.")
+    else:
+        threshold = (f"No no-answer threshold was chosen (no `data.validation`): it answers at "
+                     f"{UNTUNED_NULL_THRESHOLD}.")
     hyper = {k: v for k, v in asdict(student).items() if k not in ("trust_remote_code",)}
     method = ("supervised fine-tuning on hard labels (distillation_weight 0)" if student.distillation_weight == 0 else
               f"offline knowledge distillation from `{params.teacher.model}` (precomputed logits), "
@@ -69,6 +81,8 @@ Scored on `{params.data.dev}` at the end of training with kdqa's **default post-
 `evaluate.*` settings; `kdqa evaluate` (`metrics/eval.json`) gives the figures with those settings.
 
 {scores}
+
+{threshold}
 
 ## Hyperparameters
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from pipeline.runtime.errors import KdqaError
 from pipeline.model.loading import vocab_fingerprint
 from pipeline.params import Params
-from pipeline.runtime.workspace import EXTRA_SPLITS, Workspace
+from pipeline.runtime.workspace import DEV_SPLIT, EXTRA_SPLITS, VALIDATION_SPLIT, Workspace
 from pipeline.store.shards import output_format, read_json
 
 
@@ -45,6 +45,11 @@ class StudentData:
     teacher_targets: Path  # logits shards (direct) or aligned targets, same names and rows as train_features
     dev_features: Path
     regenerate: str  # the command that rebuilds them
+
+    @property
+    def validation_features(self) -> Path:
+        """The validation split's features beside dev's (data.validation: the no-answer threshold is chosen there)."""
+        return self.dev_features.parent / VALIDATION_SPLIT
 
     def split(self, name: str) -> tuple[Path, Path]:
         """(features, teacher targets) of a training split: train, or an extra split (unlabeled, augmented)."""
@@ -102,12 +107,13 @@ def student_data(params: Params, ws: Workspace, tokenizer) -> StudentData:
     return aligned(ws)
 
 
-def evaluation_features(ws: Workspace, model_tokenizer) -> Path:
-    """The dev features a model with this tokenizer reads: the student's own (data/aligned) when they were made
-    for its vocabulary, else the teacher's (the caller checks that their vocabulary is the model's)."""
+def evaluation_features(ws: Workspace, model_tokenizer, split: str = DEV_SPLIT) -> Path:
+    """The features of a scored split (dev, validation) a model with this tokenizer reads: the student's own
+    (data/aligned) when they were made for its vocabulary, else the teacher's (the caller checks that their
+    vocabulary is the model's)."""
     manifest_path = ws.aligned / "manifest.json"
     if manifest_path.exists():
         made_for = read_json(manifest_path).get("fingerprint_parts", {})
         if made_for.get("mode") == "aligned" and made_for.get("student_vocab") == vocab_fingerprint(model_tokenizer):
-            return aligned(ws).dev_features
-    return direct(ws).dev_features
+            return aligned(ws).dev_features.parent / split
+    return direct(ws).dev_features.parent / split
