@@ -101,6 +101,7 @@ def model_folder(spec: str, work: Path) -> tuple[Path, bool]:
 
 def export_student(student: Path, out: Path) -> Path:
     """The student through kdqa's export code (float32 + int8, manifest), without the dev gate."""
+    from pipeline.model.answering import read_answering, write_answering
     from pipeline.stages.export import write_manifest, write_model_files
     from pipeline.model.loading import load_qa_model, load_tokenizer
     from pipeline.params import ExportParams
@@ -108,7 +109,10 @@ def export_student(student: Path, out: Path) -> Path:
     model, tokenizer = load_qa_model(str(student)).eval(), load_tokenizer(str(student))
     out.mkdir(parents=True, exist_ok=True)
     write_model_files(model, tokenizer, out, ExportParams(), str(student))
-    write_manifest(out, student, out, tokenizer, ExportParams(), {})
+    answering = read_answering(student)  # the no-answer threshold stored with the student travels, as in kdqa export
+    if answering:
+        write_answering(out, answering)
+    write_manifest(out, student, out, tokenizer, ExportParams(), {}, answering)
     return out
 
 
