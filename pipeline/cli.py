@@ -385,6 +385,8 @@ def inspect_cmd(ctx, folder, features_dir, as_json):
     For teacher logits (e.g. data/teacher/train) also the teacher's accuracy against the training labels
     and the mean entropy of its start/end distributions (over CLS and context positions), unless the logits
     were computed for other features than those there now (then a warning and features_match: false).
+    Several teachers (teacher.models): each teacher's, and the accuracy of their ensemble (e.g. on
+    data/teacher/dev: each teacher's dev accuracy and the ensemble's).
     Writes nothing.
     """
     from pipeline.store.inspect import inspect_folder
@@ -394,8 +396,9 @@ def inspect_cmd(ctx, folder, features_dir, as_json):
     if as_json:
         click.echo(json.dumps(info, indent=2))
     else:
-        for k, v in info.items():
-            click.echo(f"{k:28s} {v}")
+        for k, v in info.items():  # several teachers: one line per teacher's value, `teacher-0.rows`
+            for key, value in (((f"{k}.{sub}", x) for sub, x in v.items()) if isinstance(v, dict) else [(k, v)]):
+                click.echo(f"{key:40s} {value}")
 
 
 def main():

@@ -60,7 +60,12 @@ class PrepareParams:
 
 @dataclass
 class TeacherParams:
-    model: str = "deepset/bert-large-uncased-whole-word-masking-squad2"
+    # The teacher, or (`models`) the teachers of an ensemble: each one's logits are computed once over the same
+    # features (tokenized with the first teacher's tokenizer; every teacher must share it) and stored side by
+    # side; the student combines them (student.teacher_weights, student.teacher_agreement). `model` is a list of
+    # one; give one of the two keys, the other null / [] (`teachers` is the list either way).
+    model: str | None = "deepset/bert-large-uncased-whole-word-masking-squad2"
+    models: list[str] = field(default_factory=list)
     batch_size: int = 128  # upper bound on features per batch
     max_tokens_per_batch: int = 32768  # length-aware batches are capped by padded tokens too
     # Batch width rounded up to a multiple of this many tokens. Length-aware batches would otherwise bring a new
@@ -72,6 +77,11 @@ class TeacherParams:
     # bfloat16 | float16 | float32. Part of the logits' fingerprint.
     precision: str = "auto"
     trust_remote_code: bool = False
+
+    @property
+    def teachers(self) -> list[str]:
+        """The teachers, in order: `models`, or `model` as a list of one (load_params ensures exactly one is set)."""
+        return list(self.models) if self.models else [self.model]
 
 
 @dataclass
@@ -127,6 +137,13 @@ class StudentParams:
     # is still one pass over the labelled rows: extra rows add steps.
     extra_ratio: float = 1.0
     extra_splits: list[str] = field(default_factory=lambda: list(EXTRA_SPLITS))
+    # Several teachers (teacher.models): the one target each row trains on is the weighted mean of the teachers'
+    # probabilities at `temperature` (pipeline/model/ensemble.py). Weights: one per teacher, in teacher.models'
+    # order (null: equal). Agreement: none (every row counts fully), weight (each row's KD term weighs by how
+    # much its teachers agree: 1 - their Jensen-Shannon divergence over its maximum), drop (rows whose teachers
+    # disagree on whether the window holds an answer leave the KD term; their hard label still counts).
+    teacher_weights: list[float] | None = None
+    teacher_agreement: str = "none"
 
 
 @dataclass
@@ -179,12 +196,16 @@ _RANGES = {
 _CHOICES = {"teacher.precision": ("auto", "bfloat16", "float16", "float32"),
             "student.precision": ("auto", "bfloat16", "float16", "float32"),
             "student.attention": ("auto", "sdpa"),
-            "student.gradient_checkpointing": ("auto", True, False)}
+            "student.gradient_checkpointing": ("auto", True, False),
+            "student.teacher_agreement": ("none", "weight", "drop")}
 # Knobs that take `auto` or a number; knobs that take a path or hub name, or null.
 _AUTO_OR_NUMBER = {"evaluate.null_threshold"}
 _OPTIONAL_PATHS = {"data.validation"}
 # Knobs that are lists of distinct strings, with the allowed values (None: any non-empty string).
-_STRING_LISTS = {"data.unlabeled": None, "prepare.augment_kinds": AUGMENT_KINDS, "student.extra_splits": EXTRA_SPLITS}
+_STRING_LISTS = {"data.unlabeled": None, "prepare.augment_kinds": AUGMENT_KINDS, "student.extra_splits": EXTRA_SPLITS,
+                 "teacher.models": None}
+# Keys whose null is meaningful although their default is not: teacher.model when teacher.models lists them.
+_NULLABLE = {"teacher.model"}
 
 
 def default_of(key: str):
@@ -211,7 +232,7 @@ def _check_value(path, key: str, value, default, rule: str | None = None) -> Non
         # a NaN or an infinity: the finite-number check below says so
     if rule in _OPTIONAL_PATHS and value is not None and not (isinstance(value, str) and value.strip()):
         raise KdqaError(f"{path}: {key} must be a SQuAD JSON path or hub name (or null), got {value!r}")
-    if value is None and default is not None:
+    if value is None and default is not None and rule not in _NULLABLE:
         raise KdqaError(f"{path}: {key} must be set (its default is {default!r}), got null")
     if isinstance(value, float) and not math.isfinite(value):
         # YAML's .nan/.inf pass every range comparison; a NaN learning rate or temperature trains a NaN model.
@@ -221,7 +242,7 @@ def _check_value(path, key: str, value, default, rule: str | None = None) -> Non
         if not any(value is c if isinstance(c, bool) else value == c and isinstance(value, str) for c in _CHOICES[rule]):
             choices = ", ".join(str(c).lower() if isinstance(c, bool) else c for c in _CHOICES[rule])
             raise KdqaError(f"{path}: {key} must be one of {choices}, got {value!r}")
-    elif isinstance(default, str) and not isinstance(value, str):
+    elif isinstance(default, str) and not isinstance(value, str) and value is not None:
         raise KdqaError(f"{path}: {key} must be a string, got {value!r}")
     if rule in _STRING_LISTS:
         allowed = _STRING_LISTS[rule]
@@ -234,6 +255,8 @@ def _check_value(path, key: str, value, default, rule: str | None = None) -> Non
         twice = [v for i, v in enumerate(value) if v in value[:i]]
         if twice:
             raise KdqaError(f"{path}: {key} lists {twice[0]!r} twice")
+    if rule == "student.teacher_weights" and value is not None:
+        check_teacher_weights(path, value)
     if rule == "student.init_layers" and value is not None:
         if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
             raise KdqaError(f"{path}: {key} must be a list of layer indices (or null), got {value!r}")
@@ -248,6 +271,29 @@ def _check_value(path, key: str, value, default, rule: str | None = None) -> Non
             bound = f"greater than {lo}" if exclusive and exclusive[0] else f"at least {lo}"
             raise KdqaError(f"{path}: {key} must be {bound}{f' and at most {hi}' if hi is not None else ''}, "
                             f"got {value!r}")
+
+
+def check_teacher_weights(where, weights) -> None:
+    """student.teacher_weights: finite numbers, none negative, not all zero (their count is checked against the
+    teachers whose logits the student reads)."""
+    key = "student.teacher_weights"
+    if not isinstance(weights, list) or not weights or not all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights):
+        raise KdqaError(f"{where}: {key} must be a list of numbers, one per teacher (or null), got {weights!r}")
+    bad = next((w for w in weights if not math.isfinite(w) or w < 0), None)
+    if bad is not None:
+        raise KdqaError(f"{where}: {key} must be finite and not negative, got {bad!r} in {weights!r}")
+    if not any(weights):
+        raise KdqaError(f"{where}: {key} are all zero: no teacher would teach; give at least one a positive weight")
+
+
+def check_teachers(where, teacher: TeacherParams, given: dict) -> None:
+    """Exactly one of teacher.model and teacher.models names the teachers (`given`: the section as written)."""
+    if teacher.models and given.get("model") is not None:
+        raise KdqaError(f"{where}: teacher.model ({given['model']!r}) and teacher.models are both set; list every "
+                        "teacher in teacher.models and set teacher.model: null")
+    if not teacher.models and teacher.model is None:
+        raise KdqaError(f"{where}: no teacher: teacher.model is null and teacher.models is empty")
 
 
 def check_window(where, max_seq_len: int, doc_stride: int, max_query_len: int, specials: int,
@@ -291,6 +337,12 @@ def _build_section(cls, values: dict, path: Path, section: str):
                 raise KdqaError(f"{path}: {section}.{name} must be a whole number, got {value!r}")
     for name in known:
         _check_value(path, f"{section}.{name}", getattr(obj, name), getattr(cls(), name))
+    if cls is TeacherParams:
+        check_teachers(path, obj, values)
+        if obj.models and "model" not in values:
+            obj.model = None  # the default teacher is not one of an ensemble the file lists
+    if cls is StudentParams and obj.teacher_weights is not None:
+        obj.teacher_weights = [float(w) for w in obj.teacher_weights]
     return obj
 
 
@@ -349,7 +401,8 @@ def in_workspace(params: Params, ws) -> Params:
                                unlabeled=[ws.local(u) for u in params.data.unlabeled],
                                validation=params.data.validation and ws.local(params.data.validation))
     return dataclasses.replace(params, data=data,
-                               teacher=dataclasses.replace(params.teacher, model=ws.local(params.teacher.model)),
+                               teacher=dataclasses.replace(params.teacher, model=ws.local(params.teacher.model),
+                                                           models=[ws.local(m) for m in params.teacher.models]),
                                student=dataclasses.replace(params.student, model=ws.local(params.student.model)))
 
 

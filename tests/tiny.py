@@ -110,7 +110,7 @@ def write_params(path: Path, teacher: Path, student: Path, train: Path, dev: Pat
         "data": {"train": str(train), "dev": str(dev)},
         "prepare": {"max_seq_len": 48, "doc_stride": 16, "max_query_len": 12, "shard_size": 16, "row_group_size": 8},
         # trust_remote_code, precision: dvc.yaml lists them, and DVC fails on a listed key that is missing.
-        "teacher": {"model": str(teacher), "batch_size": 8, "max_tokens_per_batch": 256, "trust_remote_code": False,
+        "teacher": {"model": str(teacher), "models": [], "batch_size": 8, "max_tokens_per_batch": 256, "trust_remote_code": False,
                     "precision": "auto"},
         "student": {"model": str(student), "batch_size": 4, "epochs": 2, "learning_rate": 1e-3, "warmup": 0.1,
                     "temperature": 2.0, "distillation_weight": 0.5, "seed": 1, "checkpoint_every": 0,

@@ -8,6 +8,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+# The logit of a position that can hold no answer, for the losses and the ensemble's targets: fits in bf16/fp16,
+# and exp(MASKED / T) underflows to 0 for any T we use.
+MASKED = -1e4
+
 
 def answer_mask(context_start, context_end, width: int) -> torch.Tensor:
     """True at CLS and at the context tokens of each row: the only places an answer can start or end."""

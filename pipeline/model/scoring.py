@@ -12,6 +12,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
+from pipeline.model.ensemble import Combination, combine_rows
 from pipeline.runtime.errors import KdqaError
 from pipeline.store.examples import read_dev_examples
 from pipeline.store.features import read_windows
@@ -56,10 +57,20 @@ def score(preds, na_probs, forced, golds) -> dict:
     return metrics
 
 
-def score_logit_shards(features_dir: Path, logits_dir: Path, params, examples_path: Path) -> dict:
-    """Scores of precomputed logits (the teacher's), read from their shards."""
+def score_logit_shards(features_dir: Path, logits_dirs: list[Path], params, examples_path: Path) -> dict:
+    """Scores of precomputed logits (a teacher's), read from their shards; several folders (teachers): the scores
+    of their ensemble, the equal-weight mean of their probabilities (T = 1) over each window's answer positions."""
     def from_disk(shard: Path):
-        ids, start, end = read_logits(logits_dir / shard.name)
+        read = [read_logits(folder / shard.name) for folder in logits_dirs]
+        ids, start, end = read[0]
+        if len(read) > 1:
+            for folder, (other_ids, _, _) in zip(logits_dirs[1:], read[1:]):
+                if not other_ids.equals(ids):
+                    raise KdqaError(f"{folder / shard.name}: rows do not match {logits_dirs[0] / shard.name}")
+            windows = read_windows(shard)
+            combination = Combination.equal(len(read))
+            start, end = (combine_rows([r[side] for r in read], windows.context_start, windows.context_end,
+                                       combination) for side in (1, 2))
         return ids.to_pylist(), start, end
 
     return score(*predict_split(features_dir, from_disk, params, examples_path))

@@ -39,7 +39,7 @@ from pipeline.text.features import TOKENIZE_CHUNK, check_window, tokenize_into
 from pipeline.runtime.progress import progress
 from pipeline.store.aligned import write_aligned_shard
 from pipeline.store.features import read_windows, write_features_shard
-from pipeline.store.logits import read_logits
+from pipeline.store.logits import read_logits, teacher_folders
 from pipeline.store.shards import (
     check_format,
     features_fingerprint,
@@ -173,6 +173,12 @@ def run_align(params: Params, ws: Workspace) -> None:
     check_format(features_manifest.get("features_format"), "features", features_dir, "kdqa prepare")
     parts = {**student_plan(params, tokenizer, features_manifest), "features": features_manifest["bytes_fingerprint"]}
     if parts["mode"] == "aligned":
+        teachers = len(teacher_folders(logits_dir))
+        if teachers > 1:  # each teacher's logits would need carrying over, and the stream combining them: not yet
+            raise KdqaError(f"{logits_dir}: holds the logits of {teachers} teachers (teacher.models), and carrying "
+                            f"several teachers' logits onto a student of another tokenizer or other windows is not "
+                            f"supported yet: give the student the teachers' tokenizer, with student.max_seq_len and "
+                            f"student.doc_stride null")
         parts["teacher_logits"] = check_teacher_logits(features_dir, parts["features"], logits_dir)
         parts["extra_splits"] = {}
         for split in teacher_labelled_splits(ws):  # what the student may mix in: carried onto its tokens as well

@@ -28,6 +28,23 @@ from pipeline.store.shards import write_jsons_atomic
 log = logging.getLogger(__name__)
 
 
+def teacher_scores(features_dir: Path, teacher_dir: Path, params, ws: Workspace, threshold: dict) -> dict:
+    """The teacher's scores from its stored dev logits (`threshold`: the no-answer threshold they were scored at,
+    and where it comes from, recorded beside them). Several teachers: each one's under its folder's name
+    (teacher-0, ...) and their ensemble's (the equal-weight mean of their probabilities) under `ensemble`."""
+    from pipeline.store.logits import teacher_folders
+
+    folders = teacher_folders(teacher_dir)
+    scored = {folder.name: {**score_logit_shards(features_dir, [folder], params, ws.dev_examples), **threshold}
+              for folder in folders}
+    if len(folders) > 1:
+        scored["ensemble"] = {**score_logit_shards(features_dir, folders, params, ws.dev_examples), **threshold}
+    for name, metrics in scored.items():
+        log.info("%s on dev: EM %.2f F1 %.2f (forced span F1 %.2f)", "teacher" if len(folders) == 1 else name,
+                 metrics["exact"], metrics["f1"], metrics.get("HasAns_f1_forced", float("nan")))
+    return scored[teacher_dir.name] if len(folders) == 1 else scored
+
+
 def run_evaluate(params, ws: Workspace, model_dir: Path | None = None) -> dict:
     """Score `model_dir` (default: the workspace's student) and the teacher's stored dev logits."""
     from pipeline.training import distributed
@@ -64,11 +81,8 @@ def run_evaluate(params, ws: Workspace, model_dir: Path | None = None) -> dict:
         teacher_threshold, teacher_source = (
             (threshold, threshold_source) if params.evaluate.null_threshold != "auto"
             else (UNTUNED_NULL_THRESHOLD, "untuned (the teacher's logits come with no stored threshold)"))
-        teacher_metrics = {**score_logit_shards(features_dir, teacher_dir, at_threshold(params, teacher_threshold),
-                                                ws.dev_examples),
-                           "null_threshold": teacher_threshold, "null_threshold_source": teacher_source}
-        log.info("teacher on dev: EM %.2f F1 %.2f (forced span F1 %.2f)", teacher_metrics["exact"],
-                 teacher_metrics["f1"], teacher_metrics.get("HasAns_f1_forced", float("nan")))
+        teacher_metrics = teacher_scores(features_dir, teacher_dir, at_threshold(params, teacher_threshold), ws,
+                                         {"null_threshold": teacher_threshold, "null_threshold_source": teacher_source})
     metrics, preds, na_probs, forced = evaluate_model(model, tokenizer.pad_token_id, student_features,
                                                       at_threshold(params, threshold), device, ws.dev_examples)
     metrics.update(null_threshold=threshold, null_threshold_source=threshold_source)

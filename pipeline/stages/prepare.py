@@ -49,9 +49,13 @@ def run_prepare(params: Params, ws: Workspace) -> None:
                                                                  if data.validation else [])
     for source in (*(source for _, source in labelled), *data.unlabeled):
         warn_if_dvc_cannot_see(source, ws)
-    tokenizer = load_tokenizer(params.teacher.model, params.teacher.trust_remote_code)
+    # Several teachers share one set of features, tokenized with the first teacher's tokenizer (the teacher
+    # stage refuses a teacher of another vocabulary).
+    teacher = params.teacher.teachers[0]
+    tokenizer = load_tokenizer(teacher, params.teacher.trust_remote_code)
     check_window(params, tokenizer)
-    check_position_table(params.teacher.model, params.prepare.max_seq_len, params.teacher.trust_remote_code)
+    for name in params.teacher.teachers:  # every teacher reads these windows
+        check_position_table(name, params.prepare.max_seq_len, params.teacher.trust_remote_code)
     # Read and validate every source before writing anything: bad input in dev must not leave train rewritten.
     loaded = {split: load_examples(source, split, strict=params.prepare.strict) for split, source in labelled}
     unlabeled = [load_unlabeled(source) for source in data.unlabeled]
@@ -101,7 +105,7 @@ def manifest_base(split: str, source, params: Params, tokenizer) -> dict:
         "kdqa_version": __version__,
         "split": split,
         "source": source,
-        "tokenizer": params.teacher.model,
+        "tokenizer": params.teacher.teachers[0],
         "vocab_fingerprint": vocab_fingerprint(tokenizer),
         # What shaped the features: not `strict`, which can only stop a run, and not the augmentation
         # settings, which shape the augmented split only (its manifest records them).

@@ -26,6 +26,8 @@ from pipeline.model.attention import use_dropout_attention
 from pipeline.training.checkpoint import Checkpoint, load_checkpoint, remove_checkpoints, restore_curves, save_checkpoint
 from pipeline.runtime.errors import KdqaError
 from pipeline.store.fingerprints import check_teacher_logits
+from pipeline.store.logits import teacher_folders
+from pipeline.model.ensemble import Combination
 from pipeline.model.inference import precision_name
 from pipeline.model.loading import check_finite_weights, check_sequence_length, keep_layers, load_qa_model, load_tokenizer
 from pipeline.model.answering import UNTUNED_NULL_THRESHOLD
@@ -172,6 +174,32 @@ def checked_split(features_dir: Path, logits_dir: Path | None, regenerate: str) 
     return features_manifest, data_fingerprint, pairs
 
 
+AGREEMENT_SAYS = {"none": "", "weight": "; each row's KD term weighted by the teachers' agreement",
+                  "drop": "; rows whose teachers disagree on answerability left out of the KD term"}
+
+
+def target_combination(student: StudentParams, data: StudentData) -> Combination | None:
+    """How the teachers' logits become the one target (None: one teacher, its logits as stored). The weights
+    must be one per teacher whose logits the student reads."""
+    if student.distillation_weight == 0:
+        return None
+    teachers = len(teacher_folders(data.teacher_targets))
+    weights = student.teacher_weights
+    if weights is not None and len(weights) != teachers:
+        raise KdqaError(f"student.teacher_weights: {len(weights)} weight(s) {weights}, but {data.teacher_targets} "
+                        f"holds the logits of {teachers} teacher(s); give one weight per teacher of teacher.models, "
+                        "in its order (or null: equal weights)")
+    if teachers == 1:
+        if student.teacher_agreement != "none":
+            log.warning("student.teacher_agreement %s: one teacher agrees with itself; every row counts fully",
+                        student.teacher_agreement)
+        return None
+    combination = Combination(tuple(weights or (1.0,) * teachers), student.temperature, student.teacher_agreement)
+    log.info("target: the mean of %d teachers' probabilities at T=%s, weights %s%s", teachers, student.temperature,
+             list(combination.weights), AGREEMENT_SAYS[combination.agreement])
+    return combination
+
+
 def extra_splits(student: StudentParams, ws: Workspace) -> list[str]:
     """The splits of teacher-labelled rows this student mixes in: those of `student.extra_splits` that prepare
     made, unless `extra_ratio` is 0. Their rows have no hard labels (or only some), so a student that does not
@@ -197,13 +225,15 @@ def setup(params: Params, ws: Workspace, resume: str) -> Training:
     features_manifest, data_fingerprint, pairs, extra = check_training_data(student, ws, data)
     if (data.validation_features / "manifest.json").exists():  # a damaged shard fails now, not after training
         verify_shards(data.validation_features, "kdqa prepare" if data.mode == "direct" else "kdqa align")
+    combination = target_combination(student, data)
 
     torch.manual_seed(student.seed)
     model = build_student(student, device).to(device)
     check_sequence_length(model, features_manifest.get("prepare", {}).get("max_seq_len", 0), student.model)
     stream = ShardStream(pairs, student.batch_size, student.seed, tokenizer.pad_token_id, rank, world,
                          student.pad_to_multiple_of, getattr(model.config, "max_position_embeddings", None),
-                         student.group_by_length, extra=extra, extra_ratio=student.extra_ratio)
+                         student.group_by_length, extra=extra, extra_ratio=student.extra_ratio,
+                         combination=combination)
     if extra and rank == 0:
         first = [stream.pairs[stream.labelled_shards + i].rows for i in stream.extra_shards(0)]
         log.info("each epoch: %d labelled rows + about %d extra rows (%d shards in the first epoch, of %d in %s)",
@@ -390,7 +420,8 @@ def save_student(model, tokenizer, params: Params, ws: Workspace, steps: int, se
         tokenizer.save_pretrained(staging)
         write_json_atomic(staging / "kdqa_training.json", {
             "kdqa_version": __version__, "steps": steps, "seconds": round(seconds, 1),
-            "student": asdict(params.student), "teacher": params.teacher.model, "data": asdict(params.data),
+            "student": asdict(params.student), "teacher": params.teacher.model,
+            "teachers": params.teacher.teachers, "data": asdict(params.data),
         })
         if answering:
             write_answering(staging, answering)

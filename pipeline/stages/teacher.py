@@ -15,6 +15,12 @@ renamed into place when complete and followed by a small `.done.json` record (ro
 verifies the records and computes only what is missing; when every shard is done the split is moved into
 `data/teacher/{split}/` and the manifest written. Under torchrun, rank r takes shards r, r+N, r+2N, ...
 
+Several teachers (`teacher.models`): each is loaded in turn (one in memory at a time) and labels every split
+into its own work folder (`.kdqa/teacher-work/teacher-N/`); the splits are published only when every teacher
+is done, each teacher's logits in `data/teacher/{split}/teacher-N/` (pipeline/store/logits.py). A teacher's
+logits do not depend on the others: adding one to a finished run copies the others' shards from the logits
+cache below, byte for byte, and computes only the new teacher's (the log says which).
+
 Incremental: every computed shard is also kept in `.kdqa/teacher-cache/`, addressed by its features shard's
 bytes, the teacher, the vocabulary, the precision and the logits format (pipeline/store/logits_cache.py). A shard
 found there is copied instead of computed, so adding an unlabeled file or more augmented views costs teacher
@@ -26,6 +32,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -99,11 +106,25 @@ def remove_stale_temporaries(work: Path, names: list[str]) -> None:
             stale.unlink(missing_ok=True)
 
 
-def run_split(model, tokenizer, split: str, params: Params, ws: Workspace, teacher_identity: dict,
-              device: torch.device) -> dict | None:
-    """Compute this rank's missing shards of a split; rank 0 then publishes the split. Returns the manifest."""
+@dataclass
+class ComputedSplit:
+    """One teacher's logits of one split, computed (or found) in its work folder: what publishing needs."""
+
+    split: str
+    shards: list[Path]  # the features shards, whose names the logits shards take
+    work: Path
+    resume_key: dict
+    fingerprint_parts: dict
+    throughput: float | None
+    computed: int  # shards this rank computed now (the rest: a finished earlier run's, or the logits cache's)
+
+
+def compute_split(model, tokenizer, split: str, params: Params, ws: Workspace, teacher_identity: dict,
+                  device: torch.device, work: Path) -> ComputedSplit:
+    """Compute this rank's missing shards of a split into `work` (shards already there, or in the logits cache,
+    are not computed again)."""
     rank, world = distributed.rank(), distributed.world_size()
-    features_dir, out_dir, work = ws.features / split, ws.teacher / split, ws.teacher_work / split
+    features_dir = ws.features / split
     shards = list_shards(features_dir)
     if not shards:
         raise KdqaError(f"{features_dir}: no feature shards (run `kdqa prepare`)")
@@ -119,7 +140,6 @@ def run_split(model, tokenizer, split: str, params: Params, ws: Workspace, teach
 
     # Whether to run at all is DVC's decision (the stage's deps); a run by hand computes what the logits cache
     # does not hold, and copies the rest.
-    published = out_dir / "manifest.json"
     work.mkdir(parents=True, exist_ok=True)
     expected_rows = {e["name"]: e["rows"] for e in features_manifest["shards"]}
     mine = [p for i, p in enumerate(shards) if i % world == rank]
@@ -156,13 +176,8 @@ def run_split(model, tokenizer, split: str, params: Params, ws: Workspace, teach
             pending.result()
     elapsed = time.perf_counter() - started
     throughput = n_rows / elapsed if n_rows else None
-
     distributed.barrier()
-    manifest = None
-    if rank == 0:
-        manifest = publish_split(split, shards, work, out_dir, resume_key, fingerprint_parts, throughput, device)
-    distributed.barrier()
-    return manifest if rank == 0 else read_json(published)
+    return ComputedSplit(split, shards, work, resume_key, fingerprint_parts, throughput, len(todo))
 
 
 def write_logits_shard(path: Path, ids, start, end, resume_key: dict, cache: LogitsCache | None = None,
@@ -185,35 +200,67 @@ def reuse_cached(cache: LogitsCache, features_sha256: str, rows: int, path: Path
 
 
 @writes_into("out_dir")
-def publish_split(split, shards, work: Path, out_dir: Path, resume_key, fingerprint_parts, throughput, device) -> dict:
-    """Check that every shard is done, then move the split into the DVC output with its manifest."""
-    records = {}
-    for path in shards:
-        record = completed_shard(work, path.name, resume_key, shard_rows(path))
-        if record is None:
-            raise KdqaError(f"{work / path.name}: logits shard missing or incomplete after all ranks finished")
-        records[path.name] = record
+def publish_split(out_dir: Path, computed: list[ComputedSplit], teachers: list[str], device) -> dict:
+    """Check that every shard of every teacher is done, then move the split into the DVC output with its
+    manifest: one teacher's shards in the split folder itself, several teachers' each in its own folder
+    (pipeline/store/logits.py says the layout)."""
+    records = [finished_records(c) for c in computed]
     with staged_folder(out_dir) as staging:
-        for path in shards:
-            shutil.copy2(work / path.name, staging / path.name)  # copy, not move: the work stays until published
-        manifest = {
-            "kdqa_version": __version__,
-            "split": split,
-            "fingerprint": fingerprint_of(fingerprint_parts),
-            "fingerprint_parts": fingerprint_parts,
-            "compute": resume_key["compute"],
-            "device": device_name(device),
-            "features_per_second": round(throughput, 2) if throughput else None,
-            "shards_from_cache": sum(1 for r in records.values() if r.get("from_cache")),
-            "rows_from_cache": sum(r["rows"] for r in records.values() if r.get("from_cache")),
-            "rows": sum(r["rows"] for r in records.values()),
-            "bytes": sum((staging / n).stat().st_size for n in records),
-            "shards": [{"name": n, "rows": r["rows"], "sha256": r["sha256"]} for n, r in records.items()],
-        }
-        write_json_atomic(staging / "manifest.json", manifest)
-    shutil.rmtree(work, ignore_errors=True)
-    log.info("%s: %d rows in %d shards, %.0f bytes/feature", out_dir, manifest["rows"], len(shards),
-             manifest["bytes"] / max(manifest["rows"], 1))
+        if len(computed) == 1:
+            manifest = fill_logits_folder(staging, computed[0], records[0], device)
+        else:
+            entries = []
+            for index, (c, r) in enumerate(zip(computed, records)):
+                folder = logits_format.teacher_folder_name(index)
+                (staging / folder).mkdir()
+                entries.append({"model": teachers[index], "folder": folder,
+                                "fingerprint": fill_logits_folder(staging / folder, c, r, device)["fingerprint"]})
+            first = computed[0].fingerprint_parts
+            parts = {"features": first["features"], "logits_format": first["logits_format"],
+                     "teachers": [e["fingerprint"] for e in entries]}
+            manifest = {"kdqa_version": __version__, "split": computed[0].split, "fingerprint": fingerprint_of(parts),
+                        "fingerprint_parts": parts, "teachers": entries,
+                        "rows": sum(r["rows"] for r in records[0].values())}
+            write_json_atomic(staging / "manifest.json", manifest)
+    for c in computed:
+        shutil.rmtree(c.work, ignore_errors=True)
+    rows = sum(r["rows"] for r in records[0].values())
+    size = sum(p.stat().st_size for p in out_dir.rglob("*.parquet"))
+    log.info("%s: %d rows in %d shards%s, %.0f bytes/feature", out_dir, rows, len(computed[0].shards),
+             f" for each of {len(computed)} teachers" if len(computed) > 1 else "", size / max(rows, 1))
+    return manifest
+
+
+def finished_records(computed: ComputedSplit) -> dict[str, dict]:
+    """The done record of every shard of the split (all ranks have finished): an error if one is missing."""
+    records = {}
+    for path in computed.shards:
+        record = completed_shard(computed.work, path.name, computed.resume_key, shard_rows(path))
+        if record is None:
+            raise KdqaError(f"{computed.work / path.name}: logits shard missing or incomplete after all ranks finished")
+        records[path.name] = record
+    return records
+
+
+def fill_logits_folder(folder: Path, computed: ComputedSplit, records: dict[str, dict], device) -> dict:
+    """One teacher's logits shards of a split copied into `folder`, with their manifest; returns it."""
+    for path in computed.shards:
+        shutil.copy2(computed.work / path.name, folder / path.name)  # copy, not move: the work stays until published
+    manifest = {
+        "kdqa_version": __version__,
+        "split": computed.split,
+        "fingerprint": fingerprint_of(computed.fingerprint_parts),
+        "fingerprint_parts": computed.fingerprint_parts,
+        "compute": computed.resume_key["compute"],
+        "device": device_name(device),
+        "features_per_second": round(computed.throughput, 2) if computed.throughput else None,
+        "shards_from_cache": sum(1 for r in records.values() if r.get("from_cache")),
+        "rows_from_cache": sum(r["rows"] for r in records.values() if r.get("from_cache")),
+        "rows": sum(r["rows"] for r in records.values()),
+        "bytes": sum((folder / n).stat().st_size for n in records),
+        "shards": [{"name": n, "rows": r["rows"], "sha256": r["sha256"]} for n, r in records.items()],
+    }
+    write_json_atomic(folder / "manifest.json", manifest)
     return manifest
 
 
@@ -226,21 +273,62 @@ def device_name(device: torch.device) -> str:
 def run_teacher(params: Params, ws: Workspace) -> None:
     distributed.init()
     device = distributed.device()
-    tokenizer = load_tokenizer(params.teacher.model, params.teacher.trust_remote_code)
+    teachers = params.teacher.teachers
     features_manifest = read_json(ws.features / "train" / "manifest.json")
-    if features_manifest.get("vocab_fingerprint") != vocab_fingerprint(tokenizer):
-        raise KdqaError(f"{params.teacher.model}: tokenizer differs from the one data/features was prepared with "
-                        f"({features_manifest.get('tokenizer')}); run `kdqa prepare` again")
-    model = load_qa_model(params.teacher.model, params.teacher.trust_remote_code, TRAINED)
-    check_sequence_length(model, features_manifest.get("prepare", {}).get("max_seq_len", 0), params.teacher.model)
-    model.to(device).eval()
-    teacher_identity = {"teacher": weights_fingerprint(model), "vocab": vocab_fingerprint(tokenizer)}
     # Every split prepare made: train, dev, and the extra rows (unlabeled data, augmented views) if any.
     extra = [split for split in EXTRA_SPLITS if (ws.features / split / "manifest.json").exists()]
-    with torch.inference_mode():
-        for split in ("train", "dev", *extra):
-            run_split(model, tokenizer, split, params, ws, teacher_identity, device)
-    if distributed.is_main():  # logits of extra rows prepare no longer makes: never trained on by mistake
+    splits = ("train", "dev", *extra)
+    computed: dict[str, list[ComputedSplit]] = {split: [] for split in splits}
+    weights_seen: dict[str, int] = {}
+    reused, made = [], []
+    for index, name in enumerate(teachers):
+        key = f"teacher.models[{index}]" if params.teacher.models else "teacher.model"
+        started = time.perf_counter()
+        model, tokenizer, identity = load_teacher(params, name, key, index, features_manifest, device)
+        if identity["teacher"] in weights_seen:
+            first = weights_seen[identity["teacher"]]
+            raise KdqaError(f"{name}: {key} has the same weights as teacher.models[{first}] ({teachers[first]}): "
+                            "a teacher listed twice would only count twice in the mean; list it once (or give it "
+                            "a larger student.teacher_weights entry)")
+        weights_seen[identity["teacher"]] = index
+        # Each teacher's work folder is its own: a teacher that fails half-way leaves the others' finished
+        # shards there (and in the logits cache), and a rerun computes only what is missing.
+        work = ws.teacher_work if len(teachers) == 1 else ws.teacher_work / logits_format.teacher_folder_name(index)
+        with torch.inference_mode():
+            for split in splits:
+                computed[split].append(compute_split(model, tokenizer, split, params, ws, identity, device,
+                                                     work / split))
+        del model
+        shards = sum(computed[split][-1].computed for split in splits)
+        (made if shards else reused).append(f"{key} ({name})")
+        if shards:
+            log.info("%s (%s): %d shards computed in %.1fs", key, name, shards, time.perf_counter() - started)
+    if len(teachers) > 1:
+        log.info("teachers: %d reused from earlier runs (%s), %d computed now (%s)", len(reused),
+                 ", ".join(reused) or "none", len(made), ", ".join(made) or "none")
+    if distributed.is_main():
+        for split in splits:
+            publish_split(ws.teacher / split, computed[split], teachers, device)
+        # logits of extra rows prepare no longer makes: never trained on by mistake
         for split in set(EXTRA_SPLITS) - set(extra):
             shutil.rmtree(ws.teacher / split, ignore_errors=True)
+    distributed.barrier()
     distributed.destroy()
+
+
+def load_teacher(params: Params, name: str, key: str, index: int, features_manifest: dict, device):
+    """One teacher, checked against the features: (model on `device`, tokenizer, identity for the fingerprints)."""
+    tokenizer = load_tokenizer(name, params.teacher.trust_remote_code)
+    if features_manifest.get("vocab_fingerprint") != vocab_fingerprint(tokenizer):
+        if index == 0:
+            raise KdqaError(f"{name}: tokenizer differs from the one data/features was prepared with "
+                            f"({features_manifest.get('tokenizer')}); run `kdqa prepare` again")
+        # Features are tokenized once, with the first teacher's tokenizer; carrying another teacher's logits
+        # onto them (through characters, as `kdqa align` does for a student) is not built yet.
+        raise KdqaError(f"{name}: {key}'s tokenizer differs from the one data/features was prepared with "
+                        f"({features_manifest.get('tokenizer')}, teacher.models[0]): every teacher of an ensemble "
+                        "must share that tokenizer (teachers of other tokenizers are not supported yet)")
+    model = load_qa_model(name, params.teacher.trust_remote_code, TRAINED)
+    check_sequence_length(model, features_manifest.get("prepare", {}).get("max_seq_len", 0), name)
+    model.to(device).eval()
+    return model, tokenizer, {"teacher": weights_fingerprint(model), "vocab": vocab_fingerprint(tokenizer)}

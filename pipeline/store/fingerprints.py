@@ -12,12 +12,14 @@ from pathlib import Path
 
 from pipeline.runtime.errors import KdqaError
 from pipeline.model.loading import vocab_fingerprint
+from pipeline.store.logits import teacher_folders
 from pipeline.store.shards import check_format, read_json, verify_shards
 
 
 def check_teacher_logits(features_dir: Path, expected: str, logits_dir: Path) -> str:
     """The logits must have been computed from exactly these features (fingerprint `expected`), every shard
-    whole; returns the logits' own fingerprint."""
+    whole; returns the logits' own fingerprint. Several teachers: the same of each teacher's folder, and the
+    fingerprint of all of them."""
     manifest_path = logits_dir / "manifest.json"
     if not manifest_path.exists():
         raise KdqaError(f"{manifest_path}: no teacher logits (run `kdqa teacher`)")
@@ -29,7 +31,12 @@ def check_teacher_logits(features_dir: Path, expected: str, logits_dir: Path) ->
             f"features {expected}; regenerate them with `kdqa teacher` (or `dvc repro teacher`)"
         )
     check_format(manifest.get("fingerprint_parts", {}).get("logits_format"), "logits", logits_dir, "kdqa teacher")
-    verify_shards(logits_dir, "kdqa teacher")  # every logits shard whole: checksums from the manifest
+    folders = teacher_folders(logits_dir)
+    if folders == [logits_dir]:
+        verify_shards(logits_dir, "kdqa teacher")  # every logits shard whole: checksums from the manifest
+    for folder in folders:
+        if folder != logits_dir:  # one teacher of several: its own folder, held to the same
+            check_teacher_logits(features_dir, expected, folder)
     return manifest["fingerprint"]
 
 

@@ -11,7 +11,8 @@ from pipeline.runtime.errors import KdqaError
 from pipeline.text.features import NO_LABEL
 from pipeline.runtime.workspace import Workspace
 from pipeline.store.features import read_labels
-from pipeline.store.logits import is_logits_shard, read_logits
+from pipeline.model.ensemble import Combination, combine_rows
+from pipeline.store.logits import is_logits_shard, read_logits, teacher_folders
 from pipeline.store.shards import features_fingerprint, list_shards, read_json, shard_rows
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,9 @@ def _entropy(logits: np.ndarray) -> float:
 
 
 def inspect_folder(folder: Path, ws: Workspace, features_dir: Path | None = None) -> dict:
+    folders = teacher_folders(folder) if list_shards(folder) == [] else [folder]
+    if len(folders) > 1:
+        return inspect_ensemble(folder, folders, ws, features_dir)
     shards = list_shards(folder)
     if not shards:
         raise KdqaError(f"{folder}: no part-NNNNN.parquet shards")
@@ -39,22 +43,60 @@ def inspect_folder(folder: Path, ws: Workspace, features_dir: Path | None = None
         return info
     if features_dir is None:  # aligned targets sit beside the student's own features, logits beside prepare's
         aligned = folder.resolve().parent == ws.aligned_targets.resolve()
-        features_dir = (ws.aligned_features if aligned else ws.features) / folder.name
-    if not list_shards(features_dir):
+        # a teacher's folder of an ensemble (data/teacher/train/teacher-1) is of the split its manifest names
+        features_dir = (ws.aligned_features if aligned else ws.features) / manifest.get("split", folder.name)
+    if not features_match(folder, manifest, features_dir, info):
         return info
+    info.update(accuracy(shards, features_dir, read_logits, "teacher"))
+    info.update(teacher_features_per_second=manifest.get("features_per_second"), device=manifest.get("device"))
+    return info
+
+
+def features_match(folder: Path, manifest: dict, features_dir: Path, info: dict) -> bool:
+    """Whether the logits of `folder` were computed for the features in `features_dir` (and there are some)."""
+    if not list_shards(features_dir):
+        return False
     made_for = manifest.get("fingerprint_parts", {}).get("features")
     if made_for is not None and made_for != features_fingerprint(features_dir):
         # Same ids can hold other tokens after a re-prepare: accuracy against these labels would mean nothing.
         log.warning("%s: logits were computed for other features than %s now holds (run `kdqa teacher`); "
                     "no teacher accuracy or entropy", folder, features_dir)
         info["features_match"] = False
+        return False
+    return True
+
+
+def inspect_ensemble(folder: Path, folders: list[Path], ws: Workspace, features_dir: Path | None) -> dict:
+    """A split folder of several teachers: each teacher's folder described, and the accuracy of their ensemble
+    (the equal-weight mean of their probabilities, as `kdqa evaluate` scores it)."""
+    manifest = read_json(folder / "manifest.json")
+    features_dir = ws.features / folder.name if features_dir is None else features_dir
+    teachers = {sub.name: {"model": entry.get("model"), **inspect_folder(sub, ws, features_dir)}
+                for sub, entry in zip(folders, manifest["teachers"])}
+    info = {"folder": str(folder), "teachers": len(folders), "fingerprint": manifest.get("fingerprint"),
+            "rows": manifest.get("rows"), "bytes": sum(t["bytes"] for t in teachers.values()), **teachers}
+    if not features_match(folder, manifest, features_dir, info):
         return info
-    # Teacher accuracy against the hard labels (rows that have one), and entropy over positions that can hold
-    # an answer (every row).
+    combination = Combination.equal(len(folders))
+
+    def combined(shard: Path):
+        read = [read_logits(sub / shard.name) for sub in folders]
+        windows = read_labels(features_dir / shard.name)
+        return read[0][0], *(combine_rows([r[side] for r in read], windows.context_start, windows.context_end,
+                                          combination) for side in (1, 2))
+
+    scores = accuracy(list_shards(folders[0]), features_dir, combined, "ensemble")
+    info.update({k: v for k, v in scores.items() if k.startswith("ensemble_") and "accuracy" in k})
+    return info
+
+
+def accuracy(shards: list[Path], features_dir: Path, read, name: str) -> dict:
+    """Accuracy against the hard labels (rows that have one) of the logits `read(shard)` gives for each shard,
+    and the entropy of its distributions over the positions that can hold an answer (every row)."""
     hits_start = hits_both = n = labelled = 0
     entropies = {"start": [], "end": []}
     for shard in shards:
-        logit_ids, start_logits, end_logits = read_logits(shard)
+        logit_ids, start_logits, end_logits = read(shard)
         labels = read_labels(features_dir / shard.name)
         if logit_ids != labels.feature_ids:
             raise KdqaError(f"{shard}: feature ids do not match {features_dir / shard.name}")
@@ -74,13 +116,10 @@ def inspect_folder(folder: Path, ws: Workspace, features_dir: Path | None = None
             entropies["start"].append(_entropy(starts[i][allowed]))
             entropies["end"].append(_entropy(ends[i][allowed]))
             n += 1
-    info.update(
-        labelled_rows=labelled,
-        teacher_start_accuracy=round(100 * hits_start / labelled, 2) if labelled else None,
-        teacher_span_accuracy=round(100 * hits_both / labelled, 2) if labelled else None,
-        start_entropy_mean=round(float(np.mean(entropies["start"])), 3),
-        end_entropy_mean=round(float(np.mean(entropies["end"])), 3),
-        teacher_features_per_second=manifest.get("features_per_second"),
-        device=manifest.get("device"),
-    )
-    return info
+    return {
+        "labelled_rows": labelled,
+        f"{name}_start_accuracy": round(100 * hits_start / labelled, 2) if labelled else None,
+        f"{name}_span_accuracy": round(100 * hits_both / labelled, 2) if labelled else None,
+        "start_entropy_mean": round(float(np.mean(entropies["start"])), 3),
+        "end_entropy_mean": round(float(np.mean(entropies["end"])), 3),
+    }

@@ -4,6 +4,11 @@ stream, scoring (the teacher's dev scores), alignment and inspect.
 
 The schema, the writer and the reader live here, and nowhere else names their columns. A change to the schema
 is a new `logits_format` (pipeline/formats.yaml; tests/test_formats.py holds the two together).
+
+The layout of a split folder (data/teacher/<split>/): with one teacher, its shards and manifest.json, as ever.
+With several (teacher.models), one such folder per teacher inside it, `teacher-0`, `teacher-1`, ... in the
+order of the list, each exactly what the split folder of that teacher alone would hold (byte for byte), and a
+manifest.json that lists them (`teachers`); `teacher_folders` reads either layout.
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from pipeline.store.shards import list_array, list_column_to_numpy, read_table, write_table_atomic
+from pipeline.runtime.errors import KdqaError
+from pipeline.store.shards import list_array, list_column_to_numpy, read_json, read_table, write_table_atomic
 
 LOGITS_SCHEMA = pa.schema(
     [
@@ -53,3 +59,20 @@ def read_logits(path: Path) -> tuple[pa.ChunkedArray, list[np.ndarray], list[np.
 def is_logits_shard(path: Path) -> bool:
     """A logits (or aligned-targets) shard rather than a features shard."""
     return "start_logits" in read_table(path).column_names
+
+
+def teacher_folder_name(index: int) -> str:
+    """The folder of the `index`-th teacher of an ensemble inside a split folder (teacher.models[index])."""
+    return f"teacher-{index}"
+
+
+def teacher_folders(split_dir: Path) -> list[Path]:
+    """The logits folders of a split, one per teacher in teacher.models' order: the split folder itself for one
+    teacher (or when it has no manifest yet: the caller reports that), its `teacher-N` folders for several."""
+    manifest_path = split_dir / "manifest.json"
+    listed = read_json(manifest_path).get("teachers") if manifest_path.exists() else None
+    if listed is None:
+        return [split_dir]
+    if not isinstance(listed, list) or not all(isinstance(t, dict) and isinstance(t.get("folder"), str) for t in listed):
+        raise KdqaError(f"{manifest_path}: 'teachers' is not a list of teacher folders (run `kdqa teacher`)")
+    return [split_dir / t["folder"] for t in listed]

@@ -44,8 +44,9 @@ def write_model_card(folder: Path, params, ws: Workspace, steps: int, dev_metric
         threshold = (f"No no-answer threshold was chosen (no `data.validation`): it answers at "
                      f"{UNTUNED_NULL_THRESHOLD}.")
     hyper = {k: v for k, v in asdict(student).items() if k not in ("trust_remote_code",)}
+    teachers = ", ".join(f"`{t}`" for t in params.teacher.teachers)
     method = ("supervised fine-tuning on hard labels (distillation_weight 0)" if student.distillation_weight == 0 else
-              f"offline knowledge distillation from `{params.teacher.model}` (precomputed logits), "
+              f"offline knowledge distillation from {teachers} (precomputed logits), "
               f"loss = {student.distillation_weight}·T²·KL + {1 - student.distillation_weight:g}·CE, "
               f"T = {student.temperature}")
     scores = _score_rows(dev_metrics) if dev_metrics else "No dev evaluation was run."
@@ -67,7 +68,7 @@ tags: [extractive-qa, squad_v2, knowledge-distillation, kdqa]
 
 - **Base model:** `{student.model}`{f" (layers {list(student.init_layers)})" if student.init_layers else ""}
 - **Method:** {method}
-- **Teacher:** `{params.teacher.model}`
+- **Teacher{"s" if len(params.teacher.teachers) > 1 else ""}:** {teachers}
 - **Training data:** `{params.data.train}`{extra_line}; evaluated on `{params.data.dev}`
 - **Features:** max_seq_len {params.prepare.max_seq_len}, doc_stride {params.prepare.doc_stride}, max_query_len {params.prepare.max_query_len}
 - **Optimizer steps:** {steps}

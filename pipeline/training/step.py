@@ -89,7 +89,7 @@ def train_step(model, batch: dict, optimizer, scheduler, student: StudentParams,
     loss = distillation_loss(
         out.start_logits, out.end_logits, batch["start_positions"], batch["end_positions"], batch["answer_mask"],
         batch.get("teacher_start"), batch.get("teacher_end"), student.temperature, student.distillation_weight,
-        batch.get("teacher_mask"),
+        batch.get("teacher_mask"), batch.get("target_weight"),
     )
     optimizer.zero_grad(set_to_none=True)
     if scaler is None:

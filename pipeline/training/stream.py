@@ -5,7 +5,9 @@ their feature ids agree row for row, shuffles the rows of the shard (seeded by s
 yields batches padded to their longest feature; with `group_by_length`, rows of similar length share a batch
 and the batches come in random order. Shard order is reshuffled every epoch with the same seed
 on every rank; under DDP each rank takes a disjoint slice of that order. Extra shards (rows only the teacher
-labelled) join the labelled ones epoch by epoch, as pipeline/training/mixing.py plans.
+labelled) join the labelled ones epoch by epoch, as pipeline/training/mixing.py plans. With several teachers
+each batch still carries one target: their logits are combined here, in the loader's workers
+(pipeline/model/ensemble.py), so the training step does the same work as with one teacher.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.model.batching import length_grouped_batches, pad_batch, pad_logits
+from pipeline.model.ensemble import Combination, ensemble_targets
 from pipeline.runtime.errors import KdqaError
 from pipeline.training.mixing import extra_quota, extra_shards_by_epoch
 from pipeline.store.features import read_feature_ids, read_training_rows
-from pipeline.store.logits import read_logits
+from pipeline.store.logits import read_logits, teacher_folders
 from pipeline.store.shards import list_shards, shard_rows
 
 # group_by_length sorts groups of this many batches of random rows by length: enough to remove nearly all the
@@ -34,43 +37,48 @@ GROUP_BATCHES = 32
 @dataclass(frozen=True)
 class ShardPair:
     features_path: Path
-    logits_path: Path | None  # None when training on hard labels only
+    logits_path: Path | None  # None when training on hard labels only; with several teachers, the first one's
     rows: int
+    more_logits: tuple[Path, ...] = ()  # the other teachers' logits of the same features (teacher.models[1:])
+
+    @property
+    def teacher_shards(self) -> tuple[Path, ...]:
+        return () if self.logits_path is None else (self.logits_path, *self.more_logits)
 
 
 def find_shard_pairs(features_dir: Path, logits_dir: Path | None) -> list[ShardPair]:
-    """Pair each features shard with the logits shard of the same name; counts must agree."""
+    """Pair each features shard with the logits shard of the same name (of every teacher); counts must agree."""
     features = list_shards(features_dir)
     if not features:
         raise KdqaError(f"{features_dir}: no feature shards (run `kdqa prepare`)")
+    folders = [] if logits_dir is None else teacher_folders(logits_dir)
     pairs = []
     for path in features:
         rows = shard_rows(path)
-        logits = None
-        if logits_dir is not None:
-            logits = logits_dir / path.name
-            if not logits.exists():
-                raise KdqaError(f"{logits}: missing logits shard for {path} (run `kdqa teacher`)")
-            logit_rows = shard_rows(logits)
+        logits = [folder / path.name for folder in folders]
+        for shard in logits:
+            if not shard.exists():
+                raise KdqaError(f"{shard}: missing logits shard for {path} (run `kdqa teacher`)")
+            logit_rows = shard_rows(shard)
             if logit_rows != rows:
-                raise KdqaError(f"{logits}: {logit_rows} rows but {path} has {rows} (run `kdqa teacher`)")
-        pairs.append(ShardPair(path, logits, rows))
-    if logits_dir is not None:
-        extra = {p.name for p in list_shards(logits_dir)} - {p.name for p in features}
+                raise KdqaError(f"{shard}: {logit_rows} rows but {path} has {rows} (run `kdqa teacher`)")
+        pairs.append(ShardPair(path, logits[0] if logits else None, rows, tuple(logits[1:])))
+    for folder in folders:
+        extra = {p.name for p in list_shards(folder)} - {p.name for p in features}
         if extra:
-            raise KdqaError(f"{logits_dir}: logits shards without features: {', '.join(sorted(extra))}")
+            raise KdqaError(f"{folder}: logits shards without features: {', '.join(sorted(extra))}")
     return pairs
 
 
-def check_feature_ids(pair: ShardPair, feature_ids, logit_ids) -> None:
+def check_feature_ids(pair: ShardPair, feature_ids, logit_ids, logits_path: Path) -> None:
     """Rows must be the same features in the same order; anything else would train on wrong targets."""
     if len(feature_ids) != len(logit_ids):
-        raise KdqaError(f"{pair.logits_path}: {len(logit_ids)} rows but {pair.features_path} has "
+        raise KdqaError(f"{logits_path}: {len(logit_ids)} rows but {pair.features_path} has "
                         f"{len(feature_ids)}")
     if not feature_ids.equals(logit_ids):
         a, b = feature_ids.to_pylist(), logit_ids.to_pylist()
         row = next(i for i in range(len(a)) if a[i] != b[i])
-        raise KdqaError(f"{pair.logits_path}: row {row} holds feature {b[row]!r} but {pair.features_path} "
+        raise KdqaError(f"{logits_path}: row {row} holds feature {b[row]!r} but {pair.features_path} "
                         f"has {a[row]!r}")
 
 
@@ -79,9 +87,12 @@ class ShardStream(IterableDataset):
 
     def __init__(self, pairs: list[ShardPair], batch_size: int, seed: int, pad_token_id: int,
                  rank: int = 0, world_size: int = 1, pad_to_multiple_of: int = 1, max_width: int | None = None,
-                 group_by_length: bool = False, extra: list[ShardPair] = (), extra_ratio: float = 0.0):
+                 group_by_length: bool = False, extra: list[ShardPair] = (), extra_ratio: float = 0.0,
+                 combination: Combination | None = None):
         # `pairs` are the labelled shards, every epoch; `extra` (teacher-labelled rows) join about
         # `extra_ratio` rows per labelled row each epoch, as whole shards (pipeline/training/mixing.py).
+        # `combination`: how several teachers' logits become the one target (None: one teacher, as stored).
+        self.combination = combination
         self.labelled_shards = len(pairs)
         self.pairs = list(pairs) + list(extra)
         self.extra_quota = extra_quota(sum(p.rows for p in pairs), extra_ratio) if extra else 0
@@ -128,12 +139,14 @@ class ShardStream(IterableDataset):
         input_ids, token_types, context_start, context_end = (rows.input_ids, rows.token_type_ids,
                                                               rows.context_start, rows.context_end)
         start_positions, end_positions = rows.start_positions, rows.end_positions
-        if pair.logits_path is not None:  # the teacher's logits, or its targets aligned onto these features
-            logit_ids, t_start, t_end = read_logits(pair.logits_path)
-            check_feature_ids(pair, rows.feature_ids, logit_ids)
+        teachers = []  # per teacher: (start rows, end rows)
+        for shard in pair.teacher_shards:  # the teachers' logits, or a teacher's targets aligned onto these features
+            logit_ids, t_start, t_end = read_logits(shard)
+            check_feature_ids(pair, rows.feature_ids, logit_ids, shard)
             for row, (ids, ts) in enumerate(zip(input_ids, t_start)):
                 if len(ids) != len(ts):
-                    raise KdqaError(f"{pair.logits_path}: row {row} has {len(ts)} logits for {len(ids)} tokens")
+                    raise KdqaError(f"{shard}: row {row} has {len(ts)} logits for {len(ids)} tokens")
+            teachers.append((t_start, t_end))
 
         rng = np.random.default_rng([self.seed, self.epoch, shard_index])
         if self.group_by_length:
@@ -148,9 +161,14 @@ class ShardStream(IterableDataset):
                               self.pad_to_multiple_of, self.max_width)
             batch["start_positions"] = torch.from_numpy(start_positions[rows])
             batch["end_positions"] = torch.from_numpy(end_positions[rows])
-            if pair.logits_path is not None:
-                width = batch["input_ids"].shape[1]
+            width = batch["input_ids"].shape[1]
+            if len(teachers) == 1 and self.combination is None:
+                t_start, t_end = teachers[0]
                 batch.update(teacher_targets([t_start[i] for i in rows], [t_end[i] for i in rows], width))
+            elif teachers:
+                start, end = (torch.stack([pad_logits([t[side][i] for i in rows], width) for t in teachers])
+                              for side in (0, 1))
+                batch.update(ensemble_targets(start, end, batch["answer_mask"], self.combination))
             yield batch
 
 
@@ -168,6 +186,6 @@ def teacher_targets(start: list[np.ndarray], end: list[np.ndarray], width: int) 
 def verify_alignment(pairs: list[ShardPair]) -> None:
     """Check every pair's feature ids row for row before training starts (id columns only: cheap)."""
     for pair in pairs:
-        if pair.logits_path is None:
-            continue
-        check_feature_ids(pair, read_feature_ids(pair.features_path), read_feature_ids(pair.logits_path))
+        feature_ids = read_feature_ids(pair.features_path) if pair.teacher_shards else None
+        for shard in pair.teacher_shards:
+            check_feature_ids(pair, feature_ids, read_feature_ids(shard), shard)
