@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
 import tiny
 from conftest import make_run_dir, run_cli
@@ -19,6 +18,7 @@ from pipeline.text.augment import AugmentReport, make_views
 from pipeline.text.features import NO_LABEL
 from pipeline.text.squad import load_examples
 from reliability_kit import assert_one_line_error, kdqa
+from tiny import set_params
 
 WORDS = tiny.WORDS[:40]
 
@@ -50,14 +50,6 @@ def make_sentence_squad(path: Path, articles: int, seed: int, id_prefix: str = "
         data.append({"title": f"article {a}", "paragraphs": paragraphs})
     path.write_text(json.dumps({"version": "v2.0", "data": data}))
     return path
-
-
-def set_params(run: Path, **changes) -> None:
-    params = yaml.safe_load((run / "params.yaml").read_text())
-    for key, value in changes.items():
-        section, name = key.split("__")
-        params[section][name] = value
-    (run / "params.yaml").write_text(yaml.safe_dump(params))
 
 
 def shard_digests(folder: Path) -> dict[str, bytes]:

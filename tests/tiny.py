@@ -128,6 +128,17 @@ def write_params(path: Path, teacher: Path, student: Path, train: Path, dev: Pat
     return path
 
 
+def set_params(run: Path, **changes) -> None:
+    """Change keys of a run directory's params.yaml, given as section__key=value."""
+    import yaml
+
+    params = yaml.safe_load((run / "params.yaml").read_text())
+    for key, value in changes.items():
+        section, name = key.split("__")
+        params[section][name] = value
+    (run / "params.yaml").write_text(yaml.safe_dump(params))
+
+
 def strip_answers(path: Path, out: Path, id_prefix: str = "u-") -> Path:
     """The same questions with every answer removed (the shared unlabeled file's layout) and fresh ids."""
     doc = json.loads(path.read_text())

@@ -1,0 +1,274 @@
+"""Issue 33: several teachers, each one's logits stored once, combined into one target for the student.
+
+The combination against a computation by hand (mean of softmaxes at T, per-row loops, math only); the teacher
+stage computing only a new teacher's shards and leaving the others' byte for byte; the stream's one target;
+evaluate's and inspect's per-teacher and ensemble scores. Bad input is in tests/test_fault_table.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import tiny
+from conftest import INPUTS, copy_run
+from reliability_kit import kdqa
+from tiny import set_params
+
+from pipeline.model.batching import answer_mask
+from pipeline.model.ensemble import Combination, agreement, ensemble_targets, mixture_logits, same_answerability
+from pipeline.model.losses import distillation_loss, masked_kl
+
+
+def softmax_at(values: list[float], temperature: float) -> list[float]:
+    exps = [math.exp(v / temperature - max(values) / temperature) for v in values]
+    return [e / sum(exps) for e in exps]
+
+
+# Two rows of width 6: row 0 has its context at 3..5 (1, 2 are question tokens), row 1 at 2..3 (4, 5 padding).
+SPANS = [(3, 5), (2, 3)]
+ALLOWED = [[0, 3, 4, 5], [0, 2, 3]]
+TEACHERS = torch.tensor([[[2.0, 9.0, 9.0, 1.0, 0.5, -1.0], [0.0, 5.0, 1.0, 3.0, 7.0, 7.0]],
+                         [[-1.0, 0.0, 4.0, 3.0, 2.0, 0.0], [1.5, 0.0, 2.0, -2.0, 0.0, 0.0]]])  # [K=2, B=2, W=6]
+
+
+def mask() -> torch.Tensor:
+    return answer_mask([s for s, _ in SPANS], [e for _, e in SPANS], 6)
+
+
+def hand_mixture(row: int, weights: list[float], temperature: float) -> list[float]:
+    """sum_k w_k softmax(t_k / T) over the row's allowed positions, weights normalized: by hand."""
+    total = sum(weights)
+    per_teacher = [softmax_at([float(TEACHERS[k, row, j]) for j in ALLOWED[row]], temperature)
+                   for k in range(len(weights))]
+    return [sum(w / total * p[i] for w, p in zip(weights, per_teacher)) for i in range(len(ALLOWED[row]))]
+
+
+@pytest.mark.parametrize("weights,temperature", [([1.0, 1.0], 2.0), ([3.0, 1.0], 5.0), ([0.0, 2.0], 1.0)])
+def test_the_combined_target_is_the_weighted_mean_of_the_teachers_softmaxes_at_t(weights, temperature):
+    combined = mixture_logits(TEACHERS, mask(), Combination(tuple(weights), temperature))
+    assert combined.shape == (2, 6)  # one target per row, whatever the number of teachers
+    for row in range(2):
+        got = softmax_at([float(combined[row, j]) for j in ALLOWED[row]], temperature)
+        assert got == pytest.approx(hand_mixture(row, weights, temperature), abs=1e-6)
+        assert sum(got) == pytest.approx(1.0)
+
+
+def test_the_kd_loss_against_the_combined_target_is_the_kl_to_the_mixture_by_hand():
+    temperature, weights = 3.0, [1.0, 2.0]
+    student = torch.tensor([[0.3, 1.0, -2.0, 0.7, 2.2, 5.0], [1.0, 0.0, -0.5, 0.25, 3.0, 3.0]])
+    combined = mixture_logits(TEACHERS, mask(), Combination(tuple(weights), temperature))
+    expected = 0.0
+    for row in range(2):
+        p_t = hand_mixture(row, weights, temperature)
+        p_s = softmax_at([float(student[row, j]) for j in ALLOWED[row]], temperature)
+        expected += sum(t * (math.log(t) - math.log(s)) for t, s in zip(p_t, p_s)) / 2
+    assert float(masked_kl(student, combined, mask(), temperature)) == pytest.approx(expected, rel=1e-5)
+    # Row weights (an agreement option): a weighted mean of the rows' KL; a row of weight 0 adds nothing.
+    row0 = float(masked_kl(student[:1], combined[:1], mask()[:1], temperature))
+    weighted = masked_kl(student, combined, mask(), temperature, torch.tensor([1.0, 0.0]))
+    assert float(weighted) == pytest.approx(row0, rel=1e-6)
+    labels = torch.zeros(2, dtype=torch.long)
+    parts = distillation_loss(student, student, labels, labels, mask(), combined, combined, temperature, 1.0,
+                              target_weight=torch.tensor([1.0, 0.0]))
+    assert float(parts.kd) == pytest.approx(row0, rel=1e-6)
+
+
+def test_agreement_is_one_for_teachers_that_agree_and_falls_as_they_part():
+    same = torch.stack([TEACHERS[0], TEACHERS[0]])
+    combination = Combination((1.0, 1.0), 2.0, "weight")
+    assert agreement(same, same, mask(), combination).tolist() == pytest.approx([1.0, 1.0])
+    # Each teacher sure of another position: a divergence near its largest value, log 2 for two equal weights.
+    apart = torch.full((2, 2, 6), -50.0)
+    apart[0, :, 0] = apart[1, 0, 3] = apart[1, 1, 2] = 50.0
+    assert agreement(apart, apart, mask(), Combination((1.0, 1.0), 1.0, "weight")).tolist() == pytest.approx([0, 0],
+                                                                                                             abs=1e-6)
+    # Halfway: the JS divergence by hand over its largest value, H(w) = log 2.
+    partial = agreement(TEACHERS, TEACHERS, mask(), combination)
+    for row in range(2):
+        p = [softmax_at([float(TEACHERS[k, row, j]) for j in ALLOWED[row]], 2.0) for k in range(2)]
+        mix = [(a + b) / 2 for a, b in zip(*p)]
+        entropy = lambda q: -sum(x * math.log(x) for x in q if x > 0)  # noqa: E731
+        js = entropy(mix) - (entropy(p[0]) + entropy(p[1])) / 2
+        assert float(partial[row]) == pytest.approx(1 - js / math.log(2), abs=1e-5)
+    # A teacher of weight 0 takes no part: one teacher left agrees with itself.
+    assert agreement(apart, apart, mask(), Combination((0.0, 1.0), 1.0, "weight")).tolist() == [1.0, 1.0]
+
+
+def test_rows_whose_teachers_disagree_on_answerability_are_dropped():
+    start = torch.zeros(2, 2, 6)
+    end = torch.zeros(2, 2, 6)
+    start[0, :, 0] = end[0, :, 0] = 5.0  # teacher 0: no answer in either row (null 10 > best 0)
+    start[1, 0, 4] = end[1, 0, 5] = 8.0  # teacher 1: an answer in row 0 (best 16 > null 0)...
+    start[1, 1, 0] = end[1, 1, 0] = 3.0  # ...and none in row 1
+    combination = Combination((1.0, 1.0), 2.0, "drop")
+    assert same_answerability(start, end, mask(), combination).tolist() == [0.0, 1.0]
+    targets = ensemble_targets(start, end, mask(), combination)
+    assert set(targets) == {"teacher_start", "teacher_end", "target_weight"}
+    assert targets["target_weight"].tolist() == [0.0, 1.0]
+    assert "target_weight" not in ensemble_targets(start, end, mask(), Combination((1.0, 1.0), 2.0))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The pipeline with tiny teachers
+# ---------------------------------------------------------------------------------------------------------
+
+def digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("part-*.parquet"))}
+
+
+def splits(run: Path) -> list[str]:
+    return sorted(p.name for p in (run / "data/teacher").iterdir())
+
+
+@pytest.fixture(scope="module")
+def more_teachers(tmp_path_factory) -> list[Path]:
+    """Two more teachers of the tiny vocabulary, other seeds (the run's own teacher is ./inputs/teacher)."""
+    root = tmp_path_factory.mktemp("more-teachers")
+    return [tiny.make_model(root / f"teacher-{seed}", layers=3, seed=seed) for seed in (7, 11)]
+
+
+@pytest.fixture(scope="module")
+def ensemble_run(prepared_run, more_teachers, tmp_path_factory) -> tuple[Path, str]:
+    """The prepared one-teacher run with a second teacher added (and its teacher stage's log). Read-only."""
+    run = copy_run(prepared_run, tmp_path_factory.mktemp("ensemble") / "run")
+    set_params(run, teacher__model=None, teacher__models=[f"./{INPUTS}/teacher", str(more_teachers[0])])
+    shutil.rmtree(run / "data/teacher")  # as `dvc repro` does before rerunning the stage
+    result = kdqa(run, "teacher")
+    assert result.exit_code == 0, result.output
+    return run, result.stderr
+
+
+def test_one_teacher_keeps_its_layout_and_a_second_adds_only_its_own_shards(prepared_run, ensemble_run):
+    run, log = ensemble_run
+    assert "1 reused from earlier runs (teacher.models[0] (" in log  # every shard copied from the logits cache
+    assert "teacher.models[1]" in log and "shards computed in" in log.split("teacher.models[1]")[1]
+    for split in splits(prepared_run):
+        single = prepared_run / "data/teacher" / split
+        assert "teachers" not in json.loads((single / "manifest.json").read_text())  # one teacher: as ever
+        manifest = json.loads((run / "data/teacher" / split / "manifest.json").read_text())
+        assert [t["folder"] for t in manifest["teachers"]] == ["teacher-0", "teacher-1"]
+        first = run / "data/teacher" / split / "teacher-0"
+        assert digests(first) == digests(single)  # the first teacher's logits, byte for byte (sha256)
+        assert json.loads((first / "manifest.json").read_text())["fingerprint"] == \
+            json.loads((single / "manifest.json").read_text())["fingerprint"]
+        assert digests(run / "data/teacher" / split / "teacher-1").keys() == digests(single).keys()
+        assert digests(run / "data/teacher" / split / "teacher-1") != digests(single)  # another teacher
+
+
+def test_a_third_teacher_computes_only_its_shards_and_the_others_stay_byte_identical(ensemble_run, more_teachers,
+                                                                                     tmp_path):
+    run = copy_run(ensemble_run[0], tmp_path / "run")
+    before = {split: [digests(run / "data/teacher" / split / f"teacher-{i}") for i in range(2)] for split in splits(run)}
+    models = yaml.safe_load((run / "params.yaml").read_text())["teacher"]["models"]
+    set_params(run, teacher__models=[*models, str(more_teachers[1])])
+    shutil.rmtree(run / "data/teacher")
+    result = kdqa(run, "teacher")
+    assert result.exit_code == 0, result.output
+    assert "2 reused from earlier runs" in result.stderr and "1 computed now (teacher.models[2]" in result.stderr
+    for split, old in before.items():
+        assert [digests(run / "data/teacher" / split / f"teacher-{i}") for i in range(2)] == old
+        assert len(digests(run / "data/teacher" / split / "teacher-2")) == len(old[0])
+
+
+def test_a_teacher_failing_half_way_leaves_the_others_for_the_rerun(prepared_run, more_teachers, tmp_path,
+                                                                    monkeypatch):
+    import pyarrow.parquet as pq
+
+    run = copy_run(prepared_run, tmp_path / "run")
+    shutil.rmtree(run / ".kdqa")  # no logits cache: the first teacher computes its shards in this run
+    shutil.rmtree(run / "data/teacher")
+    set_params(run, teacher__model=None, teacher__models=[f"./{INPUTS}/teacher", str(more_teachers[0])])
+    original, writes = pq.write_table, []
+
+    def write_table(table, path, *a, **k):
+        if "teacher-work/teacher-1" in str(path):
+            writes.append(path)
+            if len(writes) == 2:
+                raise OSError(28, "No space left on device")
+        return original(table, path, *a, **k)
+
+    monkeypatch.setattr(pq, "write_table", write_table)
+    failed = kdqa(run, "teacher")
+    monkeypatch.undo()
+    assert failed.exit_code == 1 and "teacher-work/teacher-1/train" in failed.stderr
+    assert not (run / "data/teacher/train").exists()  # nothing published half-way
+    rerun = kdqa(run, "teacher")
+    assert rerun.exit_code == 0, rerun.output
+    assert "1 reused from earlier runs (teacher.models[0]" in rerun.stderr  # its finished shards, not recomputed
+    assert "resuming, 1 of" in rerun.stderr  # the failed teacher's one finished shard
+    assert digests(run / "data/teacher/train/teacher-0") == digests(prepared_run / "data/teacher/train")
+
+
+def test_the_stream_carries_one_combined_target_per_batch(ensemble_run):
+    from pipeline.store.logits import read_logits
+    from pipeline.training.stream import ShardStream, find_shard_pairs
+
+    run, _ = ensemble_run
+    pairs = find_shard_pairs(run / "data/features/train", run / "data/teacher/train")
+    assert [p.name for p in pairs[0].teacher_shards] == ["part-00000.parquet"] * 2
+    combination = Combination((2.0, 1.0), 2.0, "drop")
+    stream = ShardStream(pairs[:1], batch_size=4, seed=0, pad_token_id=0, combination=combination)
+    batch = next(iter(stream))
+    assert batch["teacher_start"].shape == batch["input_ids"].shape and batch["target_weight"].shape == (4,)
+    # The batch's first row, found by its tokens, against the two teachers' stored logits combined by hand.
+    from pipeline.store.features import read_training_rows
+
+    rows = read_training_rows(pairs[0].features_path)
+    row = next(i for i, ids in enumerate(rows.input_ids)
+               if len(ids) <= batch["input_ids"].shape[1] and np.array_equal(batch["input_ids"][0, :len(ids)], ids))
+    allowed = [0, *range(int(rows.context_start[row]), int(rows.context_end[row]) + 1)]
+    per_teacher = [softmax_at([float(read_logits(shard)[1][row][j]) for j in allowed], 2.0)
+                   for shard in pairs[0].teacher_shards]
+    expected = [(2 * a + b) / 3 for a, b in zip(*per_teacher)]
+    got = softmax_at([float(batch["teacher_start"][0, j]) for j in allowed], 2.0)
+    assert got == pytest.approx(expected, abs=1e-5)
+
+
+def test_student_trains_on_the_ensemble_and_evaluate_and_inspect_score_each_teacher(ensemble_run, tmp_path):
+    from pipeline.model.scoring import score_logit_shards
+    from pipeline.params import load_params
+
+    run = copy_run(ensemble_run[0], tmp_path / "run")
+    set_params(run, student__max_steps=3, student__teacher_weights=[2, 1], student__teacher_agreement="weight")
+    result = kdqa(run, "student")
+    assert result.exit_code == 0, result.output
+    assert "target: the mean of 2 teachers' probabilities at T=2.0, weights [2.0, 1.0]" in result.stderr
+    card = json.loads((run / "models/student/kdqa_training.json").read_text())
+    assert card["teachers"][0].endswith("inputs/teacher") and card["teachers"][1].endswith("teacher-7")
+    result = kdqa(run, "evaluate")
+    assert result.exit_code == 0, result.output
+    scores = json.loads((run / "metrics/teacher.json").read_text())
+    assert set(scores) == {"teacher-0", "teacher-1", "ensemble"}
+    params = load_params(run / "params.yaml")
+    dev = run / "data/teacher/dev"
+    assert scores["teacher-1"] == score_logit_shards(run / "data/features/dev", [dev / "teacher-1"], params,
+                                                     run / "data/features/dev_examples.parquet")
+    assert "ensemble on dev: EM" in result.stderr
+    inspected = json.loads(kdqa(run, "inspect", "--json", "data/teacher/dev").stdout)
+    assert inspected["teachers"] == 2 and inspected["teacher-1"]["model"].endswith("teacher-7")
+    for key in ("ensemble_span_accuracy", "ensemble_start_accuracy"):
+        assert isinstance(inspected[key], float)
+    assert isinstance(inspected["teacher-0"]["teacher_span_accuracy"], float)
+    text = kdqa(run, "inspect", "data/teacher/dev").stdout
+    assert "teacher-0.teacher_span_accuracy" in text and "ensemble_span_accuracy" in text
+
+
+def test_teacher_models_names_the_teachers_and_teacher_model_a_list_of_one(tmp_path):
+    from pipeline.params import load_params
+
+    path = tmp_path / "params.yaml"
+    path.write_text("teacher:\n  models: [a, b]\n")
+    assert load_params(path).teacher.teachers == ["a", "b"] and load_params(path).teacher.model is None
+    path.write_text("teacher:\n  model: a\n")
+    assert load_params(path).teacher.teachers == ["a"]
+    path.write_text("teacher:\n  model: null\n  models: [a]\nstudent:\n  teacher_weights: [1, 2]\n")
+    assert load_params(path).student.teacher_weights == [1.0, 2.0]
