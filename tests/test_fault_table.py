@@ -430,6 +430,39 @@ def jsonl_file(*lines: str):
     return setup
 
 
+def another_teacher(c: Ctx, name: str = "teacher-2", **model) -> Path:
+    """A second tiny teacher (the world's vocabulary unless `vocab`), another seed; `model`: tiny.make_model's."""
+    return tiny.make_model(c.tmp / name, **{"layers": 2, "seed": 3, **model})
+
+
+def ensemble_params(teacher_model=None, **model):
+    """teacher.models: the world's teacher and another one (`model`: how that one differs)."""
+    def setup(c: Ctx):
+        second = another_teacher(c, **model)
+        c.values["model"] = str(second)
+        write_params(c.world, c.ws, **{**STUDENT, "teacher__model": teacher_model,
+                                       "teacher__models": [str(c.world.teacher), str(second)]})
+    return setup
+
+
+def same_teacher_twice(c: Ctx):
+    copy = c.tmp / "teacher-copy"
+    shutil.copytree(c.world.teacher, copy)
+    c.values["model"] = str(copy)
+    write_params(c.world, c.ws, **{**STUDENT, "teacher__model": None,
+                                   "teacher__models": [str(c.world.teacher), str(copy)]})
+
+
+def ensemble_logits(**student):
+    """data/teacher of two teachers (the teacher stage run in the setup), then the student's `student` params."""
+    def setup(c: Ctx):
+        ensemble_params()(c)
+        assert kdqa(c.ws, "-q", "teacher").exit_code == 0
+        write_params(c.world, c.ws, **{**STUDENT, "teacher__model": None,
+                                       "teacher__models": [str(c.world.teacher), c.values["model"]], **student})
+    return setup
+
+
 def hub_name(**overrides):
     return patch_params(**overrides)
 
@@ -657,6 +690,48 @@ ROWS = [
     Row("predict --jsonl: a lone surrogate", ("predict", "--model", "{student}", "--jsonl", "{jsonl}"),
         jsonl_file('{"question": "who?", "context": "Alice \\ud83d built it."}'),
         ("{jsonl}: line 1", "lone UTF-16 surrogate")),
+    # --- issue 33: several teachers (teacher.models) ---
+    Row("teacher: teacher.model and teacher.models both set", ("teacher",),
+        ensemble_params(teacher_model="someone/teacher"), ("teacher.model ('someone/teacher')", "both set",
+                                                           "teacher.model: null")),
+    Row("teacher: a teacher listed twice", ("teacher",),
+        patch_params(teacher__model=None, teacher__models=["a/teacher", "b/teacher", "a/teacher"]),
+        ("teacher.models lists 'a/teacher' twice",)),
+    Row("teacher: one teacher's weights under two names", ("teacher",), same_teacher_twice,
+        ("{model}", "teacher.models[1] has the same weights as teacher.models[0]"),
+        keeps=(TEACHER_WORK, LOGITS_CACHE)),
+    Row("teacher: no teacher at all", ("teacher",), patch_params(teacher__model=None, teacher__models=[]),
+        ("no teacher", "teacher.model is null and teacher.models is empty")),
+    Row("teacher: a second teacher of another tokenizer", ("teacher",),
+        ensemble_params(vocab=tiny.CHARACTER_VOCAB),
+        ("{model}", "teacher.models[1]'s tokenizer differs", "must share that tokenizer"),
+        keeps=(TEACHER_WORK, LOGITS_CACHE)),
+    Row("teacher: a second teacher shorter than the features' windows", ("teacher",), ensemble_params(positions=32),
+        ("{model}", "reads at most 32 tokens", "prepare.max_seq_len 48"), keeps=(TEACHER_WORK, LOGITS_CACHE)),
+    Row("teacher: the second teacher fails half-way, the first's shards kept", ("teacher",),
+        then(ensemble_params(), parquet_write_fails(errno.ENOSPC, "teacher-work/teacher-1", nth=3)),
+        (".kdqa/teacher-work/teacher-1/train/part-00002.parquet", ENOSPC), keeps=(TEACHER_WORK, LOGITS_CACHE)),
+    Row("student: one teacher's logits made for other features", ("student",),
+        then(ensemble_logits(), lambda c: _rewrite_json(
+            c.ws / "data/teacher/train/teacher-1/manifest.json",
+            lambda m: m["fingerprint_parts"].update(features="0123456789abcdef"))),
+        ("data/teacher/train/teacher-1", "0123456789abcdef", "kdqa teacher")),
+    Row("align: several teachers for a student of other windows", ("align",),
+        ensemble_logits(student__max_seq_len=40), ("data/teacher/train", "logits of 2 teachers",
+                                                   "not supported yet")),
+    Row("student: teacher_weights of another length than the teachers", ("student",),
+        patch_params(student__teacher_weights=[1.0, 2.0]),
+        ("student.teacher_weights: 2 weight(s)", "data/teacher/train holds the logits of 1 teacher(s)")),
+    Row("student: teacher_weights for two of three teachers", ("student",),
+        ensemble_logits(student__teacher_weights=[1.0, 2.0, 3.0]),
+        ("student.teacher_weights: 3 weight(s)", "holds the logits of 2 teacher(s)")),
+    *[Row(f"student: teacher_weights {weights}", ("student",), patch_params(student__teacher_weights=weights),
+          ("student.teacher_weights", fragment))
+      for weights, fragment in (([1.0, -0.5], "must be finite and not negative, got -0.5"),
+                                ([0, 0.0], "are all zero"), ([1.0, float("nan")], "got nan"),
+                                ([1.0, float("inf")], "got inf"), ("1,2", "must be a list of numbers"))],
+    Row("student: teacher_agreement unknown", ("student",), patch_params(student__teacher_agreement="vote"),
+        ("student.teacher_agreement must be one of none, weight, drop", "'vote'")),
     # --- class 5: no stage rewrites what a running stage reads (folder locks), and back ---
     Row("prepare: while a student reads data/features", ("prepare",), folder_lock_held("student"),
         ("data/features: in use by `kdqa student` (pid {pid}", "wait for it to finish")),
