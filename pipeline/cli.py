@@ -135,7 +135,7 @@ def prepare(ctx, strict):
 
     \b
     Reads:  data.train, data.dev, data.unlabeled (SQuAD JSON, or hub name[:split]), prepare.*,
-            teacher.model's tokenizer
+            teacher.model's tokenizer (teacher.models: the first teacher's)
     Writes: data/features/{train,dev}/part-NNNNN.parquet + manifest.json,
             data/features/unlabeled/ (data.unlabeled), data/features/augmented/ (prepare.augment_views),
             data/features/dev_examples.parquet, data/features/report.json
@@ -154,13 +154,15 @@ def prepare(ctx, strict):
 @cli.command(short_help=STAGES["teacher"].summary)
 @click.pass_context
 def teacher(ctx):
-    """Run the teacher once over the features; write its logits shards to data/teacher/.
+    """Run each teacher once over the features; write its logits shards to data/teacher/.
 
     \b
-    Reads:  data/features/{train,dev,unlabeled,augmented}, teacher.* (model, batch sizes, nproc)
+    Reads:  data/features/{train,dev,unlabeled,augmented}, teacher.* (model or models, batch sizes, nproc)
     Writes: data/teacher/{split}/part-NNNNN.parquet (float16 start/end logits, same rows as the
-            features shard of the same name) + manifest.json (fingerprint); work in .kdqa/teacher-work/;
-            every shard also into .kdqa/teacher-cache/, so a shard of the same features is never computed twice
+            features shard of the same name) + manifest.json (fingerprint); several teachers
+            (teacher.models): the same in data/teacher/{split}/teacher-N/ per teacher; work in
+            .kdqa/teacher-work/; every shard also into .kdqa/teacher-cache/, so a shard of the same
+            features is never computed twice by the same teacher (adding a teacher computes only its own)
     (The teacher's dev scores, metrics/teacher.json, come from `kdqa evaluate`.)
 
     Resumes after a crash. Under `torchrun --nproc-per-node N -m pipeline teacher` each process takes

@@ -140,7 +140,9 @@ def subprocess_env() -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DVC_NO_ANALYTICS="1",
-               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", PYTHONPATH=str(TESTS_DIR))
+               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
+               # the caller's PYTHONPATH kept: a checkout tested beside another installed one imports itself
+               PYTHONPATH=os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")])))
     return env
 
 

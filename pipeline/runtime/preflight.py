@@ -128,8 +128,9 @@ def _prepare_space(params, ws: Workspace) -> dict[Path, int]:  # features take f
 
 
 def _teacher_space(params, ws: Workspace) -> dict[Path, int]:  # logits go to the work folder, then are copied into data/teacher
-    tokens = sum(_tokens(ws.features / split) for split in SPLITS if not _logits_current(split, ws))
-    logits = LOGITS_BYTES_PER_TOKEN * tokens
+    teachers = len(params.teacher.teachers)  # each teacher's logits of every split (teacher.models)
+    tokens = sum(_tokens(ws.features / split) for split in SPLITS if not _logits_current(split, ws, teachers))
+    logits = LOGITS_BYTES_PER_TOKEN * tokens * teachers
     return {ws.teacher_work: max(0, logits - _bytes_in(ws.teacher_work)), ws.teacher: logits}
 
 
@@ -156,13 +157,16 @@ SPACE_NEEDED = {"prepare": _prepare_space, "teacher": _teacher_space, "align": _
                 "student": _student_space, "evaluate": _evaluate_space, "export": _export_space}
 
 
-def _logits_current(split: str, ws: Workspace) -> bool:
-    """The published logits were made from the features there now (the teacher stage checks it fully)."""
+def _logits_current(split: str, ws: Workspace, teachers: int) -> bool:
+    """The published logits were made from the features there now, by as many teachers (the teacher stage checks
+    it fully)."""
     from pipeline.store.shards import read_json
 
     try:
-        published = read_json(ws.teacher / split / "manifest.json").get("fingerprint_parts", {}).get("features")
-        return published == read_json(ws.features / split / "manifest.json").get("fingerprint")
+        manifest = read_json(ws.teacher / split / "manifest.json")
+        published = manifest.get("fingerprint_parts", {}).get("features")
+        return (published == read_json(ws.features / split / "manifest.json").get("fingerprint")
+                and len(manifest.get("teachers", [None])) == teachers)
     except (KdqaError, AttributeError):
         return False
 
