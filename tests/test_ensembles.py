@@ -250,8 +250,10 @@ def test_student_trains_on_the_ensemble_and_evaluate_and_inspect_score_each_teac
     assert set(scores) == {"teacher-0", "teacher-1", "ensemble"}
     params = load_params(run / "params.yaml")
     dev = run / "data/teacher/dev"
-    assert scores["teacher-1"] == score_logit_shards(run / "data/features/dev", [dev / "teacher-1"], params,
-                                                     run / "data/features/dev_examples.parquet")
+    alone = score_logit_shards(run / "data/features/dev", [dev / "teacher-1"], params,
+                               run / "data/features/dev_examples.parquet")
+    assert {k: scores["teacher-1"][k] for k in alone} == alone  # as if it were the only teacher
+    assert scores["ensemble"]["null_threshold_source"] == scores["teacher-0"]["null_threshold_source"]
     assert "ensemble on dev: EM" in result.stderr
     inspected = json.loads(kdqa(run, "inspect", "--json", "data/teacher/dev").stdout)
     assert inspected["teachers"] == 2 and inspected["teacher-1"]["model"].endswith("teacher-7")
