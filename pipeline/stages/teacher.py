@@ -180,6 +180,16 @@ def compute_split(model, tokenizer, split: str, params: Params, ws: Workspace, t
     return ComputedSplit(split, shards, work, resume_key, fingerprint_parts, throughput, len(todo))
 
 
+def run_split(model, tokenizer, split: str, params: Params, ws: Workspace, teacher_identity: dict,
+              device: torch.device) -> dict | None:
+    """One teacher's split computed and published (by rank 0; returns its manifest there): what the stage does for
+    each split with one teacher, and what bench.performance times."""
+    computed = compute_split(model, tokenizer, split, params, ws, teacher_identity, device, ws.teacher_work / split)
+    manifest = publish_split(ws.teacher / split, [computed], params.teacher.teachers, device) if distributed.is_main() else None
+    distributed.barrier()
+    return manifest
+
+
 def write_logits_shard(path: Path, ids, start, end, resume_key: dict, cache: LogitsCache | None = None,
                        features_sha256: str | None = None) -> None:
     """A computed shard into the work folder, its done record, and a copy into the logits cache."""
