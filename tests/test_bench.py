@@ -213,10 +213,11 @@ def test_results_name_the_cpu_generation_and_its_kernel_flags(tmp_path):
     assert common.cpu_identity(tmp_path / "absent")["cpu"]  # no /proc/cpuinfo: the platform's name
 
 
-BENCHMARKS = ("accuracy", "align", "extra_data", "first_run", "peer", "performance", "serving", "attention_widths")
+BENCHMARKS = ("accuracy", "align", "extra_data", "first_run", "peer", "performance", "serving", "attention_widths",
+              "ensemble_step")
 # What each benchmark that needs real data must be given: none falls back to a file outside the repository.
 NEEDS = {"accuracy": "--train-data", "align": "--data", "extra_data": "--data", "first_run": "--data-dir",
-         "peer": "--data", "serving": "--data"}
+         "peer": "--data", "serving": "--data", "ensemble_step": "--data"}
 
 
 @pytest.mark.parametrize("name", BENCHMARKS)
@@ -236,3 +237,20 @@ def test_every_benchmark_runs_as_a_module_and_says_which_data_it_needs(name, tmp
         assert missing.returncode == 2 and f"needs {NEEDS[name]}: " in missing.stderr, missing.stderr[-2000:]
         assert re.search(r"squad2-(train-)?sample\.json", missing.stderr)  # which file: named, not assumed
         assert not (tmp_path / "out").exists()
+
+
+def test_ensemble_step_benchmark_quick_mode(tiny_assets, tmp_path):
+    """bench.ensemble_step runs end to end on the tiny models: two folders, one and three teachers over the same
+    features, the student's step timed in each (no timing assertions)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "bench.ensemble_step", "--quick", "--data", str(tiny_assets.train),
+               "--teacher-encoder", str(tiny_assets.teacher), "--out", str(tmp_path / "out")]
+    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((tmp_path / "out/results.json").read_text())
+    assert set(results["modes"]) == {"1 teacher", "3 teachers"}
+    for mode in results["modes"].values():
+        assert mode["steps"] > 1 and all(s > 0 for s in mode["step_s"])
+    three = tmp_path / "out/work/three-teachers/data/teacher/train"
+    assert sorted(p.name for p in three.glob("teacher-*")) == ["teacher-0", "teacher-1", "teacher-2"]
+    assert "within +3% of one teacher's" in (tmp_path / "out/results.md").read_text()
