@@ -291,6 +291,27 @@ def test_student_resume_refuses_changed_loss_settings(world, crashed_student):
     assert "resuming" not in result.stderr
 
 
+def test_student_resumes_a_checkpoint_from_before_a_setting_existed(world, crashed_student):
+    """A kdqa update that adds a student setting (at a default that changes nothing) does not throw away a
+    checkpoint written before it: the missing setting is read at its default. Set to anything else, it is a
+    changed setting like any other."""
+    import json
+
+    ws = crashed_student
+    (state_path,) = (ws / "checkpoints/student").glob("**/state.json")
+    state = json.loads(state_path.read_text())
+    del state["key"]["student"]["teacher_agreement"]  # as written by a kdqa that had no such setting
+    state_path.write_text(json.dumps(state))
+    write_params(world, ws, **STUDENT, student__checkpoint_every=5, student__num_workers=0,
+                 student__teacher_agreement="drop")
+    result = kdqa(ws, "-q", "student", "--resume")
+    assert_one_line_error(result, "checkpoints/student", "teacher_agreement: 'none' -> 'drop'")
+    write_params(world, ws, **STUDENT, student__checkpoint_every=5, student__num_workers=0)
+    result = kdqa(ws, "student", "--resume")
+    assert result.exit_code == 0, result.output
+    assert "resuming from" in result.stderr
+
+
 def test_student_resume_requires_a_checkpoint(world, tmp_path):
     ws = clone(world, tmp_path / "ws")
     write_params(world, ws, **STUDENT)

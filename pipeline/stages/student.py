@@ -252,7 +252,8 @@ def setup(params: Params, ws: Workspace, resume: str) -> Training:
 
     # Resume: weights, optimizer, schedule, RNG and the position in the shard stream.
     key = training_key(params, data_fingerprint, autocast)
-    state = load_checkpoint(ws.checkpoints, key, resume, model, optimizer, scheduler, rank, scaler)
+    state = load_checkpoint(ws.checkpoints, key, resume, model, optimizer, scheduler, rank, scaler,
+                            key_defaults=training_key(Params(), data_fingerprint, autocast))
     if state:
         log.info("resuming from %s at step %d (epoch %d, batch %d); loss: w=%s T=%s", ws.checkpoints, state.step,
                  state.epoch, state.batch_in_epoch, student.distillation_weight, student.temperature)

@@ -106,9 +106,20 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def with_defaults(saved: dict, defaults: dict) -> dict:
+    """`saved` with every key it lacks taken from `defaults`, at any depth: a checkpoint written before a setting
+    existed was made at that setting's default (a kdqa update adds settings at values that change nothing)."""
+    out = {**defaults, **saved}
+    for k, v in saved.items():
+        if isinstance(v, dict) and isinstance(defaults.get(k), dict):
+            out[k] = with_defaults(v, defaults[k])
+    return out
+
+
 def load_checkpoint(folder: Path, key: dict, resume: str, model, optimizer, scheduler, rank: int,
-                    scaler=None) -> Checkpoint | None:
-    """Restore a matching checkpoint into model/optimizer/scheduler(/scaler)/RNG; None means start from scratch."""
+                    scaler=None, key_defaults: dict | None = None) -> Checkpoint | None:
+    """Restore a matching checkpoint into model/optimizer/scheduler(/scaler)/RNG; None means start from scratch.
+    key_defaults: the key at the default settings, read for what an older checkpoint's key lacks."""
     found = _latest_complete(folder) if resume != "never" else None
     if found is None:
         if resume == "require":
@@ -118,8 +129,10 @@ def load_checkpoint(folder: Path, key: dict, resume: str, model, optimizer, sche
     if not isinstance(state, dict) or not {"step", "epoch", "batch_in_epoch", "key"} <= set(state):
         raise KdqaError(f"{found / 'state.json'}: not a kdqa checkpoint state; delete {found} or run "
                         "`kdqa student --no-resume`")
-    if state["key"] != key:
-        changes = "; ".join(_differences(state["key"], key)) or "unknown"
+    saved_key = with_defaults(state["key"], key_defaults) if key_defaults and isinstance(state["key"], dict) \
+        else state["key"]
+    if saved_key != key:
+        changes = "; ".join(_differences(saved_key, key)) or "unknown"
         if resume == "require":
             raise KdqaError(f"{found}: checkpoint was made with other settings ({changes}); rerun without --resume")
         log.warning("%s: not resuming, settings changed (%s); starting from scratch", found, changes)
