@@ -25,6 +25,7 @@ import torch
 
 from pipeline.model.batching import MASKED, answer_mask, pad_logits
 
+
 @dataclass(frozen=True)
 class Combination:
     """How several teachers' logits become one target (student.teacher_weights, temperature, teacher_agreement)."""
