@@ -181,7 +181,7 @@ def measure(rows: list[dict], questions: list, size: dict) -> None:
             started = time.perf_counter()
             row["qa"](*pair)
             row["latency_s"].append(time.perf_counter() - started)
-    n = min(len(pairs), size["throughput_questions"])
+    n = len(pairs) if size["throughput_questions"] == 0 else min(len(pairs), size["throughput_questions"])  # 0: all
     chunks = [pairs[i : i + size["batch"]] for i in range(0, n, size["batch"])]
     for i, chunk in enumerate(chunks):
         print(f"throughput: batch {i + 1} of {len(chunks)}", file=sys.stderr, flush=True)
