@@ -325,6 +325,9 @@ def markdown(r: dict) -> str:
         + (f" Peer: {', '.join(p['packages'])}." if p.get("packages") else " Peer: skipped.")
         + (" kdqa alone: " + ", ".join(f"student.{k}: {v}" for k, v in r["kdqa_student_settings"].items()) + "."
            if r.get("kdqa_student_settings") else "")
+        + (" kdqa's defaults as they ran here: " + ", ".join(f"student.{k}: {v}" for k, v in
+                                                             r["kdqa_resolved_defaults"].items()) + "."
+           if r.get("kdqa_resolved_defaults") else "")
         + (f" kdqa's allocator: KDQA_MALLOC={r['kdqa_malloc']}." if r.get("kdqa_malloc") else ""),
         "",
         "| measure | kdqa | Haystack v1 | kdqa / Haystack | goal | |",
@@ -383,6 +386,7 @@ def run(args) -> dict:
                "machine": f"{cpu_words(cpu_identity())}, {machine_description()}"}
     kdqa_student = student_overrides(args.kdqa_student)
     results["kdqa_student_settings"] = kdqa_student
+    results["kdqa_resolved_defaults"] = resolved_defaults(kdqa_student)
     from pipeline.runtime.allocator import DEFAULT_POLICY
 
     results["kdqa_malloc"] = os.environ.get("KDQA_MALLOC") or DEFAULT_POLICY  # the stages inherit this environment
@@ -399,6 +403,26 @@ def run(args) -> dict:
     results["load_average"] = [round(load_start, 2), round(os.getloadavg()[0], 2)]
     write_results(out, results, markdown(results))
     return results
+
+
+def resolved_defaults(overridden: dict) -> dict:
+    """What kdqa's `auto` student settings become on this machine, for the ones the job leaves at their defaults:
+    the header says which precision and whether gradient checkpointing ran, not just "the defaults"."""
+    import torch
+
+    from pipeline.model.inference import precision_name
+    from pipeline.params import StudentParams
+    from pipeline.stages.student import uses_gradient_checkpointing
+    from pipeline.training.step import training_dtype
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    defaults = StudentParams()
+    resolved = {"precision": f"{defaults.precision} = {precision_name(training_dtype(device, defaults.precision))}",
+                "gradient_checkpointing": f"{defaults.gradient_checkpointing} = "
+                                          f"{'on' if uses_gradient_checkpointing(defaults, device) else 'off'}",
+                "attention": defaults.attention, "group_by_length": defaults.group_by_length,
+                "pad_to_multiple_of": defaults.pad_to_multiple_of}
+    return {k: v for k, v in resolved.items() if k not in overridden}
 
 
 def student_overrides(pairs: list[str]) -> dict:

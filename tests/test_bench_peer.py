@@ -54,6 +54,10 @@ def test_peer_benchmark_quick_mode_runs_the_kdqa_job(tiny_assets, tmp_path):
     params = (tmp_path / "out" / "kdqa" / "params.yaml").read_text()
     assert "attention_dropout: 0" in params and "kdqa alone: student.attention_dropout: 0" in markdown
     assert results["kdqa_student_settings"] == {"attention_dropout": 0}
+    # The header says what kdqa's `auto` settings became on this machine (a CPU here: checkpointing on).
+    resolved = results["kdqa_resolved_defaults"]
+    assert resolved["gradient_checkpointing"] == "auto = on" and resolved["precision"].startswith("auto = ")
+    assert "kdqa's defaults as they ran here: student.precision: auto = " in markdown
     malloc = os.environ.get("KDQA_MALLOC") or "glibc"  # what the stages ran with: the environment, else the default
     assert results["kdqa_malloc"] == malloc and f"KDQA_MALLOC={malloc}" in markdown
     for row in ("whole KD job, wall s", "peak RSS of the job's largest process", "training features"):
