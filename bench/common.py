@@ -361,6 +361,24 @@ BASE_STUDENT = {"seed": 13, "checkpoint_every": CHECKPOINT_EVERY, "log_every": 2
 LONG_WORD = 6  # characters: `tokenizer: trimmed` drops the vocabulary's whole words longer than this
 
 
+def first_questions(source: Path, n: int, out: Path) -> Path:
+    """The first `n` questions of a SQuAD JSON file (file order, as slicing takes them), in SQuAD layout."""
+    doc, left, data = json.loads(source.read_text(encoding="utf-8")), n, []
+    for article in doc["data"]:
+        paragraphs = []
+        for paragraph in article["paragraphs"]:
+            if left > 0:
+                qas = paragraph["qas"][:left]
+                left -= len(qas)
+                paragraphs.append({**paragraph, "qas": qas})
+        if paragraphs:
+            data.append({**article, "paragraphs": paragraphs})
+    if left > 0:
+        raise SystemExit(f"{source}: fewer than {n} questions")
+    out.write_text(json.dumps({"version": "v2.0", "data": data}), encoding="utf-8")
+    return out
+
+
 def split_by_article(source: Path, out: Path, questions_per_article: int | None) -> tuple[Path, Path]:
     doc = json.loads(source.read_text(encoding="utf-8"))
     articles = doc["data"]

@@ -26,31 +26,13 @@ from pathlib import Path
 
 import yaml
 
-from .common import ROOT, SQUAD_DEV_DATA, minilm_dir, need_file, run_stage, write_results
+from .common import ROOT, SQUAD_DEV_DATA, first_questions, minilm_dir, need_file, run_stage, write_results
 
 DEFAULT_OUT = ROOT / "bench" / "out" / "ensemble-step"
 SEEDS = (0, 1, 2)  # one QA head per teacher
 GOAL = 0.03  # issue 33: the step with 3 teachers within 3% of one teacher's
 FULL = {"questions": 400, "runs": 3, "batch_size": 16}
 QUICK = {"questions": 12, "runs": 1, "batch_size": 4}
-
-
-def first_questions(source: Path, n: int, out: Path) -> Path:
-    """The first n questions of a SQuAD JSON file (whole paragraphs, cut inside the last one)."""
-    data = json.loads(source.read_text())
-    kept, left = [], n
-    for article in data["data"]:
-        paragraphs = []
-        for paragraph in article["paragraphs"]:
-            if left <= 0:
-                break
-            qas = paragraph["qas"][:left]
-            left -= len(qas)
-            paragraphs.append({**paragraph, "qas": qas})
-        if paragraphs:
-            kept.append({**article, "paragraphs": paragraphs})
-    out.write_text(json.dumps({"version": data.get("version", "v2.0"), "data": kept}))
-    return out
 
 
 def make_teachers(encoder: Path, work: Path) -> list[Path]:

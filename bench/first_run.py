@@ -32,6 +32,7 @@ from .common import (
     ROOT,
     cpu_seconds,
     cpu_words,
+    first_questions,
     machine,
     make_random_bert,
     minilm_dir,
@@ -55,24 +56,6 @@ def slice_rows(spec: str) -> int:
 
     (instruction,) = datasets.ReadInstruction.from_spec(spec).to_absolute(SQUAD_V2_ROWS)
     return instruction.to - instruction.from_
-
-
-def first_questions(source: Path, n: int, out: Path) -> Path:
-    """The first `n` questions of a SQuAD JSON file (file order, as slicing takes them), in SQuAD layout."""
-    doc, left, data = json.loads(source.read_text(encoding="utf-8")), n, []
-    for article in doc["data"]:
-        paragraphs = []
-        for paragraph in article["paragraphs"]:
-            if left > 0:
-                qas = paragraph["qas"][:left]
-                left -= len(qas)
-                paragraphs.append({**paragraph, "qas": qas})
-        if paragraphs:
-            data.append({**article, "paragraphs": paragraphs})
-    if left > 0:
-        raise SystemExit(f"{source}: fewer than {n} questions")
-    out.write_text(json.dumps({"version": "v2.0", "data": data}), encoding="utf-8")
-    return out
 
 
 def stand_in_model(folder: Path) -> Path:

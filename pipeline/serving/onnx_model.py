@@ -112,9 +112,7 @@ class OnnxQAModel:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         # ONNX Runtime's worker threads spin for a while after each run, waiting for the next: they take the cores
-        # that tokenising, span selection and the caller's own work need between runs. Measured (docs/serving.md):
-        # a PyTorch float32 answer right after an int8 one took 40 ms with spinning, 17 ms without (17 ms alone),
-        # while the int8 answer itself went from 6.3-8.0 ms to 7.2-7.4 ms.
+        # that tokenising, span selection and the caller's own work (another model in the process) need between runs.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
