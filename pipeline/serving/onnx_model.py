@@ -33,6 +33,12 @@ OUTPUT_NAMES = ("start_logits", "end_logits")
 # model; on x86 CPUs that kernel runs several times slower than the two plain ops it replaces (bench.serving's
 # "SkipLayerNormalization fused" row measures the difference), so the fusion is left out.
 DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
+# ONNX Runtime's worker threads spin while they wait for work, which saves waking them for each of the graph's
+# operators (faster at batch 1: bench.serving); at ONNX Runtime's default they go on spinning long after a run,
+# taking the cores that tokenising, span selection and the caller's own work (another model in the process) need
+# between runs. So they spin for at most 100 microseconds before sleeping: enough to bridge the gap between two
+# operators of a run, short against the work between two answers.
+THREAD_POOL_SETTINGS = {"session.intra_op.allow_spinning": "1", "session.intra_op.spin_duration_us": "100"}
 
 
 def is_export(name: str | Path) -> bool:
@@ -104,16 +110,16 @@ class OnnxQAModel:
     training = False
 
     def __init__(self, path: Path, config, threads: int | None = None,
-                 disabled_optimizers: tuple[str, ...] = DISABLED_OPTIMIZERS):
+                 disabled_optimizers: tuple[str, ...] = DISABLED_OPTIMIZERS,
+                 thread_pool_settings: dict[str, str] = THREAD_POOL_SETTINGS):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         if threads:  # None: ONNX Runtime's default, one thread per physical core
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
-        # ONNX Runtime's worker threads spin for a while after each run, waiting for the next: they take the cores
-        # that tokenising, span selection and the caller's own work (another model in the process) need between runs.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        for key, value in thread_pool_settings.items():
+            options.add_session_config_entry(key, value)
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
                                                 disabled_optimizers=list(disabled_optimizers))
