@@ -47,7 +47,7 @@ class Run:
 SAMPLE = "{data}/squad2-sample.json"
 SERVING = Run("serving", "serving", ("--data", SAMPLE, "--pair", "minilm:minilm-3layers"))
 FIRST_RUN = Run("first-run", "first_run", ("--data-dir", "{data}"))
-# The quick tier fits a 2-core laptop in about 20 minutes (bench/README.md): the performance benchmark on 50
+# The quick tier fits a 2-core laptop in under 20 minutes (10.4 on a Zen 4 EPYC: bench/README.md): the performance benchmark on 50
 # questions and one run per configuration instead of 100 and 2-4.
 QUICK = (Run("performance-50-questions", "performance", ("--data", SAMPLE, "--examples", "50", "--sweep-runs", "1",
                                                          "--hard-runs", "1", "--variant-runs", "1")),
@@ -318,10 +318,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", help=f"required unless --tables-only: {DATA_DIR}")
     parser.add_argument("--quick", action="store_true",
-                        help="the laptop tier (about 20 min on 2 cores): performance on 50 questions, serving, "
+                        help="the laptop tier (10 min on a 2-core Zen 4): performance on 50 questions, serving, "
                              "first run; without it the full tier adds the peer job and accuracy (hours)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the raw files go, one folder per machine")
     parser.add_argument("--tables-only", action="store_true", help="only reread the raw files and rewrite the tables")
+    parser.add_argument("--only", action="append", choices=sorted(RUN_NAMES), metavar="NAME",
+                        help=f"run only this benchmark of the tier (repeatable; {', '.join(sorted(RUN_NAMES))}), "
+                             "e.g. to measure one row again after a change")
     parser.add_argument("--readme", type=Path, default=README, help=argparse.SUPPRESS)  # tests: a copy
     parser.add_argument("--docs", type=Path, default=DOCS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -330,10 +333,14 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("squad2-sample.json", "squad2-train-sample.json"):
             need_file(parser, args.data_dir and Path(args.data_dir) / name, "--data-dir", DATA_DIR)
         tier = "quick" if args.quick else "full"
-        slug, done = run_tier(QUICK if args.quick else FULL, args.data_dir, args.out)
-        write_json_atomic(args.out / slug / f"report-{tier}.json",
-                          {"provenance": provenance(), "tier": tier, "runs": done,
-                           "wall_s": round(sum(r["wall_s"] for r in done), 1)})
+        runs = tuple(run for run in (QUICK if args.quick else FULL) if not args.only or run.name in args.only)
+        if not runs:
+            parser.error(f"--only {', '.join(args.only)}: not in the {tier} tier")
+        slug, done = run_tier(runs, args.data_dir, args.out)
+        if not args.only:  # the tier's wall time: only a whole tier's run replaces it
+            write_json_atomic(args.out / slug / f"report-{tier}.json",
+                              {"provenance": provenance(), "tier": tier, "runs": done,
+                               "wall_s": round(sum(r["wall_s"] for r in done), 1)})
         failed = [r["name"] for r in done if r["returncode"] != 0]
     write_tables(args.out, args.readme, args.docs)
     if failed:

@@ -178,3 +178,16 @@ def test_every_kept_raw_file_says_where_it_came_from():
         record = json.loads(path.read_text()).get("provenance")
         assert record is not None, path
         assert set(common.PROVENANCE_KEYS) <= set(record), (path, set(common.PROVENANCE_KEYS) - set(record))
+
+
+def test_only_runs_the_named_benchmarks_of_the_tier(tmp_path, monkeypatch):
+    for name in ("squad2-sample.json", "squad2-train-sample.json"):
+        (tmp_path / name).write_text("{}")
+    ran = []
+    monkeypatch.setattr(report, "run_tier", lambda runs, data_dir, out: (ran.extend(r.name for r in runs), ("x", []))[1])
+    monkeypatch.setattr(report, "write_tables", lambda *a: None)
+    assert report.main(["--data-dir", str(tmp_path), "--quick", "--only", "serving", "--out", str(tmp_path)]) == 0
+    assert ran == ["serving"]
+    assert not list(tmp_path.glob("x/report-*.json"))  # one benchmark does not replace the tier's wall time
+    with pytest.raises(SystemExit):  # the peer job is in the full tier only
+        report.main(["--data-dir", str(tmp_path), "--quick", "--only", "peer", "--out", str(tmp_path)])
