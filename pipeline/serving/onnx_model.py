@@ -30,7 +30,7 @@ ONNX_FILES = {"float32": "model.onnx", "int8": "model-int8.onnx"}
 INPUT_NAMES = ("input_ids", "token_type_ids", "attention_mask")
 OUTPUT_NAMES = ("start_logits", "end_logits")
 # ONNX Runtime fuses each residual Add + LayerNormalization into its SkipLayerNormalization kernel when it loads a
-# model; on x86 CPUs that kernel runs several times slower than the two plain ops it replaces (bench.serving's
+# model; on x86 CPUs that kernel is slower than the two plain ops it replaces (bench.serving's
 # "SkipLayerNormalization fused" row measures the difference), so the fusion is left out.
 DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 # ONNX Runtime's worker threads spin while they wait for work, which saves waking them for each of the graph's
