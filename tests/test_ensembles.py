@@ -117,6 +117,60 @@ def test_rows_whose_teachers_disagree_on_answerability_are_dropped():
     assert "target_weight" not in ensemble_targets(start, end, mask(), Combination((1.0, 1.0), 2.0))
 
 
+def test_a_position_one_teacher_did_not_see_leaves_every_teachers_distribution():
+    """A carried teacher's NaN (no window of it saw the position): each teacher renormalised over the positions
+    all saw, the mixture over those, `teacher_mask` False there only; agreement and drop on the same positions."""
+    start, end = TEACHERS.clone(), TEACHERS.clone()
+    start[1, 0, 4] = end[1, 0, 4] = float("nan")  # teacher 1 never saw row 0's position 4 (a context token)
+    weights, temperature = [1.0, 3.0], 2.0
+    seen = [[0, 3, 5], ALLOWED[1]]
+    targets = ensemble_targets(start, end, mask(), Combination(tuple(weights), temperature, "weight"))
+    assert targets["teacher_mask"].tolist() == [[True, True, True, True, False, True], [True] * 6]
+    entropy = lambda q: -sum(x * math.log(x) for x in q if x > 0)  # noqa: E731
+    for row in range(2):
+        per_teacher = [softmax_at([float(TEACHERS[k, row, j]) for j in seen[row]], temperature) for k in range(2)]
+        mixture = [(weights[0] * a + weights[1] * b) / 4 for a, b in zip(*per_teacher)]
+        for side in ("teacher_start", "teacher_end"):
+            got = softmax_at([float(targets[side][row, j]) for j in seen[row]], temperature)
+            assert got == pytest.approx(mixture, abs=1e-6)
+            assert torch.isfinite(targets[side][row]).all()
+        js = entropy(mixture) - sum(w / 4 * entropy(p) for w, p in zip(weights, per_teacher))
+        largest = entropy([w / 4 for w in weights])
+        assert float(targets["target_weight"][row]) == pytest.approx(1 - js / largest, abs=1e-5)
+    # The KD term leaves the unseen position out of both distributions (the loss's teacher_mask).
+    student = torch.randn(2, 6)
+    kd = masked_kl(student, targets["teacher_start"], mask() & targets["teacher_mask"], temperature)
+    by_hand = 0.0
+    for row in range(2):
+        p_t = softmax_at([float(targets["teacher_start"][row, j]) for j in seen[row]], temperature)
+        p_s = softmax_at([float(student[row, j]) for j in seen[row]], temperature)
+        by_hand += sum(t * (math.log(t) - math.log(s)) for t, s in zip(p_t, p_s)) / 2
+    assert float(kd) == pytest.approx(by_hand, rel=1e-5)
+    # drop: teacher 1's row 0 is sure of its unseen position 4 (an answer) and of nothing else: on the seen
+    # positions it says "no answer", as teacher 0 does; with position 4 seen the two would disagree.
+    sure = torch.zeros(2, 2, 6)
+    sure[:, :, 0] = 1.0
+    sure[1, 0, 4] = 9.0
+    both_seen = same_answerability(sure, sure, mask(), Combination((1.0, 1.0), 1.0, "drop"))
+    sure[1, 0, 4] = float("nan")
+    dropped = ensemble_targets(sure, sure, mask(), Combination((1.0, 1.0), 1.0, "drop"))["target_weight"]
+    assert both_seen.tolist() == [0.0, 1.0] and dropped.tolist() == [1.0, 1.0]
+    # With every position seen there is no mask: the batch is what it was.
+    assert "teacher_mask" not in ensemble_targets(TEACHERS, TEACHERS, mask(), Combination((1.0, 1.0), 2.0))
+
+
+def test_combined_rows_of_a_teacher_with_unseen_positions_score_only_the_seen_ones():
+    from pipeline.model.batching import MASKED
+    from pipeline.model.ensemble import combine_rows
+
+    rows = [[np.array([0.0, 1.0, 2.0, 3.0])], [np.array([0.5, np.nan, 1.0, 2.0])]]  # context 1..3
+    [combined] = combine_rows(rows, [1], [3], Combination.equal(2))
+    assert combined[1] == MASKED
+    p0, p1 = softmax_at([0.0, 2.0, 3.0], 1.0), softmax_at([0.5, 1.0, 2.0], 1.0)
+    assert softmax_at([float(combined[j]) for j in (0, 2, 3)], 1.0) == pytest.approx(
+        [(a + b) / 2 for a, b in zip(p0, p1)], abs=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The pipeline with tiny teachers
 # ---------------------------------------------------------------------------------------------------------

@@ -13,6 +13,11 @@ Agreement, for weighting or dropping rows (student.teacher_agreement):
   the teachers agree exactly, 0 when each puts all its mass where no other does. Mean of start and end.
 - `same_answerability`: 1 where every teacher (of positive weight) makes the same call on whether the window
   holds an answer, its null score start[CLS] + end[CLS] against its best start plus best end in the context.
+
+A teacher carried onto the features' tokens from its own tokenizer (pipeline/text/alignment.py) holds NaN where
+none of its windows saw a position. Such a position leaves every teacher's distribution (`seen_mask`): each is
+renormalised over the answer positions all teachers saw, and the batch reports it as `teacher_mask` False, as
+one teacher's aligned targets do (pipeline/training/stream.py).
 """
 
 from __future__ import annotations
@@ -56,6 +61,14 @@ def mixture_logits(logits: torch.Tensor, mask: torch.Tensor, combination: Combin
     return (combination.temperature * log_mix).masked_fill(~mask, MASKED)
 
 
+def seen_mask(mask: torch.Tensor, *sides: torch.Tensor) -> torch.Tensor:
+    """[B, W] `mask` less the positions some teacher did not see (NaN in any of `sides`, [K, B, W] logits)."""
+    unseen = torch.zeros_like(mask)
+    for logits in sides:
+        unseen |= logits.isnan().any(0)
+    return mask & ~unseen
+
+
 def _entropy(log_p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return -(log_p.exp() * log_p).masked_fill(~mask, 0.0).sum(-1)
 
@@ -90,23 +103,29 @@ def same_answerability(start: torch.Tensor, end: torch.Tensor, mask: torch.Tenso
 
 def ensemble_targets(start: torch.Tensor, end: torch.Tensor, mask: torch.Tensor,
                      combination: Combination) -> dict[str, torch.Tensor]:
-    """A batch's one target from [K, B, W] teachers' logits: teacher_start/teacher_end, and with an agreement
-    option a per-row `target_weight` for the KD term."""
-    targets = {"teacher_start": mixture_logits(start, mask, combination),
-               "teacher_end": mixture_logits(end, mask, combination)}
+    """A batch's one target from [K, B, W] teachers' logits: teacher_start/teacher_end, `teacher_mask` (False
+    where some teacher saw no value) when there is such a position, and with an agreement option a per-row
+    `target_weight` for the KD term. Every part is computed over the answer positions all teachers saw."""
+    seen = seen_mask(mask, start, end)
+    targets = {"teacher_start": mixture_logits(start, seen, combination),
+               "teacher_end": mixture_logits(end, seen, combination)}
+    if not torch.equal(seen, mask):
+        targets["teacher_mask"] = seen | ~mask  # only the unseen positions are False, as `teacher_targets` says
     if combination.agreement == "weight":
-        targets["target_weight"] = agreement(start, end, mask, combination)
+        targets["target_weight"] = agreement(start, end, seen, combination)
     elif combination.agreement == "drop":
-        targets["target_weight"] = same_answerability(start, end, mask, combination)
+        targets["target_weight"] = same_answerability(start, end, seen, combination)
     return targets
 
 
 def combine_rows(per_teacher: Sequence[Sequence[np.ndarray]], context_start, context_end,
                  combination: Combination) -> list[np.ndarray]:
     """Rows of different lengths (one list of rows per teacher, the same features): each row's mixture logits
-    (`mixture_logits`), as float32 arrays of the row's own length."""
+    (`mixture_logits`) over the answer positions every teacher saw (MASKED elsewhere), as float32 arrays of the
+    row's own length."""
     lengths = [len(row) for row in per_teacher[0]]
     width = max(lengths)
     stacked = torch.stack([pad_logits(list(rows), width) for rows in per_teacher])
-    combined = mixture_logits(stacked, answer_mask(context_start, context_end, width), combination)
+    combined = mixture_logits(stacked, seen_mask(answer_mask(context_start, context_end, width), stacked),
+                              combination)
     return [combined[i, :n].numpy() for i, n in enumerate(lengths)]
