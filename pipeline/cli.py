@@ -157,10 +157,12 @@ def teacher(ctx):
     """Run each teacher once over the features; write its logits shards to data/teacher/.
 
     \b
-    Reads:  data/features/{train,dev,unlabeled,augmented}, teacher.* (model or models, batch sizes, nproc)
+    Reads:  data/features/{train,dev,unlabeled,augmented}, teacher.* (model or models, batch sizes, nproc);
+            for a teacher of another tokenizer than teacher.models[0]'s also the examples (data.*, prepare.*)
     Writes: data/teacher/{split}/part-NNNNN.parquet (float16 start/end logits, same rows as the
             features shard of the same name) + manifest.json (fingerprint); several teachers
-            (teacher.models): the same in data/teacher/{split}/teacher-N/ per teacher; work in
+            (teacher.models): the same in data/teacher/{split}/teacher-N/ per teacher (a teacher of another
+            tokenizer: its distributions carried onto the features' tokens, as log-probabilities); work in
             .kdqa/teacher-work/; every shard also into .kdqa/teacher-cache/, so a shard of the same
             features is never computed twice by the same teacher (adding a teacher computes only its own)
     (The teacher's dev scores, metrics/teacher.json, come from `kdqa evaluate`.)
@@ -171,7 +173,7 @@ def teacher(ctx):
     """
     from pipeline.training import distributed
 
-    params = _load(ctx, "teacher")
+    params = _load(ctx, "data", "prepare", "teacher")
     top = ctx.parent.params  # the group's own options, passed on to the relaunched workers
     distributed.relaunch(params.teacher.nproc, ["-C", str(top["workspace"]), "--params", top["params_path"],
                                                 *(["-q"] if top["quiet"] else []),
@@ -191,7 +193,7 @@ def align(ctx):
     Writes: data/aligned/manifest.json; when the student's tokenizer or windows differ from the teacher's,
             also data/aligned/features/{train,dev,...}/ (the student's own features, extra splits included)
             and data/aligned/teacher/train/ (and unlabeled/, augmented/: the teacher's targets over the
-            student's tokens)
+            student's tokens; several teachers: one teacher-N/ folder each, as in data/teacher)
 
     The teacher is not run again: its logits go through character offsets onto the student's tokens.
     """
@@ -398,9 +400,17 @@ def inspect_cmd(ctx, folder, features_dir, as_json):
     if as_json:
         click.echo(json.dumps(info, indent=2))
     else:
-        for k, v in info.items():  # several teachers: one line per teacher's value, `teacher-0.rows`
-            for key, value in (((f"{k}.{sub}", x) for sub, x in v.items()) if isinstance(v, dict) else [(k, v)]):
-                click.echo(f"{key:40s} {value}")
+        for key, value in flattened(info):  # several teachers: one line per teacher's value, `teacher-0.rows`
+            click.echo(f"{key:40s} {value}")
+
+
+def flattened(info: dict, prefix: str = ""):
+    """(dotted key, value) of every value of nested dicts: `teacher-2.carried.tokenizer`."""
+    for k, v in info.items():
+        if isinstance(v, dict):
+            yield from flattened(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
 
 
 def main():

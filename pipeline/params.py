@@ -61,9 +61,10 @@ class PrepareParams:
 @dataclass
 class TeacherParams:
     # The teacher, or (`models`) the teachers of an ensemble: each one's logits are computed once over the same
-    # features (tokenized with the first teacher's tokenizer; every teacher must share it) and stored side by
-    # side; the student combines them (student.teacher_weights, student.teacher_agreement). `model` is a list of
-    # one; give one of the two keys, the other null / [] (`teachers` is the list either way).
+    # features (tokenized with the first teacher's tokenizer; a teacher of another tokenizer reads its own windows
+    # and is carried onto them: pipeline/model/carried.py) and stored side by side; the student combines them
+    # (student.teacher_weights, student.teacher_agreement). `model` is a list of one; give one of the two keys,
+    # the other null / [] (`teachers` is the list either way).
     model: str | None = "deepset/bert-large-uncased-whole-word-masking-squad2"
     models: list[str] = field(default_factory=list)
     batch_size: int = 128  # upper bound on features per batch

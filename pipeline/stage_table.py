@@ -67,9 +67,10 @@ STAGES = {
               staged=tuple(f"data/features/{split}" for split in (*SPLITS, VALIDATION_SPLIT))),
         Stage("teacher", "pipeline.stages.teacher:run_teacher",
               "Run each teacher once; logits shards to data/teacher/.",
-              deps=("data/features",), outs=("data/teacher",),
-              params=("teacher.model", "teacher.models", "teacher.trust_remote_code", "teacher.precision",
-                      "pipeline/formats.yaml:logits_format"),
+              # data/raw, data, prepare: a teacher of another tokenizer than the features' reads the examples again
+              deps=("data/raw", "data/features"), outs=("data/teacher",),
+              params=("data", "prepare", "teacher.model", "teacher.models", "teacher.trust_remote_code",
+                      "teacher.precision", "pipeline/formats.yaml:logits_format", "pipeline/formats.yaml:aligned_format"),
               staged=tuple(f"data/teacher/{split}" for split in SPLITS),
               work=(".kdqa/teacher-work", ".kdqa/teacher-cache")),
         Stage("align", "pipeline.stages.align:run_align",

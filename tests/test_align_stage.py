@@ -84,9 +84,10 @@ def test_the_stage_reads_the_teachers_windows_across_shards_in_order(run_copy):
     params = load_params(run_copy / "params.yaml", ws=Workspace(run_copy))
     examples, _ = load_examples(params.data.train, "train")
     tokenizer = load_tokenizer(params.teacher.model)
-    stats, _ = align_split("train", [examples], len(examples), tokenizer, params, run_copy / "f", run_copy / "t",
-                           teacher_windows(run_copy / "resharded/features/train", run_copy / "resharded/teacher/train"),
-                           params.data.train, run_copy / "resharded/features/train")
+    [stats], _, _ = align_split("train", [examples], len(examples), tokenizer, params, run_copy / "f", [run_copy / "t"],
+                                [teacher_windows(run_copy / "resharded/features/train",
+                                                 run_copy / "resharded/teacher/train")],
+                                params.data.train, run_copy / "resharded/features/train")
     assert stats.pieced == 0 and stats.covered == pytest.approx(stats.features)
     teacher = rows(run_copy / "data/teacher/train", ["feature_id", "start_logits"])
     ours = rows(run_copy / "t", ["feature_id", "start_logits"])

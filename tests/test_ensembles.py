@@ -218,19 +218,100 @@ def test_one_teacher_keeps_its_layout_and_a_second_adds_only_its_own_shards(prep
         assert digests(run / "data/teacher" / split / "teacher-1") != digests(single)  # another teacher
 
 
-def test_a_third_teacher_computes_only_its_shards_and_the_others_stay_byte_identical(ensemble_run, more_teachers,
-                                                                                     tmp_path):
-    run = copy_run(ensemble_run[0], tmp_path / "run")
-    before = {split: [digests(run / "data/teacher" / split / f"teacher-{i}") for i in range(2)] for split in splits(run)}
+@pytest.fixture(scope="module")
+def carried_teachers(tmp_path_factory) -> list[Path]:
+    """Two teachers of other tokenizers than the features': every word split into characters, and the features'
+    own vocabulary with one more token (other vocabulary, the same tokens: carried exactly)."""
+    root = tmp_path_factory.mktemp("carried-teachers")
+    vocab = (tiny.write_vocab(root / "vocab").read_text().split())
+    return [tiny.make_model(root / "characters", layers=2, seed=5, vocab=tiny.CHARACTER_VOCAB),
+            tiny.make_model(root / "one-more-token", layers=2, seed=9, vocab=[*vocab, "zzz"])]
+
+
+@pytest.fixture(scope="module")
+def carried_run(ensemble_run, carried_teachers, tmp_path_factory) -> tuple[Path, str]:
+    """The two-teacher run with the two carried teachers added (teacher.models[2], [3]), and that run's log."""
+    run = copy_run(ensemble_run[0], tmp_path_factory.mktemp("carried") / "run")
     models = yaml.safe_load((run / "params.yaml").read_text())["teacher"]["models"]
-    set_params(run, teacher__models=[*models, str(more_teachers[1])])
+    set_params(run, teacher__models=[*models, *map(str, carried_teachers)])
     shutil.rmtree(run / "data/teacher")
     result = kdqa(run, "teacher")
     assert result.exit_code == 0, result.output
-    assert "2 reused from earlier runs" in result.stderr and "1 computed now (teacher.models[2]" in result.stderr
-    for split, old in before.items():
-        assert [digests(run / "data/teacher" / split / f"teacher-{i}") for i in range(2)] == old
-        assert len(digests(run / "data/teacher" / split / "teacher-2")) == len(old[0])
+    return run, result.stderr
+
+
+def test_teachers_added_to_a_finished_run_compute_only_their_shards_and_the_others_stay_byte_identical(
+        ensemble_run, carried_run, tmp_path):
+    run, log = carried_run
+    assert "2 reused from earlier runs" in log and "2 computed now (teacher.models[2]" in log
+    for split in splits(run):
+        for i in range(2):
+            assert digests(run / "data/teacher" / split / f"teacher-{i}") == \
+                digests(ensemble_run[0] / "data/teacher" / split / f"teacher-{i}")
+        assert digests(run / "data/teacher" / split / "teacher-2").keys() == digests(run / "data/features" / split).keys()
+    # Run again from scratch: the carried teachers' shards too come from the logits cache, byte for byte.
+    again = copy_run(run, tmp_path / "run")
+    shutil.rmtree(again / "data/teacher")
+    result = kdqa(again, "teacher")
+    assert result.exit_code == 0, result.output
+    assert "4 reused from earlier runs" in result.stderr
+    for split in splits(run):
+        for i in (2, 3):
+            assert digests(again / "data/teacher" / split / f"teacher-{i}") == \
+                digests(run / "data/teacher" / split / f"teacher-{i}")
+
+
+def test_a_teacher_of_another_tokenizer_is_carried_onto_the_features(carried_run, carried_teachers):
+    from pipeline.store.features import read_windows
+    from pipeline.store.logits import read_logits
+
+    run, log = carried_run
+    assert f"teacher-2 (tokenizer {carried_teachers[0]}) carried onto the features' tokens: train:" in log
+    pieced = 0
+    for split in splits(run):
+        folder = run / "data/teacher" / split / "teacher-2"
+        carried = json.loads((folder / "manifest.json").read_text())["carried"]
+        assert carried["tokenizer"] == str(carried_teachers[0]) and carried["vocab_fingerprint"]
+        assert 0 < carried["mean_covered"] <= 1 and carried["features"] == sum(
+            len(read_windows(p).feature_ids) for p in sorted((run / "data/features" / split).glob("part-*")))
+        pieced += carried["features_pieced"]
+        for shard in sorted((run / "data/features" / split).glob("part-*.parquet")):
+            windows = read_windows(shard)
+            ids, start, end = read_logits(folder / shard.name)
+            assert ids.to_pylist() == windows.feature_ids
+            for i in range(len(start)):
+                answer = np.r_[0, np.arange(windows.context_start[i], windows.context_end[i] + 1)]
+                assert len(start[i]) == len(windows.offset_start[i])
+                assert not np.isnan(np.delete(start[i], answer)).any()  # NaN only where an answer could be
+                for row in (start[i], end[i]):
+                    p = np.exp(row[answer][~np.isnan(row[answer])].astype(np.float64))
+                    assert p.sum() == pytest.approx(1.0, abs=2e-2)  # float16 log-probabilities
+    assert pieced > 0  # character tokens: its 48-token windows read less text than the features' windows
+
+
+def test_a_carried_teacher_with_the_features_tokens_gives_its_own_distributions(carried_run, carried_teachers):
+    """The same tokens under another vocabulary: carrying is exact, the stored values are the teacher's own
+    softmax over the answer positions, run directly on the features (its ids are theirs)."""
+    from pipeline.model.inference import autocast_dtype, shard_logits
+    from pipeline.model.loading import load_qa_model
+    from pipeline.store.features import read_windows
+    from pipeline.store.logits import read_logits
+
+    run, _ = carried_run
+    model = load_qa_model(str(carried_teachers[1])).eval()
+    manifest = json.loads((run / "data/teacher/dev/teacher-3/manifest.json").read_text())
+    assert manifest["carried"]["features_pieced"] == 0 and manifest["carried"]["mean_covered"] == pytest.approx(1.0)
+    dtype = autocast_dtype(torch.device("cpu"), manifest["fingerprint_parts"]["precision"])  # as the stage ran it
+    for shard in sorted((run / "data/features/dev").glob("part-*.parquet")):
+        windows = read_windows(shard)
+        _, direct_start, direct_end = shard_logits(model, shard, 0, torch.device("cpu"), 8, 1 << 20, dtype)
+        _, stored_start, stored_end = read_logits(run / "data/teacher/dev/teacher-3" / shard.name)
+        for i in range(len(stored_start)):
+            answer = np.r_[0, np.arange(windows.context_start[i], windows.context_end[i] + 1)]
+            for direct, stored in ((direct_start[i], stored_start[i]), (direct_end[i], stored_end[i])):
+                expected = torch.log_softmax(torch.tensor(direct[answer], dtype=torch.float64), -1).numpy()
+                assert np.ptp(expected) > 0.05  # positions differ enough that a misplaced one would show
+                np.testing.assert_allclose(stored[answer], expected, atol=1e-2)  # float16 log-probabilities
 
 
 def test_a_teacher_failing_half_way_leaves_the_others_for_the_rerun(prepared_run, more_teachers, tmp_path,
@@ -287,35 +368,70 @@ def test_the_stream_carries_one_combined_target_per_batch(ensemble_run):
     assert got == pytest.approx(expected, abs=1e-5)
 
 
-def test_student_trains_on_the_ensemble_and_evaluate_and_inspect_score_each_teacher(ensemble_run, tmp_path):
+def test_student_trains_on_the_ensemble_and_evaluate_and_inspect_score_each_teacher(carried_run, carried_teachers,
+                                                                                      tmp_path):
+    """Four teachers, two of them carried from their own tokenizers."""
     from pipeline.model.scoring import score_logit_shards
     from pipeline.params import load_params
 
-    run = copy_run(ensemble_run[0], tmp_path / "run")
-    set_params(run, student__max_steps=3, student__teacher_weights=[2, 1], student__teacher_agreement="weight")
+    run = copy_run(carried_run[0], tmp_path / "run")
+    set_params(run, student__max_steps=3, student__teacher_weights=[2, 1, 1, 1], student__teacher_agreement="weight")
     result = kdqa(run, "student")
     assert result.exit_code == 0, result.output
-    assert "target: the mean of 2 teachers' probabilities at T=2.0, weights [2.0, 1.0]" in result.stderr
+    assert "target: the mean of 4 teachers' probabilities at T=2.0, weights [2.0, 1.0, 1.0, 1.0]" in result.stderr
     card = json.loads((run / "models/student/kdqa_training.json").read_text())
     assert card["teachers"][0].endswith("inputs/teacher") and card["teachers"][1].endswith("teacher-7")
     result = kdqa(run, "evaluate")
     assert result.exit_code == 0, result.output
     scores = json.loads((run / "metrics/teacher.json").read_text())
-    assert set(scores) == {"teacher-0", "teacher-1", "ensemble"}
+    assert set(scores) == {"teacher-0", "teacher-1", "teacher-2", "teacher-3", "ensemble"}
     params = load_params(run / "params.yaml")
     dev = run / "data/teacher/dev"
-    alone = score_logit_shards(run / "data/features/dev", [dev / "teacher-1"], params,
-                               run / "data/features/dev_examples.parquet")
-    assert {k: scores["teacher-1"][k] for k in alone} == alone  # as if it were the only teacher
+    for teacher in ("teacher-1", "teacher-2"):  # teacher-2: carried, scored on the features' windows
+        alone = score_logit_shards(run / "data/features/dev", [dev / teacher], params,
+                                   run / "data/features/dev_examples.parquet")
+        assert {k: scores[teacher][k] for k in alone} == alone  # as if it were the only teacher
+        assert 0 <= alone["f1"] <= 100
+    assert f"teacher-2 on dev: EM {scores['teacher-2']['exact']:.2f}" in result.stderr
+    assert f"(carried from tokenizer {carried_teachers[0]}: as seen through the features' tokens)" in result.stderr
     assert scores["ensemble"]["null_threshold_source"] == scores["teacher-0"]["null_threshold_source"]
     assert "ensemble on dev: EM" in result.stderr
     inspected = json.loads(kdqa(run, "inspect", "--json", "data/teacher/dev").stdout)
-    assert inspected["teachers"] == 2 and inspected["teacher-1"]["model"].endswith("teacher-7")
+    assert inspected["teachers"] == 4 and inspected["teacher-1"]["model"].endswith("teacher-7")
     for key in ("ensemble_span_accuracy", "ensemble_start_accuracy"):
         assert isinstance(inspected[key], float)
-    assert isinstance(inspected["teacher-0"]["teacher_span_accuracy"], float)
+    assert isinstance(inspected["teacher-2"]["teacher_span_accuracy"], float)
+    assert inspected["teacher-2"]["carried"]["tokenizer"] == str(carried_teachers[0])
+    assert "carried" not in inspected["teacher-0"]
     text = kdqa(run, "inspect", "data/teacher/dev").stdout
     assert "teacher-0.teacher_span_accuracy" in text and "ensemble_span_accuracy" in text
+    assert "teacher-2.carried.tokenizer" in text
+
+
+def test_a_student_of_other_windows_learns_from_every_teacher_carried_onto_them(prepared_run, carried_run, tmp_path):
+    """kdqa align with several teachers: each one's targets in a folder of its own, the first one's byte for byte
+    what aligning it alone gives; the student combines them."""
+    alone = copy_run(prepared_run, tmp_path / "alone")
+    set_params(alone, student__max_seq_len=40)
+    assert kdqa(alone, "align").exit_code == 0
+    run = copy_run(carried_run[0], tmp_path / "run")
+    set_params(run, student__max_seq_len=40, student__max_steps=2)
+    result = kdqa(run, "align")
+    assert result.exit_code == 0, result.output
+    assert "for each of 4 teachers" in result.stderr and "teacher-2: " in result.stderr
+    for split in ("train",):
+        targets = run / "data/aligned/teacher" / split
+        manifest = json.loads((targets / "manifest.json").read_text())
+        assert [t["folder"] for t in manifest["teachers"]] == [f"teacher-{i}" for i in range(4)]
+        features = digests(run / "data/aligned/features" / split)
+        assert features == digests(alone / "data/aligned/features" / split)
+        assert digests(targets / "teacher-0") == digests(alone / "data/aligned/teacher" / split)
+        for i in range(1, 4):
+            assert digests(targets / f"teacher-{i}").keys() == features.keys()
+            assert digests(targets / f"teacher-{i}") != digests(targets / "teacher-0")
+    result = kdqa(run, "student")
+    assert result.exit_code == 0, result.output
+    assert "target: the mean of 4 teachers' probabilities" in result.stderr
 
 
 def test_teacher_models_names_the_teachers_and_teacher_model_a_list_of_one(tmp_path):

@@ -445,6 +445,28 @@ def ensemble_params(teacher_model=None, **model):
     return setup
 
 
+def second_teacher_with_a_slow_tokenizer(c: Ctx):
+    """A second teacher of another tokenizer, loaded as a slow (Python) tokenizer: no character offsets."""
+    import transformers
+
+    ensemble_params(vocab=tiny.CHARACTER_VOCAB)(c)
+    slow = getattr(transformers, "BertTokenizerLegacy", None) or transformers.BertTokenizer  # v5 | v4 name
+    original = transformers.AutoTokenizer.from_pretrained
+
+    def from_pretrained(name, *a, **k):
+        if str(name) == c.values["model"]:
+            return slow(vocab_file=str(Path(name) / "vocab.txt"))
+        return original(name, *a, **k)
+    c.mp.setattr(transformers.AutoTokenizer, "from_pretrained", from_pretrained)
+
+
+def second_teacher_reading_only_digits(c: Ctx):
+    """A second teacher whose tokenizer deletes every character but digits and spaces: the data's contexts (words)
+    have no tokens under it."""
+    ensemble_params(vocab=tiny.CHARACTER_VOCAB)(c)
+    tiny.make_stripping_tokenizer(Path(c.values["model"]), tiny.CHARACTER_VOCAB, keep="0-9 ")
+
+
 def same_teacher_twice(c: Ctx):
     copy = c.tmp / "teacher-copy"
     shutil.copytree(c.world.teacher, copy)
@@ -702,10 +724,16 @@ ROWS = [
         keeps=(TEACHER_WORK, LOGITS_CACHE)),
     Row("teacher: no teacher at all", ("teacher",), patch_params(teacher__model=None, teacher__models=[]),
         ("no teacher", "teacher.model is null and teacher.models is empty")),
-    Row("teacher: a second teacher of another tokenizer", ("teacher",),
-        ensemble_params(vocab=tiny.CHARACTER_VOCAB),
-        ("{model}", "teacher.models[1]'s tokenizer differs", "must share that tokenizer"),
-        keeps=(TEACHER_WORK, LOGITS_CACHE)),
+    Row("teacher: a second teacher of another tokenizer fails half-way, the first's shards kept", ("teacher",),
+        then(ensemble_params(vocab=tiny.CHARACTER_VOCAB), parquet_write_fails(errno.ENOSPC, "teacher-work/teacher-1",
+                                                                              nth=3)),
+        (".kdqa/teacher-work/teacher-1/train/part-00002.parquet", ENOSPC), keeps=(TEACHER_WORK, LOGITS_CACHE)),
+    # a teacher that cannot be carried onto the features stops the stage before any teacher runs (keeps nothing)
+    Row("teacher: a second teacher of another tokenizer, slow (no offsets)", ("teacher",),
+        second_teacher_with_a_slow_tokenizer, ("{model}", "fast (Rust) tokenizer for offset mappings")),
+    Row("teacher: a context without tokens under a second teacher's tokenizer", ("teacher",),
+        second_teacher_reading_only_digits,
+        ("{model}", "teacher.models[1] cannot be carried onto the features", "question id", "has no tokens")),
     Row("teacher: a second teacher shorter than the features' windows", ("teacher",), ensemble_params(positions=32),
         ("{model}", "reads at most 32 tokens", "prepare.max_seq_len 48"), keeps=(TEACHER_WORK, LOGITS_CACHE)),
     Row("teacher: the second teacher fails half-way, the first's shards kept", ("teacher",),
@@ -716,9 +744,11 @@ ROWS = [
             c.ws / "data/teacher/train/teacher-1/manifest.json",
             lambda m: m["fingerprint_parts"].update(features="0123456789abcdef"))),
         ("data/teacher/train/teacher-1", "0123456789abcdef", "kdqa teacher")),
-    Row("align: several teachers for a student of other windows", ("align",),
-        ensemble_logits(student__max_seq_len=40), ("data/teacher/train", "logits of 2 teachers",
-                                                   "not supported yet")),
+    Row("align: one of several teachers' logits made for other features", ("align",),
+        then(ensemble_logits(student__max_seq_len=40), lambda c: _rewrite_json(
+            c.ws / "data/teacher/train/teacher-1/manifest.json",
+            lambda m: m["fingerprint_parts"].update(features="0123456789abcdef"))),
+        ("data/teacher/train/teacher-1", "0123456789abcdef", "kdqa teacher")),
     Row("student: teacher_weights of another length than the teachers", ("student",),
         patch_params(student__teacher_weights=[1.0, 2.0]),
         ("student.teacher_weights: 2 weight(s)", "data/teacher/train holds the logits of 1 teacher(s)")),

@@ -56,6 +56,27 @@ def make_bert_tokenizer(folder: Path, tokens: list[str], lowercase: bool = True)
     return tok
 
 
+def make_stripping_tokenizer(folder: Path, tokens: list[str], keep: str):
+    """A fast WordPiece tokenizer over `tokens` (BERT's special tokens and pair template) whose normalizer deletes
+    every character outside the regex class `keep`, e.g. "0-9 ": a text made only of deleted characters has no
+    tokens under it. Saved in `folder` (replacing any tokenizer files there)."""
+    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordPiece
+    from transformers import PreTrainedTokenizerFast
+
+    ids = {t: i for i, t in enumerate(dict.fromkeys(SPECIAL + tokens))}
+    backend = Tokenizer(WordPiece(ids, unk_token="[UNK]"))
+    backend.normalizer = normalizers.Replace(Regex(f"[^{keep}]"), "")
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", ids["[CLS]"]), ("[SEP]", ids["[SEP]"])])
+    for old in [*folder.glob("tokenizer*"), *folder.glob("vocab*"), *folder.glob("special_tokens*")]:
+        old.unlink()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                            sep_token="[SEP]", mask_token="[MASK]").save_pretrained(folder)
+
+
 def make_model(folder: Path, layers: int = 2, hidden: int = 32, heads: int = 2, seed: int = 0,
                positions: int = 128, vocab: list[str] | None = None) -> Path:
     """A random-weight BertForQuestionAnswering plus its tokenizer (the made-up vocabulary, or `vocab`), saved

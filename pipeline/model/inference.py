@@ -95,3 +95,11 @@ def shard_logits(model, features_path: Path, pad_token_id: int, device: torch.de
         pad_token_id, device, max_batch, max_tokens, dtype, logits_dtype, multiple,
     )
     return rows.feature_ids.to_pylist(), start, end
+
+
+def features_logits(model, features: list[dict], pad_token_id: int, device: torch.device, max_batch: int,
+                    max_tokens: int, dtype: torch.dtype | None | str = "default", multiple: int = 1):
+    """(start logits, end logits) for features held in memory (`text.features.tokenize_examples`' dicts), in order."""
+    return model_logits(model, [f["input_ids"] for f in features], [f["token_type_ids"] for f in features],
+                        np.array([f["context_start"] for f in features]), np.array([f["context_end"] for f in features]),
+                        pad_token_id, device, max_batch, max_tokens, dtype, multiple=multiple)

@@ -12,6 +12,9 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
+from pipeline.model.batching import MASKED
 from pipeline.model.ensemble import Combination, combine_rows
 from pipeline.runtime.errors import KdqaError
 from pipeline.store.examples import read_dev_examples
@@ -59,10 +62,14 @@ def score(preds, na_probs, forced, golds) -> dict:
 
 def score_logit_shards(features_dir: Path, logits_dirs: list[Path], params, examples_path: Path) -> dict:
     """Scores of precomputed logits (a teacher's), read from their shards; several folders (teachers): the scores
-    of their ensemble, the equal-weight mean of their probabilities (T = 1) over each window's answer positions."""
+    of their ensemble, the equal-weight mean of their probabilities (T = 1) over each window's answer positions
+    (those every teacher saw). A teacher carried onto the features from its own tokenizer is scored from its
+    carried distributions through the features' windows: the teacher as seen through the features' tokens."""
     def from_disk(shard: Path):
         read = [read_logits(folder / shard.name) for folder in logits_dirs]
         ids, start, end = read[0]
+        # A teacher carried from its own tokenizer holds NaN where none of its windows saw a position: no answer there.
+        start, end = ([np.where(np.isnan(row), MASKED, row) for row in side] for side in (start, end))
         if len(read) > 1:
             for folder, (other_ids, _, _) in zip(logits_dirs[1:], read[1:]):
                 if not other_ids.equals(ids):

@@ -128,13 +128,15 @@ def _prepare_space(params, ws: Workspace) -> dict[Path, int]:  # features take f
 
 
 def _teacher_space(params, ws: Workspace) -> dict[Path, int]:  # logits go to the work folder, then are copied into data/teacher
-    teachers = len(params.teacher.teachers)  # each teacher's logits of every split (teacher.models)
+    # each teacher's logits of every split (teacher.models); a teacher carried from its own tokenizer stores as many
+    # values, one start and one end per features token
+    teachers = len(params.teacher.teachers)
     tokens = sum(_tokens(ws.features / split) for split in SPLITS if not _logits_current(split, ws, teachers))
     logits = LOGITS_BYTES_PER_TOKEN * tokens * teachers
     return {ws.teacher_work: max(0, logits - _bytes_in(ws.teacher_work)), ws.teacher: logits}
 
 
-def _align_space(params, ws: Workspace) -> dict[Path, int]:  # the student's own features and targets: about the teacher's, at most
+def _align_space(params, ws: Workspace) -> dict[Path, int]:  # the student's own features and targets (every teacher's): about the teacher's, at most
     return {ws.aligned: _bytes_in(ws.features) + _bytes_in(ws.teacher)}
 
 

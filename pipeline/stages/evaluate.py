@@ -23,7 +23,7 @@ from pipeline.model.answering import UNTUNED_NULL_THRESHOLD, at_threshold, null_
 from pipeline.model.scoring import evaluate_model, score_logit_shards
 from pipeline.runtime.errors import KdqaError
 from pipeline.runtime.workspace import Workspace
-from pipeline.store.shards import write_jsons_atomic
+from pipeline.store.shards import read_json, write_jsons_atomic
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 def teacher_scores(features_dir: Path, teacher_dir: Path, params, ws: Workspace, threshold: dict) -> dict:
     """The teacher's scores from its stored dev logits (`threshold`: the no-answer threshold they were scored at,
     and where it comes from, recorded beside them). Several teachers: each one's under its folder's name
-    (teacher-0, ...) and their ensemble's (the equal-weight mean of their probabilities) under `ensemble`."""
+    (teacher-0, ...) and their ensemble's (the equal-weight mean of their probabilities) under `ensemble`. A teacher
+    carried from its own tokenizer is scored from its carried distributions on the features' windows."""
     from pipeline.store.logits import teacher_folders
 
     folders = teacher_folders(teacher_dir)
@@ -39,9 +40,12 @@ def teacher_scores(features_dir: Path, teacher_dir: Path, params, ws: Workspace,
               for folder in folders}
     if len(folders) > 1:
         scored["ensemble"] = {**score_logit_shards(features_dir, folders, params, ws.dev_examples), **threshold}
+    carried = {folder.name: read_json(folder / "manifest.json").get("carried") for folder in folders}
     for name, metrics in scored.items():
-        log.info("%s on dev: EM %.2f F1 %.2f (forced span F1 %.2f)", "teacher" if len(folders) == 1 else name,
-                 metrics["exact"], metrics["f1"], metrics.get("HasAns_f1_forced", float("nan")))
+        seen_as = (f" (carried from tokenizer {carried[name]['tokenizer']}: as seen through the features' tokens)"
+                   if carried.get(name) else "")
+        log.info("%s on dev: EM %.2f F1 %.2f (forced span F1 %.2f)%s", "teacher" if len(folders) == 1 else name,
+                 metrics["exact"], metrics["f1"], metrics.get("HasAns_f1_forced", float("nan")), seen_as)
     return scored[teacher_dir.name] if len(folders) == 1 else scored
 
 

@@ -50,7 +50,7 @@ def run_prepare(params: Params, ws: Workspace) -> None:
     for source in (*(source for _, source in labelled), *data.unlabeled):
         warn_if_dvc_cannot_see(source, ws)
     # Several teachers share one set of features, tokenized with the first teacher's tokenizer (the teacher
-    # stage refuses a teacher of another vocabulary).
+    # stage carries a teacher of another vocabulary onto them: pipeline/model/carried.py).
     teacher = params.teacher.teachers[0]
     tokenizer = load_tokenizer(teacher, params.teacher.trust_remote_code)
     check_window(params, tokenizer)

@@ -53,6 +53,11 @@ def read_feature_ids(path: Path) -> pa.ChunkedArray:
     return read_table(path, columns=["feature_id"]).column("feature_id")
 
 
+def read_example_ids(path: Path) -> list[str]:
+    """Each row's example id, in order: which examples' windows a shard holds."""
+    return read_table(path, columns=["example_id"]).column("example_id").to_pylist()
+
+
 @dataclass
 class Windows:
     """What turns a window's logits back into answer text: post-processing and alignment read this."""

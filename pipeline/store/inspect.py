@@ -41,15 +41,23 @@ def inspect_folder(folder: Path, ws: Workspace, features_dir: Path | None = None
     info["bytes_per_row"] = round(info["bytes"] / max(info["rows"], 1), 1)
     if not is_logits_shard(shards[0]):
         return info
-    if features_dir is None:  # aligned targets sit beside the student's own features, logits beside prepare's
-        aligned = folder.resolve().parent == ws.aligned_targets.resolve()
-        # a teacher's folder of an ensemble (data/teacher/train/teacher-1) is of the split its manifest names
-        features_dir = (ws.aligned_features if aligned else ws.features) / manifest.get("split", folder.name)
+    if features_dir is None:
+        features_dir = features_of(folder, manifest, ws)
     if not features_match(folder, manifest, features_dir, info):
         return info
     info.update(accuracy(shards, features_dir, read_logits, "teacher"))
     info.update(teacher_features_per_second=manifest.get("features_per_second"), device=manifest.get("device"))
+    if manifest.get("carried"):  # a teacher of another tokenizer: its distributions carried onto these tokens
+        info["carried"] = {k: manifest["carried"].get(k) for k in ("tokenizer", "features_pieced", "mean_covered")}
     return info
+
+
+def features_of(folder: Path, manifest: dict, ws: Workspace) -> Path:
+    """The features a logits folder was made for: aligned targets sit beside the student's own features, logits
+    beside prepare's; a teacher's folder of an ensemble (data/teacher/train/teacher-1) is of the split its manifest
+    names."""
+    aligned = ws.aligned_targets.resolve() in folder.resolve().parents
+    return (ws.aligned_features if aligned else ws.features) / manifest.get("split", folder.name)
 
 
 def features_match(folder: Path, manifest: dict, features_dir: Path, info: dict) -> bool:
@@ -70,7 +78,7 @@ def inspect_ensemble(folder: Path, folders: list[Path], ws: Workspace, features_
     """A split folder of several teachers: each teacher's folder described, and the accuracy of their ensemble
     (the equal-weight mean of their probabilities, as `kdqa evaluate` scores it)."""
     manifest = read_json(folder / "manifest.json")
-    features_dir = ws.features / folder.name if features_dir is None else features_dir
+    features_dir = features_of(folder, manifest, ws) if features_dir is None else features_dir
     teachers = {sub.name: {"model": entry.get("model"), **inspect_folder(sub, ws, features_dir)}
                 for sub, entry in zip(folders, manifest["teachers"])}
     info = {"folder": str(folder), "teachers": len(folders), "fingerprint": manifest.get("fingerprint"),

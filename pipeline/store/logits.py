@@ -8,7 +8,12 @@ is a new `logits_format` (pipeline/formats.yaml; tests/test_formats.py holds the
 The layout of a split folder (data/teacher/<split>/): with one teacher, its shards and manifest.json, as ever.
 With several (teacher.models), one such folder per teacher inside it, `teacher-0`, `teacher-1`, ... in the
 order of the list, each exactly what the split folder of that teacher alone would hold (byte for byte), and a
-manifest.json that lists them (`teachers`); `teacher_folders` reads either layout.
+manifest.json that lists them (`teachers`, written by `teachers_manifest`); `teacher_folders` reads either
+layout. A student's aligned targets (data/aligned/teacher/<split>/) take the same layout.
+
+A teacher carried onto the features from its own tokenizer (pipeline/model/carried.py) stores, in these columns,
+the aligned log-probabilities of its distributions (NaN where none of its windows saw a position), as aligned
+targets do; its manifest says `carried`.
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from pipeline import __version__
 from pipeline.runtime.errors import KdqaError
-from pipeline.store.shards import list_array, list_column_to_numpy, read_json, read_table, write_table_atomic
+from pipeline.store.shards import (fingerprint_of, list_array, list_column_to_numpy, read_json, read_table,
+                                   write_table_atomic)
 
 LOGITS_SCHEMA = pa.schema(
     [
@@ -76,3 +83,11 @@ def teacher_folders(split_dir: Path) -> list[Path]:
     if not isinstance(listed, list) or not all(isinstance(t, dict) and isinstance(t.get("folder"), str) for t in listed):
         raise KdqaError(f"{manifest_path}: 'teachers' is not a list of teacher folders (run `kdqa teacher`)")
     return [split_dir / t["folder"] for t in listed]
+
+
+def teachers_manifest(split: str, parts: dict, teachers: list[dict], rows: int) -> dict:
+    """The manifest of a split folder of several teachers: `teachers` (each at least its `folder` and its own
+    manifest's `fingerprint`) and the fingerprint of `parts` with every teacher's."""
+    parts = {**parts, "teachers": [t["fingerprint"] for t in teachers]}
+    return {"kdqa_version": __version__, "split": split, "fingerprint": fingerprint_of(parts),
+            "fingerprint_parts": parts, "teachers": teachers, "rows": rows}

@@ -59,6 +59,12 @@ class Window:
         return cls(np.asarray(feature["offset_start"]), np.asarray(feature["offset_end"]),
                    int(feature["context_start"]), int(feature["context_end"]))
 
+    @classmethod
+    def of_row(cls, windows, row: int) -> "Window":
+        """The window of row `row` of a features shard's windows (`pipeline.store.features.read_windows`)."""
+        return cls(windows.offset_start[row], windows.offset_end[row], int(windows.context_start[row]),
+                   int(windows.context_end[row]))
+
     def context_offsets(self) -> tuple[np.ndarray, np.ndarray]:
         tokens = slice(self.context_start, self.context_end + 1)
         return self.offset_start[tokens].astype(np.int64), self.offset_end[tokens].astype(np.int64)
@@ -89,9 +95,12 @@ class CharDistribution:
 
 
 def answer_probabilities(logits: np.ndarray, window: Window) -> np.ndarray:
-    """softmax over CLS and the context tokens (the positions the loss compares), in float64: [null, tokens...]."""
+    """softmax over CLS and the context tokens (the positions the loss compares), in float64: [null, tokens...].
+    A teacher carried onto these windows from its own tokenizer (pipeline/model/carried.py) holds NaN where none
+    of its windows saw a token: no mass there (its CLS always has a value)."""
     allowed = np.r_[CLS_INDEX, np.arange(window.context_start, window.context_end + 1)]
     z = logits[allowed].astype(np.float64)
+    z[np.isnan(z)] = -np.inf
     p = np.exp(z - z.max())
     return p / p.sum()
 
@@ -205,6 +214,29 @@ def align_window(teacher: list[tuple[CharDistribution, CharDistribution]], stude
         row[context] = np.where(kept, to_log(tokens), UNSEEN)
         out[head] = row.astype(np.float32)
     return AlignedTargets(out["start"], out["end"], float(covered["start"]), float(covered["end"]), used)
+
+
+@dataclass
+class AlignStats:
+    """How a teacher's targets came out over some features: what align and a carried teacher report."""
+
+    features: int = 0
+    pieced: int = 0  # features whose targets came from more than one teacher window
+    covered: float = 0.0  # sum over features of the mean start/end covered mass
+
+    def add(self, target: AlignedTargets) -> None:
+        self.features += 1
+        self.pieced += target.teacher_windows > 1
+        self.covered += (target.start_covered + target.end_covered) / 2
+
+    def __iadd__(self, other: AlignStats) -> AlignStats:
+        self.features, self.pieced, self.covered = (self.features + other.features, self.pieced + other.pieced,
+                                                    self.covered + other.covered)
+        return self
+
+    @property
+    def mean_covered(self) -> float:
+        return self.covered / max(self.features, 1)
 
 
 def align_example(teacher_windows: list[tuple[np.ndarray, np.ndarray, Window]],

@@ -209,6 +209,19 @@ def tokenize_into(folder: Path, runs: Iterable[list[Example]], tokenizer, params
     return manifest
 
 
+def features_by_example(tokenizer, examples: list[Example], settings) -> Iterator[tuple[Example, list[dict]]]:
+    """(example, its features) in order, tokenized `TOKENIZE_CHUNK` examples at a time at `settings`' windows
+    (max_seq_len, doc_stride, max_query_len: prepare's, or a student's own)."""
+    for i in range(0, len(examples), TOKENIZE_CHUNK):
+        chunk = examples[i : i + TOKENIZE_CHUNK]
+        by_example: dict[str, list[dict]] = {ex.id: [] for ex in chunk}
+        for feature in tokenize_examples(tokenizer, chunk, settings.max_seq_len, settings.doc_stride,
+                                         settings.max_query_len):
+            by_example[feature["example_id"]].append(feature)
+        for ex in chunk:
+            yield ex, by_example[ex.id]
+
+
 def check_window(params: Params, tokenizer, section: str = "prepare") -> None:
     """Windows must leave room for context beyond the overlap (`pipeline.params.check_window`).
     `section`: where the user set these windows (the student's own: `student`)."""
