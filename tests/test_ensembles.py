@@ -368,6 +368,35 @@ def test_the_stream_carries_one_combined_target_per_batch(ensemble_run):
     assert got == pytest.approx(expected, abs=1e-5)
 
 
+def test_the_stream_leaves_out_positions_a_carried_teacher_did_not_see(ensemble_run, tmp_path):
+    """teacher-1's logits with NaN at each row's first context token (as a carried teacher holds where none of its
+    windows saw it): the batch's teacher_mask is False exactly there and the target is the mixture over the rest."""
+    from pipeline.store.features import read_training_rows
+    from pipeline.store.logits import read_logits, write_logits_shard
+    from pipeline.training.stream import ShardPair, ShardStream, find_shard_pairs
+
+    run, _ = ensemble_run
+    [pair, *_] = find_shard_pairs(run / "data/features/train", run / "data/teacher/train")
+    rows = read_training_rows(pair.features_path)
+    ids, start, end = read_logits(pair.more_logits[0])
+    for i, first in enumerate(rows.context_start):
+        start[i][first] = end[i][first] = np.nan
+    write_logits_shard(tmp_path / "carried.parquet", ids.to_pylist(), start, end)
+    carried = ShardPair(pair.features_path, pair.logits_path, pair.rows, (tmp_path / "carried.parquet",))
+    batch = next(iter(ShardStream([carried], batch_size=4, seed=0, pad_token_id=0,
+                                  combination=Combination.equal(2, temperature=2.0))))
+    row = next(i for i, ids in enumerate(rows.input_ids)
+               if len(ids) <= batch["input_ids"].shape[1] and np.array_equal(batch["input_ids"][0, :len(ids)], ids))
+    first, last = int(rows.context_start[row]), int(rows.context_end[row])
+    assert (~batch["teacher_mask"]).sum(-1).tolist() == [1] * 4 and not batch["teacher_mask"][0, first]
+    seen = [0, *range(first + 1, last + 1)]
+    per_teacher = [softmax_at([float(read_logits(shard)[1][row][j]) for j in seen], 2.0)
+                   for shard in pair.teacher_shards]
+    got = softmax_at([float(batch["teacher_start"][0, j]) for j in seen], 2.0)
+    assert got == pytest.approx([(a + b) / 2 for a, b in zip(*per_teacher)], abs=1e-5)
+    assert torch.isfinite(batch["teacher_start"]).all() and torch.isfinite(batch["teacher_end"]).all()
+
+
 def test_student_trains_on_the_ensemble_and_evaluate_and_inspect_score_each_teacher(carried_run, carried_teachers,
                                                                                       tmp_path):
     """Four teachers, two of them carried from their own tokenizers."""
@@ -429,6 +458,9 @@ def test_a_student_of_other_windows_learns_from_every_teacher_carried_onto_them(
         for i in range(1, 4):
             assert digests(targets / f"teacher-{i}").keys() == features.keys()
             assert digests(targets / f"teacher-{i}") != digests(targets / "teacher-0")
+    inspected = json.loads(kdqa(run, "inspect", "--json", "data/aligned/teacher/train").stdout)
+    assert inspected["teachers"] == 4 and inspected["teacher-1"]["model"].endswith("teacher-7")
+    assert isinstance(inspected["ensemble_span_accuracy"], float)  # against the student's own features' labels
     result = kdqa(run, "student")
     assert result.exit_code == 0, result.output
     assert "target: the mean of 4 teachers' probabilities" in result.stderr

@@ -167,10 +167,10 @@ def write_manifests(split: str, features_out: Path, targets_out: Path, shards: l
         write_targets_manifest(split, targets_out, shards, features_fp, teacher_fp)
         return
     entries = []
-    for folder in folders:
+    for folder, teacher in zip(folders, read_json(logits_dir / "manifest.json")["teachers"]):
         made = write_targets_manifest(split, targets_out / folder.name, shards, features_fp,
                                       read_json(folder / "manifest.json")["fingerprint"])
-        entries.append({"folder": folder.name, "fingerprint": made["fingerprint"]})
+        entries.append({"model": teacher.get("model"), "folder": folder.name, "fingerprint": made["fingerprint"]})
     parts = {"features": features_fp, "teacher_logits": teacher_fp, "logits_format": output_format("logits"),
              "aligned_format": output_format("aligned")}
     write_json_atomic(targets_out / "manifest.json",
