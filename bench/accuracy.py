@@ -16,6 +16,9 @@ itself, stage by stage, in one work folder per model:
    give the mean over seeds and its spread; gains come with two paired 95% intervals (by seed; and a bootstrap
    over test paragraphs of the per-question scores averaged over seeds), and a goal is met only where the mean
    and both intervals clear it.
+`--set teachers=N` fine-tunes N teachers (seeds 13, 14, ...), writes their ensemble's logits as a user adds a
+teacher to a finished run (the last one's shards the only ones computed), scores each teacher and the ensemble,
+and lets each student spec name the teachers it learns from (`teachers: best | all | [i, ...]`; bench/README.md).
 Each stage's wall time and peak resident memory are measured (os.wait4 on the stage's own process).
 Writes results.json and results.md into --out after every stage.
 
@@ -31,6 +34,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -109,7 +113,89 @@ QUICK = {
 
 
 # Keys of a student spec that are the benchmark's, not student.* settings.
-SPEC_KEYS = {"name", "compare_to", "max_steps_of", "teacher_windows", "tokenizer"}
+SPEC_KEYS = {"name", "compare_to", "max_steps_of", "teacher_windows", "tokenizer", "teachers"}
+
+
+# ---------------------------------------------------------------- several teachers (`teachers: N`, issue 33)
+
+def teacher_count(cfg: dict) -> int:
+    """`teachers: N` (default 1): how many teachers the run fine-tunes, alike but for their seeds."""
+    count = cfg.get("teachers", 1)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        sys.exit(f"teachers: {count!r}: the number of teachers to fine-tune, a whole number of at least 1")
+    return count
+
+
+def teacher_seed(index: int) -> int:
+    return BASE_STUDENT["seed"] + index
+
+
+def teacher_workdir(out: Path, index: int) -> Path:
+    """Teacher 0's folder is the one runs of one teacher always had (so they are reused); the others' are named
+    by their seed."""
+    return out / "teacher" if index == 0 else out / f"teacher-seed-{teacher_seed(index)}"
+
+
+def teacher_settings(cfg: dict, encoder: str, index: int) -> dict:
+    """student.* of teacher `index`'s fine-tuning: supervised only (distillation weight 0), the preset's schedule,
+    seed 13 + index. Teacher 0's params.yaml is byte for byte what it was before there could be several."""
+    return {"model": encoder, "distillation_weight": 0.0, **cfg["teacher_training"], "seed": teacher_seed(index)}
+
+
+def teacher_name(index: int, count: int) -> str:
+    model = "MiniLM-L6 fine-tuned (6 layers)"
+    return f"teacher: {model}" if count == 1 else f"teacher {index}: {model}, seed {teacher_seed(index)}"
+
+
+def logits_folder_name(base: str, teachers: tuple[int, ...]) -> str:
+    """The work folder of these teachers' logits under --out: teacher 0's alone is `base`, the folder runs of one
+    teacher always had (`logits`, or `logits-extra` with extra rows); another teacher's alone `base-teacher-I`;
+    several (teacher.models, in this order) `base-teachers-I-J-...`."""
+    if teachers == (0,):
+        return base
+    if len(teachers) == 1:
+        return f"{base}-teacher-{teachers[0]}"
+    return f"{base}-teachers-" + "-".join(str(i) for i in teachers)
+
+
+def best_teacher(validation_f1: list[float], among: tuple[int, ...] | None = None) -> int:
+    """The teacher (its index) with the highest F1 on the validation questions, ties to the first: the choice never
+    sees the test questions. `among`: only these teachers."""
+    among = tuple(range(len(validation_f1))) if among is None else among
+    return max(among, key=lambda i: (validation_f1[i], -among.index(i)))
+
+
+class TeacherChoice(NamedTuple):
+    teachers: tuple[int, ...]  # whose logits the student learns from, in teacher.models' order
+    init: int  # the teacher a `model: teacher` student is cut from: the best of `teachers` on validation
+
+
+def chosen_teachers(spec: dict, validation_f1: list[float]) -> TeacherChoice:
+    """A student spec's `teachers`: absent, teacher 0 (as before there could be several); `best`, the best single
+    teacher on validation; `all`, the ensemble of every teacher; or a list of teacher indices."""
+    count, value = len(validation_f1), spec.get("teachers")
+    if value is None:
+        teachers = (0,)
+    elif value == "best":
+        teachers = (best_teacher(validation_f1),)
+    elif value == "all":
+        teachers = tuple(range(count))
+    elif (isinstance(value, list) and value and len(set(value)) == len(value)
+          and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < count for i in value)):
+        teachers = tuple(value)
+    else:
+        sys.exit(f"student {spec['name']!r}: teachers {value!r}: best, all or a list of distinct teacher indices "
+                 f"below {count} (the run fine-tunes `teachers: {count}`)")
+    if spec.get("teacher_windows") and teachers != (0,):
+        sys.exit(f"student {spec['name']!r}: teacher_windows labels with teacher 0 only; drop `teachers`")
+    return TeacherChoice(teachers, best_teacher(validation_f1, teachers))
+
+
+def validation_f1(teacher_dir: Path) -> float:
+    """A fine-tuned model's F1 on the validation questions, at the threshold `kdqa student` chose there."""
+    from pipeline.model.answering import ANSWERING_FILE
+
+    return json.loads((teacher_dir / "models" / "student" / ANSWERING_FILE).read_text())["best_f1"]
 
 
 class Split(NamedTuple):
@@ -144,7 +230,7 @@ def count_questions(path: Path) -> int:
     return sum(len(p["qas"]) for a in json.loads(path.read_text())["data"] for p in a["paragraphs"])
 
 
-def write_split_params(workdir: Path, cfg: dict, split: Split, teacher: str, student: dict,
+def write_split_params(workdir: Path, cfg: dict, split: Split, teacher: str | list[str], student: dict,
                        extra: dict | None = None) -> None:
     """A work folder's params.yaml on the clean split: trained on split.train, scored on the test part (data.dev),
     its no-answer threshold chosen on the validation part (data.validation) and used (evaluate.null_threshold:
@@ -209,13 +295,65 @@ def planned_steps(data: Path, student: dict) -> int:
 
 
 def logits_rows(workdir: Path) -> dict:
-    """What the logits stage labelled, per split: rows, shards, and shards copied from the logits cache."""
+    """What the logits stage labelled, per split: rows, shards, and shards copied from the logits cache; with
+    several teachers, each one's shards (`teachers`, in teacher.models' order: pipeline/store/logits.py's layout)."""
+    def shards(m: dict) -> dict:
+        return {"rows": m["rows"], "shards": len(m["shards"]), "shards_from_cache": m.get("shards_from_cache", 0)}
+
     out = {}
     for manifest in sorted((workdir / "data" / "teacher").glob("*/manifest.json")):
         m = json.loads(manifest.read_text())
-        out[manifest.parent.name] = {"rows": m["rows"], "shards": len(m["shards"]),
-                                     "shards_from_cache": m.get("shards_from_cache", 0)}
+        out[manifest.parent.name] = shards(m) if "teachers" not in m else {"rows": m["rows"], "teachers": [
+            shards(json.loads((manifest.parent / t["folder"] / "manifest.json").read_text())) for t in m["teachers"]]}
     return out
+
+
+def share_logits_cache(workdir: Path, cache: Path) -> None:
+    """Make the work folder's logits cache (pipeline/store/logits_cache.py) the run's shared `cache`, so that a
+    teacher's shards computed in one logits folder are copied into every other. A folder's own cache from a run
+    of one teacher becomes the shared one if there is none yet (its shards are then not computed again)."""
+    from pipeline.runtime.workspace import Workspace
+
+    own = Workspace(workdir).teacher_cache
+    if own.is_symlink():
+        return
+    if own.is_dir() and not cache.exists():
+        own.rename(cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    if not own.exists():  # (a folder's own cache beside an existing shared one stays its own)
+        own.parent.mkdir(parents=True, exist_ok=True)
+        own.symlink_to(cache.resolve(), target_is_directory=True)
+
+
+def ensemble_record(teachers: list[dict], edir: Path, first: dict, added: dict, scored: dict) -> dict:
+    """What results.json keeps of the ensemble of every teacher (issue 33): each teacher's and the ensemble's
+    scores on the test questions as `kdqa evaluate` wrote them into metrics/teacher.json (all at the threshold it
+    scores logits at: none is stored with logits), the best single teacher (on validation), and how the logits
+    were made: the first N-1 teachers (`first`), then all N, the last one added (`added`: its stage's log, the
+    shards each teacher computed and copied, and the seconds kdqa logged for the added teacher)."""
+    from pipeline.store.logits import teacher_folder_name
+
+    metrics = json.loads((edir / "metrics" / "teacher.json").read_text())
+    keys = ("exact", "f1", "HasAns_f1", "NoAns_f1", "best_f1", "HasAns_f1_forced")
+
+    def kept(m: dict) -> dict:
+        return {**{k: round(m[k], 2) for k in keys if k in m}, "null_threshold": m.get("null_threshold")}
+
+    splits = added["rows"].values()
+    last = len(teachers) - 1
+    # pipeline/stages/teacher.py's line for a teacher that computed shards
+    computed_in = re.compile(rf"teacher\.models\[{last}\] \(.*\): \d+ shards computed in ([\d.]+)s")
+    found = [m for m in map(computed_in.search, added.get("log", [])) if m]
+    return {"folder": str(edir), "best_single_teacher": best_teacher([t["validation_f1"] for t in teachers]),
+            "teachers": [{"model": t["model"], "validation_f1": t["validation_f1"],
+                          "test": kept(metrics[teacher_folder_name(i)])} for i, t in enumerate(teachers)],
+            "ensemble": kept(metrics["ensemble"]), "evaluate": scored,
+            "logits": {"first": first, "added": {
+                **added, "added_teacher_seconds": float(found[-1].group(1)) if found else None,
+                "computed_shards": [sum(s["teachers"][i]["shards"] - s["teachers"][i]["shards_from_cache"] for s in splits)
+                                    for i in range(len(teachers))],
+                "copied_shards": [sum(s["teachers"][i]["shards_from_cache"] for s in splits)
+                                  for i in range(len(teachers))]}}}
 
 
 @functools.cache  # results.md is rewritten after every stage: score each finished model's files once per run
@@ -327,34 +465,76 @@ def main() -> None:
             results["machine"] = machine_description()
             write_results(args.out, results, markdown(results))
 
-    # 1. The teacher: the 6-layer encoder fine-tuned on hard labels by kdqa itself.
-    tdir = args.out / "teacher"
-    write_split_params(tdir, cfg, split, encoder,
-                       {"model": encoder, "distillation_weight": 0.0, **cfg["teacher_training"]})
+    # 1. The teachers: the 6-layer encoder fine-tuned on hard labels by kdqa itself; `teachers: N` fine-tunes N
+    #    alike but for the seed (13, 14, ...), each scored at its own validation threshold, over one set of features.
+    n_teachers = teacher_count(cfg)
+    tdir = teacher_workdir(args.out, 0)
+    write_split_params(tdir, cfg, split, encoder, teacher_settings(cfg, encoder, 0))
     t_prep = run_stage(tdir, "prepare", upstream=(split_key,))
-    t_train = run_stage(tdir, "student", upstream=(t_prep["key"],))
-    t_eval = run_stage(tdir, "evaluate", upstream=(t_train["key"],))
-    teacher_model = str((tdir / "models" / "student").resolve())
-    results["rows"].append({"model": "teacher: MiniLM-L6 fine-tuned (6 layers)", **scores(tdir),
-                            **threshold_used(tdir), "workdir": str(tdir),
-                            "stages": {"prepare": t_prep, "fine-tune": t_train, "evaluate": t_eval}})
+
+    def fine_tune_teacher(index: int) -> dict:
+        workdir = teacher_workdir(args.out, index)
+        write_split_params(workdir, cfg, split, encoder, teacher_settings(cfg, encoder, index))
+        link_data(tdir, workdir, names=("features",))  # teacher 0's prepare (its own folder: nothing to link)
+        train = run_stage(workdir, "student", upstream=(t_prep["key"],))
+        stages = {"prepare": t_prep} if index == 0 else {}
+        stages |= {"fine-tune": train, "evaluate": run_stage(workdir, "evaluate", upstream=(train["key"],))}
+        row = {"model": teacher_name(index, n_teachers), **scores(workdir), **threshold_used(workdir),
+               "workdir": str(workdir), "stages": stages}
+        if n_teachers > 1:  # what chooses the best single teacher: never the test questions
+            row["validation_f1"] = validation_f1(workdir)
+        return row
+
+    with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
+        results["rows"] += list(pool.map(fine_tune_teacher, range(n_teachers)))
+    teacher_models = [str((teacher_workdir(args.out, i) / "models" / "student").resolve()) for i in range(n_teachers)]
+    teacher_model = teacher_models[0]
+    train_keys = [row["stages"]["fine-tune"]["key"] for row in results["rows"]]
+    validation_f1s = [row.get("validation_f1", 0.0) for row in results["rows"]]  # one teacher: nothing to choose
+    choices = {spec["name"]: chosen_teachers(spec, validation_f1s) for spec in cfg["students"]}
     save()
 
     # 2. Teacher logits, once, over the same features (prepared with the same tokenizer). With extra rows the
     #    logits folder prepares its own features: train and dev byte for byte as the teacher's, plus the extras.
     extra = cfg.get("extra") or {}
-    if extra.get("unlabeled") or extra.get("augment_views"):
-        ldir = args.out / "logits-extra"
+    has_extra = bool(extra.get("unlabeled") or extra.get("augment_views"))
+    ldir = args.out / ("logits-extra" if has_extra else "logits")
+    features_upstream = ()
+    if has_extra:
         write_split_params(ldir, cfg, split, teacher_model, {"model": encoder}, extra=extra)
         extra_key = hashlib.sha256(Path(extra["unlabeled"]).read_bytes() if extra.get("unlabeled") else b"").hexdigest()
-        upstream = (run_stage(ldir, "prepare", upstream=(split_key, extra_key[:16]))["key"], t_train["key"])
-    else:
-        ldir = args.out / "logits"
-        write_split_params(ldir, cfg, split, teacher_model, {"model": encoder})
-        link_data(tdir, ldir)  # features only: data/teacher does not exist yet in tdir
-        upstream = (t_train["key"],)
-    t_logits = run_stage(ldir, "teacher", upstream=upstream)
-    results["teacher_logits"] = {**t_logits, "rows": logits_rows(ldir)}
+        features_upstream = (run_stage(ldir, "prepare", upstream=(split_key, extra_key[:16]))["key"],)
+    teacher_logits_folders = {}  # teacher indices -> (work folder, its teacher stage)
+
+    def teacher_logits(teachers: tuple[int, ...]) -> tuple[Path, dict]:
+        """These teachers' logits (one: teacher.model; several: teacher.models) in a folder of their own over the
+        same features, made once. With several teachers in the run every such folder shares one logits cache, so
+        each teacher's shards are computed once, whichever folders need them, and the log says which were."""
+        with lock:
+            if teachers not in teacher_logits_folders:
+                folder = args.out / logits_folder_name(ldir.name, teachers)
+                write_split_params(folder, cfg, split, [teacher_models[i] for i in teachers], {"model": encoder},
+                                   extra=extra if has_extra else None)
+                link_data(ldir if has_extra else tdir, folder, names=("features",))
+                if n_teachers > 1:
+                    share_logits_cache(folder, args.out / "logits-cache")
+                stage = run_stage(folder, "teacher", upstream=features_upstream + tuple(train_keys[i] for i in teachers),
+                                  quiet=n_teachers == 1)
+                teacher_logits_folders[teachers] = (folder, {**stage, "rows": logits_rows(folder)})
+            return teacher_logits_folders[teachers]
+
+    if n_teachers > 1:
+        # The ensemble of every teacher, made as a user adds a teacher to a finished run: the first N-1 teachers'
+        # logits, then all N with the same logits cache, so that the last teacher's shards are the only ones
+        # computed (the stage's log says so); then its scores, each teacher's and the ensemble's, on the test split.
+        everyone = tuple(range(n_teachers))
+        share_logits_cache(ldir, args.out / "logits-cache")  # (teacher 0's shards from a run of one teacher, if any)
+        _, first = teacher_logits(everyone[:-1])
+        edir, added = teacher_logits(everyone)
+        scored = run_stage(edir, "evaluate", "--model", teacher_model, upstream=(added["key"], train_keys[0]))
+        results["ensemble"] = ensemble_record(results["rows"], edir, first, added, scored)
+    ldir, t_logits = teacher_logits((0,))
+    results["teacher_logits"] = t_logits
     save()
 
     # 3. Students, the same layers of the same 6-layer model (raw encoder or fine-tuned teacher), same seed and
@@ -382,7 +562,7 @@ def main() -> None:
                 write_split_params(wdir, wcfg, split, teacher_model, {"model": encoder})
                 prep = run_stage(wdir, "prepare", upstream=(split_key,))
                 logits_folders[tuple(windows)] = (wdir, wcfg, run_stage(wdir, "teacher",
-                                                                          upstream=(prep["key"], t_train["key"])))
+                                                                          upstream=(prep["key"], train_keys[0])))
             return logits_folders[tuple(windows)]
 
     def train_student(spec: dict, seed_index: int) -> dict:
@@ -390,23 +570,27 @@ def main() -> None:
         # index i trains with the spec's seed + i, in a work folder of its own (index 0: the folder of old runs).
         student = student_settings(spec)
         student["seed"] = student.get("seed", BASE_STUDENT["seed"]) + seed_index
+        choice = choices[spec["name"]]
         init = "teacher" if student["model"] == "teacher" else "encoder"
         cut_from_teacher = init == "teacher" and "teacher" not in spec["name"]
         label = spec["name"] + (", cut from the teacher" if cut_from_teacher else "")
         sdir = args.out / ("student-" + "".join(c if c.isalnum() else "-" for c in label).strip("-")
                            + (f"-seed-{student['seed']}" if seed_index else ""))
         if init == "teacher":
-            student["model"] = teacher_model
+            student["model"] = teacher_models[choice.init]
         if spec.get("tokenizer") == "trimmed":  # the same weights read through another tokenizer
             student["model"] = str(trimmed_vocabulary_model(Path(student["model"]), sdir / "model-trimmed-vocab"))
         elif spec.get("tokenizer"):
             sys.exit(f"student {spec['name']!r}: tokenizer {spec['tokenizer']!r}: only 'trimmed' is known")
-        src, scfg, src_logits = logits_at(spec["teacher_windows"]) if spec.get("teacher_windows") else (ldir, cfg, t_logits)
+        if spec.get("teacher_windows"):
+            src, scfg, src_logits = logits_at(spec["teacher_windows"])
+        else:
+            (src, src_logits), scfg = teacher_logits(choice.teachers), cfg
         aligns = bool(spec.get("tokenizer") or student.get("max_seq_len") or student.get("doc_stride"))
         # kdqa align makes the extra splits' examples again from data.unlabeled and prepare.augment_*: a student it
         # aligns reads the extra settings its logits folder was prepared with (a user's one params.yaml does too).
-        write_split_params(sdir, scfg, split, teacher_model, student,
-                           extra=extra if aligns and src == ldir and ldir.name == "logits-extra" else None)
+        write_split_params(sdir, scfg, split, [teacher_models[i] for i in choice.teachers], student,
+                           extra=extra if aligns and has_extra and not spec.get("teacher_windows") else None)
         link_data(src, sdir)
         upstream = (src_logits["key"],)
         # Another tokenizer or other windows than the logits were made with: the student's own features and the
@@ -424,6 +608,9 @@ def main() -> None:
                "init": init, "workdir": str(sdir), "seed": student["seed"],
                "stages": {**stages, "train": train_stage, "evaluate": eval_stage},
                "spec_name": spec["name"], "compare_to": spec.get("compare_to"),
+               # whose logits it learnt from; a student cut from a teacher, from which (the best of them)
+               **({"teachers": list(choice.teachers), "init_teacher": choice.init if init == "teacher" else None}
+                  if "teachers" in spec else {}),
                "steps": json.loads((sdir / "models" / "student" / "kdqa_training.json").read_text())["steps"],
                # everything else that shapes the student: the goals compare only students that share it
                "settings": {**{k: v for k, v in student.items()
@@ -431,13 +618,17 @@ def main() -> None:
                             **{k: spec[k] for k in ("tokenizer", "teacher_windows") if spec.get(k)}}}
         with lock:
             runs.setdefault(spec["name"], {})[seed_index] = row
-            results["rows"] = results["rows"][:1] + [over_seeds([r for _, r in sorted(runs[s["name"]].items())])
-                                                     for s in cfg["students"] if runs.get(s["name"])]
+            results["rows"] = results["rows"][:n_teachers] + student_rows()
         save()
         return row
 
     results["students_in_parallel"] = max(1, args.parallel)
     failed, runs = [], {}  # runs: spec name -> {seed index: that seed's row}
+
+    def student_rows() -> list[dict]:
+        """In the order they were listed, each over its seeds; a failed student over none."""
+        return [over_seeds([r for _, r in sorted(runs[s["name"]].items())])
+                for s in cfg["students"] if s["name"] not in failed and runs.get(s["name"])]
 
     def train_student_or_report(job: tuple[dict, int]) -> dict | None:
         # One student failing must not cost the others' hours: say so now, go on, fail at the end.
@@ -454,9 +645,7 @@ def main() -> None:
 
     with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
         list(pool.map(train_student_or_report, [(spec, i) for spec in cfg["students"] for i in range(seeds)]))
-    # in the order they were listed, every seed of each
-    results["rows"] = results["rows"][:1] + [over_seeds([r for _, r in sorted(runs[s["name"]].items())])
-                                             for s in cfg["students"] if s["name"] not in failed and runs.get(s["name"])]
+    results["rows"] = results["rows"][:n_teachers] + student_rows()
     if failed:
         save()
         sys.exit(f"{len(failed)} student(s) failed: {', '.join(failed)} (messages above); the others' results are in "
@@ -465,6 +654,8 @@ def main() -> None:
     results["goals_by_settings"] = goals_by_settings(results)  # once: each verdict runs paired bootstraps
     results["goals"] = results["goals_by_settings"][0] if results["goals_by_settings"] else None
     results["extra_data"] = extra_data_gains(results)
+    if n_teachers > 1:
+        results["ensemble_gains"] = ensemble_gains(results)
     save()
     print(markdown(results))
 
@@ -474,13 +665,21 @@ GOALS = {"teacher_over_abstain_f1": 0.0, "student_f1_gain": 3.0, "student_forced
          "student_share_of_teacher_forced": 0.85}
 
 
+def teacher_and_student_rows(results: dict) -> tuple[list[dict], list[dict]]:
+    """The rows of the teachers (first, in their order) and of the students; no teachers: results of something
+    else."""
+    rows = results["rows"]
+    count = next((i for i, r in enumerate(rows) if not r["model"].startswith("teacher")), len(rows))
+    return rows[:count], rows[count:]
+
+
 def goals_by_settings(results: dict) -> list[dict]:
     """One verdict per set of student hyperparameters that has its own baseline (say, a 6-epoch baseline for
     6-epoch variants): the issue compares students trained alike."""
-    rows = results["rows"]
-    if not (rows and rows[0]["model"].startswith("teacher")):
+    teachers, students = teacher_and_student_rows(results)
+    if not teachers:
         return []
-    hard = [r for r in rows[1:] if r.get("distillation_weight") == 0]
+    hard = [r for r in students if r.get("distillation_weight") == 0]
     # The baseline is the student that never saw the teacher: cut from the raw encoder, trained on hard labels.
     baselines = [r for r in hard if r.get("init", "encoder") == "encoder"] or hard[:1]
     verdicts, seen = [], []
@@ -494,13 +693,13 @@ def goals_by_settings(results: dict) -> list[dict]:
 
 
 def goals_against(results: dict, baseline: dict) -> dict | None:
-    """The best distilled student (by F1) against `baseline` and the teacher, goal by goal."""
-    rows = results["rows"]
-    teacher = rows[0]
-    hard = [r for r in rows[1:] if r.get("distillation_weight") == 0]
+    """The best distilled student (by F1) against `baseline` and the teacher (teacher 0 where there are several),
+    goal by goal."""
+    (teacher, *_), students = teacher_and_student_rows(results)
+    hard = [r for r in students if r.get("distillation_weight") == 0]
     # Same hyperparameters as the baseline (the issue's condition): a 6-epoch variant is not judged against a
     # 4-epoch baseline. Students differ only in weight, temperature and initialisation.
-    same = [r for r in rows[1:] if r.get("settings") == baseline.get("settings")]
+    same = [r for r in students if r.get("settings") == baseline.get("settings")]
     hard = [r for r in hard if r in same]
     distilled = [r for r in same if r.get("distillation_weight", 0) > 0]
     if not distilled:
@@ -665,12 +864,14 @@ INTERVALS_NOTE = ("Intervals (95%, paired): first a bootstrap over the test para
 
 
 def markdown(results: dict) -> str:
-    split = results.get("split")
+    split, (teachers, _) = results.get("split"), teacher_and_student_rows(results)
     lines = [] if not split else [
         f"Trained on {split['train']['file']} ({split['train']['questions']} questions); each model's no-answer "
         f"threshold chosen on {split['validation']['questions']} validation questions ({split['validation']['file']}); "
         f"every figure below on the {split['test']['questions']} test questions ({split['test']['file']}). Students: "
-        f"mean over {results.get('seeds', 1)} seed(s), (min–max) over seeds; the teacher trained once.", ""]
+        f"mean over {results.get('seeds', 1)} seed(s), (min–max) over seeds; "
+        + ("the teacher trained once." if len(teachers) < 2 else f"each of the {len(teachers)} teachers trained once."),
+        ""]
     lines += [
         "| model | seeds | EM | F1 at the validation threshold | HasAns F1 | NoAns F1 | best F1 | forced span F1 "
         "| no-answer threshold | has-answer AUC | answered % | train time (s) | peak RSS (MiB) |",
@@ -699,6 +900,7 @@ def markdown(results: dict) -> str:
                  f"their own times) on {results['machine']}."
                  + ("" if results.get("complete") else " **Partial: the run has not finished.**"))
     lines += extra_data_lines(extra_data_gains(results))
+    lines += ensemble_lines(results)
     groups = goals_by_settings(results)
     for i, verdicts in enumerate(groups):
         if i:  # a further schedule: say how it differs from the first
@@ -715,39 +917,53 @@ EXTRA_GOALS = {"f1_gain": 2.0, "forced_f1_gain": 5.0, "share_of_teacher_forced":
 
 
 def extra_data_gains(results: dict) -> list[dict]:
-    """Each student with `compare_to` or with extra rows: its gains over the student it names (95% paired-bootstrap
-    intervals; none without `compare_to`), its steps and that student's, and its forced span F1 and F1 against
-    the teacher's (the F1 difference with its interval too)."""
-    rows = results["rows"]
-    if not (rows and rows[0]["model"].startswith("teacher")):
-        return []
-    teacher, by_name = rows[0], {r.get("spec_name"): r for r in rows[1:]}
+    """Each student of one teacher with `compare_to` or with extra rows: its gains over the student it names (95%
+    paired-bootstrap intervals; none without `compare_to`), its steps and that student's, and its forced span F1
+    and F1 against its teacher's (the F1 difference with its interval too). Students of several teachers:
+    ensemble_gains."""
+    teachers, students = teacher_and_student_rows(results)
+    by_name = {r.get("spec_name"): r for r in students}
     gains = []
-    for row in rows[1:]:
+    for row in students if teachers else ():
         base = by_name.get(row.get("compare_to"))
         extra_rows = bool(row.get("settings", {}).get("extra_ratio"))
-        if base is None and not extra_rows:
+        if (base is None and not extra_rows) or len(row.get("teachers", [0])) > 1:
             continue
-        measured = {"f1_gain": round(row["f1"] - base["f1"], 2) if base else None,
-                    "forced_f1_gain": round(row["HasAns_f1_forced"] - base["HasAns_f1_forced"], 2) if base else None,
-                    "share_of_teacher_forced": round(row["HasAns_f1_forced"] / max(teacher["HasAns_f1_forced"], 1e-9), 3),
-                    "f1_minus_teacher": round(row["f1"] - teacher["f1"], 2)}
-        ci = gain_intervals(row, row, base) if base else {}
-        # the student against the teacher, paired the same way: is a small difference noise?
-        teacher_ci = gain_intervals(row, row, teacher)
-        met = None  # issue 14's goals judge students with extra rows; other comparisons (alignment) only report
-        if extra_rows:
-            met = {k: None if measured[k] is None else measured[k] >= goal for k, goal in EXTRA_GOALS.items()}
-            for key in ("f1_gain", "forced_f1_gain"):
-                if measured[key] is not None:
-                    met[key] = judged(measured[key], EXTRA_GOALS[key], ci, key)
-            # "reaches its teacher": only where the mean and its intervals against the teacher say so
-            met["f1_minus_teacher"] = judged(measured["f1_minus_teacher"], EXTRA_GOALS["f1_minus_teacher"],
-                                             teacher_ci, "f1_gain")
-        gains.append({"model": row["model"], "against": base["model"] if base else None, "steps": row.get("steps"),
-                      "against_steps": base.get("steps") if base else None, **measured,
-                      "ci95": ci, "teacher_ci95": teacher_ci, "met": met})
+        gain = compared(row, base, teachers[row.get("teachers", [0])[0]])
+        # issue 14's goals judge students with extra rows; other comparisons (alignment) only report
+        gains.append({**gain, "met": goal_verdicts(gain, EXTRA_GOALS) if extra_rows else None})
     return gains
+
+
+def compared(row: dict, base: dict | None, teacher: dict) -> dict:
+    """A student against the student `base` (none: no gains) and against `teacher`: its gains, its forced span F1
+    as a share of the teacher's, its F1 minus the teacher's, each gain with its paired intervals."""
+    measured = {"f1_gain": round(row["f1"] - base["f1"], 2) if base else None,
+                "forced_f1_gain": round(row["HasAns_f1_forced"] - base["HasAns_f1_forced"], 2) if base else None,
+                "share_of_teacher_forced": round(row["HasAns_f1_forced"] / max(teacher["HasAns_f1_forced"], 1e-9), 3),
+                "f1_minus_teacher": round(row["f1"] - teacher["f1"], 2)}
+    return {"model": row["model"], "against": base["model"] if base else None, "steps": row.get("steps"),
+            "against_steps": base.get("steps") if base else None, **measured,
+            "ci95": gain_intervals(row, row, base) if base else {},
+            # the student against the teacher, paired the same way: is a small difference noise?
+            "teacher_ci95": gain_intervals(row, row, teacher)}
+
+
+def goal_verdicts(gain: dict, goals: dict) -> dict:
+    """Each of `goals` judged on a `compared` result: the gains and "reaches its teacher" (F1 minus the
+    teacher's) by their means and intervals (judged), the share of the teacher's forced span F1 by its value; a
+    figure not measured (no student to compare with) is not judged (None)."""
+    met = {}
+    for key, goal in goals.items():
+        if gain[key] is None:
+            met[key] = None
+        elif key in ("f1_gain", "forced_f1_gain"):
+            met[key] = judged(gain[key], goal, gain["ci95"], key)
+        elif key == "f1_minus_teacher":
+            met[key] = judged(gain[key], goal, gain["teacher_ci95"], "f1_gain")
+        else:
+            met[key] = gain[key] >= goal
+    return met
 
 
 def extra_data_lines(gains: list[dict]) -> list[str]:
@@ -759,21 +975,94 @@ def extra_data_lines(gains: list[dict]) -> list[str]:
              "teacher's):",
              "", "| student | against | steps | F1 gain (95%) | forced span F1 gain (95%) | forced / teacher's "
              "| F1 - teacher's (95%) |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    def word(met: dict | None, key: str) -> str:
-        return VERDICT[met[key]] if met and (met[key] is not None or key != "share_of_teacher_forced") else ""
-
-    def gain(g, key):
-        if g[key] is None:
-            return "–"
-        return f"{g[key]:+.2f} ({intervals(g['ci95'], key)}) {word(g['met'], key)}"
-
     for g in gains:
-        steps = f"{g['steps']} vs {g['against_steps']}" if g["against"] else f"{g['steps']}"
-        lines.append(f"| {g['model']} | {g['against'] or '– (the teacher only)'} | {steps} "
-                     f"| {gain(g, 'f1_gain')} | {gain(g, 'forced_f1_gain')} "
-                     f"| {100 * g['share_of_teacher_forced']:.1f}% {word(g['met'], 'share_of_teacher_forced')} "
-                     f"| {g['f1_minus_teacher']:+.2f} ({intervals(g.get('teacher_ci95', {}), 'f1_gain')}) "
-                     f"{word(g['met'], 'f1_minus_teacher')} |")
+        lines.append(f"| {g['model']} | {g['against'] or '– (the teacher only)'} | {steps_cell(g)} "
+                     f"| {gain_cell(g, 'f1_gain')} | {gain_cell(g, 'forced_f1_gain')} "
+                     f"| {100 * g['share_of_teacher_forced']:.1f}% {verdict_word(g['met'], 'share_of_teacher_forced')} "
+                     f"| {teacher_cell(g)} |")
+    return lines
+
+
+def verdict_word(met: dict | None, key: str) -> str:
+    """A goal's verdict in a gains table; nothing where nothing was judged (a share of the teacher's: not judged)."""
+    return VERDICT[met[key]] if met and (met[key] is not None or key != "share_of_teacher_forced") else ""
+
+
+def steps_cell(g: dict) -> str:
+    return f"{g['steps']} vs {g['against_steps']}" if g["against"] else f"{g['steps']}"
+
+
+def gain_cell(g: dict, key: str) -> str:
+    if g[key] is None:
+        return "–"
+    return f"{g[key]:+.2f} ({intervals(g['ci95'], key)}) {verdict_word(g['met'], key)}"
+
+
+def teacher_cell(g: dict) -> str:
+    """The student's F1 minus its teacher's, with its paired intervals and verdict."""
+    return (f"{g['f1_minus_teacher']:+.2f} ({intervals(g.get('teacher_ci95', {}), 'f1_gain')}) "
+            f"{verdict_word(g['met'], 'f1_minus_teacher')}")
+
+
+# Issue 33's goals for a student of several teachers against the student of the best single teacher (same steps,
+# same extra rows), and against that teacher.
+ENSEMBLE_GOALS = {"f1_gain": 1.0, "forced_f1_gain": 2.0, "f1_minus_teacher": 0.0}
+
+
+def ensemble_gains(results: dict) -> list[dict]:
+    """Each student of several teachers against the student its spec names (`compare_to`) and against the best
+    single teacher (chosen on validation): issue 33's goals, judged where the student it names learnt from that
+    best single teacher alone (else only reported)."""
+    teachers, students = teacher_and_student_rows(results)
+    if not results.get("ensemble"):
+        return []
+    best = results["ensemble"]["best_single_teacher"]
+    by_name = {r.get("spec_name"): r for r in students}
+    gains = []
+    for row in students:
+        if len(row.get("teachers", [0])) < 2:
+            continue
+        base = by_name.get(row.get("compare_to"))
+        gain = compared(row, base, teachers[best])
+        judge = base is None or base.get("teachers", [0]) == [best]
+        gains.append({**gain, "teachers": row["teachers"], "against_teachers": base.get("teachers", [0]) if base else None,
+                      "met": goal_verdicts(gain, ENSEMBLE_GOALS) if judge else None})
+    return gains
+
+
+def ensemble_lines(results: dict) -> list[str]:
+    """The teachers and their ensemble on the test questions, how the logits were made, and issue 33's goals."""
+    ensemble = results.get("ensemble")
+    if not ensemble:
+        return []
+    count, best = len(ensemble["teachers"]), ensemble["best_single_teacher"]
+    lines = ["", f"The {count} teachers (fine-tuned alike, seeds {teacher_seed(0)}-{teacher_seed(count - 1)}) and their "
+             "ensemble (the mean of their probabilities) on the test questions, from `kdqa evaluate`'s "
+             "metrics/teacher.json: F1 at no-answer threshold 0 for every one of them (kdqa stores no threshold with "
+             "logits; the rows above score each teacher at its own validation threshold); forced span F1 takes none. "
+             "The best single teacher is the one with the highest F1 on the validation questions.", "",
+             "| model | validation F1 | F1 at threshold 0 | best F1 | forced span F1 |", "| --- | --- | --- | --- | --- |"]
+    for i, t in enumerate(ensemble["teachers"]):
+        lines.append(f"| {t['model']}{' (best on validation)' if i == best else ''} | {t['validation_f1']:.2f} "
+                     f"| {t['test']['f1']} | {t['test'].get('best_f1', '–')} | {t['test'].get('HasAns_f1_forced', '–')} |")
+    e = ensemble["ensemble"]
+    lines.append(f"| ensemble of the {count} | – | {e['f1']} | {e.get('best_f1', '–')} | {e.get('HasAns_f1_forced', '–')} |")
+    first, added = ensemble["logits"]["first"], ensemble["logits"]["added"]
+    kdqa_says = f"; kdqa logged {added['added_teacher_seconds']} s for it" if added["added_teacher_seconds"] else ""
+    lines += ["", f"Their logits: teachers 0-{count - 2} first ({first['seconds']} s), then teacher {count - 1} added "
+              f"to them, its stage {added['seconds']} s{kdqa_says}; shards computed by each teacher in that stage: "
+              f"{', '.join(map(str, added['computed_shards']))}; copied from the logits cache: "
+              f"{', '.join(map(str, added['copied_shards']))} (results.json: `ensemble.logits`, with kdqa's log)."]
+    gains = results.get("ensemble_gains") or ensemble_gains(results)
+    if gains:
+        lines += ["", "Students of several teachers against the student their spec names (goals, against the student of "
+                  "the best single teacher: F1 >= +1, forced span F1 >= +2; against the best single teacher: F1 at "
+                  "least its F1):", "",
+                  "| student | against | steps | F1 gain (95%) | forced span F1 gain (95%) "
+                  "| F1 - best single teacher's (95%) |", "| --- | --- | --- | --- | --- | --- |"]
+        for g in gains:
+            lines.append(f"| {g['model']} | {g['against'] or '– (the best single teacher only)'} | {steps_cell(g)} "
+                         f"| {gain_cell(g, 'f1_gain')} | {gain_cell(g, 'forced_f1_gain')} | {teacher_cell(g)} |")
     return lines
 
 

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -309,14 +310,20 @@ def stage_key(workdir: Path, stage: str, upstream: tuple[str, ...]) -> str:
     return digest.hexdigest()[:16]
 
 
+# A line kdqa's logging writes (pipeline/runtime/progress.py's format), as opposed to a progress bar's.
+LOG_RECORD = re.compile(r"\d\d:\d\d:\d\d \S+: ")
+
+
 class StageFailed(Exception):
     """A kdqa stage exited non-zero; the message names the work folder and ends with its log."""
 
 
-def run_stage(workdir: Path, *args: str, upstream: tuple[str, ...] = ()) -> dict:
+def run_stage(workdir: Path, *args: str, upstream: tuple[str, ...] = (), quiet: bool = True) -> dict:
     """Run one kdqa stage as its own process; its wall time and its own peak RSS (os.wait4).
 
     Skipped when the same work finished before (same key, output still there): its earlier record is returned.
+    `quiet=False`: kdqa logs at INFO, and the record keeps this run's log lines (`log`), for results that must
+    show what the stage did (which shards it computed, which it copied).
     """
     key = stage_key(workdir, args[0], upstream)
     record = workdir / ".bench-done" / f"{args[0]}.json"
@@ -334,20 +341,23 @@ def run_stage(workdir: Path, *args: str, upstream: tuple[str, ...] = ()) -> dict
     log_start = log_path.stat().st_size if log_path.exists() else 0
     started = time.perf_counter()
     with open(log_path, "a") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline", "-q", *args], cwd=workdir, env=env,
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline", *(["-q"] if quiet else []), *args], cwd=workdir,
+                                env=env, stdout=log, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - started
     print(f"{workdir.name}: kdqa {args[0]} {seconds:.0f} s, peak RSS {usage.ru_maxrss / 1024:.0f} MiB", flush=True)
     if os.waitstatus_to_exitcode(status) != 0:
         raise StageFailed(f"kdqa {' '.join(args)} failed in {workdir}; see {log_path}:\n{log_path.read_text()[-2000:]}")
-    if resumes:  # ...unless its settings changed: then it warns (shown even with -q) and starts over
-        with open(log_path, "rb") as log:
-            log.seek(log_start)
-            resumes = b"not resuming, settings changed" not in log.read()
+    with open(log_path, "rb") as log:
+        log.seek(log_start)
+        this_run = log.read().decode(errors="replace")
+    # ...unless its settings changed: then it warns (shown even with -q) and starts over
+    resumes = resumes and "not resuming, settings changed" not in this_run
     # A resumed stage's time and memory cover only its last part: the record says so.
     result = {"seconds": round(seconds, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "key": key,
               "resumed_from_checkpoint": resumes}
+    if not quiet:  # log records only ("HH:MM:SS logger: message"), not the progress bars between them
+        result["log"] = [line for line in this_run.split("\n") if LOG_RECORD.match(line)]
     write_json_atomic(record, result)
     return result
 
@@ -396,7 +406,13 @@ def split_by_article(source: Path, out: Path, questions_per_article: int | None)
     return train, dev
 
 
-def write_params(workdir: Path, cfg: dict, train: Path, dev: Path, teacher: str, student: dict,
+def teacher_keys(teacher: str | list) -> dict:
+    """params.yaml's teacher.model for one teacher (a name, or a list of one), teacher.models for several."""
+    names = [teacher] if isinstance(teacher, str) else [str(t) for t in teacher]
+    return {"model": names[0]} if len(names) == 1 else {"model": None, "models": names}
+
+
+def write_params(workdir: Path, cfg: dict, train: Path, dev: Path, teacher: str | list[str], student: dict,
                  extra: dict | None = None) -> None:
     import yaml
 
@@ -404,7 +420,7 @@ def write_params(workdir: Path, cfg: dict, train: Path, dev: Path, teacher: str,
     params = {
         "data": {"train": str(train), "dev": str(dev)},
         "prepare": cfg["prepare"],
-        "teacher": {"model": teacher, "batch_size": 64, "max_tokens_per_batch": 16384},
+        "teacher": {**teacher_keys(teacher), "batch_size": 64, "max_tokens_per_batch": 16384},
         "student": {**BASE_STUDENT, "max_steps": cfg.get("max_steps"), **student},
         "evaluate": {"n_best": 20, "max_answer_len": 30, "null_threshold": 0.0, "batch_size": 64},
     }
@@ -415,10 +431,11 @@ def write_params(workdir: Path, cfg: dict, train: Path, dev: Path, teacher: str,
     (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def link_data(src: Path, dst: Path) -> None:
-    """Share prepared features and teacher logits between work folders (like DVC's cache does)."""
+def link_data(src: Path, dst: Path, names: tuple[str, ...] = ("features", "teacher")) -> None:
+    """Share prepared features and teacher logits (or only `names` of the two) between work folders (like DVC's
+    cache does)."""
     (dst / "data").mkdir(parents=True, exist_ok=True)
-    for name in ("features", "teacher"):
+    for name in names:
         target = dst / "data" / name
         if target.is_symlink() and target.resolve() != (src / "data" / name).resolve():
             target.unlink()  # made for the other logits folder (with or without extra rows)

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import yaml
 
-from .common import ROOT, SQUAD_DEV_DATA, first_questions, minilm_dir, need_file, run_stage, write_results
+from .common import (ROOT, SQUAD_DEV_DATA, first_questions, minilm_dir, need_file, run_stage, teacher_keys,
+                     write_results)
 
 DEFAULT_OUT = ROOT / "bench" / "out" / "ensemble-step"
 SEEDS = (0, 1, 2)  # one QA head per teacher
@@ -67,7 +68,7 @@ def prepare_folder(folder: Path, data: Path, teachers: list[Path], batch_size: i
     windows = ({} if positions >= PrepareParams().max_seq_len else
                {"max_seq_len": positions, "doc_stride": positions // 4, "max_query_len": positions // 4})
     params = {"data": {"train": str(data), "dev": str(data)}, "prepare": windows,
-              "teacher": {"model": None, "models": [str(t) for t in teachers]},
+              "teacher": teacher_keys(teachers),
               "student": {"batch_size": batch_size, "epochs": 1, "checkpoint_every": 0, "log_every": 10**9}}
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     prepared = run_stage(folder, "prepare")
