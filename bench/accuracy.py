@@ -475,7 +475,7 @@ def main() -> None:
     def fine_tune_teacher(index: int) -> dict:
         workdir = teacher_workdir(args.out, index)
         write_split_params(workdir, cfg, split, encoder, teacher_settings(cfg, encoder, index))
-        link_data(tdir, workdir, names=("features",))  # teacher 0's prepare (its own folder: nothing to link)
+        link_data(tdir, workdir, names=("features",))  # what teacher 0 prepared (for teacher 0 itself: a no-op)
         train = run_stage(workdir, "student", upstream=(t_prep["key"],))
         stages = {"prepare": t_prep} if index == 0 else {}
         stages |= {"fine-tune": train, "evaluate": run_stage(workdir, "evaluate", upstream=(train["key"],))}
