@@ -406,6 +406,19 @@ def split_by_article(source: Path, out: Path, questions_per_article: int | None)
     return train, dev
 
 
+def windows_for(model: Path) -> dict:
+    """params.yaml's prepare windows for a project on `model`: kdqa's defaults ({}), shrunk only for a model with
+    fewer positions than prepare.max_seq_len (the tests' tiny ones)."""
+    from transformers import AutoConfig
+
+    from pipeline.params import PrepareParams
+
+    positions = AutoConfig.from_pretrained(model).max_position_embeddings
+    if positions >= PrepareParams().max_seq_len:
+        return {}
+    return {"max_seq_len": positions, "doc_stride": positions // 4, "max_query_len": positions // 4}
+
+
 def teacher_keys(teacher: str | list) -> dict:
     """params.yaml's teacher.model for one teacher (a name, or a list of one), teacher.models for several."""
     names = [teacher] if isinstance(teacher, str) else [str(t) for t in teacher]

@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 
 from .common import (ROOT, SQUAD_DEV_DATA, first_questions, minilm_dir, need_file, run_stage, teacher_keys,
-                     write_results)
+                     windows_for, write_results)
 
 DEFAULT_OUT = ROOT / "bench" / "out" / "ensemble-step"
 SEEDS = (0, 1, 2)  # one QA head per teacher
@@ -59,15 +59,8 @@ def make_teachers(encoder: Path, work: Path) -> list[Path]:
 def prepare_folder(folder: Path, data: Path, teachers: list[Path], batch_size: int) -> dict:
     """A kdqa project with these teachers: prepare and teacher run as a user runs them, at kdqa's defaults (windows
     shrunk only for a model with fewer positions than prepare.max_seq_len: the tests' tiny ones)."""
-    from transformers import AutoConfig
-
-    from pipeline.params import PrepareParams
-
     folder.mkdir(parents=True, exist_ok=True)
-    positions = AutoConfig.from_pretrained(teachers[0]).max_position_embeddings
-    windows = ({} if positions >= PrepareParams().max_seq_len else
-               {"max_seq_len": positions, "doc_stride": positions // 4, "max_query_len": positions // 4})
-    params = {"data": {"train": str(data), "dev": str(data)}, "prepare": windows,
+    params = {"data": {"train": str(data), "dev": str(data)}, "prepare": windows_for(teachers[0]),
               "teacher": teacher_keys(teachers),
               "student": {"batch_size": batch_size, "epochs": 1, "checkpoint_every": 0, "log_every": 10**9}}
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

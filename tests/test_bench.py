@@ -214,10 +214,10 @@ def test_results_name_the_cpu_generation_and_its_kernel_flags(tmp_path):
 
 
 BENCHMARKS = ("accuracy", "align", "extra_data", "first_run", "peer", "performance", "serving", "attention_widths",
-              "ensemble_step")
+              "ensemble_step", "carried_teacher")
 # What each benchmark that needs real data must be given: none falls back to a file outside the repository.
 NEEDS = {"accuracy": "--train-data", "align": "--data", "extra_data": "--data", "first_run": "--data-dir",
-         "peer": "--data", "serving": "--data", "ensemble_step": "--data"}
+         "peer": "--data", "serving": "--data", "ensemble_step": "--data", "carried_teacher": "--data"}
 
 
 @pytest.mark.parametrize("name", BENCHMARKS)

@@ -720,7 +720,7 @@ ROWS = [
         patch_params(teacher__model=None, teacher__models=["a/teacher", "b/teacher", "a/teacher"]),
         ("teacher.models lists 'a/teacher' twice",)),
     Row("teacher: one teacher's weights under two names", ("teacher",), same_teacher_twice,
-        ("{model}", "teacher.models[1] has the same weights as teacher.models[0]"),
+        ("{model}", "teacher.models[1] has the same weights and tokenizer as teacher.models[0]"),
         keeps=(TEACHER_WORK, LOGITS_CACHE)),
     Row("teacher: no teacher at all", ("teacher",), patch_params(teacher__model=None, teacher__models=[]),
         ("no teacher", "teacher.model is null and teacher.models is empty")),

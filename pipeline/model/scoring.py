@@ -62,7 +62,13 @@ def score(preds, na_probs, forced, golds) -> dict:
 
 def score_logit_shards(features_dir: Path, logits_dirs: list[Path], params, examples_path: Path) -> dict:
     """Scores of precomputed logits (a teacher's), read from their shards; several folders (teachers): the scores
-    of their ensemble, the equal-weight mean of their probabilities (T = 1) over each window's answer positions
+    of their ensemble (`logit_shard_predictions`)."""
+    return score(*logit_shard_predictions(features_dir, logits_dirs, params, examples_path))
+
+
+def logit_shard_predictions(features_dir: Path, logits_dirs: list[Path], params, examples_path: Path):
+    """`predict_split` over precomputed logits (a teacher's), read from their shards; several folders (teachers):
+    their ensemble, the equal-weight mean of their probabilities (T = 1) over each window's answer positions
     (those every teacher saw). A teacher carried onto the features from its own tokenizer is scored from its
     carried distributions through the features' windows: the teacher as seen through the features' tokens."""
     def from_disk(shard: Path):
@@ -80,7 +86,7 @@ def score_logit_shards(features_dir: Path, logits_dirs: list[Path], params, exam
                                        combination) for side in (1, 2))
         return ids.to_pylist(), start, end
 
-    return score(*predict_split(features_dir, from_disk, params, examples_path))
+    return predict_split(features_dir, from_disk, params, examples_path)
 
 
 def evaluate_model(model, pad_token_id: int, features_dir: Path, params, device, examples_path: Path):

@@ -365,17 +365,20 @@ def run_teacher(params: Params, ws: Workspace) -> None:
         if is_carried:
             check_carriable(name, key, tokenizer, params, examples)
     computed: dict[str, list[ComputedSplit]] = {split: [] for split in splits}
-    weights_seen: dict[str, int] = {}
+    weights_seen: dict[tuple[str, str], int] = {}  # (weights, vocabulary) -> place in the list
     reused, made = [], []
     for index, (name, key) in enumerate(zip(teachers, keys)):
         started = time.perf_counter()
         teacher = load_teacher(params, name, key, tokenizers[index], carried[index], features_manifest, device)
-        if teacher.identity["teacher"] in weights_seen:
-            first = weights_seen[teacher.identity["teacher"]]
-            raise KdqaError(f"{name}: {key} has the same weights as teacher.models[{first}] ({teachers[first]}): "
-                            "a teacher listed twice would only count twice in the mean; list it once (or give it "
-                            "a larger student.teacher_weights entry)")
-        weights_seen[teacher.identity["teacher"]] = index
+        # A teacher is its weights read through its tokenizer: the same weights under another vocabulary read other
+        # tokens and answer differently (an ensemble member of its own); under the same one they are a duplicate.
+        identity = (teacher.identity["teacher"], teacher.identity["vocab"])
+        if identity in weights_seen:
+            first = weights_seen[identity]
+            raise KdqaError(f"{name}: {key} has the same weights and tokenizer as teacher.models[{first}] "
+                            f"({teachers[first]}): a teacher listed twice would only count twice in the mean; list it "
+                            "once (or give it a larger student.teacher_weights entry)")
+        weights_seen[identity] = index
         # Each teacher's work folder is its own: a teacher that fails half-way leaves the others' finished
         # shards there (and in the logits cache), and a rerun computes only what is missing.
         work = ws.teacher_work if len(teachers) == 1 else ws.teacher_work / logits_format.teacher_folder_name(index)
