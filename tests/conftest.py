@@ -102,3 +102,31 @@ def copy_run(src: Path, dst: Path) -> Path:
 def run_copy(prepared_run, tmp_path) -> Path:
     """A private, mutable copy of the prepared run directory."""
     return copy_run(prepared_run, tmp_path / "run")
+
+
+# ---------------------------------------------------------------- test order: the longest work first
+
+# Seconds each file takes on 2 CPU cores (measured with --durations; rough is enough). xdist hands out one file
+# at a time (--dist loadfile, --no-loadscope-reorder in pyproject.toml) in collection order, so the longest files
+# go first and the short ones fill in at the end: the two workers then finish within seconds of each other,
+# instead of one running the DVC file alone for minutes after the other ran out of files. Unlisted files: 0.
+FILE_SECONDS = {"test_bench_accuracy.py": 260, "test_dvc.py": 255, "test_bench.py": 230, "test_reliability.py": 80,
+                "test_fault_table.py": 50, "test_distributed.py": 50, "test_bench_peer.py": 30, "test_pipeline.py": 25,
+                "test_bad_input.py": 20, "test_export.py": 13, "test_report.py": 12, "test_bench_serving.py": 12}
+# Within these files (independent tests, no shared state between them) the minute-long tests run first, so that
+# xdist, which sends a worker its next file when two tests of the current one are left, never queues a file
+# behind a long test. test_dvc.py keeps its order: its tests continue one repository.
+LONG_TESTS = ("test_accuracy_benchmark_quick_mode_runs_every_stage",
+              "test_accuracy_benchmark_seeds_give_means_spreads_and_paired_intervals",
+              "test_accuracy_benchmark_quick_mode_with_extra_rows", "test_performance_benchmark_quick_mode",
+              "test_extra_data_benchmark_quick_mode", "test_ensemble_step_benchmark_quick_mode",
+              "test_reference_shapes_build_a_separate_student")
+
+
+def pytest_collection_modifyitems(config, items):
+    def key(item):
+        name = item.path.name
+        long_test = name != "test_dvc.py" and item.originalname in LONG_TESTS
+        return -FILE_SECONDS.get(name, 0), name if name in FILE_SECONDS else "", not long_test
+
+    items.sort(key=key)  # stable: unlisted files and the other tests keep their collection order
