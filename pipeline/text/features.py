@@ -63,7 +63,9 @@ def check_contexts_have_tokens(tokenizer, examples: Sequence[Example], source: s
     counts = context_token_counts(tokenizer, list(first_of))
     for ex, n in zip(first_of.values(), counts):
         if n == 0:
-            raise KdqaError(f"{source}: question id {ex.id}: its context {ex.context[:40]!r} has no tokens (only "
+            # Which tokenizer matters: prepare's, a student's (align) or a carried teacher's may each see no text.
+            raise KdqaError(f"{source}: question id {ex.id}: its context {ex.context[:40]!r} has no tokens under "
+                            f"{getattr(tokenizer, 'name_or_path', None) or 'the tokenizer'}'s tokenizer (to it, only "
                             "whitespace, control or zero-width characters); fix or remove that paragraph")
 
 
