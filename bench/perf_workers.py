@@ -247,6 +247,7 @@ def student_worker(cfg: dict) -> dict:
         group_by_length=cfg.get("group_by_length", defaults.group_by_length),
         attention_dropout=cfg.get("attention_dropout", defaults.attention_dropout),
         attention=cfg.get("attention", defaults.attention),
+        dropout_masks=cfg.get("dropout_masks", defaults.dropout_masks),
         num_workers=cfg["num_workers"], checkpoint_every=0, log_every=0, eval_every=0, extra_ratio=0.0)
     work = Path(cfg["work"])
     sampler = PeakSampler().start()
@@ -336,6 +337,7 @@ def student_worker(cfg: dict) -> dict:
         "group_by_length": settings.group_by_length, "freed_memory_kept": cfg.get("freed_memory_kept"),  # set by main()
         "malloc": cfg.get("malloc"),
         "attention_dropout": settings.attention_dropout, "attention": settings.attention,
+        "dropout_masks": settings.dropout_masks,
         "minor_faults_per_step": faults / len(waits) if waits else None,
         "padding_fraction": 1 - real_tokens / padded_tokens if padded_tokens else None,
         "load_s": load_s, "warmup_steps": warmup_steps, "warmup_s": warmup_s,

@@ -58,22 +58,26 @@ SWEEP_LEARNING_RATES = [1e-5, 3e-5, 5e-5, 1e-4]
 TARGETS = {"teacher_speedup": 2.0, "offline_vs_online": 0.6, "streaming_overhead": 0.03,
            "memory_growth_10x": 0.10, "shard_vs_fp16": 0.5, "student_step_speedup": 1.5}
 # Row 2b: the student step in each precision, batch plan, attention and allocator setting (offline mode, one
-# learning rate); the first is the step before `student.precision`, `student.group_by_length` and
-# `student.attention` existed (the reference of the ratios), DEFAULT_STEP the stage's defaults. Each variant sets
+# learning rate); the first is the step before `student.precision`, `student.group_by_length`, `student.attention`
+# and `student.dropout_masks` existed (the reference of the ratios), DEFAULT_STEP the stage's defaults. Each variant sets
 # student.* keys (absent: the default) and a KDQA_MALLOC policy (pipeline/runtime/allocator.py; absent: the stages'
 # default, glibc as it comes): "freed memory kept" = keep (glibc reuses freed buffers instead of unmapping them),
 # "mmap threshold 4 MiB" = bounded (buffers of 4 MiB and more unmapped as soon as freed). "PyTorch's attention":
-# student.attention sdpa (PyTorch's unfused fallback wherever there is attention dropout on a CPU); "no attention
-# dropout": student.attention_dropout 0, which lets PyTorch's fused attention kernel run on a CPU.
+# student.attention sdpa (PyTorch's unfused fallback wherever there is attention dropout on a CPU); "PyTorch's
+# dropout masks": student.dropout_masks torch (nn.Dropout's draw instead of pipeline/model/dropout.py's); "no
+# attention dropout": student.attention_dropout 0, which lets PyTorch's fused attention kernel run on a CPU.
 STEP_VARIANTS = {
-    "float32, random batches": {"precision": "float32", "group_by_length": False, "attention": "sdpa"},
+    "float32, random batches": {"precision": "float32", "group_by_length": False, "attention": "sdpa",
+                                "dropout_masks": "torch"},
     "bfloat16, random batches": {"precision": "bfloat16", "group_by_length": False},
     "float32, grouped by length": {"precision": "float32", "group_by_length": True},
     "bfloat16, grouped by length": {"precision": "bfloat16", "group_by_length": True},
     "bfloat16, grouped by length, PyTorch's attention": {"precision": "bfloat16", "group_by_length": True,
                                                          "attention": "sdpa"},
+    "bfloat16, grouped by length, PyTorch's dropout masks": {"precision": "bfloat16", "group_by_length": True,
+                                                             "dropout_masks": "torch"},
     "float32, random batches, freed memory kept": {"precision": "float32", "group_by_length": False,
-                                                   "attention": "sdpa", "malloc": "keep"},
+                                                   "attention": "sdpa", "dropout_masks": "torch", "malloc": "keep"},
     "bfloat16, grouped by length, freed memory kept": {"precision": "bfloat16", "group_by_length": True,
                                                        "malloc": "keep"},
     "bfloat16, grouped by length, mmap threshold 4 MiB": {"precision": "bfloat16", "group_by_length": True,
@@ -770,15 +774,17 @@ def markdown(r: dict) -> str:
         f"{sv['float32, random batches']['runs']} run(s) each in rotating order; the fastest run's step (median in "
         "results.json). *Padding* = the share of the epoch's batch tokens that are padding (widths rounded to "
         "`student.pad_to_multiple_of`). float32 with random batches is the step before `student.precision`, "
-        "`student.group_by_length` and `student.attention` (PyTorch's attention throughout); *PyTorch's attention*: "
+        "`student.group_by_length`, `student.attention` and `student.dropout_masks` (PyTorch's attention and "
+        "dropout throughout); *PyTorch's attention*: "
         "`student.attention: sdpa` (with attention dropout on a CPU: its unfused fallback), otherwise kdqa's "
-        "(pipeline/model/attention.py); allocator (pipeline/runtime/allocator.py, KDQA_MALLOC): glibc as it comes (the stages' "
+        "(pipeline/model/attention.py); *PyTorch's dropout masks*: `student.dropout_masks: torch`, otherwise kdqa's "
+        "(pipeline/model/dropout.py); allocator (pipeline/runtime/allocator.py, KDQA_MALLOC): glibc as it comes (the stages' "
         "default) unless named; *freed memory kept*: `keep`, glibc reuses freed buffers instead of returning them "
         "to the kernel; *mmap threshold 4 MiB*: `bounded`, buffers of 4 MiB and more unmapped as soon as freed; "
         "*minor faults*: pages the kernel faulted in "
         "per step.",
         "",
-        "| precision, batches, attention, allocator | autocast | step s | median step s | speed-up | step s, width seen "
+        "| precision, batches, attention, dropout, allocator | autocast | step s | median step s | speed-up | step s, width seen "
         "(new-width steps) | padding | epoch CPU s | minor faults per step | peak RSS MB |",
         "|---|---|---|---|---|---|---|---|---|---|",
         *[f"| {name} | {x['precision']} | {fmt(x['step_s'], 3)} | {fmt(x['median_step_s'], 3)} | {x['speedup']:.2f}x | "

@@ -109,6 +109,10 @@ class StudentParams:
     # (same function; its own random draws, probabilities in the step's precision where the fallback uses
     # float32). sdpa: PyTorch's SDPA everywhere.
     attention: str = "auto"
+    # auto: a CPU training step draws the hidden and embeddings dropout masks as kdqa's attention draws its own,
+    # 16 bits per element from 64-bit random words (pipeline/model/dropout.py: about 3x faster than PyTorch's
+    # one draw per element; the probability rounded to 1/65536). torch: PyTorch's nn.Dropout.
+    dropout_masks: str = "auto"
     # Keep only each layer's input during the forward pass and recompute the rest in the backward (the same
     # dropout masks, so the same results): less memory per training step for about a third more compute.
     # auto: on when training on a CPU, where the job's memory is the machine's RAM (a sixth less peak, which
@@ -197,6 +201,7 @@ _RANGES = {
 _CHOICES = {"teacher.precision": ("auto", "bfloat16", "float16", "float32"),
             "student.precision": ("auto", "bfloat16", "float16", "float32"),
             "student.attention": ("auto", "sdpa"),
+            "student.dropout_masks": ("auto", "torch"),
             "student.gradient_checkpointing": ("auto", True, False),
             "student.teacher_agreement": ("none", "weight", "drop")}
 # Knobs that take `auto` or a number; knobs that take a path or hub name, or null.

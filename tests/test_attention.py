@@ -11,8 +11,8 @@ import torch
 import yaml
 
 from conftest import run_cli
-from pipeline.model import attention
-from pipeline.model.attention import NAME, chunk_keep_mask, draw_keep_mask, dropout_attention, use_dropout_attention
+from pipeline.model import attention, dropout
+from pipeline.model.attention import NAME, chunk_keep_mask, dropout_attention, use_dropout_attention
 
 
 def direct_attention(q, k, v, additive_mask, keep, scale, scaling):
@@ -80,15 +80,8 @@ def test_only_the_inputs_are_kept_for_the_backward_pass():
         assert sum(t.shape[-2:] == (64, 64) for t in saved) == matrices
 
 
-def test_dropout_probability_is_kept_on_average_and_rounded_to_one_in_65536():
-    keep, scale = draw_keep_mask(torch.Size((4_000_000,)), 0.1, torch.Generator().manual_seed(0))
-    dropped = 1 - keep.double().mean().item()
-    assert abs(dropped - 6554 / 65536) < 0.0015  # 0.1 rounds to 6554/65536; 4M draws: sd 0.00015
-    assert scale == 1 / (1 - 6554 / 65536)
-    # Each 16-bit quarter of the 64-bit words is uniform: no element position is dropped more often than another.
-    by_position = 1 - keep.view(-1, 4).double().mean(dim=0)
-    assert (by_position - dropped).abs().max() < 0.002
-    # Chunks of one call draw independent masks; the same seed and row, the same mask.
+def test_chunks_of_one_call_draw_their_own_masks():
+    """(The masks' probability: tests/test_dropout.py.) The same seed and row, the same mask; another row, another."""
     a, _ = chunk_keep_mask(7, 0, torch.Size((1000,)), 0.5)
     assert torch.equal(a, chunk_keep_mask(7, 0, torch.Size((1000,)), 0.5)[0])
     assert not torch.equal(a, chunk_keep_mask(7, 1, torch.Size((1000,)), 0.5)[0])
@@ -179,9 +172,12 @@ def test_the_cpu_student_stage_uses_it_unless_told_sdpa(run_copy, monkeypatch, s
     real = attention.dropout_attention
     monkeypatch.setattr(attention, "dropout_attention", lambda *a: calls.append(1) or real(*a))
     params = yaml.safe_load((run_copy / "params.yaml").read_text())
-    params["student"].update(attention=setting, max_steps=2)
+    drops = []  # and its hidden dropout (student.dropout_masks), likewise kdqa's unless told torch
+    real_drop = dropout.CpuDropout.forward
+    monkeypatch.setattr(dropout.CpuDropout, "forward", lambda self, x: drops.append(1) or real_drop(self, x))
+    params["student"].update(attention=setting, dropout_masks="auto" if setting == "auto" else "torch", max_steps=2)
     (run_copy / "params.yaml").write_text(yaml.safe_dump(params))
     run_cli(["student"], run_copy)
-    assert bool(calls) == (setting == "auto")
+    assert bool(calls) == bool(drops) == (setting == "auto")
     # The saved model names no attention function only kdqa registers: it loads anywhere.
     assert NAME not in json.dumps(json.loads((run_copy / "models/student/config.json").read_text()))

@@ -48,7 +48,7 @@ def test_performance_benchmark_quick_mode(tiny_assets, tmp_path):
             assert (r["seen_width_step_s"] is None) == (r["first_sight_steps"] == r["steps"] - 1)
     # 2b. the step per precision and batch plan: every variant trained the same features, in its own precision
     variants = results["step_variant_runs"]
-    assert list(variants) == list(summary["step_variants"]) and len(variants) == 9
+    assert list(variants) == list(summary["step_variants"]) and len(variants) == 10
     for name, rs in variants.items():
         assert rs and all(r["features"] == teacher["features"] and r["step_s"] > 0 for r in rs)
         assert rs[0]["precision"] == name.split(",")[0] and rs[0]["group_by_length"] == ("grouped" in name)
@@ -58,6 +58,7 @@ def test_performance_benchmark_quick_mode(tiny_assets, tmp_path):
         assert rs[0]["attention_dropout"] == (0.0 if "no attention dropout" in name else None)
         reference = name.startswith("float32, random batches")  # the step before kdqa's attention existed
         assert rs[0]["attention"] == ("sdpa" if reference or "PyTorch's attention" in name else "auto")
+        assert rs[0]["dropout_masks"] == ("torch" if reference or "PyTorch's dropout" in name else "auto")
         assert 0 <= rs[0]["padding_fraction"] < 1
     for precision in ("float32", "bfloat16"):
         grouped = variants[f"{precision}, grouped by length"][0]["padding_fraction"]

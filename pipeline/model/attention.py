@@ -7,19 +7,20 @@ matrix, one Mersenne Twister draw per element: most of the step's attention time
 copies of each attention matrix kept for the backward pass (bench/performance.py, row 2b, "PyTorch's attention").
 
 `dropout_attention_forward` computes the same function, softmax(QK^T * scaling + mask) with dropout, then x V,
-a few batch rows at a time (`ChunkedDropoutAttention`): each chunk's dropout mask is drawn 16 bits per element
-from 64-bit random words (four elements per draw) of a generator seeded from the call's seed and the chunk, and
-the backward pass recomputes the chunk's probabilities and draws its mask again, so only Q, K and V are kept.
-The matrices stay in the step's precision (bfloat16 under autocast, where the fallback upcasts to float32: on a
-6-layer MiniLM that adds about a tenth to the logits' difference from float32 that autocast makes anyway). The
-dropout probability is rounded to a multiple of 1/65536 (0.1 -> 0.1000061) and kept values are scaled by
-1/(1 - that probability), so the expectation is exact. Everything else (inference, CUDA, no dropout) goes to
-PyTorch's SDPA unchanged.
+a few batch rows at a time (`ChunkedDropoutAttention`): each chunk's dropout mask is drawn as kdqa's CPU
+dropout draws its masks (pipeline/model/dropout.py: 16 bits per element, the probability rounded to 1/65536),
+from a generator seeded from the call's seed and the chunk, and the backward pass recomputes the chunk's
+probabilities and draws its mask again, so only Q, K and V are kept. The matrices stay in the step's precision
+(bfloat16 under autocast, where the fallback upcasts to float32: on a 6-layer MiniLM that adds about a tenth to
+the logits' difference from float32 that autocast makes anyway). Everything else (inference, CUDA, no dropout)
+goes to PyTorch's SDPA unchanged.
 """
 
 from __future__ import annotations
 
 import torch
+
+from pipeline.model.dropout import draw_keep_mask
 
 NAME = "kdqa_cpu_dropout"  # the name registered with transformers' AttentionInterface
 
@@ -27,17 +28,6 @@ NAME = "kdqa_cpu_dropout"  # the name registered with transformers' AttentionInt
 # Batch rows per chunk: about this many attention-matrix elements at a time (a few MB in bfloat16), so a chunk's
 # temporaries stay in cache and the process never holds more than one chunk's matrices.
 CHUNK_ELEMENTS = 1 << 20
-
-
-def draw_keep_mask(shape: torch.Size, p: float, generator: torch.Generator) -> tuple[torch.Tensor, float]:
-    """Boolean mask of kept elements, each dropped with probability `p` rounded to 1/65536; and the kept
-    elements' scale 1/(1 - rounded p)."""
-    threshold = round(p * 65536)
-    n = shape.numel()
-    words = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, generator=generator)
-    sixteen_bits = words.view(torch.int16)[:n].view(shape)  # uniform on [-32768, 32767]
-    keep = sixteen_bits >= -32768 + threshold
-    return keep, 1.0 / (1.0 - threshold / 65536)
 
 
 def chunk_keep_mask(seed: int, first_row: int, shape: torch.Size, p: float) -> tuple[torch.Tensor, float]:

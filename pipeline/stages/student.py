@@ -23,6 +23,7 @@ from pipeline import __version__
 
 from pipeline.training import distributed
 from pipeline.model.attention import use_dropout_attention
+from pipeline.model.dropout import use_cpu_dropout
 from pipeline.training.checkpoint import Checkpoint, load_checkpoint, remove_checkpoints, restore_curves, save_checkpoint
 from pipeline.runtime.errors import KdqaError
 from pipeline.store.fingerprints import check_teacher_logits
@@ -80,6 +81,8 @@ def build_student(student: StudentParams, device: torch.device):
         keep_layers(model, list(student.init_layers))
     if student.attention == "auto":  # on CUDA, in evaluation and without dropout it runs PyTorch's SDPA itself
         use_dropout_attention(model)
+    if student.dropout_masks == "auto":  # likewise PyTorch's dropout on CUDA and in evaluation
+        use_cpu_dropout(model)
     if uses_gradient_checkpointing(student, device):
         enable_gradient_checkpointing(model, student.model)
     return model
