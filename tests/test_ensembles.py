@@ -2,11 +2,14 @@
 
 The combination against a computation by hand (mean of softmaxes at T, per-row loops, math only); the teacher
 stage computing only a new teacher's shards and leaving the others' byte for byte; the stream's one target;
-evaluate's and inspect's per-teacher and ensemble scores. Bad input is in tests/test_fault_table.py.
+evaluate's and inspect's per-teacher and ensemble scores; a carried teacher that really leaves feature positions
+unseen (format characters its BERT normalizer deletes), through the teacher stage and the student's target.
+Bad input is in tests/test_fault_table.py.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import math
@@ -476,3 +479,166 @@ def test_teacher_models_names_the_teachers_and_teacher_model_a_list_of_one(tmp_p
     assert load_params(path).teacher.teachers == ["a"]
     path.write_text("teacher:\n  model: null\n  models: [a]\nstudent:\n  teacher_weights: [1, 2]\n")
     assert load_params(path).student.teacher_weights == [1.0, 2.0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A carried teacher that never sees some of the features' tokens (a real case, not injected NaN)
+# ---------------------------------------------------------------------------------------------------------
+
+# Format characters (Unicode category Cf): BERT's normalizer (clean_text) deletes them, a tokenizer without that
+# normalizer keeps each one, between spaces, as an [UNK] token with its own offsets.
+ZERO_WIDTH_SPACE, SOFT_HYPHEN = "\u200b", "\u00ad"
+
+
+def with_format_characters(source: Path, out: Path) -> Path:
+    """`source`'s SQuAD file with format characters in every context: a zero-width space at each end (tokens of
+    the features' tokenizer outside every window of the BERT teacher: unseen), a soft hyphen before the final
+    period (inside the teacher's windows but on no token of it: seen, no mass), and the first context opening
+    with enough zero-width spaces to fill a whole features window."""
+    doc = json.loads(source.read_text())
+    paragraphs = [p for article in doc["data"] for p in article["paragraphs"]]
+    for n, paragraph in enumerate(paragraphs):
+        lead = f"{ZERO_WIDTH_SPACE} " * (40 if n == 0 else 1)
+        assert paragraph["context"].endswith(".")
+        paragraph["context"] = f"{lead}{paragraph['context'][:-1]} {SOFT_HYPHEN}. {ZERO_WIDTH_SPACE}"
+        for qa in paragraph["qas"]:
+            for answer in qa["answers"]:
+                answer["answer_start"] += len(lead)
+    out.write_text(json.dumps(doc))
+    return out
+
+
+@pytest.fixture(scope="module")
+def unseen_run(tmp_path_factory) -> tuple[Path, str]:
+    """prepare + teacher of two teachers: teacher.models[0] (the features') reads format characters as [UNK]
+    tokens, teacher.models[1] is a BERT whose normalizer deletes them (carried). Its log too. Read-only."""
+    run = tmp_path_factory.mktemp("unseen") / "run"
+    inputs = run / INPUTS
+    vocab = tiny.write_vocab(inputs / "vocab").read_text().split()
+    for name, layers, seed in (("teacher", 2, 3), ("student", 1, 4)):
+        tiny.make_model(inputs / name, layers=layers, seed=seed)
+        tiny.make_stripping_tokenizer(inputs / name, vocab, keep=None)  # the same ids, no normalizer
+    tiny.make_model(inputs / "carried", layers=2, seed=5)
+    train = with_format_characters(tiny.make_squad(inputs / "squad-train.json", articles=2, questions=3, seed=2),
+                                   inputs / "train.json")
+    dev = with_format_characters(tiny.make_squad(inputs / "squad-dev.json", articles=1, questions=3, seed=3),
+                                 inputs / "dev.json")
+    tiny.write_params(run / "params.yaml", f"./{INPUTS}/teacher", f"./{INPUTS}/student", train, dev,
+                      teacher__model=None, teacher__models=[f"./{INPUTS}/teacher", f"./{INPUTS}/carried"])
+    assert kdqa(run, "prepare").exit_code == 0
+    result = kdqa(run, "teacher")
+    assert result.exit_code == 0, result.output
+    return run, result.stderr
+
+
+def contexts_by_id(path: Path) -> dict[str, str]:
+    doc = json.loads(path.read_text())
+    return {qa["id"]: p["context"] for a in doc["data"] for p in a["paragraphs"] for qa in p["qas"]}
+
+
+def unseen_positions(windows, row: int, seen_chars: tuple[int, int]) -> list[int]:
+    """The context positions of a features row whose characters all lie outside [lo, hi)."""
+    lo, hi = seen_chars
+    return [k for k in range(windows.context_start[row], windows.context_end[row] + 1)
+            if windows.offset_end[row][k] <= lo or windows.offset_start[row][k] >= hi]
+
+
+def token_offsets(tokenizer, text: str) -> list[tuple[int, int]]:
+    return tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+
+
+def seen_chars(tokenizer, context: str) -> tuple[int, int]:
+    """The characters [lo, hi) a teacher's windows of `context` read: its windows overlap, so together they read
+    from its first token of the context to its last."""
+    offsets = token_offsets(tokenizer, context)
+    return offsets[0][0], offsets[-1][1]
+
+
+def test_a_carried_teacher_holds_nan_exactly_where_none_of_its_tokens_covers_a_feature_position(unseen_run):
+    from transformers import AutoTokenizer
+
+    from pipeline.store.features import read_windows
+    from pipeline.store.logits import read_logits
+    from pipeline.text.alignment import NO_MASS
+
+    run, log = unseen_run
+    assert f"{INPUTS}/carried) carried onto the features' tokens: train:" in log  # teacher-1 is carried
+    features_tokenizer = AutoTokenizer.from_pretrained(run / INPUTS / "teacher")
+    carried_tokenizer = AutoTokenizer.from_pretrained(run / INPUTS / "carried")
+    unseen, whole_rows, no_mass = 0, 0, 0
+    for split in ("train", "dev"):
+        contexts = contexts_by_id(run / INPUTS / f"{split}.json")
+        folder = run / "data/teacher" / split / "teacher-1"
+        for shard in sorted((run / "data/features" / split).glob("part-*.parquet")):
+            windows = read_windows(shard)
+            ids, start, end = read_logits(folder / shard.name)
+            assert ids.to_pylist() == windows.feature_ids
+            for row, example_id in enumerate(windows.example_ids):
+                expected = unseen_positions(windows, row, seen_chars(carried_tokenizer, contexts[example_id]))
+                for values in (start[row], end[row]):
+                    assert np.flatnonzero(np.isnan(values)).tolist() == expected, windows.feature_ids[row]
+                unseen += len(expected)
+                whole_rows += len(expected) == windows.context_end[row] - windows.context_start[row] + 1
+                # The soft hyphen: inside the teacher's windows, on none of its tokens: seen, with no mass.
+                hyphen = [k for k in range(windows.context_start[row], windows.context_end[row] + 1)
+                          if contexts[example_id][windows.offset_start[row][k]] == SOFT_HYPHEN]
+                assert all(start[row][k] == NO_MASS == end[row][k] for k in hyphen)
+                no_mass += len(hyphen)
+        # Mass coverage (the manifest's figure): every character a teacher token starts or ends on is inside a
+        # features token here (the features' tokenizer keeps every non-space character), so no teacher mass is
+        # lost, unseen positions or not: they hold none of it.
+        manifest = json.loads((folder / "manifest.json").read_text())["carried"]
+        assert manifest["mean_covered"] == 1.0
+        assert manifest["features"] == sum(len(read_windows(p).feature_ids)
+                                           for p in (run / "data/features" / split).glob("part-*.parquet"))
+        for context in set(contexts.values()):
+            held = np.zeros(len(context), dtype=bool)
+            for s, e in token_offsets(features_tokenizer, context):
+                held[s:e] = True
+            assert all(held[s] and held[e - 1] for s, e in token_offsets(carried_tokenizer, context))
+    # The case exists: unseen positions, a whole row of them (the first context's leading run), seen ones without mass.
+    assert unseen > 0 and whole_rows >= 1 and no_mass > 0
+
+
+def test_the_student_target_renormalises_each_teacher_over_the_positions_all_teachers_saw(unseen_run, tmp_path):
+    from pipeline.store.features import read_training_rows
+    from pipeline.store.logits import read_logits
+    from pipeline.training.stream import ShardStream, find_shard_pairs
+
+    run, _ = unseen_run
+    weights, temperature = (1.0, 3.0), 2.0
+    pairs = find_shard_pairs(run / "data/features/train", run / "data/teacher/train")
+    stream = ShardStream(pairs, batch_size=1000, seed=0, pad_token_id=0,
+                         combination=Combination(weights, temperature))
+    checked, masked = 0, 0
+    for shard_index, pair in enumerate(pairs):
+        rows = read_training_rows(pair.features_path)
+        row_of = {tuple(ids): row for row, ids in enumerate(rows.input_ids)}
+        assert len(row_of) == len(rows.input_ids)  # every row found by its tokens
+        teachers = [read_logits(shard) for shard in pair.teacher_shards]
+        for batch in stream.shard_batches(shard_index):
+            assert torch.isfinite(batch["teacher_start"]).all() and torch.isfinite(batch["teacher_end"]).all()
+            for b, ids in enumerate(batch["input_ids"]):
+                row = row_of[tuple(ids[: int(batch["attention_mask"][b].sum())].tolist())]
+                context = range(int(rows.context_start[row]), int(rows.context_end[row]) + 1)
+                unseen = [j for j in context if np.isnan(teachers[1][1][row][j])]
+                seen = [0, *(j for j in context if j not in unseen)]
+                assert np.flatnonzero(~batch["teacher_mask"][b].numpy()).tolist() == unseen
+                for side, name in ((1, "teacher_start"), (2, "teacher_end")):
+                    per_teacher = [softmax_at([float(t[side][row][j]) for j in seen], temperature) for t in teachers]
+                    mixture = [sum(w * p[i] for w, p in zip(weights, per_teacher)) / sum(weights)
+                               for i in range(len(seen))]
+                    got = softmax_at([float(batch[name][b, j]) for j in seen], temperature)
+                    assert got == pytest.approx(mixture, abs=1e-5)
+                checked += 1
+                masked += bool(unseen)
+    assert checked == sum(p.rows for p in pairs) and masked > 0
+    # The student trains on that target: finite losses, the KD term included.
+    student = copy_run(run, tmp_path / "run")
+    set_params(student, student__max_steps=3, student__teacher_weights=list(weights))
+    result = kdqa(student, "student")
+    assert result.exit_code == 0, result.output
+    assert "target: the mean of 2 teachers' probabilities" in result.stderr
+    log = list(csv.DictReader((student / "logs/student/train.tsv").open(), delimiter="\t"))
+    assert len(log) == 3 and all(math.isfinite(float(r[k])) for r in log for k in ("loss", "kd_loss", "ce_loss"))
+

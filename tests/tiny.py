@@ -56,17 +56,20 @@ def make_bert_tokenizer(folder: Path, tokens: list[str], lowercase: bool = True)
     return tok
 
 
-def make_stripping_tokenizer(folder: Path, tokens: list[str], keep: str):
+def make_stripping_tokenizer(folder: Path, tokens: list[str], keep: str | None):
     """A fast WordPiece tokenizer over `tokens` (BERT's special tokens and pair template) whose normalizer deletes
     every character outside the regex class `keep`, e.g. "0-9 ": a text made only of deleted characters has no
-    tokens under it. Saved in `folder` (replacing any tokenizer files there)."""
+    tokens under it. keep=None: no normalizer, every character but whitespace is read (control and format
+    characters such as U+200B become [UNK], where BERT's own normalizer deletes them). Saved in `folder`
+    (replacing any tokenizer files there)."""
     from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordPiece
     from transformers import PreTrainedTokenizerFast
 
     ids = {t: i for i, t in enumerate(dict.fromkeys(SPECIAL + tokens))}
     backend = Tokenizer(WordPiece(ids, unk_token="[UNK]"))
-    backend.normalizer = normalizers.Replace(Regex(f"[^{keep}]"), "")
+    if keep is not None:
+        backend.normalizer = normalizers.Replace(Regex(f"[^{keep}]"), "")
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     backend.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
