@@ -180,7 +180,7 @@ def test_upgrades_rerun_prepare_and_teacher_only_when_their_format_version_chang
         changed = status()
         # align tokenizes the student's own features with the same code
         assert set(changed) == {"prepare", "align"} and "features_format" in json.dumps(changed), changed
-        formats.write_text(originals[formats].replace("aligned_format: 2", "aligned_format: 3"))
+        formats.write_text(originals[formats].replace("aligned_format: 3", "aligned_format: 4"))
         changed = status()
         # the teacher stage carries a teacher of another tokenizer onto the features with the alignment's code
         assert set(changed) == {"teacher", "align"} and "aligned_format" in json.dumps(changed), changed

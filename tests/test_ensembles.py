@@ -3,8 +3,8 @@
 The combination against a computation by hand (mean of softmaxes at T, per-row loops, math only); the teacher
 stage computing only a new teacher's shards and leaving the others' byte for byte; the stream's one target;
 evaluate's and inspect's per-teacher and ensemble scores; a carried teacher that really leaves feature positions
-unseen (format characters its BERT normalizer deletes), through the teacher stage and the student's target.
-Bad input is in tests/test_fault_table.py.
+unseen (format characters its BERT normalizer deletes), through the teacher stage, the student's target and
+align. Bad input is in tests/test_fault_table.py.
 """
 
 from __future__ import annotations
@@ -642,3 +642,34 @@ def test_the_student_target_renormalises_each_teacher_over_the_positions_all_tea
     log = list(csv.DictReader((student / "logs/student/train.tsv").open(), delimiter="\t"))
     assert len(log) == 3 and all(math.isfinite(float(r[k])) for r in log for k in ("loss", "kd_loss", "ce_loss"))
 
+
+def test_align_keeps_a_carried_teachers_unseen_positions_unseen_on_a_students_windows(unseen_run, tmp_path):
+    """kdqa align carries teacher-1 on from the features (where it holds NaN) onto a student's other windows: the
+    student's tokens none of teacher-1's own tokens covers stay NaN, not "seen, no mass" (nor a window it never
+    saw a sure "no answer"); teacher-0 saw every token. The student trains on both with finite losses."""
+    from transformers import AutoTokenizer
+
+    from pipeline.store.features import read_windows
+    from pipeline.store.logits import read_logits
+
+    run = copy_run(unseen_run[0], tmp_path / "run")
+    set_params(run, student__max_seq_len=40, student__max_steps=2)
+    assert kdqa(run, "align").exit_code == 0
+    carried_tokenizer = AutoTokenizer.from_pretrained(run / INPUTS / "carried")
+    contexts = contexts_by_id(run / INPUTS / "train.json")
+    unseen, whole_rows = 0, 0
+    for shard in sorted((run / "data/aligned/features/train").glob("part-*.parquet")):
+        windows = read_windows(shard)
+        targets = [read_logits(run / "data/aligned/teacher/train" / f"teacher-{k}" / shard.name) for k in (0, 1)]
+        for row, example_id in enumerate(windows.example_ids):
+            expected = unseen_positions(windows, row, seen_chars(carried_tokenizer, contexts[example_id]))
+            for side in (1, 2):
+                assert not np.isnan(targets[0][side][row]).any()
+                assert np.flatnonzero(np.isnan(targets[1][side][row])).tolist() == expected, windows.feature_ids[row]
+            unseen += len(expected)
+            whole_rows += len(expected) == windows.context_end[row] - windows.context_start[row] + 1
+    assert unseen > 0 and whole_rows >= 1
+    result = kdqa(run, "student")
+    assert result.exit_code == 0, result.output
+    log = list(csv.DictReader((run / "logs/student/train.tsv").open(), delimiter="\t"))
+    assert len(log) == 2 and all(math.isfinite(float(r[k])) for r in log for k in ("loss", "kd_loss", "ce_loss"))

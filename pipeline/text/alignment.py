@@ -7,7 +7,8 @@ context, whatever the tokenizer's normalisation did to it):
 1. Projection. A teacher window's start distribution (softmax over CLS and its context tokens, T=1) puts each
    token's mass on the token's first character, its end distribution on the token's last character; the
    CLS ("no answer in this window") mass stays apart as the window's null mass. The window saw the
-   characters from its first context token's start to its last one's end.
+   characters from its first context token's start to its last one's end (of a teacher carried onto these
+   windows from its own tokenizer: its first and last token with a value, `seen_window`).
 2. Mapping onto a student window. The characters of the student window take their mass from the teacher
    windows that saw them. One teacher window is used as far as it reaches, chosen as the one that sees the
    most of the student window (ties: the one where the student window sits most centrally); characters it
@@ -103,6 +104,17 @@ def answer_probabilities(logits: np.ndarray, window: Window) -> np.ndarray:
     z[np.isnan(z)] = -np.inf
     p = np.exp(z - z.max())
     return p / p.sum()
+
+
+def seen_window(start_logits: np.ndarray, window: Window) -> Window | None:
+    """`window` less the context tokens at its ends that hold NaN (None: every one does). A teacher carried onto
+    these windows (pipeline/model/carried.py) holds NaN where none of its own windows read the characters, and
+    they are at the ends: its windows of an example overlap, so together they read one run of characters."""
+    context = np.arange(window.context_start, window.context_end + 1)
+    valued = context[~np.isnan(start_logits[context])]
+    if len(valued) == 0:
+        return None
+    return Window(window.offset_start, window.offset_end, int(valued[0]), int(valued[-1]))
 
 
 def project_window(start_logits: np.ndarray, end_logits: np.ndarray,
@@ -246,5 +258,9 @@ def align_example(teacher_windows: list[tuple[np.ndarray, np.ndarray, Window]],
     teacher_windows: (start logits, end logits, window) per teacher feature; student_windows: (window,
     number of positions) per student feature.
     """
-    projected = [project_window(s, e, w) for s, e, w in teacher_windows]
+    # A carried teacher's windows (its values on the features: `kdqa align` carrying it on) read only the characters
+    # of their tokens with a value: counting the NaN ones as read would turn "never seen" into "no mass" there, and
+    # a window that saw none of its context into a sure "no answer".
+    seen = [(s, e, seen_window(s, w)) for s, e, w in teacher_windows]
+    projected = [project_window(s, e, w) for s, e, w in seen if w is not None]
     return [align_window(projected, window, length) for window, length in student_windows]
