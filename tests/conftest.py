@@ -18,7 +18,6 @@ os.environ["DVC_NO_ANALYTICS"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
-import contextlib  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
 import traceback  # noqa: E402
@@ -111,7 +110,7 @@ def run_copy(prepared_run, tmp_path) -> Path:
 # go first and the short ones fill in at the end: the two workers then finish within seconds of each other,
 # instead of one running the DVC file alone for minutes after the other ran out of files. Unlisted files: 0.
 FILE_SECONDS = {"test_bench_accuracy.py": 260, "test_dvc.py": 255, "test_bench.py": 230, "test_reliability.py": 80,
-                "test_fault_table.py": 50, "test_distributed.py": 50, "test_bench_peer.py": 30, "test_pipeline.py": 25,
+                "test_fault_table.py": 50, "test_distributed.py": 60, "test_bench_peer.py": 30, "test_pipeline.py": 25,
                 "test_bad_input.py": 20, "test_export.py": 13, "test_report.py": 12, "test_bench_serving.py": 12}
 # Within these files (independent tests, no shared state between them) the minute-long tests run first, so that
 # xdist, which sends a worker its next file when two tests of the current one are left, never queues a file

@@ -16,7 +16,6 @@ in-process (click's runner), DVC through its Python API: interpreter start-up is
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import os
@@ -33,6 +32,7 @@ if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))
 
 import tiny  # noqa: E402
+from reliability_kit import single_thread  # noqa: E402
 
 TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "pipeline"]
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # dvc's own, from its Python API
@@ -211,6 +211,35 @@ def test_teacher_two_processes_resume_and_match_one_process(reference, assets, t
         assert one["shards"] == two["shards"] and one["rows"] == two["rows"]
         assert one["fingerprint"] == two["fingerprint"]
     assert manifest(published / "train")["rows"] == manifest(project / "data" / "features" / "train")["features"]
+
+
+def test_a_carried_teacher_under_two_processes_writes_the_shards_of_one_process(reference, assets, tmp_path):
+    """teacher.models[1] of another tokenizer (characters: several of its windows per features window) carried
+    onto the features by 2 ranks, each aligning its own shards' examples: the same bytes and alignment figures as
+    one process. Both runs start from the reference's logits cache, so teacher.models[0] is copied, not run."""
+    carried = tiny.make_model(tmp_path / "characters", layers=1, seed=5, vocab=tiny.CHARACTER_VOCAB)
+    runs = {}
+    for nproc in (1, 2):
+        project = runs[nproc] = tmp_path / f"nproc-{nproc}"
+        shutil.copytree(reference / "data" / "features", project / "data" / "features")
+        shutil.copytree(reference / ".kdqa" / "teacher-cache", project / ".kdqa" / "teacher-cache")
+        write_params(project, assets, teacher__nproc=nproc, teacher__model=None,
+                     teacher__models=[str(assets / "teacher"), str(carried)])
+    with single_thread():  # as torchrun's ranks run (OMP_NUM_THREADS=1); 2 threads on 2 busy cores: 4x slower
+        kdqa(["-q", "teacher"], runs[1])
+    proc = launch(["teacher"], runs[2], cmd=[sys.executable, "-m", "pipeline"])
+    assert "starting 2 processes" in proc.stderr and "teachers: 1 reused from earlier runs" in proc.stderr
+
+    one, two = runs[1] / "data" / "teacher", runs[2] / "data" / "teacher"
+    for split in ("train", "dev"):
+        assert manifest(one / split) == manifest(two / split)
+        for folder in ("teacher-0", "teacher-1"):
+            names = sorted(p.name for p in (one / split / folder).glob("part-*.parquet"))
+            assert len(names) == len(manifest(runs[1] / "data" / "features" / split)["shards"])
+            for name in names:  # byte for byte: same rows, same order, same float16 values
+                assert (one / split / folder / name).read_bytes() == (two / split / folder / name).read_bytes()
+        carried_one, carried_two = (manifest(run / split / "teacher-1")["carried"] for run in (one, two))
+        assert carried_one == carried_two and carried_one["features_pieced"] > 0
 
 
 # --- student, uneven shards ---
