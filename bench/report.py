@@ -47,7 +47,7 @@ class Run:
 SAMPLE = "{data}/squad2-sample.json"
 SERVING = Run("serving", "serving", ("--data", SAMPLE, "--pair", "minilm:minilm-3layers"))
 FIRST_RUN = Run("first-run", "first_run", ("--data-dir", "{data}"))
-# The quick tier fits a 2-core laptop in under 20 minutes (10.4 on a Zen 4 EPYC: bench/README.md): the performance benchmark on 50
+# The quick tier fits a 2-core laptop in under 20 minutes (10.5 on a Zen 4 EPYC: bench/README.md): the performance benchmark on 50
 # questions and one run per configuration instead of 100 and 2-4.
 QUICK = (Run("performance-50-questions", "performance", ("--data", SAMPLE, "--examples", "50", "--sweep-runs", "1",
                                                          "--hard-runs", "1", "--variant-runs", "1")),
