@@ -215,7 +215,7 @@ def test_results_name_the_cpu_generation_and_its_kernel_flags(tmp_path):
 
 
 BENCHMARKS = ("accuracy", "align", "extra_data", "first_run", "peer", "performance", "serving", "attention_widths",
-              "ensemble_step", "carried_teacher")
+              "ensemble_step", "carried_teacher", "student_step")
 # What each benchmark that needs real data must be given: none falls back to a file outside the repository.
 NEEDS = {"accuracy": "--train-data", "align": "--data", "extra_data": "--data", "first_run": "--data-dir",
          "peer": "--data", "serving": "--data", "ensemble_step": "--data", "carried_teacher": "--data"}
@@ -238,6 +238,34 @@ def test_every_benchmark_runs_as_a_module_and_says_which_data_it_needs(name, tmp
         assert missing.returncode == 2 and f"needs {NEEDS[name]}: " in missing.stderr, missing.stderr[-2000:]
         assert re.search(r"squad2-(train-)?sample\.json", missing.stderr)  # which file: named, not assumed
         assert not (tmp_path / "out").exists()
+
+
+def test_student_step_benchmark_quick_mode(tiny_assets, tmp_path, monkeypatch):
+    """bench.student_step times every row at every width on the same batches (no timing assertions); each row is
+    the student the stage's own build_student makes of its settings (kdqa's dropout masks unless put back)."""
+    from bench import student_step
+    from pipeline.model.dropout import CpuDropout
+    from pipeline.stages import student as student_stage
+
+    built, real_build = {}, student_stage.build_student
+
+    def spy(settings, device):
+        model = real_build(settings, device)
+        key = (settings.dropout_masks, settings.attention, settings.gradient_checkpointing)
+        built[key] = any(isinstance(m, CpuDropout) for m in model.modules())
+        return model
+
+    monkeypatch.setattr(student_stage, "build_student", spy)
+    results = student_step.main(["--quick", "--encoder", str(tiny_assets.teacher), "--student-layers", "0,2",
+                                 "--widths", "16,24", "--out", str(tmp_path / "out")])
+    assert built == {("auto", "auto", "auto"): True, ("torch", "auto", "auto"): False,
+                     ("auto", "sdpa", "auto"): True, ("auto", "auto", False): True}
+    assert list(results["rows"]) == list(student_step.ROWS) and results["student_layers"] == [0, 2]
+    for by_width in results["rows"].values():
+        assert list(by_width) == ["16", "24"]
+        assert all(w["steps"] == 2 and w["median_s"] > 0 for w in by_width.values())
+    assert all(r["defaults_vs_this"] == 1.0 for r in results["rows"][student_step.DEFAULTS].values())
+    assert "the defaults' median / this" in (tmp_path / "out/results.md").read_text()
 
 
 def test_ensemble_step_benchmark_quick_mode(tiny_assets, tmp_path):
