@@ -110,7 +110,7 @@ class StudentParams:
     # float32). sdpa: PyTorch's SDPA everywhere.
     attention: str = "auto"
     # auto: a CPU training step draws the hidden and embeddings dropout masks as kdqa's attention draws its own,
-    # 16 bits per element from 64-bit random words (pipeline/model/dropout.py: about 3x faster than PyTorch's
+    # 16 bits per element from 64-bit random words (pipeline/model/dropout.py: a third of the cost of PyTorch's
     # one draw per element; the probability rounded to 1/65536). torch: PyTorch's nn.Dropout.
     dropout_masks: str = "auto"
     # Keep only each layer's input during the forward pass and recompute the rest in the backward (the same
