@@ -47,12 +47,15 @@ class Run:
 SAMPLE = "{data}/squad2-sample.json"
 SERVING = Run("serving", "serving", ("--data", SAMPLE, "--pair", "minilm:minilm-3layers"))
 FIRST_RUN = Run("first-run", "first_run", ("--data-dir", "{data}"))
-# The quick tier fits a 2-core laptop in under 20 minutes (10.5 on a Zen 4 EPYC: bench/README.md): the performance benchmark on 50
+# The student step at the defaults beside each of kdqa's CPU training kernels put back: a default that wins on one
+# CPU family is measured on every family the tier runs on.
+STUDENT_STEP = Run("student-step", "student_step", ())
+# The quick tier fits a 2-core laptop in under 20 minutes (about 12.5 on a Zen 4 EPYC: bench/README.md): the performance benchmark on 50
 # questions and one run per configuration instead of 100 and 2-4.
 QUICK = (Run("performance-50-questions", "performance", ("--data", SAMPLE, "--examples", "50", "--sweep-runs", "1",
                                                          "--hard-runs", "1", "--variant-runs", "1")),
-         SERVING, FIRST_RUN)
-FULL = (Run("performance", "performance", ("--data", SAMPLE)), SERVING, FIRST_RUN,
+         SERVING, FIRST_RUN, STUDENT_STEP)
+FULL = (Run("performance", "performance", ("--data", SAMPLE)), SERVING, FIRST_RUN, STUDENT_STEP,
         Run("peer", "peer", ("--data", SAMPLE)),
         Run("accuracy", "accuracy", ("--train-data", "{data}/squad2-train-sample.json", "--data", SAMPLE)))
 RUN_NAMES = {run.name: run for run in (*QUICK, *FULL)}
@@ -164,6 +167,22 @@ def first_run_rows(r: dict) -> list[Row]:
                 f"{fmt(total)} ({total / 60:.1f} min); CPU {fmt(r['total_cpu_seconds'])} s", "–", "–")]
 
 
+def student_step_rows(r: dict) -> list[Row]:
+    """Each setting put back against the defaults, per batch width (docs/results.md only)."""
+    from .student_step import DEFAULTS
+
+    rows = []
+    for name, by_width in r["rows"].items():
+        if name == DEFAULTS:
+            continue
+        for width, x in by_width.items():
+            defaults = r["rows"][DEFAULTS][width]["median_s"]
+            rows.append(Row(f"student step {name} {width}", f"student step at width {width}, median s: the defaults "
+                                                            f"vs {name}", fmt(defaults, 3), fmt(x["median_s"], 3),
+                            f"{x['defaults_vs_this']:.2f}x", readme=False))
+    return rows
+
+
 def peer_rows(r: dict) -> list[Row]:
     k, p, s = r["kdqa"], r.get("haystack"), r["summary"]
     if not p:
@@ -195,7 +214,7 @@ UNMEASURED_ROWS = {"serving": "answer latency at batch 1, p50 ms: `QuestionAnswe
                    "peer": "whole KD job vs Haystack v1: wall s and peak RSS",
                    "accuracy": "held-out F1 / forced span F1"}
 READERS = {"performance": performance_rows, "serving": serving_rows, "first_run": first_run_rows,
-           "peer": peer_rows, "accuracy": accuracy_rows}
+           "peer": peer_rows, "accuracy": accuracy_rows, "student_step": student_step_rows}
 
 
 # ---------------------------------------------------------------- the tables
@@ -288,7 +307,7 @@ def docs_tables(found: dict[str, list[Source]]) -> str:
                   "| measure | kdqa | alternative | ratio | raw |", "| --- | --- | --- | --- | --- |"]
         parts += [f"| {row.measure} | {row.kdqa} | {row.against} | {row.ratio} | "
                   f"[{source.name}](../bench/results/{slug}/{source.name}.md) |" for source, row in rows_of(sources)]
-        missing = [name for name in ("performance", "serving", "first_run", "peer", "accuracy")
+        missing = [name for name in ("performance", "serving", "first_run", "student_step", "peer", "accuracy")
                    if name not in {RUN_NAMES[s.name].bench for s in sources}]
         if missing:
             parts += ["", f"Not run on this machine: {', '.join(f'bench.{m}' for m in missing)}."]
@@ -318,8 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", help=f"required unless --tables-only: {DATA_DIR}")
     parser.add_argument("--quick", action="store_true",
-                        help="the laptop tier (10 min on a 2-core Zen 4): performance on 50 questions, serving, "
-                             "first run; without it the full tier adds the peer job and accuracy (hours)")
+                        help="the laptop tier (about 12 min on a 2-core Zen 4): performance on 50 questions, "
+                             "serving, first run, the student step; without it the full tier adds the peer job and "
+                             "accuracy (hours)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the raw files go, one folder per machine")
     parser.add_argument("--tables-only", action="store_true", help="only reread the raw files and rewrite the tables")
     parser.add_argument("--only", action="append", choices=sorted(RUN_NAMES), metavar="NAME",
