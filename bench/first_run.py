@@ -21,6 +21,7 @@ import datetime
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -76,7 +77,12 @@ def run(out: Path, threads: int | None, data_dir: Path) -> dict:
         "dev": str(first_questions(data_dir / DATA_FILES["dev"], rows["dev"], work / "dev.json")),
     }
     preset["teacher"]["model"] = preset["student"]["model"] = str(model)
-    params = work / "params.yaml"
+    # A first run starts from an empty project: a project left by an earlier run would copy the teacher's logits
+    # from its logits cache (.kdqa/teacher-cache) and resume from its checkpoints instead of computing them.
+    project = work / "project"
+    shutil.rmtree(project, ignore_errors=True)
+    project.mkdir()
+    params = project / "params.yaml"
     params.write_text(yaml.safe_dump(preset), encoding="utf-8")
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=pythonpath())
@@ -85,14 +91,14 @@ def run(out: Path, threads: int | None, data_dir: Path) -> dict:
     load_start, seconds, stage_cpu = os.getloadavg(), {}, {}
     for stage in STAGES:
         started, cpu_before = time.perf_counter(), cpu_seconds(resource.RUSAGE_CHILDREN)
-        subprocess.run([sys.executable, "-m", "pipeline", "-q", "--params", str(params), stage], cwd=work, env=env,
+        subprocess.run([sys.executable, "-m", "pipeline", "-q", "--params", str(params), stage], cwd=project, env=env,
                        check=True)
         seconds[stage] = round(time.perf_counter() - started, 1)
         stage_cpu[stage] = round(cpu_seconds(resource.RUSAGE_CHILDREN) - cpu_before, 1)
     import torch
 
     cpu = machine(torch, threads or torch.get_num_threads())
-    features = {split: json.loads((work / "data" / "features" / split / "manifest.json").read_text())["features"]
+    features = {split: json.loads((project / "data" / "features" / split / "manifest.json").read_text())["features"]
                 for split in ("train", "dev")}
     return {"date": datetime.date.today().isoformat(),
             "command": f"python -m bench.first_run --data-dir {data_dir}" + (f" --threads {threads}" if threads else ""),
