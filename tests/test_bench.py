@@ -283,3 +283,39 @@ def test_ensemble_step_benchmark_quick_mode(tiny_assets, tmp_path):
     three = tmp_path / "out/work/three-teachers/data/teacher/train"
     assert sorted(p.name for p in three.glob("teacher-*")) == ["teacher-0", "teacher-1", "teacher-2"]
     assert "within +3% of one teacher's" in (tmp_path / "out/results.md").read_text()
+
+
+def test_first_run_benchmark_starts_every_run_from_an_empty_project(tmp_path, monkeypatch):
+    """A second `bench.first_run` in the same --out must not find the first run's logits cache or checkpoints:
+    every stage it times starts from a project holding only the preset's params.yaml."""
+    import types
+
+    from bench import first_run
+
+    out = tmp_path / "out"
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    for name in first_run.DATA_FILES.values():
+        (data_dir / name).write_text("{}")
+    monkeypatch.setattr(first_run, "stand_in_model", lambda folder: folder)
+    monkeypatch.setattr(first_run, "first_questions", lambda source, n, dest: dest)
+    seen, real_run = [], subprocess.run
+
+    def fake_stage(command, cwd=None, **kwargs):
+        if command[1:3] != ["-m", "pipeline"]:
+            return real_run(command, cwd=cwd, **kwargs)  # the machine's description
+        stage = command[-1]
+        if stage == "prepare":
+            seen.append(sorted(str(p.relative_to(cwd)) for p in cwd.rglob("*")))
+            for split in ("train", "dev"):
+                (cwd / "data" / "features" / split).mkdir(parents=True)
+                (cwd / "data" / "features" / split / "manifest.json").write_text('{"features": 1}')
+        if stage == "teacher":  # what a real teacher stage leaves behind: its logits cache
+            (cwd / ".kdqa" / "teacher-cache").mkdir(parents=True)
+            (cwd / ".kdqa" / "teacher-cache" / "logits.parquet").write_text("cached")
+        return types.SimpleNamespace(returncode=0)
+
+    monkeypatch.setattr(first_run.subprocess, "run", fake_stage)
+    for _ in range(2):
+        first_run.run(out, threads=1, data_dir=data_dir)
+    assert seen == [["params.yaml"], ["params.yaml"]]
