@@ -45,6 +45,8 @@ from typing import NamedTuple
 
 import yaml
 
+from pipeline.params import default_of
+
 from .common import (
     BASE_STUDENT,
     ROOT,
@@ -542,8 +544,12 @@ def main() -> None:
     def student_settings(spec: dict) -> dict:
         # A spec may set any student.* key; `max_steps_of: NAME` caps it at the steps student NAME takes (the
         # comparison at equal optimizer steps).
-        student = {"model": encoder, "init_layers": cfg["student_layers"], **cfg["student_training"],
-                   **{k: v for k, v in spec.items() if k not in SPEC_KEYS}}
+        # A spec without a distillation weight or temperature learns at kdqa's defaults (params.yaml's), and a
+        # key set to `default` takes kdqa's default over the preset's; written out so that the row records them.
+        student = {"model": encoder, "init_layers": cfg["student_layers"],
+                   **{key: default_of(f"student.{key}") for key in ("distillation_weight", "temperature")},
+                   **cfg["student_training"], **{k: v for k, v in spec.items() if k not in SPEC_KEYS}}
+        student = {k: default_of(f"student.{k}") if v == "default" else v for k, v in student.items()}
         if spec.get("max_steps_of"):
             (other,) = [s for s in cfg["students"] if s["name"] == spec["max_steps_of"]]
             student["max_steps"] = planned_steps(ldir / "data", {**BASE_STUDENT, "max_steps": cfg.get("max_steps"),

@@ -121,12 +121,16 @@ def test_accuracy_benchmark_seeds_give_means_spreads_and_paired_intervals(tmp_pa
     """--seeds 2: every student trains twice (seed 13 and 14, folders of their own); its row is the mean over the
     seeds with their spread, and the gain over the baseline comes with the paragraph bootstrap pooled over seeds
     and the seed-by-seed interval."""
+    from bench import accuracy
+    from pipeline.params import default_of
+
     encoder = tiny.make_model(tmp_path / "encoder", layers=2)
     data = tiny.make_squad(tmp_path / "squad.json", articles=6, paragraphs=1, questions=3)
     train = tiny.make_squad(tmp_path / "train.json", articles=4, paragraphs=1, questions=3, seed=3)
     students = tmp_path / "students.yaml"
-    students.write_text('- {name: "hard", distillation_weight: 0.0, temperature: 1.0}\n'
-                        '- {name: "kd", distillation_weight: 1.0, temperature: 2.0, model: teacher}\n')
+    # "kd" names no weight or temperature and asks for kdqa's default epochs (bench/accuracy-defaults.yaml's form).
+    students.write_text('- {name: "hard", distillation_weight: 0.0, temperature: 1.0, epochs: default}\n'
+                        '- {name: "kd", model: teacher, epochs: default}\n')
     subprocess.run([sys.executable, "-m", "bench.accuracy", "--quick", "--seeds", "2", "--encoder", str(encoder),
                     "--student-layers", "0", "--train-data", str(train), "--data", str(data), "--out",
                     str(tmp_path / "out"), "--students", str(students)], cwd=tmp_path, env=bench_env(), check=True,
@@ -139,7 +143,11 @@ def test_accuracy_benchmark_seeds_give_means_spreads_and_paired_intervals(tmp_pa
         f1s = [s["f1"] for s in row["seeds"]]
         assert row["f1"] == round(sum(f1s) / 2, 2) and row["spread"]["f1"] == [min(f1s), max(f1s)]
         assert "seed" not in row["settings"]  # the seeds of one student are one set of settings
-    assert yaml.safe_load((Path(kd["workdirs"][1]) / "params.yaml").read_text())["student"]["seed"] == 14
+    kd_params = yaml.safe_load((Path(kd["workdirs"][1]) / "params.yaml").read_text())["student"]
+    assert kd_params["seed"] == 14
+    for key in ("distillation_weight", "temperature", "epochs"):  # kdqa's defaults, not the preset's
+        assert kd_params[key] == default_of(f"student.{key}") == kd.get(key, kd_params[key])
+    assert accuracy.QUICK["student_training"]["epochs"] != default_of("student.epochs")
     ci = results["goals"]["ci95"]
     gains = [a["f1"] - b["f1"] for a, b in zip(kd["seeds"], hard["seeds"])]
     assert ci["by_seed"]["f1_gain"]["gains"] == [round(g, 2) for g in gains]
@@ -181,7 +189,8 @@ def test_shipped_student_variants_are_valid_student_settings():
     known = set(StudentParams.__dataclass_fields__)
     for shipped in ("accuracy-variants.yaml", "accuracy-6-epochs.yaml", "accuracy-extra-data.yaml",
                     "accuracy-align.yaml", "accuracy-speed.yaml", "accuracy-extra-data-gpu.yaml",
-                    "accuracy-extra-data-long.yaml", "accuracy-extra-data-seeds.yaml", "accuracy-ensemble.yaml"):
+                    "accuracy-extra-data-long.yaml", "accuracy-extra-data-seeds.yaml", "accuracy-ensemble.yaml",
+                    "accuracy-defaults.yaml"):
         specs = yaml.safe_load((REPO / "bench" / shipped).read_text())
         names = [spec["name"] for spec in specs]
         assert len(set(names)) == len(specs), shipped

@@ -155,7 +155,8 @@ def test_every_bench_has_its_rows_and_machines_never_mix(quick_serving, tmp_path
     assert "STALE-TABLE" not in readme and readme.startswith("x\n") and readme.endswith("y\n")
     assert report.NOT_RUN not in readme and figures_not_in_raw(readme, tmp_path / "results") == []
     for words in ("teacher stage", "QuestionAnswerer(export folder)", "first run", "Haystack v1",
-                  "student.gradient_checkpointing: True, not the defaults", "held-out F1"):
+                  "student.gradient_checkpointing: True, not the defaults", "held-out F1",
+                  "gained over hard labels, with paired 95% intervals"):
         assert words in readme and words in docs
     again = tmp_path / "again"
     shutil.copytree(tmp_path / "results", again / "results")
