@@ -50,8 +50,8 @@ FIRST_RUN = Run("first-run", "first_run", ("--data-dir", "{data}"))
 # The student step at the defaults beside each of kdqa's CPU training kernels put back: a default that wins on one
 # CPU family is measured on every family the tier runs on.
 STUDENT_STEP = Run("student-step", "student_step", ())
-# The quick tier fits a 2-core laptop in under 20 minutes (about 12.5 on a Zen 4 EPYC: bench/README.md): the performance benchmark on 50
-# questions and one run per configuration instead of 100 and 2-4.
+# The quick tier fits a 2-core laptop in under 20 minutes (each machine's time: bench/README.md): the performance
+# benchmark on 50 questions and one run per configuration instead of 100 and 2-4.
 QUICK = (Run("performance-50-questions", "performance", ("--data", SAMPLE, "--examples", "50", "--sweep-runs", "1",
                                                          "--hard-runs", "1", "--variant-runs", "1")),
          SERVING, FIRST_RUN, STUDENT_STEP)
@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", help=f"required unless --tables-only: {DATA_DIR}")
     parser.add_argument("--quick", action="store_true",
-                        help="the laptop tier (about 12 min on a 2-core Zen 4): performance on 50 questions, "
+                        help="the laptop tier (under 20 min on 2 cores): performance on 50 questions, "
                              "serving, first run, the student step; without it the full tier adds the peer job and "
                              "accuracy (hours)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the raw files go, one folder per machine")
