@@ -24,7 +24,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .common import ROOT, UNKNOWN, fmt, machine_slug, need_file, provenance, pythonpath, write_json_atomic
@@ -41,7 +41,12 @@ NOT_RUN = "not run on this machine"
 class Run:
     name: str  # the raw files' name in OUT/SLUG/
     bench: str  # bench.NAME
-    args: tuple[str, ...]  # {data} stands for --data-dir
+    args: tuple[str, ...]  # {data} stands for --data-dir, {work} for the report's work folder (bench/out/report)
+    measures: str = ""  # what its rows measure (default: the bench's): a full tier's run replaces a quick tier's
+
+    @property
+    def topic(self) -> str:
+        return self.measures or self.bench
 
 
 SAMPLE = "{data}/squad2-sample.json"
@@ -60,7 +65,14 @@ FULL = (Run("performance", "performance", ("--data", SAMPLE)), SERVING, FIRST_RU
         # Distillation at the defaults against the student that never sees the teacher, 3 seeds each (the preset's
         # whole sweep of weights and temperatures is bench.accuracy's own default: hours more).
         Run("accuracy", "accuracy", ("--train-data", "{data}/squad2-train-sample.json", "--data", SAMPLE,
-                                     "--students", "bench/accuracy-defaults.yaml")))
+                                     "--students", "bench/accuracy-defaults.yaml")),
+        # The default serving path on a trained pair, with F1 on every test question: the accuracy run's teacher and
+        # its student distilled at the defaults (seed 13), at the windows they were trained with.
+        Run("serving-trained", "serving", (
+            "--data", "{work}/accuracy/split/test.json", "--pair",
+            "{work}/accuracy/teacher/models/student:"
+            "{work}/accuracy/student-distilled-at-the-defaults--cut-from-the-teacher/models/student",
+            "--max-seq-len", "256", "--doc-stride", "96", "--throughput-questions", "0"), measures="serving-trained"))
 RUN_NAMES = {run.name: run for run in (*QUICK, *FULL)}
 
 
@@ -68,7 +80,9 @@ RUN_NAMES = {run.name: run for run in (*QUICK, *FULL)}
 
 def command(run: Run, data_dir: str, out: Path) -> list[str]:
     relative = os.path.relpath(out)  # as a user would type it: the command is recorded in the raw file
-    return ["-m", f"bench.{run.bench}", *(a.replace("{data}", data_dir) for a in run.args), "--out", relative]
+    return ["-m", f"bench.{run.bench}",
+            *(a.replace("{data}", data_dir).replace("{work}", os.path.relpath(WORK)) for a in run.args),
+            "--out", relative]
 
 
 def run_tier(runs: tuple[Run, ...], data_dir: str, results: Path) -> tuple[str, list[dict]]:
@@ -149,16 +163,21 @@ def serving_rows(r: dict) -> list[Row]:
         student = pair["pair"].split(":", 1)[1]
         if "default_path" not in g:  # written before bench.serving timed the default path
             continue
+        if g.get("f1_meaningful"):  # a trained pair, whichever run trained it (its command is in the raw file)
+            student, key, f1_words = "trained pair", "serving trained", ", F1 on held-out questions"
+        else:  # random weights (a preset of bench.serving's, or a model folder): speed only
+            key, f1_words = f"serving {student}", ""
         default, baseline = by[g["default_path"]], by["student, PyTorch float32"]
-        drop = f"; F1 {-g['default_f1_drop']:+.2f}" if g.get("f1_meaningful") else "; random weights: no F1"
-        rows.append(Row(f"serving {student}", f"answer latency at batch 1, p50 ms: `QuestionAnswerer(export folder)` "
-                                              f"vs PyTorch float32 ({student})",
+        drop = (f"; F1 {0.0 - g['default_f1_drop']:+.2f} on {r['questions']:,} questions" if g.get("f1_meaningful")
+                else "; random weights: no F1")
+        rows.append(Row(key, f"answer latency at batch 1, p50 ms: `QuestionAnswerer(export folder)` "
+                             f"vs PyTorch float32 ({student}{f1_words})",
                         f"{fmt(default['latency_ms']['p50'], 2)} ({default['row'].split('-> ')[-1]})",
                         fmt(baseline["latency_ms"]["p50"], 2),
                         f"{g['speedups_over_pytorch_float32'][g['default_path']]['batch1_p50']:.2f}x{drop}"))
         for x in pair["rows"]:
             if x is not baseline and x is not default:
-                rows.append(Row(f"serving {student}: {x['row']}", f"p50 ms, {x['row']} ({student})",
+                rows.append(Row(f"{key}: {x['row']}", f"p50 ms, {x['row']} ({student})",
                                 fmt(x["latency_ms"]["p50"], 2), fmt(baseline["latency_ms"]["p50"], 2), "–",
                                 readme=False))
     return rows
@@ -228,10 +247,14 @@ def accuracy_rows(r: dict) -> list[Row]:
 
 # The README's row for a benchmark no machine has run yet.
 UNMEASURED_ROWS = {"serving": "answer latency at batch 1, p50 ms: `QuestionAnswerer(export folder)` vs PyTorch float32",
+                   "serving-trained": "answer latency at batch 1, p50 ms: `QuestionAnswerer(export folder)` vs "
+                                      "PyTorch float32 (trained pair, F1 on held-out questions)",
                    "first_run": "first run (presets/first-run.yaml with local stand-ins), wall s",
                    "peer": "whole KD job vs Haystack v1: wall s and peak RSS",
                    "accuracy": "held-out F1 / forced span F1"}
-READERS = {"performance": performance_rows, "serving": serving_rows, "first_run": first_run_rows,
+MISSING_WORDS = {"serving-trained": "bench.serving on the accuracy run's trained pair"}
+READERS = {"performance": performance_rows, "serving": serving_rows, "serving-trained": serving_rows,
+           "first_run": first_run_rows,
            "peer": peer_rows, "accuracy": accuracy_rows, "student_step": student_step_rows}
 
 
@@ -246,10 +269,11 @@ class Source:
 
 def machines(results: Path) -> dict[str, list[Source]]:
     """The raw files bench.report knows, by machine folder; a file written on another machine is an error."""
-    found = {}
+    found, order = {}, [run.name for run in (*FULL, *QUICK)]  # a full tier's run before a quick tier's (rows_of)
+    order.insert(order.index("serving") + 1, order.pop(order.index("serving-trained")))  # in the tables: side by side
     for folder in sorted(p for p in results.iterdir() if p.is_dir()):
         sources = []
-        for name in sorted(RUN_NAMES, key=lambda n: [run.name for run in (*FULL, *QUICK)].index(n)):
+        for name in order:
             path = folder / f"{name}.json"
             if path.exists():
                 raw = json.loads(path.read_text())
@@ -266,11 +290,12 @@ def rows_of(sources: list[Source]) -> list[tuple[Source, Row]]:
     full one."""
     taken, out = set(), []
     for source in sources:
-        bench = RUN_NAMES[source.name].bench
-        if bench in taken:
+        topic = RUN_NAMES[source.name].topic
+        if topic in taken:
             continue
-        taken.add(bench)
-        out += [(source, row) for row in READERS[bench](source.raw)]
+        taken.add(topic)
+        # keyed by topic too: a trained pair's rows never take the cells of a serving run's own rows
+        out += [(source, replace(row, key=f"{topic}: {row.key}")) for row in READERS[topic](source.raw)]
     return out
 
 
@@ -296,23 +321,23 @@ def readme_table(found: dict[str, list[Source]]) -> str:
     slugs = list(found)
     cells: dict[str, dict[str, str]] = {}
     measures: dict[str, str] = {}
-    ran: dict[str, set[str]] = {slug: {RUN_NAMES[s.name].bench for s in found[slug]} for slug in slugs}
-    bench_of: dict[str, str] = {}
+    ran: dict[str, set[str]] = {slug: {RUN_NAMES[s.name].topic for s in found[slug]} for slug in slugs}
+    topic_of: dict[str, str] = {}
     for slug in slugs:
         for source, row in rows_of(found[slug]):
             if row.readme:
                 measures.setdefault(row.key, row.measure)
-                bench_of[row.key] = RUN_NAMES[source.name].bench
+                topic_of[row.key] = RUN_NAMES[source.name].topic
                 ratio = "" if row.ratio == "–" else f" = **{row.ratio}**"
                 against = "" if row.against == "–" else f" vs {row.against}"
                 cells.setdefault(row.key, {})[slug] = f"{row.kdqa}{against}{ratio}"
-    for bench, measure in UNMEASURED_ROWS.items():  # a benchmark no machine has run still has its row
-        if not any(bench in benches for benches in ran.values()):
-            measures[bench], bench_of[bench] = measure, bench
+    for topic, measure in UNMEASURED_ROWS.items():  # a benchmark no machine has run still has its row
+        if not any(topic in topics for topics in ran.values()):
+            measures[topic], topic_of[topic] = measure, topic
     lines = ["| measure, at the defaults (kdqa vs the alternative) | " + " | ".join(slugs) + " |",
              "| --- | " + " | ".join("---" for _ in slugs) + " |"]
     for key, measure in measures.items():
-        row = [cells.get(key, {}).get(slug, "–" if bench_of[key] in ran[slug] else NOT_RUN) for slug in slugs]
+        row = [cells.get(key, {}).get(slug, "–" if topic_of[key] in ran[slug] else NOT_RUN) for slug in slugs]
         lines.append(f"| {measure} | " + " | ".join(row) + " |")
     lines += ["", *(source_line(slug, found[slug], "bench/results/") for slug in slugs)]
     return "\n".join(lines)
@@ -325,10 +350,10 @@ def docs_tables(found: dict[str, list[Source]]) -> str:
                   "| measure | kdqa | alternative | ratio | raw |", "| --- | --- | --- | --- | --- |"]
         parts += [f"| {row.measure} | {row.kdqa} | {row.against} | {row.ratio} | "
                   f"[{source.name}](../bench/results/{slug}/{source.name}.md) |" for source, row in rows_of(sources)]
-        missing = [name for name in ("performance", "serving", "first_run", "student_step", "peer", "accuracy")
-                   if name not in {RUN_NAMES[s.name].bench for s in sources}]
+        missing = [topic for topic in ("performance", "serving", "first_run", "student_step", "peer", "accuracy",
+                                       "serving-trained") if topic not in {RUN_NAMES[s.name].topic for s in sources}]
         if missing:
-            parts += ["", f"Not run on this machine: {', '.join(f'bench.{m}' for m in missing)}."]
+            parts += ["", f"Not run on this machine: {', '.join(MISSING_WORDS.get(m, f'bench.{m}') for m in missing)}."]
         parts += ["", source_line(slug, sources, "../bench/results/"), ""]
     return "\n".join(parts).rstrip()
 

@@ -144,7 +144,8 @@ def test_every_bench_has_its_rows_and_machines_never_mix(quick_serving, tmp_path
     shutil.copyfile(out / "results.json", folder / "serving.json")
     here = json.loads((out / "results.json").read_text())["provenance"]
     for name, source in (("first-run", "first-run-cpu"), ("peer", "peer-cpu-gradient-checkpointing"),
-                         ("accuracy", "accuracy-cpu"), ("performance", "amd-26-2/performance")):
+                         ("accuracy", "accuracy-cpu"), ("performance", "amd-26-2/performance"),
+                         ("serving-trained", "amd-26-2/serving-trained")):
         raw = json.loads((REPO_ROOT / "bench" / "results" / f"{source}.json").read_text())
         (folder / f"{name}.json").write_text(json.dumps({**raw, "provenance": here}))
     for doc in ("README.md", "results.md"):
@@ -156,8 +157,13 @@ def test_every_bench_has_its_rows_and_machines_never_mix(quick_serving, tmp_path
     assert report.NOT_RUN not in readme and figures_not_in_raw(readme, tmp_path / "results") == []
     for words in ("teacher stage", "QuestionAnswerer(export folder)", "first run", "Haystack v1",
                   "student.gradient_checkpointing: True, not the defaults", "held-out F1",
-                  "gained over hard labels, with paired 95% intervals"):
+                  "gained over hard labels, with paired 95% intervals", "trained pair, F1 on held-out questions"):
         assert words in readme and words in docs
+    # The trained pair's row stands beside the serving run's own (next line), and says how many questions its F1
+    # rests on.
+    lines = [line for line in readme.splitlines() if "QuestionAnswerer(export folder)" in line]
+    assert len(lines) == 2 and "trained pair" in lines[1] and "on 2,658 questions**" in lines[1]
+    assert readme.index(lines[1]) == readme.index(lines[0]) + len(lines[0]) + 1
     again = tmp_path / "again"
     shutil.copytree(tmp_path / "results", again / "results")
     for doc in ("README.md", "results.md"):
@@ -168,6 +174,22 @@ def test_every_bench_has_its_rows_and_machines_never_mix(quick_serving, tmp_path
     shutil.copyfile(folder / "serving.json", folder.parent / "intel-6-143" / "serving.json")
     with pytest.raises(SystemExit, match="written on"):
         report.machines(tmp_path / "results")
+
+
+def test_the_full_tiers_trained_pair_is_the_accuracy_runs_student_at_the_defaults():
+    """bench.report's trained-pair serving run reads the folders the full tier's accuracy run writes: its teacher
+    and the first seed of its student distilled at the defaults (as the committed accuracy raw file names them)."""
+    (run,) = [r for r in report.FULL if r.name == "serving-trained"]
+    argv = report.command(run, "DATA", report.WORK)
+    teacher, student = argv[argv.index("--pair") + 1].split(":")
+    accuracy = json.loads((REPO_ROOT / "bench" / "results" / "amd-26-2" / "accuracy.json").read_text())
+    (distilled,) = [row for row in accuracy["rows"]
+                    if row["model"].endswith("distilled at the defaults, cut from the teacher")]
+    first_seed = Path(distilled["seeds"][0]["workdir"])
+    assert Path(student) == Path(os.path.relpath(report.WORK)) / "accuracy" / first_seed.name / "models" / "student"
+    assert Path(teacher).parent.parent.name == Path(accuracy["rows"][0]["workdir"]).name == "teacher"
+    order = [r.name for r in report.FULL]
+    assert order.index("serving-trained") > order.index("accuracy")  # it serves what the accuracy run trained
 
 
 def test_every_kept_raw_file_says_where_it_came_from():
