@@ -42,7 +42,9 @@ class Run:
     name: str  # the raw files' name in OUT/SLUG/
     bench: str  # bench.NAME
     args: tuple[str, ...]  # {data} stands for --data-dir, {work} for the report's work folder (bench/out/report)
-    measures: str = ""  # what its rows measure (default: the bench's): a full tier's run replaces a quick tier's
+    # What its rows measure (default: the bench's). Of the runs of one topic on a machine, the tables read one: the
+    # first in (*FULL, *QUICK) order, so a full tier's run over a quick tier's.
+    measures: str = ""
 
     @property
     def topic(self) -> str:
