@@ -271,7 +271,8 @@ class Source:
 
 def machines(results: Path) -> dict[str, list[Source]]:
     """The raw files bench.report knows, by machine folder; a file written on another machine is an error."""
-    found, order = {}, [run.name for run in (*FULL, *QUICK)]  # a full tier's run before a quick tier's (rows_of)
+    # each name once (both tiers run serving, first run, student step), a full tier's run before a quick tier's
+    found, order = {}, list(dict.fromkeys(run.name for run in (*FULL, *QUICK)))
     order.insert(order.index("serving") + 1, order.pop(order.index("serving-trained")))  # in the tables: side by side
     for folder in sorted(p for p in results.iterdir() if p.is_dir()):
         sources = []

@@ -164,6 +164,10 @@ def test_every_bench_has_its_rows_and_machines_never_mix(quick_serving, tmp_path
     lines = [line for line in readme.splitlines() if "QuestionAnswerer(export folder)" in line]
     assert len(lines) == 2 and "trained pair" in lines[1] and "on 2,658 questions**" in lines[1]
     assert readme.index(lines[1]) == readme.index(lines[0]) + len(lines[0]) + 1
+    # Each raw file is named once in its machine's line of sources
+    (sources,) = [line for line in readme.splitlines() if line.startswith(f"- **{slug}**")]
+    names = re.findall(r"\[raw\]\(bench/results/[^/]+/([\w-]+)\.md\)", sources)
+    assert sorted(names) == sorted(path.stem for path in folder.glob("*.json"))
     again = tmp_path / "again"
     shutil.copytree(tmp_path / "results", again / "results")
     for doc in ("README.md", "results.md"):
